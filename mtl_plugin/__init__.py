@@ -1,0 +1,38 @@
+"""mtl-plugin: Meta-Transfer Learning (Sun et al., CVPR 2019) for learn2learn, higher and torch.func.
+
+Example::
+
+    import mtl_plugin
+    backbone = mtl_plugin.backbones.resnet12()
+    adapter = mtl_plugin.SSAdapter(backbone)          # freeze W, learn Φ1 and Φ2
+    optimiser = torch.optim.Adam(adapter.ss_parameters(), lr=1e-4)
+    print(adapter.parameter_report().tail(1))
+"""
+from . import backbones
+from .backbones import build_backbone
+from .hard_tasks import (
+    ClassAccuracyTracker,
+    HardTaskMetaBatch,
+    HardTaskTransform,
+    MetaBatch,
+    SampledTask,
+    TaskAccuracy,
+    task_classes,
+)
+from .ss import SSAdapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SSAdapter",
+    "backbones",
+    "build_backbone",
+    "ClassAccuracyTracker",
+    "HardTaskMetaBatch",
+    "HardTaskTransform",
+    "MetaBatch",
+    "SampledTask",
+    "TaskAccuracy",
+    "task_classes",
+    "__version__",
+]

@@ -1,0 +1,531 @@
+"""The hard-task (HT) meta-batch of Sun et al. (CVPR 2019) for learn2learn ``Taskset``s.
+
+Each meta-batch holds ``k`` normal tasks, then ``k'`` hard tasks built from the
+classes the model got most wrong in those ``k`` tasks (Algorithm 2 of the paper):
+
+* :class:`ClassAccuracyTracker` records, after each normal task, every class's
+  query accuracy and the task's *failure class* (its lowest-accuracy class);
+* :class:`HardTaskTransform` is a task transform that replaces ``NWays`` in a
+  ``Taskset`` and builds tasks from those failure classes;
+* :class:`HardTaskMetaBatch` draws the meta-batches from a normal and a hard
+  ``Taskset`` and hands every task over with its data-set classes and indices.
+
+The tracker's state lives in the main process. Hard tasks must therefore be built
+there: :class:`HardTaskMetaBatch` draws every task description itself (no
+``DataLoader``), and :class:`HardTaskTransform` raises when it runs in a
+``DataLoader`` worker, whose copy of the tracker never sees new failures. A hard
+``Taskset`` may be read through a ``DataLoader`` with ``num_workers=0``.
+learn2learn caches task descriptions when ``num_tasks > 0``: ``HardTaskMetaBatch``
+bypasses that cache, and a hard task loaded from it after the tracker changed
+raises instead of silently repeating old failure classes.
+
+Example::
+
+    tracker = ClassAccuracyTracker(md, seed=0)
+    hard = Taskset(md, [HardTaskTransform(md, n=5, tracker=tracker, seed=0),
+                        KShots(md, k=16, seed=0), LoadData(md), RemapLabels(md, seed=0)])
+    for meta_batch in itertools.islice(HardTaskMetaBatch(normal, hard, k=2, seed=0), 1000):
+        for task in meta_batch:  # 2 normal tasks, then 2 hard tasks drawn after they are recorded
+            ...  # adapt on the support set, compute query logits, meta-update
+            if not task.hard:
+                tracker.record(task.classes, query_logits, query_labels, indices=task.indices)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Iterator, Optional, Sequence
+
+import learn2learn as l2l
+import torch
+from learn2learn.data.task_dataset import DataDescription
+from torch.utils.data import get_worker_info
+
+from mtl_plugin.tasks import NWays, RandomLike, as_random
+
+__all__ = [
+    "ClassAccuracyTracker",
+    "HardTaskMetaBatch",
+    "HardTaskTransform",
+    "MetaBatch",
+    "SampledTask",
+    "TaskAccuracy",
+    "task_classes",
+]
+
+MODES = ("resample", "reuse")
+
+
+def _as_label_list(values) -> list:
+    if isinstance(values, torch.Tensor):
+        return values.tolist()
+    return [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def task_classes(dataset: l2l.data.MetaDataset, description: Sequence[DataDescription], labels: torch.Tensor) -> tuple:
+    """The data-set label of each task label: ``classes[j]`` is the class that label ``j`` stands for.
+
+    ``description`` is the task description a ``Taskset`` built and ``labels`` the
+    (remapped) labels that ``taskset.get_task(description)`` loaded from it, in the
+    same order. Works with any label remapping, including none.
+
+    Example::
+
+        description = taskset.sample_task_description()
+        x, y = taskset.get_task(description)
+        classes = task_classes(meta_dataset, description, y)
+        tracker.record(classes, query_logits, query_y)
+    """
+    labels = _as_label_list(labels)
+    if len(labels) != len(description):
+        raise ValueError(
+            f"labels has {len(labels)} entries but the description {len(description)}: pass the labels "
+            f"that taskset.get_task(description) returned"
+        )
+    mapping: dict = {}
+    for dd, label in zip(description, labels):
+        original = dataset.indices_to_labels[dd.index]
+        if mapping.setdefault(label, original) != original:
+            raise ValueError(
+                f"task label {label!r} stands for both class {mapping[label]!r} and {original!r}: "
+                f"labels do not match the description"
+            )
+    expected = list(range(len(mapping)))
+    if sorted(mapping) != expected:
+        raise ValueError(
+            f"task labels {sorted(mapping)} are not 0..{len(mapping) - 1}: "
+            f"end the transforms with RemapLabels"
+        )
+    return tuple(mapping[j] for j in expected)
+
+
+@dataclass(frozen=True)
+class TaskAccuracy:
+    """What :meth:`ClassAccuracyTracker.record` learned from one task.
+
+    ``accuracies`` maps each data-set class with query samples to its query
+    accuracy; ``failure`` is the lowest-accuracy class; ``failure_indices`` are
+    the data-set indices of the failure class's images in the task (``None`` when
+    ``record`` was given no indices).
+
+    Example::
+
+        result = tracker.record(classes, logits, targets)
+        print(result.failure, result.accuracies[result.failure])
+    """
+
+    accuracies: dict
+    failure: Hashable
+    failure_indices: Optional[tuple] = None
+
+
+class ClassAccuracyTracker:
+    """Per-class query accuracy of the meta-train tasks and the failure class of each.
+
+    Call :meth:`record` after each normal meta-train task with the task's data-set
+    classes in remapped-label order (``classes[j]`` is the data-set label of task
+    label ``j``: :attr:`SampledTask.classes`, or :func:`task_classes`), the query
+    predictions (labels of shape ``(q,)`` or logits of shape ``(q, n)``), the query
+    targets (task labels) and, for ``mode="reuse"``, the data-set indices of the
+    task's samples (:attr:`SampledTask.indices`). Call :meth:`start_meta_batch`
+    before each meta-batch (:class:`HardTaskMetaBatch` does). With
+    ``history_decay`` set, each class also keeps a score, decayed by that factor
+    every meta-batch and raised by the error rate (1 - accuracy) of each of its
+    failures, that hard tasks draw their fill-up classes from.
+
+    Example::
+
+        tracker = ClassAccuracyTracker(meta_dataset, seed=0)
+        tracker.start_meta_batch()
+        result = tracker.record((12, 3, 40, 7, 21), query_logits, query_y)
+        tracker.failure_classes  # [result.failure]
+        checkpoint["tracker"] = tracker.state_dict()  # resume with tracker.load_state_dict(...)
+    """
+
+    def __init__(
+        self,
+        dataset: l2l.data.MetaDataset,
+        seed: RandomLike = None,
+        history_decay: Optional[float] = None,
+    ):
+        if history_decay is not None and not 0.0 <= history_decay < 1.0:
+            raise ValueError(f"history_decay={history_decay} must be in [0, 1), or None to keep no history")
+        self.dataset = dataset
+        self.labels = frozenset(dataset.labels)
+        self.history_decay = history_decay
+        self.rng = as_random(seed)
+        self.failures: list[TaskAccuracy] = []  # of the current meta-batch, in recording order
+        self.history: dict = {}
+        # Bumped on every change so that a cached hard task can tell it is stale.
+        self.version = 0
+
+    @property
+    def failure_classes(self) -> list:
+        """The failure class of each task recorded in the current meta-batch (repeats kept)."""
+        return [failure.failure for failure in self.failures]
+
+    def start_meta_batch(self) -> None:
+        """Forget the current failures, folding them into the history when one is kept."""
+        if self.history_decay is not None:
+            self.history = {label: score * self.history_decay for label, score in self.history.items()}
+            for failure in self.failures:
+                error = 1.0 - failure.accuracies[failure.failure]
+                self.history[failure.failure] = self.history.get(failure.failure, 0.0) + error
+            self.history = {label: score for label, score in self.history.items() if score > 1e-6}
+        self.failures = []
+        self.version += 1
+
+    def state_dict(self) -> dict:
+        """The tracker's state in plain Python types, for a checkpoint (``torch.save`` with weights_only)."""
+        return {
+            "failures": [(f.accuracies, f.failure, f.failure_indices) for f in self.failures],
+            "history": dict(self.history),
+            "version": self.version,
+            "rng": self.rng.getstate(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s output, e.g. when a run resumes from a checkpoint."""
+        self.failures = [TaskAccuracy(dict(acc), failure, indices) for acc, failure, indices in state["failures"]]
+        self.history = dict(state["history"])
+        self.version = state["version"]
+        self.rng.setstate(state["rng"])
+
+    def record(
+        self,
+        classes: Sequence,
+        predictions_or_logits: torch.Tensor,
+        targets: torch.Tensor,
+        indices: Optional[Sequence[int]] = None,
+    ) -> TaskAccuracy:
+        """Store each class's query accuracy in one task and return it with the failure class."""
+        classes = _as_label_list(classes)
+        unknown = [label for label in classes if label not in self.labels]
+        if unknown:
+            raise ValueError(
+                f"classes {unknown} are not labels of the tracker's data set: pass the data-set labels "
+                f"of the task (SampledTask.classes or task_classes()), not the remapped 0..n-1"
+            )
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes {classes} has duplicates: give one data-set label per task label")
+        targets = torch.as_tensor(targets).long().reshape(-1)
+        predictions = torch.as_tensor(predictions_or_logits).detach()
+        if predictions.dim() == 2:
+            predictions = predictions.argmax(dim=1)
+        predictions = predictions.long().reshape(-1)
+        if len(predictions) != len(targets):
+            raise ValueError(
+                f"{len(predictions)} predictions for {len(targets)} targets: pass the query logits "
+                f"(or predicted labels) and the query labels of the same task"
+            )
+        if len(targets) == 0:
+            raise ValueError("targets is empty: record the task's query samples")
+        bad = targets[(targets < 0) | (targets >= len(classes))].unique().tolist()
+        if bad:
+            raise ValueError(f"targets {bad} are outside 0..{len(classes) - 1} (one per entry of classes)")
+
+        accuracies = {}
+        for j, label in enumerate(classes):
+            members = targets == j
+            if members.any():
+                accuracies[label] = (predictions[members] == j).float().mean().item()
+        lowest = min(accuracies.values())
+        failure = self.rng.choice([label for label, acc in accuracies.items() if acc == lowest])
+        result = TaskAccuracy(accuracies, failure, self._indices_of(failure, classes, indices))
+        self.failures.append(result)
+        self.version += 1
+        return result
+
+    def _indices_of(self, failure, classes: list, indices: Optional[Sequence[int]]) -> Optional[tuple]:
+        if indices is None:
+            return None
+        chosen = []
+        for index in _as_label_list(indices):
+            label = self.dataset.indices_to_labels.get(index)
+            if label not in classes:
+                raise ValueError(
+                    f"index {index!r} (class {label!r}) is not a sample of the task's classes {classes}: "
+                    f"pass the data-set indices of the task (SampledTask.indices)"
+                )
+            if label == failure:
+                chosen.append(index)
+        return tuple(chosen)
+
+
+class _FreshnessCheck:
+    """Identity on a sample that raises if the tracker changed since the task was built."""
+
+    def __init__(self, tracker: ClassAccuracyTracker):
+        self.tracker = tracker
+        self.version = tracker.version
+
+    def __call__(self, data):
+        if self.tracker.version != self.version:
+            raise RuntimeError(
+                "this hard task was built from failure classes the tracker has since replaced: the Taskset "
+                "caches task descriptions (num_tasks > 0). Build the hard Taskset with num_tasks=-1, or "
+                "draw hard tasks with HardTaskMetaBatch, which bypasses the cache"
+            )
+        return data
+
+
+class HardTaskTransform:
+    """A task transform, in place of ``NWays``, that picks the ``n`` classes from recent failures.
+
+    ``mode="resample"`` (the variant the paper found better) keeps all images of
+    the chosen failure classes for the next transform (``KShots``) to draw from;
+    ``mode="reuse"`` keeps exactly the images the failure class had in its failed
+    task (record them with ``tracker.record(..., indices=task.indices)``). With more
+    than ``n`` distinct failure classes, the ``n`` with the lowest accuracy are kept
+    (ties drawn at random); with fewer, the task is filled up from the tracker's
+    history (if it keeps one, weighted by score), then uniformly from the other
+    classes, without duplicates. Fill-up classes get fresh images in both modes.
+    A class that failed in several tasks reuses the images of its worst one. With no failure and no history it samples exactly like
+    ``mtl_plugin.tasks.NWays`` with the same generator. If a transform runs before
+    it, only the classes and images of the incoming description are used.
+
+    Example::
+
+        tracker = ClassAccuracyTracker(md, seed=0)
+        transforms = [HardTaskTransform(md, n=5, tracker=tracker, seed=0), KShots(md, k=16, seed=0),
+                      LoadData(md), RemapLabels(md, seed=0)]
+        hard_tasks = l2l.data.Taskset(md, transforms, num_tasks=-1)
+    """
+
+    def __init__(
+        self,
+        dataset: l2l.data.MetaDataset,
+        n: int,
+        tracker: ClassAccuracyTracker,
+        mode: str = "resample",
+        seed: RandomLike = None,
+    ):
+        labels = list(dataset.labels)
+        if not 1 <= n <= len(labels):
+            raise ValueError(
+                f"n={n} must be between 1 and the number of classes in the data set ({len(labels)})"
+            )
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} must be one of {MODES}")
+        foreign = sorted(tracker.labels - set(labels), key=repr)
+        if foreign:
+            raise ValueError(
+                f"the tracker knows classes {foreign[:5]} that this data set lacks: build the tracker "
+                f"on the same data set as the transform"
+            )
+        self.dataset = dataset
+        self.n = n
+        self.tracker = tracker
+        self.mode = mode
+        self.rng = as_random(seed)
+        self._nways = NWays(dataset, n, self.rng)
+
+    def __call__(self, description):
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "HardTaskTransform ran in a DataLoader worker, whose copy of the tracker never sees new "
+                "failures: load hard tasks with num_workers=0 or through HardTaskMetaBatch"
+            )
+        check = _FreshnessCheck(self.tracker)
+        if not self.tracker.failures and not self.tracker.history:
+            description = self._nways(description)
+        else:
+            description = self._hard_description(description)
+        for dd in description:
+            dd.transforms.insert(0, check)
+        return description
+
+    def _hard_description(self, description):
+        if description is None:
+            available = set(self.dataset.labels)
+        else:
+            available = {self.dataset.indices_to_labels[dd.index] for dd in description}
+        if len(available) < self.n:
+            raise ValueError(
+                f"the incoming description has {len(available)} classes, fewer than n={self.n}: "
+                f"filter fewer classes before HardTaskTransform"
+            )
+        by_failure = {}
+        for failure in self.tracker.failures:
+            if failure.failure in available:
+                by_failure.setdefault(failure.failure, []).append(failure)
+        chosen = self._choose_classes(by_failure, available)
+
+        result = []
+        for label in chosen:
+            if self.mode == "reuse" and label in by_failure:
+                result.extend(DataDescription(index) for index in self._failed_indices(by_failure[label]))
+            elif description is None:
+                result.extend(DataDescription(index) for index in self.dataset.labels_to_indices[label])
+            else:
+                result.extend(dd for dd in description if self.dataset.indices_to_labels[dd.index] == label)
+        return result
+
+    def _choose_classes(self, by_failure: dict, available: set) -> list:
+        failed = sorted(by_failure, key=repr)
+        if len(failed) >= self.n:
+            # Keep the n worst; the shuffle breaks ties so that equally bad classes take turns.
+            self.rng.shuffle(failed)
+            failed.sort(key=lambda label: min(f.accuracies[label] for f in by_failure[label]))
+            return failed[: self.n]
+        chosen = list(failed)
+        remembered = sorted((label for label in self.tracker.history if label in available), key=repr)
+        remembered = [label for label in remembered if label not in by_failure]
+        while remembered and len(chosen) < self.n:
+            weights = [self.tracker.history[label] for label in remembered]
+            pick = self.rng.choices(range(len(remembered)), weights=weights)[0]
+            chosen.append(remembered.pop(pick))
+        others = sorted(available - set(chosen), key=repr)
+        return chosen + self.rng.sample(others, k=self.n - len(chosen))
+
+    @staticmethod
+    def _failed_indices(failures: list) -> tuple:
+        # The worst instance of a class that failed several times is the hardest to reuse.
+        worst = min(failures, key=lambda f: f.accuracies[f.failure])
+        if worst.failure_indices is None:
+            raise ValueError(
+                f"mode='reuse' needs the images of the failed task of class {worst.failure!r}: "
+                f"call tracker.record(..., indices=task.indices)"
+            )
+        return worst.failure_indices
+
+
+@dataclass
+class SampledTask:
+    """One loaded task with what the hard-task meta-batch needs to know about it.
+
+    ``classes[j]`` is the data-set label of task label ``j``; ``indices[i]`` is the
+    data-set index of ``data[i]``; ``hard`` says whether it is a hard task.
+
+    Example::
+
+        (xs, ys), (xq, yq) = split_support_query(task.data, task.labels, shots=1)
+        logits = model(xs, ys, xq)
+        tracker.record(task.classes, logits, yq, indices=task.indices)
+    """
+
+    data: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple
+    indices: tuple
+    hard: bool = False
+
+
+def _load(taskset: l2l.data.Taskset, description, hard: bool) -> SampledTask:
+    data, labels = taskset.get_task(description)
+    return SampledTask(
+        data=data,
+        labels=labels,
+        classes=task_classes(taskset.dataset, description, labels),
+        indices=tuple(dd.index for dd in description),
+        hard=hard,
+    )
+
+
+@dataclass
+class MetaBatch:
+    """``k`` normal tasks, then ``k'`` hard tasks drawn only once the normal ones are recorded.
+
+    Iterating yields the normal tasks, then draws and yields the hard ones, so a
+    loop that records each normal task as it goes sees hard tasks made from them.
+
+    Example::
+
+        for task in meta_batch:
+            ...
+            if not task.hard:
+                tracker.record(task.classes, logits, yq, indices=task.indices)
+    """
+
+    normal: list
+    _sampler: "HardTaskMetaBatch" = field(repr=False)
+    _hard: Optional[list] = field(default=None, repr=False)
+
+    def hard(self) -> list:
+        """The ``k'`` hard tasks; the first call draws them from the failures recorded so far."""
+        if self._hard is None:
+            self._hard = self._sampler._draw_hard()
+        return self._hard
+
+    def __iter__(self) -> Iterator[SampledTask]:
+        yield from self.normal
+        yield from self.hard()
+
+
+class HardTaskMetaBatch:
+    """Meta-batches of ``k`` normal tasks followed by ``k_hard`` hard tasks (Algorithm 2).
+
+    ``tasks`` is an ordinary ``Taskset``; ``hard_tasks`` a ``Taskset`` whose
+    transforms contain a :class:`HardTaskTransform` (its tracker is the one used
+    here). All task descriptions are drawn in the main process, which is where the
+    tracker lives. A normal ``Taskset`` with ``num_tasks > 0`` is read through its
+    cache (task index drawn with ``seed``); the hard ``Taskset``'s cache is always
+    bypassed, so hard tasks are never stale. Record every normal task before the
+    hard ones are drawn (iterating a :class:`MetaBatch` does it in that order), and
+    finish a meta-batch before asking for the next: :meth:`sample` starts a new
+    meta-batch in the tracker.
+
+    Example::
+
+        sampler = HardTaskMetaBatch(normal_tasks, hard_tasks, k=2, seed=0)
+        for meta_batch in itertools.islice(sampler, 1000):
+            for task in meta_batch:
+                ...  # train; record normal tasks with sampler.tracker.record(...)
+    """
+
+    def __init__(
+        self,
+        tasks: l2l.data.Taskset,
+        hard_tasks: l2l.data.Taskset,
+        k: int,
+        k_hard: Optional[int] = None,
+        seed: RandomLike = None,
+    ):
+        k_hard = k if k_hard is None else k_hard
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1: the hard tasks are made from the normal tasks' failures")
+        if k_hard < 0:
+            raise ValueError(f"k_hard={k_hard} must be >= 0 (0 gives plain meta-batches)")
+        transforms = hard_tasks.task_transforms
+        if not isinstance(transforms, (list, tuple)):
+            transforms = []
+        hard = [t for t in transforms if isinstance(t, HardTaskTransform)]
+        if len(hard) != 1:
+            raise ValueError(
+                f"hard_tasks has {len(hard)} HardTaskTransform in its task_transforms: give it exactly one, "
+                f"in place of NWays"
+            )
+        self.tasks = tasks
+        self.hard_tasks = hard_tasks
+        self.tracker = hard[0].tracker
+        self.k = k
+        self.k_hard = k_hard
+        self.rng = as_random(seed)
+
+    def sample(self) -> MetaBatch:
+        """Start a new meta-batch in the tracker and draw its ``k`` normal tasks."""
+        self.tracker.start_meta_batch()
+        return MetaBatch([self._draw_normal() for _ in range(self.k)], self)
+
+    def __iter__(self) -> Iterator[MetaBatch]:
+        while True:
+            yield self.sample()
+
+    def _draw_normal(self) -> SampledTask:
+        if self.tasks.num_tasks == -1:
+            return _load(self.tasks, self.tasks.sample_task_description(), hard=False)
+        i = self.rng.randrange(self.tasks.num_tasks)
+        if i not in self.tasks.sampled_descriptions:
+            self.tasks.sampled_descriptions[i] = self.tasks.sample_task_description()
+        return _load(self.tasks, self.tasks.sampled_descriptions[i], hard=False)
+
+    def _draw_hard(self) -> list:
+        recorded = len(self.tracker.failures)
+        if recorded < self.k:
+            raise RuntimeError(
+                f"only {recorded} of the {self.k} normal tasks were recorded before drawing hard tasks: "
+                f"call tracker.record(...) after each normal task"
+            )
+        return [
+            _load(self.hard_tasks, self.hard_tasks.sample_task_description(), hard=True)
+            for _ in range(self.k_hard)
+        ]

@@ -1,0 +1,215 @@
+"""Scaling and Shifting (SS): the meta-transfer adapter of Sun et al. (CVPR 2019).
+
+Every ``nn.Conv2d`` of a frozen backbone computes ``(W ⊙ Φ1) X + (b + Φ2)``,
+with a learnable scale Φ1 (initialised to 1) and shift Φ2 (initialised to 0).
+
+Example::
+
+    from mtl_plugin import SSAdapter
+    from mtl_plugin.backbones import resnet12
+    adapter = SSAdapter(resnet12())              # backbone weights are frozen in place
+    optimiser = torch.optim.Adam(adapter.ss_parameters(), lr=1e-4)
+    features = adapter(torch.randn(2, 3, 84, 84))
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Iterator, Mapping
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["SSAdapter", "GRANULARITIES", "BN_MODES"]
+
+GRANULARITIES = ("kernel", "channel")
+BN_MODES = ("frozen", "train")
+
+
+def _scale_shape(conv: nn.Conv2d, granularity: str) -> tuple[int, ...]:
+    if granularity == "kernel":
+        return (conv.out_channels, conv.in_channels // conv.groups, 1, 1)
+    return (conv.out_channels, 1, 1, 1)
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class SSAdapter(nn.Module):
+    """Wrap a backbone so that only per-conv Scaling and Shifting parameters learn.
+
+    Args:
+        backbone: any module with at least one ``nn.Conv2d`` (torchvision models,
+            :mod:`mtl_plugin.backbones`). Its parameters are set to
+            ``requires_grad=False`` in place and never copied.
+        granularity: ``"kernel"`` (the paper: one scale per 2-D kernel, shape
+            ``(out, in/groups, 1, 1)``) or ``"channel"`` (one per output channel).
+        bn: ``"frozen"`` keeps every BatchNorm in eval mode whatever ``train()`` is
+            called with; ``"train"`` lets them use batch statistics in training mode.
+
+    Example::
+
+        adapter = SSAdapter(torchvision.models.resnet18(), granularity="kernel")
+        print(adapter.parameter_report().tail(1))   # totals
+        torch.save(adapter.ss_state_dict(), "ss.pt")  # a few MB
+        plain = adapter.fold()                        # same outputs, no overhead
+    """
+
+    def __init__(self, backbone: nn.Module, granularity: str = "kernel", bn: str = "frozen"):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+        if bn not in BN_MODES:
+            raise ValueError(f"unknown bn mode {bn!r}; valid: {', '.join(BN_MODES)}")
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, not {type(backbone).__name__}")
+        if any(isinstance(module, SSAdapter) for module in backbone.modules()):
+            raise ValueError(
+                f"{type(backbone).__name__} is already wrapped in an SSAdapter; "
+                "adapt the original backbone once (or call .fold() first)"
+            )
+        convs = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise ValueError(
+                f"{type(backbone).__name__} has no nn.Conv2d layer: SSAdapter scales and shifts "
+                "convolution weights, so pass a convolutional backbone"
+            )
+        self.granularity = granularity
+        self.bn = bn
+        # Remembered so that fold() can give back a model as trainable as the one it got.
+        self._requires_grad = {name: p.requires_grad for name, p in backbone.named_parameters()}
+        backbone.requires_grad_(False)
+        self.backbone = backbone
+        self.conv_names = [name for name, _ in convs]
+        # A plain list: the convs are registered once, inside the backbone.
+        self._convs = [conv for _, conv in convs]
+        self.scales = nn.ParameterList(
+            nn.Parameter(torch.ones(_scale_shape(c, granularity), dtype=c.weight.dtype, device=c.weight.device))
+            for c in self._convs
+        )
+        self.shifts = nn.ParameterList(
+            nn.Parameter(torch.zeros(c.out_channels, dtype=c.weight.dtype, device=c.weight.device))
+            for c in self._convs
+        )
+        self.train(self.training)
+
+    def _ss_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, conv, scale, shift in zip(self.conv_names, self._convs, self.scales, self.shifts):
+            tensors[_key(name, "weight")] = conv.weight * scale
+            tensors[_key(name, "bias")] = shift if conv.bias is None else conv.bias + shift
+        return tensors
+
+    def forward(self, *args, **kwargs):
+        # functional_call swaps the scaled weights in for this call only: the backbone's own
+        # tensors stay untouched, so nothing frozen is copied and autograd reaches Φ.
+        return functional_call(self.backbone, self._ss_tensors(), args, kwargs)
+
+    def train(self, mode: bool = True) -> "SSAdapter":
+        super().train(mode)
+        if self.bn == "frozen":
+            for module in self.backbone.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def named_ss_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(f"{conv}.scale", Φ1)`` and ``(f"{conv}.shift", Φ2)`` for every conv, in order."""
+        for name, scale, shift in zip(self.conv_names, self.scales, self.shifts):
+            yield _key(name, "scale"), scale
+            yield _key(name, "shift"), shift
+
+    def ss_parameters(self) -> Iterator[nn.Parameter]:
+        """Only the Scaling and Shifting parameters: what the outer optimiser updates."""
+        for _, parameter in self.named_ss_parameters():
+            yield parameter
+
+    def ss_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        """The SS parameters alone, keyed by conv name (a resnet18's is a few MB)."""
+        return OrderedDict((name, p.detach().clone()) for name, p in self.named_ss_parameters())
+
+    def load_ss_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what :meth:`ss_state_dict` saved; raise naming the first layer that does not fit."""
+        expected = OrderedDict(self.named_ss_parameters())
+        for key, parameter in expected.items():
+            layer = key.rpartition(".")[0] or "<root conv>"
+            if key not in state:
+                raise ValueError(
+                    f"SS state does not fit this backbone: layer {layer!r} has no {key!r} in the "
+                    "state; was it saved from another architecture?"
+                )
+            if tuple(state[key].shape) != tuple(parameter.shape):
+                raise ValueError(
+                    f"SS state does not fit this backbone: layer {layer!r} expects {key} of shape "
+                    f"{tuple(parameter.shape)}, the state has {tuple(state[key].shape)} "
+                    "(another architecture or granularity)"
+                )
+        extra = [key for key in state if key not in expected]
+        if extra:
+            raise ValueError(
+                f"SS state does not fit this backbone: it has {extra[0]!r}, which this backbone "
+                "lacks; was it saved from another architecture?"
+            )
+        with torch.no_grad():
+            for key, parameter in expected.items():
+                parameter.copy_(state[key])
+
+    def parameter_report(self) -> pd.DataFrame:
+        """One row per conv: frozen and SS parameter counts and their ratio, then a total row.
+
+        ``ratio`` counts the SS parameters against the affine map they modulate: the
+        weights plus one bias per output (zero where the conv has none), as the paper
+        counts a neuron. For a 3x3 conv at kernel granularity it is (1+C)/(1+9C).
+        """
+        rows = []
+        for name, conv, scale, shift in zip(self.conv_names, self._convs, self.scales, self.shifts):
+            frozen = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
+            rows.append(
+                {
+                    "layer": name or "<root>",
+                    "kernel": "x".join(map(str, conv.kernel_size)),
+                    "in_per_group": conv.in_channels // conv.groups,
+                    "out": conv.out_channels,
+                    "frozen": frozen,
+                    "ss": scale.numel() + shift.numel(),
+                    "_neuron": conv.weight.numel() + conv.out_channels,
+                }
+            )
+        frame = pd.DataFrame(rows)
+        total = {
+            "layer": "total",
+            "kernel": "",
+            "in_per_group": pd.NA,
+            "out": int(frame["out"].sum()),
+            "frozen": int(frame["frozen"].sum()),
+            "ss": int(frame["ss"].sum()),
+            "_neuron": int(frame["_neuron"].sum()),
+        }
+        frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
+        frame["ratio"] = frame["ss"] / frame["_neuron"]
+        return frame.drop(columns="_neuron")
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """A plain copy of the backbone (same class) with Φ merged into its conv weights and
+        biases: the same outputs, and no inference overhead."""
+        folded = copy.deepcopy(self.backbone)
+        for name, scale, shift in zip(self.conv_names, self.scales, self.shifts):
+            conv = folded.get_submodule(name)
+            conv.weight.mul_(scale)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(shift.detach().clone())
+            else:
+                conv.bias.add_(shift)
+        for name, parameter in folded.named_parameters():
+            weight_name = name[: -len("bias")] + "weight" if name.endswith("bias") else name
+            parameter.requires_grad_(self._requires_grad.get(name, self._requires_grad.get(weight_name, True)))
+        folded.train(self.training)
+        return folded
+
+    def extra_repr(self) -> str:
+        return f"granularity={self.granularity!r}, bn={self.bn!r}, convs={len(self.conv_names)}"

@@ -1,0 +1,255 @@
+import itertools
+
+import learn2learn as l2l
+import pytest
+import torch
+from learn2learn.data.transforms import LoadData
+from torch.utils.data import DataLoader, Dataset
+
+from mtl_plugin.hard_tasks import (
+    ClassAccuracyTracker,
+    HardTaskMetaBatch,
+    HardTaskTransform,
+    task_classes,
+)
+from mtl_plugin.tasks import KShots, NWays, RemapLabels, build_taskset, split_support_query
+
+SHOTS, QUERIES = 1, 3
+
+
+class IndexDataset(Dataset):
+    """Sample i is ``(tensor([i]), i % num_classes)``: a loaded task tells which images it holds."""
+
+    def __init__(self, num_classes, per_class):
+        self.num_classes = num_classes
+        self.size = num_classes * per_class
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)]), i % self.num_classes
+
+
+def make_dataset(num_classes=10, per_class=20):
+    return l2l.data.MetaDataset(IndexDataset(num_classes, per_class))
+
+
+def hard_taskset(md, tracker, n=5, mode="resample", num_tasks=-1, seed=0):
+    transforms = [
+        HardTaskTransform(md, n=n, tracker=tracker, mode=mode, seed=seed),
+        KShots(md, k=SHOTS + QUERIES, seed=seed),
+        LoadData(md),
+        RemapLabels(md, seed=seed),
+    ]
+    return l2l.data.Taskset(md, transforms, num_tasks=num_tasks)
+
+
+def stub_logits(task, weak_class):
+    """Query logits of a model that is always right except on ``weak_class``, which it always gets wrong."""
+    _, (_, yq) = split_support_query(task.data, task.labels, SHOTS)
+    predictions = yq.clone()
+    weak = [j for j, label in enumerate(task.classes) if label == weak_class]
+    if weak:
+        predictions[yq == weak[0]] = (weak[0] + 1) % len(task.classes)
+    return torch.nn.functional.one_hot(predictions, len(task.classes)).float(), yq
+
+
+def run(md, k, k_hard, meta_batches, weak_class=3, mode="resample", history_decay=None, seed=0):
+    tracker = ClassAccuracyTracker(md, seed=seed, history_decay=history_decay)
+    normal = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=seed)
+    sampler = HardTaskMetaBatch(normal, hard_taskset(md, tracker, mode=mode, seed=seed), k=k, k_hard=k_hard, seed=seed)
+    seen = []
+    for meta_batch in itertools.islice(sampler, meta_batches):
+        for task in meta_batch:
+            if not task.hard:
+                logits, yq = stub_logits(task, weak_class)
+                tracker.record(task.classes, logits, yq, indices=task.indices)
+            seen.append(task)
+    return seen
+
+
+def test_always_failed_class_is_in_almost_every_hard_task():
+    hard = [task for task in run(make_dataset(10), k=8, k_hard=8, meta_batches=30) if task.hard]
+    share = sum(3 in task.classes for task in hard) / len(hard)
+    assert len(hard) == 240
+    assert share >= 0.95
+
+
+def test_history_keeps_the_failed_class_between_meta_batches():
+    # 20 classes and k=2: most meta-batches never see class 3, so only the history brings it back.
+    hard = [task for task in run(make_dataset(20), k=2, k_hard=2, meta_batches=60, history_decay=0.9) if task.hard]
+    assert sum(3 in task.classes for task in hard) / len(hard) >= 0.95
+
+
+def test_tasks_are_loaded_as_described():
+    md = make_dataset()
+    for task in run(md, k=2, k_hard=2, meta_batches=3):
+        assert task.data.squeeze(1).long().tolist() == list(task.indices)
+        assert [task.classes[y] for y in task.labels.tolist()] == [md.indices_to_labels[i] for i in task.indices]
+        assert len(set(task.classes)) == 5
+
+
+def failed_and_hard_images(mode):
+    md = make_dataset(10, per_class=40)
+    tracker = ClassAccuracyTracker(md, seed=0)
+    normal = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=1)
+    sampler = HardTaskMetaBatch(normal, hard_taskset(md, tracker, mode=mode), k=1, k_hard=3, seed=0)
+    meta_batch = sampler.sample()
+    task = meta_batch.normal[0]
+    weak = task.classes[0]
+    logits, yq = stub_logits(task, weak)
+    failed = set(tracker.record(task.classes, logits, yq, indices=task.indices).failure_indices)
+    assert failed == {i for i in task.indices if md.indices_to_labels[i] == weak}
+    hard_images = [{i for i in hard.indices if md.indices_to_labels[i] == weak} for hard in meta_batch.hard()]
+    return failed, hard_images
+
+
+def test_resample_draws_new_images_of_the_failed_class():
+    failed, hard_images = failed_and_hard_images("resample")
+    assert all(len(images) == SHOTS + QUERIES and images != failed for images in hard_images)
+
+
+def test_reuse_takes_the_failed_task_images():
+    failed, hard_images = failed_and_hard_images("reuse")
+    assert all(images == failed for images in hard_images)
+
+
+def test_reuse_without_recorded_indices_says_what_to_do():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0)
+    tracker.record([1, 2], torch.tensor([1, 1]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="indices=task.indices"):
+        hard_taskset(md, tracker, mode="reuse").sample()
+
+
+def test_seeded_runs_are_identical():
+    md = make_dataset()
+    first = [(t.classes, t.indices, t.hard) for t in run(md, k=2, k_hard=3, meta_batches=10, mode="resample")]
+    second = [(t.classes, t.indices, t.hard) for t in run(md, k=2, k_hard=3, meta_batches=10, mode="resample")]
+    other = [(t.classes, t.indices, t.hard) for t in run(md, k=2, k_hard=3, meta_batches=10, seed=1)]
+    assert first == second
+    assert first != other
+
+
+def test_empty_tracker_samples_like_nways():
+    md = make_dataset()
+    hard, nways = HardTaskTransform(md, n=5, tracker=ClassAccuracyTracker(md), seed=7), NWays(md, 5, seed=7)
+    assert [[dd.index for dd in hard(None)] for _ in range(5)] == [[dd.index for dd in nways(None)] for _ in range(5)]
+
+
+def test_few_failures_are_filled_with_other_classes_without_duplicates():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0)
+    tracker.record([4, 6], torch.tensor([1, 1, 1]), torch.tensor([0, 0, 1]))  # class 4 fails
+    transform = HardTaskTransform(md, n=5, tracker=tracker, seed=0)
+    for _ in range(20):
+        labels = {md.indices_to_labels[dd.index] for dd in transform(None)}
+        assert len(labels) == 5 and 4 in labels
+
+
+def test_ties_are_broken_by_the_seed():
+    md = make_dataset()
+    draws = []
+    for _ in range(2):
+        tracker = ClassAccuracyTracker(md, seed=5)
+        draws.append([tracker.record([0, 1, 2], torch.arange(3), torch.arange(3)).failure for _ in range(20)])
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def test_dataloader_without_workers_sees_the_live_tracker():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0)
+    loader = DataLoader(hard_taskset(md, tracker), batch_size=None, num_workers=0)
+    for weak in (2, 7):
+        tracker.start_meta_batch()
+        tracker.record([weak, 0], torch.tensor([1, 1]), torch.tensor([0, 1]))
+        x, _ = next(iter(loader))
+        assert weak in {md.indices_to_labels[i] for i in x.squeeze(1).long().tolist()}
+
+
+def test_dataloader_workers_are_refused():
+    md = make_dataset()
+    loader = DataLoader(hard_taskset(md, ClassAccuracyTracker(md)), batch_size=None, num_workers=1)
+    batches = iter(loader)
+    with pytest.raises(RuntimeError, match="DataLoader worker") as raised:
+        next(batches)
+    # Left to the garbage collector, the failed iterator takes torch's 5 s join timeout to let its worker go.
+    batches._shutdown_workers()
+
+
+def test_cached_hard_task_raises_once_stale():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0)
+    tasks = hard_taskset(md, tracker, num_tasks=4)
+    tasks[0]
+    tasks[0]  # nothing recorded in between: still fresh
+    tracker.record([1, 2], torch.tensor([1, 1]), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="num_tasks=-1"):
+        tasks[0]
+
+
+def test_meta_batch_bypasses_the_hard_taskset_cache():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0)
+    normal = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, num_tasks=3, seed=0)
+    sampler = HardTaskMetaBatch(normal, hard_taskset(md, tracker, num_tasks=2), k=2, seed=0)
+    for meta_batch in itertools.islice(sampler, 5):
+        for task in meta_batch:
+            if not task.hard:
+                logits, yq = stub_logits(task, task.classes[0])
+                tracker.record(task.classes, logits, yq)
+            else:
+                assert set(tracker.failure_classes) <= set(task.classes)
+    assert len(normal.sampled_descriptions) <= 3
+
+
+def test_hard_tasks_before_recording_raise():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md)
+    sampler = HardTaskMetaBatch(build_taskset(md, 5, SHOTS, QUERIES), hard_taskset(md, tracker), k=2)
+    with pytest.raises(RuntimeError, match="recorded"):
+        sampler.sample().hard()
+
+
+def test_task_classes_recovers_the_data_set_labels():
+    md = make_dataset()
+    tasks = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=0)
+    description = tasks.sample_task_description()
+    x, y = tasks.get_task(description)
+    classes = task_classes(md, description, y)
+    assert [classes[j] for j in y.tolist()] == [md.indices_to_labels[i] for i in x.squeeze(1).long().tolist()]
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda md, t: HardTaskTransform(md, n=11, tracker=t), "n=11"),
+        (lambda md, t: HardTaskTransform(md, n=5, tracker=t, mode="replay"), "replay"),
+        (lambda md, t: HardTaskMetaBatch(build_taskset(md, 5, 1, 3), hard_taskset(md, t), k=2, k_hard=-1), "k_hard=-1"),
+        (lambda md, t: HardTaskMetaBatch(build_taskset(md, 5, 1, 3), hard_taskset(md, t), k=0), "k=0"),
+        (lambda md, t: HardTaskMetaBatch(build_taskset(md, 5, 1, 3), build_taskset(md, 5, 1, 3), k=2), "HardTask"),
+        (lambda md, t: t.record([1, 99], torch.tensor([0, 1]), torch.tensor([0, 1])), "99"),
+        (lambda md, t: t.record([1, 2], torch.tensor([0, 1]), torch.tensor([0, 2])), r"\[2\]"),
+        (lambda md, t: t.record([1, 2], torch.tensor([0, 1]), torch.tensor([0, 1]), indices=[0]), "index 0"),
+        (lambda md, t: ClassAccuracyTracker(md, history_decay=1.5), "1.5"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_it(build, name):
+    md = make_dataset()
+    with pytest.raises(ValueError, match=name):
+        build(md, ClassAccuracyTracker(md))
+
+
+def test_state_dict_resumes_the_same_draws(tmp_path):
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0, history_decay=0.5)
+    for weak in (1, 2):
+        tracker.start_meta_batch()
+        tracker.record([weak, 5, 6], torch.tensor([1, 1, 2]), torch.tensor([0, 1, 2]), indices=[weak, 5, 6])
+    torch.save(tracker.state_dict(), tmp_path / "tracker.pt")
+    resumed = ClassAccuracyTracker(md, seed=123, history_decay=0.5)
+    resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
+    assert resumed.failures == tracker.failures and resumed.history == tracker.history
+    draws = [HardTaskTransform(md, n=5, tracker=t, seed=1)(None) for t in (tracker, resumed)]
+    assert [dd.index for dd in draws[0]] == [dd.index for dd in draws[1]]
