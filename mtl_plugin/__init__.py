@@ -10,6 +10,7 @@ Example::
 """
 from . import backbones
 from .backbones import build_backbone
+from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark
 from .hard_tasks import (
     ClassAccuracyTracker,
     HardTaskMetaBatch,
@@ -34,5 +35,8 @@ __all__ = [
     "SampledTask",
     "TaskAccuracy",
     "task_classes",
+    "get_benchmark",
+    "FewShotBenchmark",
+    "KNOWN_BENCHMARKS",
     "__version__",
 ]

@@ -1,10 +1,13 @@
 """The ``mtl`` command line: a click group; each subcommand maps flags onto a config dataclass."""
 from __future__ import annotations
 
+import time
+
 import click
 import pandas as pd
 
 from .backbones import build_backbone
+from .data.cli import data
 from .ss import GRANULARITIES, SSAdapter
 
 
@@ -12,6 +15,9 @@ from .ss import GRANULARITIES, SSAdapter
 @click.version_option(package_name="mtl-plugin")
 def main() -> None:
     """Meta-Transfer Learning for few-shot learning (Sun et al., CVPR 2019)."""
+
+
+main.add_command(data)
 
 
 @main.command("ss-report")
@@ -27,3 +33,47 @@ def ss_report(backbone: str, granularity: str, in_channels: int, all_layers: boo
         report = pd.concat([report.head(3), report.tail(3)])
     with pd.option_context("display.width", 120, "display.max_columns", 20):
         click.echo(report.to_string(index=False))
+
+
+def _csv(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give a comma-separated list, e.g. 1,5")
+
+    return parse
+
+
+@main.command()
+@click.option("--dataset", default=None, help="kanji (embedded default), mini-imagenet, tiered-imagenet, fc100, cifarfs, omniglot or folder.")
+@click.option("--root", default=None, type=click.Path(), help="Folder holding the data set's files (nothing is downloaded).")
+@click.option("--ways", default=None, type=int, help="Classes per task [5].")
+@click.option("--shots", default=None, callback=_csv(int), help="Shot settings, comma-separated [1,5].")
+@click.option("--queries", default=None, type=int, help="Queries per class [15].")
+@click.option("--methods", default=None, callback=_csv(str), help="Comma-separated subset of the methods [all].")
+@click.option("--profile", type=click.Choice(["quick", "paper"]), default="paper", show_default=True,
+              help="quick: the whole table on 2 CPU cores; paper: the papers' budgets (GPU).")
+@click.option("--test-tasks", default=None, type=int, help="Test tasks per cell [600; quick 150].")
+@click.option("--backbone", default=None, help="Backbone of the pretrained methods [resnet12; quick conv4].")
+@click.option("--image-size", default=None, type=int, help="Image side in pixels [the data set's].")
+@click.option("--seed", default=None, type=int, help="Seed of the test tasks and of every method [0].")
+@click.option("--out", default=None, type=click.Path(), help="Output folder [bench-out]; reused to resume.")
+@click.option("--device", default=None, help="cpu, cuda or auto [auto].")
+@click.option("--progress/--no-progress", default=None, help="Progress bars [on].")
+def bench(profile, **given):
+    """Every method on the same seeded test tasks: prints the table, writes CSV, Markdown, LaTeX and plots."""
+    from .bench import bench_config_from, describe, run_bench
+
+    try:
+        config = bench_config_from(profile, **given)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    click.echo(f"mtl bench: {describe(config)}")
+    start = time.perf_counter()
+    result = run_bench(config, echo=click.echo)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
+        click.echo("\n" + result.table.to_string(index=False))
+    click.echo(f"\nwall-clock {time.perf_counter() - start:.0f} s; wrote " + ", ".join(str(p) for p in result.files.values()))

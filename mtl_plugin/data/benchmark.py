@@ -1,0 +1,185 @@
+"""One entry point for every few-shot data set: :func:`get_benchmark`.
+
+Example::
+
+    from mtl_plugin.data import get_benchmark
+    bench = get_benchmark("kanji", num_classes=30, instances=6)
+    tasks = bench.taskset("test", ways=5, shots=1, queries=3, num_tasks=10, seed=0)
+    x, y = tasks.sample()          # x: 20 x 1 x 28 x 28, y: 0..4
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import learn2learn as l2l
+import numpy as np
+
+from mtl_plugin.data.cache import data_home
+from mtl_plugin.data.folders import image_folder_split
+from mtl_plugin.data.images import ArraySource, ImageClassDataset, as_meta_dataset, drop_small_classes
+from mtl_plugin.data.kanji import KanjiConfig, load_kanji
+from mtl_plugin.data.standard import read_split
+from mtl_plugin.data.transforms import RECIPES, eval_transform, train_transform
+from mtl_plugin.tasks import build_taskset
+
+__all__ = ["KNOWN_BENCHMARKS", "FewShotBenchmark", "get_benchmark"]
+
+KNOWN_BENCHMARKS = ("kanji", "mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot", "folder")
+_STANDARD = ("mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot")
+_ALIASES = {"miniimagenet": "mini-imagenet", "tieredimagenet": "tiered-imagenet", "cifar-fs": "cifarfs"}
+_KANJI_FIELDS = {f.name for f in dataclasses.fields(KanjiConfig)} - {"image_size", "seed"}
+_LOADER_OPTIONS = {
+    "kanji": _KANJI_FIELDS | {"cache_dir", "workers", "progress"},
+    "omniglot": {"rotations"},
+}
+
+
+@dataclass
+class FewShotBenchmark:
+    """Train/val/test ``MetaDataset``s of one data set, plus the train split under augmentation.
+
+    Each split yields ``(C x H x W float tensor, label)`` with labels
+    ``0..n-1`` within the split. ``train_augmented`` holds the same images and
+    labels as ``train`` under the data set's pretraining augmentation.
+    ``standard`` marks the published benchmarks (whose published numbers apply).
+
+    Example::
+
+        bench = get_benchmark("fc100", root="~/data/fc100")
+        classifier = torch.nn.Linear(640, bench.num_train_classes)
+        loader = torch.utils.data.DataLoader(bench.train_augmented, batch_size=128, shuffle=True)
+    """
+
+    name: str
+    train: l2l.data.MetaDataset
+    val: l2l.data.MetaDataset
+    test: l2l.data.MetaDataset
+    train_augmented: l2l.data.MetaDataset
+    image_size: int
+    channels: int
+    standard: bool
+
+    @property
+    def num_train_classes(self) -> int:
+        """Number of meta-training classes (the pretraining classifier's outputs)."""
+        return len(self.train.labels)
+
+    def split(self, split: str) -> l2l.data.MetaDataset:
+        """The ``MetaDataset`` of ``"train"``, ``"val"`` or ``"test"``."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r}: use 'train', 'val' or 'test'")
+        return getattr(self, split)
+
+    def taskset(
+        self, split: str, ways: int, shots: int, queries: int, num_tasks: int = -1, seed: int = 0
+    ) -> l2l.data.Taskset:
+        """Seeded N-way K-shot Q-query tasks from one split (see :func:`mtl_plugin.tasks.build_taskset`).
+
+        Example::
+
+            tasks = bench.taskset("test", ways=5, shots=1, queries=15, num_tasks=600, seed=0)
+        """
+        return build_taskset(self.split(split), ways, shots, queries, num_tasks=num_tasks, seed=seed)
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key.replace("-", ""), key)
+    if key not in KNOWN_BENCHMARKS:
+        raise ValueError(f"unknown data set {name!r}: known ones are {', '.join(KNOWN_BENCHMARKS)}")
+    return key
+
+
+def _kanji_splits(image_size: int, seed: int, options: dict) -> dict:
+    loader = {k: options.pop(k) for k in ("cache_dir", "workers", "progress") if k in options}
+    config = KanjiConfig(image_size=image_size, seed=seed, **options)
+    data = load_kanji(config, **loader)
+    splits = {}
+    for split in ("train", "val", "test"):
+        pixels = data.split_pixels(split)
+        classes, instances = pixels.shape[:2]
+        splits[split] = ImageClassDataset(
+            ArraySource(pixels.reshape(-1, *pixels.shape[2:]), origin=f"kanji {split}"),
+            np.repeat(np.arange(classes), instances).tolist(),
+            [chr(cp) for cp in data.split_classes(split)],
+        )
+    return splits
+
+
+def _drop_small(dataset: ImageClassDataset, min_per_class: int, split: str, name: str) -> ImageClassDataset:
+    counts = dataset.class_counts()
+    small = [f"{n} ({c})" for n, c in zip(dataset.class_names, counts) if c < min_per_class]
+    if small:
+        shown = ", ".join(small[:10]) + (f" and {len(small) - 10} more" if len(small) > 10 else "")
+        warnings.warn(f"{name} {split}: skipping {len(small)} classes with fewer than {min_per_class} images: {shown}")
+    return drop_small_classes(dataset, min_per_class)
+
+
+def get_benchmark(
+    name: str,
+    root: Optional[Union[str, os.PathLike]] = None,
+    image_size: Optional[int] = None,
+    seed: int = 0,
+    min_per_class: Optional[int] = None,
+    **options,
+) -> FewShotBenchmark:
+    """Load a few-shot data set by name; see ``KNOWN_BENCHMARKS``.
+
+    ``root`` is the folder holding the data set's files (default
+    ``$MTL_DATA/<name>``; nothing is downloaded; for kanji, its cache folder); ``image_size`` defaults to the
+    data set's usual size (84 for mini/tiered-ImageNet and folders, 32 for
+    CIFAR-FS/FC100, 28 for Omniglot and kanji). ``seed`` fixes what is drawn at
+    random: the generated kanji and their class split, and Omniglot's character
+    split. ``min_per_class`` skips classes with fewer images (with a warning),
+    e.g. ``shots + queries``; without it such a class raises an error when tasks
+    are built. ``options``: for kanji, ``num_classes``, ``instances``, any other
+    :class:`~mtl_plugin.data.kanji.KanjiConfig` field, ``cache_dir``, ``workers``,
+    ``progress``; for Omniglot, ``rotations`` (default True).
+
+    Example::
+
+        bench = get_benchmark("mini-imagenet", root="~/data/mini-imagenet", image_size=80)
+        bench = get_benchmark("kanji", num_classes=200, instances=20)
+    """
+    key = _canonical(name)
+    unknown = set(options) - _LOADER_OPTIONS.get(key, set())
+    if unknown:
+        allowed = sorted(_LOADER_OPTIONS.get(key, set())) or "none"
+        raise ValueError(f"{key}: unknown option(s) {sorted(unknown)}; accepted options: {allowed}")
+    recipe = RECIPES[key]
+    size = recipe.native_size if image_size is None else int(image_size)
+    if size < 8:
+        raise ValueError(f"image_size={size}: use 8 px or more")
+    if key == "kanji":
+        # For kanji, root (if given) is the cache folder the generated arrays live in.
+        kanji_options = dict(options, cache_dir=options.get("cache_dir", root))
+        splits = _kanji_splits(size, seed, kanji_options)
+    else:
+        if root is None and key == "folder":
+            raise ValueError("the 'folder' data set needs root= (mtl: --root), a folder with train/, val/ and test/")
+        folder = Path(root).expanduser() if root is not None else data_home() / key
+        if key == "folder":
+            splits = {s: image_folder_split(folder, s) for s in ("train", "val", "test")}
+        else:
+            extra = dict(options, seed=seed) if key == "omniglot" else {}
+            splits = {s: read_split(key, folder, s, **extra) for s in ("train", "val", "test")}
+    if min_per_class is not None:
+        splits = {s: _drop_small(d, min_per_class, s, key) for s, d in splits.items()}
+    test_tf, augment = eval_transform(recipe, size), train_transform(recipe, size)
+    for dataset in splits.values():
+        dataset.mode, dataset.transform = recipe.mode, test_tf
+    return FewShotBenchmark(
+        name=key,
+        train=as_meta_dataset(splits["train"]),
+        val=as_meta_dataset(splits["val"]),
+        test=as_meta_dataset(splits["test"]),
+        train_augmented=as_meta_dataset(splits["train"].with_transform(augment)),
+        image_size=size,
+        channels=recipe.channels,
+        standard=key in _STANDARD,
+    )

@@ -1,0 +1,90 @@
+"""``mtl data``: generate the kanji data set, preview it, and check local benchmark files.
+
+Example::
+
+    mtl data kanji --preview kanji.png            # generate (once) and write a sample grid
+    mtl data kanji --image-size 84 --num-classes 200
+    mtl data info fc100 --root ~/data/fc100       # class and image counts per split
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark
+from mtl_plugin.data.kanji import KanjiConfig, load_kanji, preview_grid
+
+__all__ = ["data"]
+
+_DEFAULTS = KanjiConfig()
+
+
+@click.group()
+def data() -> None:
+    """Few-shot data sets: generate, preview, check."""
+
+
+@data.command()
+@click.option("--num-classes", default=_DEFAULTS.num_classes, show_default=True, help="Kanji (classes) to draw.")
+@click.option("--instances", default=_DEFAULTS.instances, show_default=True, help="Simulated writers per kanji.")
+@click.option("--image-size", default=_DEFAULTS.image_size, show_default=True, help="Pixels per side (28, 32 or 84).")
+@click.option("--seed", default=_DEFAULTS.seed, show_default=True, help="Fixes the kanji, their split and the writers.")
+@click.option("--workers", type=int, default=None, help="Processes to draw with [default: all usable cores].")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cache folder [default: $MTL_DATA/kanji or ~/.cache/mtl_plugin/kanji].")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG grid of samples here: one row per class, one column per writer.")
+@click.option("--preview-classes", default=10, show_default=True, help="Rows in the preview.")
+def kanji(
+    num_classes: int,
+    instances: int,
+    image_size: int,
+    seed: int,
+    workers: Optional[int],
+    cache_dir: Optional[Path],
+    preview: Optional[Path],
+    preview_classes: int,
+) -> None:
+    """Generate (or load from the cache) the kanji data set drawn from KanjiVG (CC BY-SA 3.0)."""
+    start = time.perf_counter()
+    try:
+        config = KanjiConfig(num_classes=num_classes, instances=instances, image_size=image_size, seed=seed)
+        result = load_kanji(config, cache_dir=cache_dir, workers=workers)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    elapsed = time.perf_counter() - start
+    train, val, test = result.split_sizes
+    click.echo(
+        f"kanji: {num_classes} classes (train {train} / val {val} / test {test}) x {instances} writers, "
+        f"{image_size} px, {result.pixels.nbytes / 2**20:.1f} MiB, ready in {elapsed:.1f} s"
+    )
+    if preview is not None:
+        from mtl_plugin.io import atomic_open
+
+        grid = preview_grid(result, "train", classes=preview_classes, instances=min(instances, 10))
+        # Small images are hard to see: scale up to at least about 56 px a cell.
+        factor = max(1, round(56 / image_size))
+        grid = grid.resize((grid.width * factor, grid.height * factor), resample=0)
+        with atomic_open(preview, "wb") as handle:
+            grid.save(handle, format="PNG")
+        click.echo(f"preview written to {preview}")
+
+
+@data.command()
+@click.argument("name", type=click.Choice(KNOWN_BENCHMARKS))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding the data set's files [default: $MTL_DATA/NAME].")
+@click.option("--image-size", type=int, default=None, help="Pixels per side [default: the data set's usual size].")
+def info(name: str, root: Optional[Path], image_size: Optional[int]) -> None:
+    """Load a data set from local files and print its classes and images per split."""
+    try:
+        bench = get_benchmark(name, root=root, image_size=image_size)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{bench.name}: {bench.channels} x {bench.image_size} x {bench.image_size}, standard={bench.standard}")
+    for split in ("train", "val", "test"):
+        dataset = bench.split(split)
+        click.echo(f"  {split:5s} {len(dataset.labels):6d} classes {len(dataset):8d} images")

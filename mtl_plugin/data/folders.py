@@ -1,0 +1,67 @@
+"""Image folders: ``root/{train,val,test}/<class>/<image>`` with PNG or JPEG files.
+
+Bring your own data by laying it out this way and calling
+``get_benchmark("folder", root=...)``. Classes are numbered in sorted folder-name
+order; files in sorted name order.
+
+Example::
+
+    from mtl_plugin.data.folders import image_folder_split
+    train = image_folder_split("my_data", "train")     # an ImageClassDataset
+    train.class_names[:3], train.class_counts()[:3]
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, List, Tuple
+
+from mtl_plugin.data.images import FileSource, ImageClassDataset
+
+__all__ = ["IMAGE_SUFFIXES", "image_folder_split", "class_folders_dataset"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FOLDER_SPLITS = ("train", "val", "test")
+
+
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def class_folders_dataset(folders: Iterable[Tuple[str, Path]]) -> ImageClassDataset:
+    """One class per ``(name, folder)``, labelled 0..n-1 in the given order.
+
+    Example::
+
+        dataset = class_folders_dataset([("cat", Path("a/cat")), ("dog", Path("a/dog"))])
+    """
+    paths, labels, names = [], [], []
+    for label, (name, folder) in enumerate(folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"class folder {folder} does not exist")
+        names.append(name)
+        images = _images_in(folder)
+        paths.extend(images)
+        labels.extend([label] * len(images))
+    return ImageClassDataset(FileSource(paths), labels, names)
+
+
+def image_folder_split(root: os.PathLike, split: str) -> ImageClassDataset:
+    """The ``split`` ("train", "val" or "test") of an image-folder data set under ``root``.
+
+    Example::
+
+        test = image_folder_split("my_data", "test")
+    """
+    if split not in FOLDER_SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {FOLDER_SPLITS}")
+    folder = Path(root).expanduser() / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder data set: expected the folder {folder} holding one sub-folder per class "
+            f"with {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images (layout root/{{train,val,test}}/<class>/<image>)"
+        )
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"image folder data set: {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
+    return class_folders_dataset((p.name, p) for p in classes)
