@@ -8,6 +8,17 @@ Example::
     optimiser = torch.optim.Adam(adapter.ss_parameters(), lr=1e-4)
     print(adapter.parameter_report().tail(1))
 """
+import contextlib
+import io
+
+# learn2learn imports gym, whose import prints a deprecation notice on every run; gym is never
+# used here, so take that first import with the notice swallowed.
+with contextlib.redirect_stderr(io.StringIO()):
+    try:
+        import gym  # noqa: F401
+    except ImportError:
+        pass
+
 from . import backbones
 from .backbones import build_backbone
 from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark
@@ -20,6 +31,10 @@ from .hard_tasks import (
     TaskAccuracy,
     task_classes,
 )
+from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
+from .meta_transfer import MetaTrainConfig, MetaTransferLearner, meta_train
+from .pretrain import PretrainConfig, load_pretrained, pretrain
+from .run_log import NonFiniteLossError
 from .ss import SSAdapter
 
 __version__ = "0.1.0"
@@ -38,5 +53,16 @@ __all__ = [
     "get_benchmark",
     "FewShotBenchmark",
     "KNOWN_BENCHMARKS",
+    "MetaTransferLearner",
+    "MetaTrainConfig",
+    "meta_train",
+    "PretrainConfig",
+    "pretrain",
+    "load_pretrained",
+    "EvaluationConfig",
+    "EvaluationResult",
+    "evaluate",
+    "nearest_centroid",
+    "NonFiniteLossError",
     "__version__",
 ]

@@ -8,6 +8,7 @@ import pandas as pd
 
 from .backbones import build_backbone
 from .data.cli import data
+from .pipeline_cli import evaluate_command, meta_train_command, pretrain_command
 from .ss import GRANULARITIES, SSAdapter
 
 
@@ -17,7 +18,8 @@ def main() -> None:
     """Meta-Transfer Learning for few-shot learning (Sun et al., CVPR 2019)."""
 
 
-main.add_command(data)
+for command in (data, pretrain_command, meta_train_command, evaluate_command):
+    main.add_command(command)
 
 
 @main.command("ss-report")

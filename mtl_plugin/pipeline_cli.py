@@ -1,0 +1,195 @@
+"""``mtl pretrain``, ``mtl meta-train`` and ``mtl evaluate``: flags mapped onto the config dataclasses.
+
+Example::
+
+    mtl pretrain --data kanji --backbone conv4 --epochs 5 --out runs/pre
+    mtl meta-train --data kanji --pretrained runs/pre/best.pt --hard-tasks --out runs/meta
+    mtl evaluate --data kanji --checkpoint runs/meta/best.pt --shots 1 --tasks 600
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import click
+import torch
+
+from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.io import atomic_write_text
+from mtl_plugin.meta_transfer import (
+    CHECKPOINT_KIND as META_KIND,
+    MetaTrainConfig,
+    MetaTransferLearner,
+    load_learner_state,
+    meta_train,
+)
+from mtl_plugin.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
+from mtl_plugin.pretrain import PretrainConfig, build_pretrained, pretrain
+from mtl_plugin.run_log import NonFiniteLossError, load_checkpoint
+from mtl_plugin.ss import SSAdapter
+
+__all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
+
+
+def _benchmark(data: str, root: Optional[str], image_size: Optional[int], data_seed: int):
+    from mtl_plugin.data import get_benchmark
+
+    return get_benchmark(data, root=root, image_size=image_size, seed=data_seed)
+
+
+def _data_options(command):
+    command = click.option("--data", default="kanji", show_default=True, help="Data set name (see mtl data).")(command)
+    command = click.option("--root", default=None, help="Folder with the data set's files.")(command)
+    command = click.option("--image-size", type=int, default=None, help="Image side (default: the data set's).")(command)
+    command = click.option("--data-seed", type=int, default=0, show_default=True,
+                           help="Seed of the data set's own draws (kanji generation, splits).")(command)
+    command = click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                           show_default=True)(command)
+    return command
+
+
+def _overrides(config_class, values: dict) -> dict:
+    names = {f.name for f in fields(config_class)}
+    return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+@click.command("pretrain")
+@_data_options
+@click.option("--backbone", default="resnet12", show_default=True, help="resnet12, conv4, resnet18-small, ...")
+@click.option("--epochs", type=int, default=None, help="Default 110 (official code).")
+@click.option("--batch-size", type=int, default=None, help="Default 128.")
+@click.option("--lr", type=float, default=None, help="Default 0.1 (SGD, Nesterov).")
+@click.option("--weight-decay", type=float, default=None, help="Default 5e-4.")
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), default=None, help="Default step (x0.2/30 ep).")
+@click.option("--steps-per-epoch", type=int, default=None, help="Cap on the steps of an epoch.")
+@click.option("--val-tasks", type=int, default=None, help="Validation tasks per epoch (default 600).")
+@click.option("--val-ways", type=int, default=None, help="Default 5.")
+@click.option("--val-shots", type=int, default=None, help="Default 1.")
+@click.option("--val-queries", type=int, default=None, help="Default 15.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue the run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def pretrain_command(data, root, image_size, data_seed, device, out, resume, quiet, **values) -> None:
+    """Train backbone + linear head on all meta-train classes; keep the best backbone (head dropped)."""
+    config = PretrainConfig(**_overrides(PretrainConfig, values))
+    bench = _benchmark(data, root, image_size, data_seed)
+    try:
+        pretrain(bench, config, out, device=device, resume=resume, progress=not quiet)
+    except (NonFiniteLossError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"best backbone: {Path(out) / 'best.pt'}")
+
+
+def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLearner:
+    """Rebuild the learner a meta-train checkpoint was written by, with its weights."""
+    info = checkpoint["model"]
+    config = MetaTrainConfig(**checkpoint["config"])
+    backbone = build_pretrained(info)
+    encoder = SSAdapter(backbone, info["granularity"], info["bn"]) if info.get("encoder") == "ss" else backbone
+    learner = MetaTransferLearner(encoder, config.ways, config)
+    load_learner_state(learner, checkpoint["learner"], source)
+    return learner.to(device)
+
+
+@click.command("meta-train")
+@_data_options
+@click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
+              help="best.pt of mtl pretrain. Without it: the scratch ablation (random backbone, all weights learned).")
+@click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
+@click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True)
+@click.option("--ways", type=int, default=None)
+@click.option("--shots", type=int, default=None)
+@click.option("--queries", type=int, default=None)
+@click.option("--inner-steps", type=int, default=None, help="Default 20 (100 at test time).")
+@click.option("--test-inner-steps", type=int, default=None)
+@click.option("--inner-lr", type=float, default=None, help="Default 0.01.")
+@click.option("--encoder-lr", type=float, default=None, help="Adam lr of SS (Φ); default 1e-4.")
+@click.option("--head-lr", type=float, default=None, help="Adam lr of the head init θ; default 1e-3.")
+@click.option("--first-order", is_flag=True, default=None, help="Drop second-order terms of the meta-gradient.")
+@click.option("--iterations", type=int, default=None, help="Default 10000.")
+@click.option("--meta-batch", type=int, default=None, help="Normal tasks per iteration (default 2).")
+@click.option("--hard-tasks", is_flag=True, default=None, help="Add the hard-task meta-batch.")
+@click.option("--hard-meta-batch", type=int, default=None, help="Hard tasks per iteration (default 2).")
+@click.option("--hard-task-mode", type=click.Choice(["resample", "reuse"]), default=None)
+@click.option("--val-every", type=int, default=None)
+@click.option("--val-tasks", type=int, default=None)
+@click.option("--checkpoint-every", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the killed run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def meta_train_command(data, root, image_size, data_seed, device, pretrained, backbone, granularity,
+                       out, resume, quiet, **values) -> None:
+    """Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."""
+    config = MetaTrainConfig(**_overrides(MetaTrainConfig, values))
+    bench = _benchmark(data, root, image_size, data_seed)
+    if pretrained:
+        state = load_checkpoint(pretrained)
+        if state.get("kind") != PRETRAIN_KIND:
+            raise click.BadParameter(f"{pretrained} is not a checkpoint of mtl pretrain", param_hint="--pretrained")
+        info = dict(state["model"], encoder="ss", granularity=granularity, bn="frozen")
+        model = build_pretrained(info)
+        model.load_state_dict(state["backbone"])
+        encoder = SSAdapter(model, granularity=granularity)
+    else:
+        info = {"backbone": backbone, "in_channels": bench.channels, "image_size": bench.image_size,
+                "encoder": "scratch"}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            encoder = build_pretrained(info)
+    learner = MetaTransferLearner(encoder, config.ways, config).to(device)
+    try:
+        result = meta_train(learner, bench, out, resume=resume, progress=not quiet, model_info=info)
+    except (NonFiniteLossError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
+               f"{result.best_checkpoint}")
+
+
+@click.command("evaluate")
+@_data_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True,
+              help="best.pt of mtl meta-train (or of mtl pretrain: a zero-initialised head is adapted).")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--ways", type=int, default=5, show_default=True)
+@click.option("--shots", type=int, default=1, show_default=True)
+@click.option("--queries", type=int, default=15, show_default=True)
+@click.option("--tasks", type=int, default=600, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Task seed: same seed, same tasks.")
+@click.option("--inner-steps", type=int, default=None, help="Adaptation steps (default: the checkpoint's).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_command(data, root, image_size, data_seed, device, checkpoint, split, ways, shots, queries,
+                     tasks, seed, inner_steps, out, quiet) -> None:
+    """Mean accuracy ± 95% CI over seeded N-way K-shot tasks."""
+    state = load_checkpoint(checkpoint)
+    if state.get("kind") == META_KIND:
+        learner = _meta_learner(state, checkpoint, device)
+    elif state.get("kind") == PRETRAIN_KIND:
+        backbone = build_pretrained(state["model"])
+        backbone.load_state_dict(state["backbone"])
+        learner = MetaTransferLearner(backbone.requires_grad_(False), ways, MetaTrainConfig(ways=ways)).to(device)
+        with torch.no_grad():
+            learner.head_weight.zero_()
+    else:
+        raise click.BadParameter(f"{checkpoint} is not a checkpoint of mtl pretrain or mtl meta-train",
+                                 param_hint="--checkpoint")
+    if learner.ways != ways:
+        raise click.BadParameter(f"{checkpoint} holds a {learner.ways}-way head; pass --ways {learner.ways}",
+                                 param_hint="--ways")
+    if inner_steps is not None:
+        learner.config.test_inner_steps = inner_steps
+    bench = _benchmark(data, root, image_size, data_seed)
+    config = EvaluationConfig(ways, shots, queries, tasks, seed)
+    try:
+        result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{split} {ways}-way {shots}-shot: {result}")
+    if out:
+        record = dict(result.as_dict(), checkpoint=str(checkpoint), split=split, ways=ways, shots=shots,
+                      queries=queries, seed=seed)
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n")

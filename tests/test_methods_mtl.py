@@ -1,0 +1,52 @@
+"""The ``mtl``, ``mtl-ht`` and ``scratch`` benchmark methods on tiny in-memory data."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+
+from mtl_plugin.backbones import conv4
+from mtl_plugin.methods.base import BenchContext
+from mtl_plugin.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
+from mtl_plugin.tasks import build_taskset, split_support_query
+from test_pipeline import SIDE, one_thread, tiny_benchmark  # noqa: F401 (fixture)
+
+
+def context(tmp_path, name) -> BenchContext:
+    def pretrained():
+        torch.manual_seed(0)
+        return conv4(in_channels=1, hidden=8, image_size=SIDE)
+
+    return BenchContext(benchmark=tiny_benchmark(), ways=3, shots=1, queries=3, seed=0,
+                        work_dir=tmp_path / name, profile="quick", device=torch.device("cpu"),
+                        pretrained_backbone=pretrained, backbone_name="conv4", progress=False)
+
+
+def tiny_method_config() -> MTLConfig:
+    quick = MTLConfig.quick()
+    return replace(quick, meta=replace(quick.meta, iterations=4, val_every=2, val_tasks=3,
+                                       checkpoint_every=2, inner_steps=3, test_inner_steps=3))
+
+
+@pytest.mark.parametrize("method_class", [MTL, MTLHardTasks, Scratch])
+def test_method_fits_predicts_and_records_its_validation_curve(tmp_path, method_class):
+    method = method_class(tiny_method_config())
+    ctx = context(tmp_path, method_class.name)
+    with pytest.raises(RuntimeError, match="before fit"):
+        method.predict(torch.zeros(3, 1, SIDE, SIDE), torch.arange(3), torch.zeros(2, 1, SIDE, SIDE), 3)
+    method.fit(ctx)
+    (sx, sy), (qx, qy) = split_support_query(*build_taskset(ctx.benchmark.test, 3, 1, 3, 1, seed=0)[0], 1)
+    logits = method.predict(sx, sy, qx, ways=3)
+    assert logits.shape == (len(qx), 3)
+    curve = pd.read_csv(ctx.work_dir / "metrics.csv")
+    assert curve["val_accuracy"].notna().sum() == 2
+    assert method.describe_backbone() == "conv4"
+
+
+def test_scratch_does_not_use_the_pretrained_backbone(tmp_path):
+    ctx = context(tmp_path, "scratch")
+    ctx.pretrained_backbone = lambda: pytest.fail("scratch must not pretrain")
+    Scratch(tiny_method_config()).fit(ctx)
+    assert not Scratch.uses_pretraining and MTL.uses_pretraining

@@ -1,0 +1,265 @@
+"""Meta-transfer learning pipeline: learner, meta-train loop, resume, evaluation, bad input."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import learn2learn as l2l
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from mtl_plugin.backbones import conv4
+from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
+from mtl_plugin.meta_transfer import (
+    MetaTrainConfig,
+    MetaTransferLearner,
+    load_learner_state,
+    meta_train,
+)
+from mtl_plugin.run_log import NonFiniteLossError
+from mtl_plugin.ss import SSAdapter
+from mtl_plugin.tasks import build_taskset, split_support_query
+
+SIDE = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run far faster on one thread than on cores shared with other test runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PatternDataset(torch.utils.data.Dataset):
+    """Each class is a fixed random 1xSIDExSIDE pattern plus per-image noise (seeded)."""
+
+    def __init__(self, classes: int, per_class: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        patterns = torch.randn(classes, 1, SIDE, SIDE, generator=generator)
+        self.images = patterns.repeat_interleave(per_class, 0)
+        self.images += 0.8 * torch.randn(self.images.shape, generator=generator)
+        self.labels = [c for c in range(classes) for _ in range(per_class)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def tiny_benchmark(per_class: int = 8):
+    return SimpleNamespace(
+        train=l2l.data.MetaDataset(PatternDataset(12, per_class, 0)),
+        val=l2l.data.MetaDataset(PatternDataset(6, per_class, 1)),
+        test=l2l.data.MetaDataset(PatternDataset(6, per_class, 2)),
+        train_augmented=l2l.data.MetaDataset(PatternDataset(12, per_class, 0)),
+        channels=1,
+        image_size=SIDE,
+    )
+
+
+def tiny_backbone(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return conv4(in_channels=1, hidden=8, image_size=SIDE)
+
+
+def tiny_config(**overrides) -> MetaTrainConfig:
+    values = dict(ways=3, shots=1, queries=3, inner_steps=3, test_inner_steps=5, iterations=6,
+                  meta_batch=2, val_every=3, val_tasks=4, checkpoint_every=2, lr_step=4,
+                  encoder_lr=1e-2, head_lr=1e-2)
+    values.update(overrides)
+    return MetaTrainConfig(**values)
+
+
+def query_loss(learner, tasks) -> float:
+    total = 0.0
+    for task in tasks:
+        loss, _ = learner.task_loss(*task)
+        total += loss.item()
+    return total / len(tasks)
+
+
+def fixed_tasks(dataset, config, count=6):
+    taskset = build_taskset(dataset, config.ways, config.shots, config.queries, count, seed=5)
+    result = []
+    for i in range(count):
+        (sx, sy), (qx, qy) = split_support_query(*taskset[i], shots=config.shots)
+        result.append((sx, sy, qx, qy))
+    return result
+
+
+def test_meta_train_steps_reduce_query_loss():
+    bench = tiny_benchmark()
+    config = tiny_config()
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    tasks = fixed_tasks(bench.train, config)
+    before = query_loss(learner, tasks)
+    for _ in range(15):
+        learner.meta_train_step(tasks[:2])
+        learner.meta_train_step(tasks[2:4])
+        learner.meta_train_step(tasks[4:])
+    assert query_loss(learner, tasks) < before
+
+
+def test_inner_loop_never_reruns_the_encoder_and_only_meta_params_train():
+    config = tiny_config()
+    adapter = SSAdapter(tiny_backbone())
+    learner = MetaTransferLearner(adapter, ways=3, config=config)
+    calls = []
+    adapter.backbone.register_forward_hook(lambda *args: calls.append(1))
+    frozen = {n: p.clone() for n, p in adapter.backbone.named_parameters()}
+    tasks = fixed_tasks(tiny_benchmark().train, config, count=2)
+    learner.meta_train_step(tasks)
+    assert len(calls) == 2  # one encoder pass per task, whatever inner_steps is
+    for name, parameter in adapter.backbone.named_parameters():
+        assert torch.equal(parameter, frozen[name]), name
+    assert all(p.grad is not None for p in learner.meta_parameters())
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_reaches_ss_and_head(first_order):
+    config = tiny_config(first_order=first_order)
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    sx, sy, qx, qy = fixed_tasks(tiny_benchmark().train, config, count=1)[0]
+    loss, _ = learner.task_loss(sx, sy, qx, qy)
+    loss.backward()
+    ss_grads = [p.grad for p in learner.encoder.ss_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in ss_grads)
+    assert learner.head_weight.grad.abs().sum() > 0
+
+
+def test_adapt_under_no_grad_is_detached_and_deterministic():
+    config = tiny_config()
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    sx, sy, qx, qy = fixed_tasks(tiny_benchmark().test, config, count=1)[0]
+    first = learner.predict(sx, sy, qx, ways=3)
+    second = learner.predict(sx, sy, qx, ways=3)
+    assert not first.requires_grad
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match="3-way"):
+        learner.predict(sx, sy, qx, ways=4)
+
+
+def test_evaluate_twice_gives_identical_numbers():
+    bench = tiny_benchmark()
+    config = EvaluationConfig(ways=3, shots=1, queries=3, tasks=8, seed=3)
+    predict = nearest_centroid(tiny_backbone())
+    first = evaluate(predict, bench.test, config, progress=False)
+    second = evaluate(predict, bench.test, config, progress=False)
+    assert first.accuracies == second.accuracies
+    assert len(first.accuracies) == 8
+    assert first.ci95 == pytest.approx(1.96 * first.std / math.sqrt(8))
+    other = evaluate(predict, bench.test, EvaluationConfig(3, 1, 3, 8, seed=4), progress=False)
+    assert other.accuracies != first.accuracies
+
+
+def test_bad_task_shapes_are_named():
+    bench = tiny_benchmark(per_class=4)
+    predict = nearest_centroid(tiny_backbone())
+    with pytest.raises(ValueError, match="shots \\+ queries"):
+        evaluate(predict, bench.test, EvaluationConfig(ways=3, shots=2, queries=3, tasks=1), progress=False)
+    with pytest.raises(ValueError, match="ways=9"):
+        evaluate(predict, bench.test, EvaluationConfig(ways=9, shots=1, queries=1, tasks=1), progress=False)
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(queries=5))
+    with pytest.raises(ValueError, match="shots \\+ queries"):
+        meta_train(learner, bench, "unused", progress=False)
+
+
+def interrupt_at_call(learner, call: int) -> None:
+    original_step, calls = learner.meta_train_step, []
+
+    def step(tasks, on_task=None):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original_step(tasks, on_task)
+
+    learner.meta_train_step = step
+
+
+def run(tmp_path, name, **overrides):
+    config = tiny_config(**overrides)
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    result = meta_train(learner, tiny_benchmark(), tmp_path / name, progress=False)
+    return learner, result
+
+
+@pytest.mark.parametrize("hard_tasks", [False, True])
+def test_resumed_run_ends_in_the_uninterrupted_state(tmp_path, hard_tasks):
+    full, full_result = run(tmp_path, "full", hard_tasks=hard_tasks)
+    config = tiny_config(hard_tasks=hard_tasks)
+    # Killed during iteration 6: iteration 5 is lost (checkpoints every 2), as after kill -9.
+    killed = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    interrupt_at_call(killed, 6)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(killed, tiny_benchmark(), tmp_path / "killed", progress=False)
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["iteration"] == 4
+    resumed = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    resumed_result = meta_train(resumed, tiny_benchmark(), tmp_path / "killed", resume=True, progress=False)
+
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    last_full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    last_resumed = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
+    for name, tensor in last_full["learner"].items():
+        assert torch.equal(tensor, last_resumed["learner"][name]), name
+    full_metrics = pd.read_csv(tmp_path / "full" / "metrics.csv")
+    resumed_metrics = pd.read_csv(tmp_path / "killed" / "metrics.csv")
+    pd.testing.assert_frame_equal(full_metrics, resumed_metrics)
+    assert full_result.best_accuracy == resumed_result.best_accuracy
+    assert (tmp_path / "full" / "curve.png").stat().st_size > 0
+
+
+def test_metrics_csv_has_a_row_per_iteration_and_validation_at_intervals(tmp_path):
+    run(tmp_path, "a", iterations=5)  # checkpoints at 2, 4 and 5 (the end)
+    rows = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert list(rows["iteration"]) == [1, 2, 3, 4, 5]
+    assert rows["val_accuracy"].notna().sum() == 2  # at 3 and at the end
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(iterations=6)
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    original_step = learner.meta_train_step
+    calls = []
+
+    def poisoned(tasks, on_task=None):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                learner.head_weight.fill_(float("nan"))
+        return original_step(tasks, on_task)
+
+    learner.meta_train_step = poisoned
+    with pytest.raises(NonFiniteLossError, match="iteration 3.*last.pt \\(iteration 2\\)"):
+        meta_train(learner, tiny_benchmark(), tmp_path / "nan", progress=False)
+    state = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(t).all() for t in state["learner"].values() if t.is_floating_point())
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    learner, _ = run(tmp_path, "c", iterations=2, val_every=2)
+    state = torch.load(tmp_path / "c" / "best.pt", weights_only=False)["learner"]
+    other = MetaTransferLearner(SSAdapter(conv4(in_channels=1, hidden=16, image_size=SIDE)), ways=3,
+                                config=tiny_config())
+    with pytest.raises(ValueError, match="another architecture"):
+        load_learner_state(other, state, "best.pt")
+    channel = MetaTransferLearner(SSAdapter(tiny_backbone(), granularity="channel"), ways=3,
+                                  config=tiny_config())
+    with pytest.raises(ValueError, match="scales"):
+        load_learner_state(channel, state, "best.pt")
+
+
+def test_scratch_learner_trains_every_weight():
+    config = tiny_config()
+    backbone = tiny_backbone()
+    learner = MetaTransferLearner(backbone, ways=3, config=config)
+    before = {n: p.clone() for n, p in backbone.named_parameters()}
+    learner.meta_train_step(fixed_tasks(tiny_benchmark().train, config, count=2))
+    changed = [n for n, p in backbone.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)

@@ -1,0 +1,65 @@
+"""``mtl pretrain`` -> ``mtl meta-train`` -> ``mtl evaluate`` end to end on tiny data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mtl_plugin import pipeline_cli
+from mtl_plugin.pretrain import PretrainConfig, load_pretrained, pretrain
+from test_pipeline import SIDE, one_thread, tiny_benchmark  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def tiny_data(monkeypatch):
+    monkeypatch.setattr(pipeline_cli, "_benchmark", lambda *args: tiny_benchmark())
+
+
+def invoke(command, args):
+    result = CliRunner().invoke(command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_pretrain_meta_train_evaluate(tmp_path, tiny_data):
+    invoke(pipeline_cli.pretrain_command,
+           ["--backbone", "conv4", "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--val-tasks", "3",
+            "--val-ways", "3", "--val-queries", "3", "--out", str(tmp_path / "pre"), "--quiet"])
+    backbone = load_pretrained(tmp_path / "pre" / "best.pt")
+    assert backbone(torch.zeros(2, 1, SIDE, SIDE)).shape == (2, backbone.feature_dim)
+    invoke(pipeline_cli.meta_train_command,
+           ["--pretrained", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--shots", "1", "--queries", "3",
+            "--iterations", "2", "--inner-steps", "2", "--val-every", "2", "--val-tasks", "3",
+            "--hard-tasks", "--out", str(tmp_path / "meta"), "--quiet"])
+    results = []
+    for name in ("a.json", "b.json"):
+        invoke(pipeline_cli.evaluate_command,
+               ["--checkpoint", str(tmp_path / "meta" / "best.pt"), "--ways", "3", "--shots", "1",
+                "--queries", "3", "--tasks", "5", "--inner-steps", "3", "--out", str(tmp_path / name), "--quiet"])
+        results.append(json.loads((tmp_path / name).read_text()))
+    assert results[0] == results[1] and results[0]["tasks"] == 5
+    output = invoke(pipeline_cli.evaluate_command,
+                    ["--checkpoint", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--queries", "3",
+                     "--tasks", "3", "--quiet"])
+    assert "3-way 1-shot" in output
+
+
+def test_bad_input_gives_clear_errors(tmp_path, tiny_data):
+    runner = CliRunner()
+    result = runner.invoke(pipeline_cli.meta_train_command,
+                           ["--backbone", "conv4", "--ways", "30", "--out", str(tmp_path / "m"), "--quiet"])
+    assert result.exit_code != 0 and "ways=30" in result.output
+    result = runner.invoke(pipeline_cli.evaluate_command, ["--checkpoint", str(tmp_path / "none.pt")])
+    assert result.exit_code != 0 and "no checkpoint" in str(result.exception)
+
+
+def test_pretrain_resume_matches_an_uninterrupted_run(tmp_path):
+    config = PretrainConfig(backbone="conv4", epochs=2, batch_size=16, lr=0.05, val_tasks=3, val_ways=3,
+                            val_queries=3)
+    full = pretrain(tiny_benchmark(), config, tmp_path / "full", progress=False)
+    pretrain(tiny_benchmark(), PretrainConfig(**{**config.__dict__, "epochs": 1}), tmp_path / "cut", progress=False)
+    resumed = pretrain(tiny_benchmark(), config, tmp_path / "cut", progress=False)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
