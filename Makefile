@@ -24,7 +24,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(BIN)/mtl ss-report resnet18
+	$(BIN)/mtl bench --profile quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torchvision

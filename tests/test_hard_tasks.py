@@ -172,7 +172,7 @@ def test_dataloader_workers_are_refused():
     md = make_dataset()
     loader = DataLoader(hard_taskset(md, ClassAccuracyTracker(md)), batch_size=None, num_workers=1)
     batches = iter(loader)
-    with pytest.raises(RuntimeError, match="DataLoader worker") as raised:
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
         next(batches)
     # Left to the garbage collector, the failed iterator takes torch's 5 s join timeout to let its worker go.
     batches._shutdown_workers()

@@ -11,7 +11,9 @@ from mtl_plugin.backbones import conv4
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
 from mtl_plugin.tasks import build_taskset, split_support_query
-from test_pipeline import SIDE, one_thread, tiny_benchmark  # noqa: F401 (fixture)
+from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def context(tmp_path, name) -> BenchContext:

@@ -25,13 +25,7 @@ from mtl_plugin.tasks import build_taskset, split_support_query
 SIDE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run far faster on one thread than on cores shared with other test runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PatternDataset(torch.utils.data.Dataset):

@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 from mtl_plugin import pipeline_cli
 from mtl_plugin.pretrain import PretrainConfig, load_pretrained, pretrain
-from test_pipeline import SIDE, one_thread, tiny_benchmark  # noqa: F401 (fixture)
+from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

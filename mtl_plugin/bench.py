@@ -1,0 +1,292 @@
+"""``mtl bench``: every method on the same seeded test tasks, as pandas tables.
+
+For each shot setting, each method is fitted once (methods built on the
+pretrained backbone share one cached pretraining run) and evaluated on the very
+same test tasks; a cell reads ``mean ± 1.96·std/√n (n=tasks)``. Finished cells
+are kept in ``out/cells/`` and reused, so a killed bench resumes where it was.
+
+Example::
+
+    from mtl_plugin.bench import BenchConfig, run_bench
+    config = BenchConfig.quick(methods=("protonet", "mtl"), shots=(1,))
+    result = run_bench(config)
+    print(result.table.to_string(index=False))
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mtl_plugin.data import get_benchmark
+from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.io import atomic_open, atomic_write_text
+from mtl_plugin.methods import METHOD_NAMES, build_method
+from mtl_plugin.methods.base import BenchContext
+from mtl_plugin.pretrain import PretrainConfig, pretrain
+from mtl_plugin.published import published_accuracy
+
+__all__ = ["BenchConfig", "BenchResult", "PROFILES", "run_bench", "pretrain_config_for"]
+
+PROFILES = ("quick", "paper")
+
+
+@dataclass
+class BenchConfig:
+    """What to compare and on what; defaults are the papers' protocol (``paper`` profile).
+
+    ``profile`` picks each method's budget: ``paper`` its published settings (for a GPU),
+    ``quick`` the small budgets that run the whole table on 2 CPU cores.
+
+    Example::
+
+        config = BenchConfig(dataset="mini-imagenet", root="~/data", shots=(1, 5))
+    """
+
+    dataset: str = "kanji"
+    root: Optional[str] = None
+    ways: int = 5
+    shots: tuple = (1, 5)
+    queries: int = 15
+    methods: tuple = METHOD_NAMES
+    profile: str = "paper"
+    test_tasks: int = 600
+    backbone: str = "resnet12"
+    image_size: Optional[int] = None
+    seed: int = 0
+    out: Path = Path("bench-out")
+    device: str = "auto"
+    progress: bool = True
+    dataset_options: dict = field(default_factory=dict)
+    # The shared pretraining run; None: the profile's (see pretrain_config_for).
+    pretrain: Optional[PretrainConfig] = None
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; valid: {', '.join(PROFILES)}")
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHOD_NAMES)}")
+        if not self.methods:
+            raise ValueError("no method to run: name at least one of " + ", ".join(METHOD_NAMES))
+        if any(s < 1 for s in self.shots) or not self.shots:
+            raise ValueError(f"shots={self.shots}: give one or more settings >= 1, e.g. (1, 5)")
+        if self.test_tasks < 2:
+            raise ValueError(f"test_tasks={self.test_tasks}: a confidence interval needs at least 2 tasks")
+        self.out = Path(self.out)
+        self.shots = tuple(self.shots)
+        self.methods = tuple(self.methods)
+
+    @classmethod
+    def quick(cls, **changes) -> "BenchConfig":
+        """The whole table on the embedded data set, 2 CPU cores, about 15 minutes."""
+        base = dict(profile="quick", dataset="kanji", backbone="conv4", test_tasks=150)
+        return cls(**{**base, **changes})
+
+
+@dataclass
+class BenchResult:
+    """The table as printed, and the cells behind it."""
+
+    table: pd.DataFrame
+    cells: pd.DataFrame
+    files: dict
+
+
+def pretrain_config_for(config: BenchConfig) -> PretrainConfig:
+    """The pretraining run the bench shares between methods: the paper's, or a CPU-sized one."""
+    if config.pretrain is not None:
+        return config.pretrain
+    if config.profile == "paper":
+        return PretrainConfig(backbone=config.backbone, seed=config.seed)
+    return PretrainConfig(
+        backbone=config.backbone, epochs=4, batch_size=128, lr=0.05, schedule="cosine",
+        steps_per_epoch=100, val_tasks=50, seed=config.seed,
+    )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _SharedPretraining:
+    """Pretrains once, on first use, and hands out fresh copies."""
+
+    def __init__(self, run: Callable[[], nn.Module]):
+        self._run = run
+        self._model: Optional[nn.Module] = None
+        self.seconds = 0.0
+
+    def __call__(self) -> nn.Module:
+        if self._model is None:
+            start = time.perf_counter()
+            self._model = self._run()
+            self.seconds = time.perf_counter() - start
+        return copy.deepcopy(self._model)
+
+
+def _cell_key(config: BenchConfig, method: str, shots: int) -> dict:
+    # Everything that changes a cell's number: a cached cell is reused only if all match.
+    return {
+        "dataset": config.dataset, "root": config.root, "ways": config.ways, "shots": shots,
+        "queries": config.queries, "method": method, "profile": config.profile,
+        "test_tasks": config.test_tasks, "backbone": config.backbone, "image_size": config.image_size,
+        "seed": config.seed, "dataset_options": config.dataset_options,
+        "pretrain": asdict(pretrain_config_for(config)),
+    }
+
+
+def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
+    path = config.out / "cells" / f"{method_name}-{config.ways}w{shots}s.json"
+    key = _cell_key(config, method_name, shots)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    method = build_method(method_name, config.profile)
+    context = BenchContext(
+        benchmark=benchmark, ways=config.ways, shots=shots, queries=config.queries, seed=config.seed,
+        work_dir=config.out / "work" / method_name / f"{config.ways}w{shots}s", profile=config.profile,
+        device=device, pretrained_backbone=shared, backbone_name=config.backbone, progress=config.progress,
+    )
+    start = time.perf_counter()
+    method.fit(context)
+    fit_seconds = time.perf_counter() - start
+    evaluation = EvaluationConfig(config.ways, shots, config.queries, config.test_tasks, config.seed)
+    result = evaluate(method.predict, benchmark.test, evaluation, progress=config.progress,
+                      description=f"{method_name} {shots}-shot")
+    cell = {
+        "key": key, **result.as_dict(), "accuracies": result.accuracies,
+        "backbone": method.describe_backbone() or config.backbone,
+        "fit_seconds": fit_seconds, "eval_seconds": time.perf_counter() - start - fit_seconds,
+    }
+    atomic_write_text(path, json.dumps(cell, indent=1))
+    return cell
+
+
+def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: str) -> pd.DataFrame:
+    rows = []
+    for method in config.methods:
+        mine = cells[cells["method"] == method]
+        row = {"method": method, "backbone": mine["backbone"].iloc[0]}
+        for shots in config.shots:
+            cell = mine[mine["shots"] == shots].iloc[0]
+            row[f"{shots}-shot"] = f"{cell['accuracy']:.2f} ± {cell['ci95']:.2f} (n={cell['tasks']})"
+        if standard:
+            for shots in config.shots:
+                published = published_accuracy(dataset, method, config.ways, shots)
+                row[f"published {shots}-shot"] = published.cell if published else "—"
+        row["wall-clock (s)"] = round(float((mine["fit_seconds"] + mine["eval_seconds"]).sum()), 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(config.methods) * len(config.shots), 4))
+    width = 0.8 / len(config.shots)
+    for i, shots in enumerate(config.shots):
+        mine = cells[cells["shots"] == shots].set_index("method").loc[list(config.methods)]
+        positions = [m + i * width for m in range(len(config.methods))]
+        axis.bar(positions, mine["accuracy"], width, yerr=mine["ci95"], capsize=3, label=f"{shots}-shot")
+    axis.set_xticks([m + 0.4 - width / 2 for m in range(len(config.methods))], list(config.methods),
+                    rotation=30, ha="right")
+    axis.set_ylabel(f"{config.ways}-way accuracy (%) ± 95% CI")
+    axis.set_title(f"{config.dataset}, {config.test_tasks} test tasks, {config.profile} profile")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_open(path) as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+
+
+def _plot_curves(config: BenchConfig, path: Path) -> bool:
+    """Validation accuracy of mtl against mtl-ht (the paper's faster-convergence claim)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(m, s) for m in ("mtl", "mtl-ht") if m in config.methods for s in config.shots]
+    curves = []
+    for method, shots in runs:
+        metrics = config.out / "work" / method / f"{config.ways}w{shots}s" / "metrics.csv"
+        if metrics.exists():
+            frame = pd.read_csv(metrics).dropna(subset=["val_accuracy"])
+            curves.append((f"{method} {shots}-shot", frame))
+    if not curves:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, frame in curves:
+        axis.plot(frame["iteration"], frame["val_accuracy"], marker="o", label=label)
+    axis.set_xlabel("meta-training iteration")
+    axis.set_ylabel("validation accuracy (%)")
+    axis.set_title("MTL with and without the hard-task meta-batch")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_open(path) as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+    return True
+
+
+def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> BenchResult:
+    """Fit and evaluate every method of ``config``; write the table as CSV, Markdown and LaTeX."""
+    benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size,
+                              seed=config.seed, **config.dataset_options)
+    device = _device(config.device)
+    pretrain_dir = config.out / "pretrain" / f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px"
+    shared = _SharedPretraining(lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir,
+                                                  device=device, progress=config.progress))
+    records = []
+    for shots in config.shots:
+        for method in config.methods:
+            cell = _run_cell(config, benchmark, method, shots, shared, device)
+            echo(f"{method} {config.ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
+                 f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)")
+            records.append({"method": method, "shots": shots,
+                            **{k: v for k, v in cell.items() if k not in ("key", "accuracies")}})
+    cells = pd.DataFrame(records)
+    table = _table(config, cells, benchmark.standard, benchmark.name)
+    stem = f"{benchmark.name}-{config.ways}way-{config.profile}"
+    files = {kind: config.out / f"{stem}.{kind}" for kind in ("csv", "md", "tex")}
+    caption = (f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
+               f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile")
+    note = ("published columns: other papers' numbers under their own protocols (mtl_plugin/published.py), "
+            "not ours" if benchmark.standard else "")
+    atomic_write_text(files["csv"], table.to_csv(index=False))
+    atomic_write_text(files["md"], f"{caption}\n\n{table.to_markdown(index=False)}\n" + (f"\n{note}\n" if note else ""))
+    atomic_write_text(files["tex"], table.to_latex(index=False, caption=caption, label=f"tab:{stem}"))
+    files["png"] = config.out / f"{stem}-accuracy.png"
+    _plot(config, cells, files["png"])
+    curves = config.out / f"{stem}-mtl-vs-mtl-ht.png"
+    if _plot_curves(config, curves):
+        files["curves"] = curves
+    if shared.seconds:
+        echo(f"shared pretraining: {shared.seconds:.0f} s")
+    return BenchResult(table=table, cells=cells, files=files)
+
+
+def bench_config_from(profile: str, **given) -> BenchConfig:
+    """The profile's config with the values the user gave (``None`` = not given) on top."""
+    base = BenchConfig.quick() if profile == "quick" else BenchConfig()
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def describe(config: BenchConfig) -> str:
+    """One line saying what the bench will run."""
+    fields = asdict(config)
+    return ", ".join(f"{k}={fields[k]}" for k in ("dataset", "ways", "shots", "profile", "test_tasks", "backbone"))

@@ -1,0 +1,264 @@
+"""Prototypical Networks (Snell et al., NeurIPS 2017): nearest class mean in feature space.
+
+Two rows of the benchmark table share this file:
+
+- ``protonet``: no meta-training; the bench's pretrained backbone embeds the
+  support set and each query goes to the closest class mean;
+- ``protonet-conv4``: Snell et al.'s episodic training of a Conv4 from scratch.
+
+
+Example::
+
+    method = ProtoNetConv4(ProtoNetConv4Config.quick())
+    method.fit(context)
+    logits = method.predict(support_x, support_y, query_x, ways=5)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl_plugin.backbones import conv4
+from mtl_plugin.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.methods.episodic import train_episodes
+from mtl_plugin.tasks import build_taskset, split_support_query
+
+__all__ = [
+    "ProtoNet",
+    "ProtoNetConfig",
+    "ProtoNetConv4",
+    "ProtoNetConv4Config",
+    "NearestPrototype",
+    "class_prototypes",
+    "prototype_logits",
+    "device_of",
+    "embed",
+]
+
+DISTANCES = ("squared_euclidean", "cosine")
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s parameters (CPU for a module without any).
+
+    Example::
+
+        images = images.to(device_of(backbone))
+    """
+    parameter = next(module.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
+def embed(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Features of ``images`` from ``backbone`` in eval mode, without gradients.
+
+    Example::
+
+        features = embed(context.pretrained_backbone(), support_x)  # (N, feature_dim)
+    """
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(images.to(device_of(backbone)))
+    backbone.train(was_training)
+    return features
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """The mean feature of each class 0..ways-1, shape (ways, feature_dim).
+
+    Example::
+
+        prototypes = class_prototypes(embed(backbone, support_x), support_y, ways=5)
+    """
+    labels = labels.to(features.device).long()
+    counts = torch.bincount(labels, minlength=ways)
+    if len(counts) != ways or bool((counts == 0).any()):
+        raise ValueError(
+            f"support labels must cover every class 0..{ways - 1} (got counts {counts.tolist()}); "
+            f"pass ways equal to the number of classes in the support set"
+        )
+    sums = torch.zeros(ways, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, labels, features)
+    return sums / counts.unsqueeze(1).to(features.dtype)
+
+
+def prototype_logits(
+    query_features: torch.Tensor, prototypes: torch.Tensor, distance: str = "squared_euclidean"
+) -> torch.Tensor:
+    """Logits (n_query, ways): negative squared Euclidean distance, or cosine similarity.
+
+    Example::
+
+        logits = prototype_logits(embed(backbone, query_x), prototypes)
+        predictions = logits.argmax(1)
+    """
+    if distance == "squared_euclidean":
+        return -torch.cdist(query_features, prototypes).pow(2)
+    if distance == "cosine":
+        return F.normalize(query_features, dim=1) @ F.normalize(prototypes, dim=1).T
+    raise ValueError(f"distance={distance!r} is unknown; use one of {DISTANCES}")
+
+
+@dataclass
+class ProtoNetConfig:
+    """Nearest class mean on the pretrained backbone.
+
+    Example::
+
+        method = ProtoNet(ProtoNetConfig(distance="cosine"))
+    """
+
+    # Snell et al. found squared Euclidean better than cosine for prototypes.
+    distance: str = "squared_euclidean"
+
+    @classmethod
+    def quick(cls) -> "ProtoNetConfig":
+        """There is nothing to train, so the quick profile is the paper's setting."""
+        return cls()
+
+
+class NearestPrototype(FewShotMethod):
+    """Shared prediction rule: embed with ``self.backbone``, classify by the nearest class mean.
+
+    Subclasses set ``self.backbone`` in ``fit``.
+
+    Example::
+
+        class MyProtoNet(NearestPrototype):
+            name = "my-protonet"
+            def fit(self, context):
+                self.backbone = train_my_backbone(context)
+    """
+
+    def __init__(self, distance: str = "squared_euclidean"):
+        if distance not in DISTANCES:
+            raise ValueError(f"distance={distance!r} is unknown; use one of {DISTANCES}")
+        self.distance = distance
+        self.backbone: Optional[nn.Module] = None
+        self.backbone_label = ""
+
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        if self.backbone is None:
+            raise RuntimeError(f"{type(self).__name__}.predict called before fit(context)")
+        prototypes = class_prototypes(embed(self.backbone, support_x), support_y, ways)
+        logits = prototype_logits(embed(self.backbone, query_x), prototypes, self.distance)
+        return logits.to(query_x.device)
+
+
+class ProtoNet(NearestPrototype):
+    """Prototypical classification on the bench's pretrained backbone (no meta-training).
+
+    Example::
+
+        method = ProtoNet(ProtoNetConfig())
+        method.fit(context)  # takes a copy of context.pretrained_backbone()
+        logits = method.predict(support_x, support_y, query_x, ways=5)
+    """
+
+    name: ClassVar[str] = "protonet"
+    uses_pretraining: ClassVar[bool] = True
+
+    def __init__(self, config: Optional[ProtoNetConfig] = None):
+        self.config = config or ProtoNetConfig()
+        super().__init__(self.config.distance)
+
+    def fit(self, context: BenchContext) -> None:
+        self.backbone = context.pretrained_backbone().to(context.device).eval()
+        self.backbone_label = context.backbone_name
+
+
+@dataclass
+class ProtoNetConv4Config:
+    """Snell et al.'s episodic training of Conv4 (paper defaults, mini-ImageNet).
+
+    Example::
+
+        config = ProtoNetConv4Config.quick()          # 2 CPU cores, under a minute
+        config = ProtoNetConv4Config(max_episodes=5000)
+    """
+
+    hidden: int = 64
+    # Snell et al. train with more ways than at test: 30 (1-shot) / 20 (5-shot) on
+    # mini-ImageNet, 60 on Omniglot. Capped at the number of meta-train classes.
+    train_ways: int = 30
+    train_queries: int = 15
+    lr: float = 1e-3
+    lr_halve_every: int = 2000
+    # Snell et al. stop on validation loss; a fixed budget keeps runs comparable.
+    max_episodes: int = 20000
+    time_budget_s: Optional[float] = None
+    checkpoint_every: int = 500
+
+    @classmethod
+    def quick(cls) -> "ProtoNetConv4Config":
+        """About 30 s on 2 CPU cores on the embedded 28 px data set."""
+        return cls(train_ways=20, max_episodes=2000, lr_halve_every=1000,
+                   time_budget_s=30.0, checkpoint_every=100)
+
+
+class ProtoNetConv4(NearestPrototype):
+    """ProtoNet trained episodically from scratch on a Conv4 (Snell et al.).
+
+    Example::
+
+        method = ProtoNetConv4(ProtoNetConv4Config.quick())
+        method.fit(context)  # resumes from context.work_dir / "checkpoint.pt"
+        logits = method.predict(support_x, support_y, query_x, ways=5)
+    """
+
+    name: ClassVar[str] = "protonet-conv4"
+    uses_pretraining: ClassVar[bool] = False
+
+    def __init__(self, config: Optional[ProtoNetConv4Config] = None):
+        # Snell et al.'s distance, for training and testing alike.
+        super().__init__("squared_euclidean")
+        self.config = config or ProtoNetConv4Config()
+        self.losses: list[float] = []
+
+    def fit(self, context: BenchContext) -> None:
+        config = self.config
+        benchmark = context.benchmark
+        train_ways = min(config.train_ways, len(benchmark.train.labels))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed)
+            model = conv4(in_channels=benchmark.channels, hidden=config.hidden,
+                          image_size=benchmark.image_size).to(context.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halve_every, gamma=0.5)
+
+        def step(tasks) -> float:
+            x, y = tasks.sample()
+            (support_x, support_y), (query_x, query_y) = split_support_query(x, y, context.shots)
+            model.train()
+            prototypes = class_prototypes(model(support_x.to(context.device)), support_y, train_ways)
+            logits = prototype_logits(model(query_x.to(context.device)), prototypes)
+            loss = F.cross_entropy(logits, query_y.to(context.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            return loss.item()
+
+        def make_tasks(offset: int):
+            return build_taskset(benchmark.train, train_ways, context.shots,
+                                 config.train_queries, seed=context.seed + offset)
+
+        self.losses = train_episodes(
+            step, make_tasks, {"model": model, "optimizer": optimizer, "scheduler": scheduler},
+            Path(context.work_dir) / "checkpoint.pt",
+            fingerprint={"method": self.name, "config": asdict(config),
+                         "shots": context.shots, "seed": context.seed,
+                         "data": [benchmark.channels, benchmark.image_size, len(benchmark.train.labels)]},
+            max_episodes=config.max_episodes, time_budget_s=config.time_budget_s,
+            checkpoint_every=config.checkpoint_every, progress=context.progress, desc=self.name,
+        )
+        self.backbone = model.eval()
+        self.backbone_label = "conv4"
