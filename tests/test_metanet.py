@@ -1,8 +1,8 @@
 """Meta Networks: shapes, the memory read, gradient flow, learning, fit/resume."""
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import learn2learn as l2l
 import pytest
+from tiny_data import TinyBenchmark, pattern_split
 import torch
 import torch.nn.functional as F
 
@@ -130,35 +130,10 @@ def test_a_few_updates_reduce_the_loss_on_a_tiny_task():
     assert losses[-1] < 0.8 * losses[0]
 
 
-class ImagesWithIntLabels(torch.utils.data.Dataset):
-    """(image, int label) pairs, as the real data sets give them."""
-
-    def __init__(self, images: torch.Tensor, labels: list[int]):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
-
-
-@dataclass
-class TinyBenchmark:
-    train: l2l.data.MetaDataset
-    test: l2l.data.MetaDataset
-    channels: int = 1
-    image_size: int = SIZE
-
-
 def tiny_context(tmp_path, ways=3, shots=1) -> BenchContext:
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.arange(6).repeat_interleave(4)
-    images = torch.randn(6, 1, SIZE, SIZE, generator=generator)[labels]
-    images = images + 0.3 * torch.randn(images.shape, generator=generator)
-    dataset = l2l.data.MetaDataset(ImagesWithIntLabels(images, labels.tolist()))
+    dataset = pattern_split(6, 4, SIZE, seed=1, noise=0.3)
     return BenchContext(
-        benchmark=TinyBenchmark(dataset, dataset), ways=ways, shots=shots, queries=2, seed=0,
+        benchmark=TinyBenchmark(train=dataset, val=dataset, test=dataset, image_size=SIZE), ways=ways, shots=shots, queries=2, seed=0,
         work_dir=tmp_path, profile="quick", device=torch.device("cpu"),
         pretrained_backbone=lambda: None, progress=False,
     )

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import learn2learn as l2l
 import pytest
+from tiny_data import TinyBenchmark, pattern_split
 import torch
 from torch import nn
 
@@ -34,35 +35,9 @@ from mtl_plugin.tasks import build_taskset, split_support_query
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 16
 
 
-class ImagesWithIntLabels(torch.utils.data.Dataset):
-    """(image, int label) pairs, as the real data sets give them."""
-
-    def __init__(self, images: torch.Tensor, labels: list[int]):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
-
-
 def class_structured_split(classes: int, per_class: int, seed: int) -> l2l.data.MetaDataset:
-    """Each class a fixed random pattern plus noise: learnable in a few dozen episodes."""
-    generator = torch.Generator().manual_seed(seed)
-    patterns = torch.randn(classes, 1, SIZE, SIZE, generator=generator)
-    labels = [c for c in range(classes) for _ in range(per_class)]
-    noise = 0.5 * torch.randn(len(labels), 1, SIZE, SIZE, generator=generator)
-    return l2l.data.MetaDataset(ImagesWithIntLabels(patterns[labels] + noise, labels))
-
-
-@dataclass
-class TinyBenchmark:
-    train: l2l.data.MetaDataset
-    val: l2l.data.MetaDataset
-    test: l2l.data.MetaDataset
-    channels: int = 1
-    image_size: int = SIZE
+    """Learnable in a few dozen episodes."""
+    return pattern_split(classes, per_class, SIZE, seed, noise=0.5)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
-import learn2learn as l2l
 import pandas as pd
 import pytest
+from tiny_data import TinyBenchmark, pattern_split
 import torch
 from torch import nn
 
@@ -28,32 +27,12 @@ SIDE = 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class PatternDataset(torch.utils.data.Dataset):
-    """Each class is a fixed random 1xSIDExSIDE pattern plus per-image noise (seeded)."""
+def tiny_benchmark(per_class: int = 8) -> TinyBenchmark:
+    def split(classes, seed):
+        return pattern_split(classes, per_class, SIDE, seed, noise=0.8)
 
-    def __init__(self, classes: int, per_class: int, seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        patterns = torch.randn(classes, 1, SIDE, SIDE, generator=generator)
-        self.images = patterns.repeat_interleave(per_class, 0)
-        self.images += 0.8 * torch.randn(self.images.shape, generator=generator)
-        self.labels = [c for c in range(classes) for _ in range(per_class)]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-
-def tiny_benchmark(per_class: int = 8):
-    return SimpleNamespace(
-        train=l2l.data.MetaDataset(PatternDataset(12, per_class, 0)),
-        val=l2l.data.MetaDataset(PatternDataset(6, per_class, 1)),
-        test=l2l.data.MetaDataset(PatternDataset(6, per_class, 2)),
-        train_augmented=l2l.data.MetaDataset(PatternDataset(12, per_class, 0)),
-        channels=1,
-        image_size=SIDE,
-    )
+    return TinyBenchmark(train=split(12, 0), val=split(6, 1), test=split(6, 2), train_augmented=split(12, 0),
+                         image_size=SIDE)
 
 
 def tiny_backbone(seed: int = 0) -> nn.Module:

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mtl_plugin.io import atomic_save
+from mtl_plugin.tasks import build_taskset
 
-__all__ = ["train_episodes"]
+__all__ = ["fit_episodically", "train_episodes"]
 
 
 def train_episodes(
@@ -96,3 +98,39 @@ def train_episodes(
     bar.close()
     save(done=True)
     return losses
+
+
+def fit_episodically(
+    name: str,
+    context: Any,
+    config: Any,
+    step: Callable[[Any], float],
+    state: dict[str, Any],
+    ways: int,
+    queries: int,
+) -> list[float]:
+    """:func:`train_episodes` on ``ways``-way ``context.shots``-shot tasks of the meta-train split.
+
+    ``config`` needs ``max_episodes``, ``time_budget_s`` and ``checkpoint_every``; the run
+    lives in ``context.work_dir / "checkpoint.pt"`` and is tied (fingerprinted) to the
+    method, its config, the task shape, the seed and the data set's shape.
+
+    Example::
+
+        losses = fit_episodically(self.name, context, self.config, step,
+                                  {"model": model, "optimizer": optimizer}, ways=20, queries=15)
+    """
+    benchmark = context.benchmark
+
+    def make_tasks(offset: int):
+        return build_taskset(benchmark.train, ways, context.shots, queries, seed=context.seed + offset)
+
+    fingerprint = {
+        "method": name, "config": asdict(config), "ways": ways, "shots": context.shots,
+        "seed": context.seed, "data": [benchmark.channels, benchmark.image_size, len(benchmark.train.labels)],
+    }
+    return train_episodes(
+        step, make_tasks, state, Path(context.work_dir) / "checkpoint.pt", fingerprint,
+        max_episodes=config.max_episodes, time_budget_s=config.time_budget_s,
+        checkpoint_every=config.checkpoint_every, progress=context.progress, desc=name,
+    )

@@ -12,8 +12,7 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
 import learn2learn as l2l
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.episodic import train_episodes
-from mtl_plugin.tasks import build_taskset, split_support_query
+from mtl_plugin.methods.episodic import fit_episodically
+from mtl_plugin.tasks import split_support_query
 
 __all__ = ["MAML", "MAMLConfig"]
 
@@ -121,18 +120,9 @@ class MAML(FewShotMethod):
             optimizer.step()
             return total
 
-        def make_tasks(offset: int):
-            return build_taskset(benchmark.train, context.ways, context.shots,
-                                 config.train_queries, seed=context.seed + offset)
-
-        self.losses = train_episodes(
-            step, make_tasks, {"model": model, "optimizer": optimizer},
-            Path(context.work_dir) / "checkpoint.pt",
-            fingerprint={"method": self.name, "config": asdict(config), "ways": context.ways,
-                         "shots": context.shots, "seed": context.seed,
-                         "data": [benchmark.channels, benchmark.image_size, len(benchmark.train.labels)]},
-            max_episodes=config.max_episodes, time_budget_s=config.time_budget_s,
-            checkpoint_every=config.checkpoint_every, progress=context.progress, desc=self.name,
+        self.losses = fit_episodically(
+            self.name, context, config, step, {"model": model, "optimizer": optimizer},
+            ways=context.ways, queries=config.train_queries,
         )
 
     def predict(

@@ -58,8 +58,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional, Sequence
 
 import torch
@@ -68,8 +67,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.episodic import train_episodes
-from mtl_plugin.tasks import build_taskset, split_support_query
+from mtl_plugin.methods.episodic import fit_episodically
+from mtl_plugin.tasks import split_support_query
 
 __all__ = [
     "MetaNet",
@@ -525,18 +524,9 @@ class MetaNet(FewShotMethod):
             optimizer.step()
             return loss.item()
 
-        def make_tasks(offset: int):
-            return build_taskset(benchmark.train, context.ways, context.shots,
-                                 config.train_queries, seed=context.seed + offset)
-
-        self.losses = train_episodes(
-            step, make_tasks, {"model": model, "optimizer": optimizer},
-            Path(context.work_dir) / "checkpoint.pt",
-            fingerprint={"method": self.name, "config": asdict(config), "ways": context.ways,
-                         "shots": context.shots, "seed": context.seed,
-                         "channels": benchmark.channels, "image_size": benchmark.image_size},
-            max_episodes=config.max_episodes, time_budget_s=config.time_budget_s,
-            checkpoint_every=config.checkpoint_every, progress=context.progress, desc=self.name,
+        self.losses = fit_episodically(
+            self.name, context, config, step, {"model": model, "optimizer": optimizer},
+            ways=context.ways, queries=config.train_queries,
         )
         self.model = model.eval()
 

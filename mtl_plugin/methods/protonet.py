@@ -15,8 +15,7 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
@@ -25,8 +24,8 @@ from torch import nn
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.episodic import train_episodes
-from mtl_plugin.tasks import build_taskset, split_support_query
+from mtl_plugin.methods.episodic import fit_episodically
+from mtl_plugin.tasks import split_support_query
 
 __all__ = [
     "ProtoNet",
@@ -247,18 +246,10 @@ class ProtoNetConv4(NearestPrototype):
             scheduler.step()
             return loss.item()
 
-        def make_tasks(offset: int):
-            return build_taskset(benchmark.train, train_ways, context.shots,
-                                 config.train_queries, seed=context.seed + offset)
-
-        self.losses = train_episodes(
-            step, make_tasks, {"model": model, "optimizer": optimizer, "scheduler": scheduler},
-            Path(context.work_dir) / "checkpoint.pt",
-            fingerprint={"method": self.name, "config": asdict(config),
-                         "shots": context.shots, "seed": context.seed,
-                         "data": [benchmark.channels, benchmark.image_size, len(benchmark.train.labels)]},
-            max_episodes=config.max_episodes, time_budget_s=config.time_budget_s,
-            checkpoint_every=config.checkpoint_every, progress=context.progress, desc=self.name,
+        self.losses = fit_episodically(
+            self.name, context, config, step,
+            {"model": model, "optimizer": optimizer, "scheduler": scheduler},
+            ways=train_ways, queries=config.train_queries,
         )
         self.backbone = model.eval()
         self.backbone_label = "conv4"

@@ -1,0 +1,43 @@
+"""Tiny in-memory few-shot data for tests: each class a fixed random pattern plus noise."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import learn2learn as l2l
+import torch
+
+
+class PatternImages(torch.utils.data.Dataset):
+    """(image, int label) pairs, as the real data sets give them."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int]):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+
+def pattern_split(classes: int, per_class: int, side: int, seed: int, noise: float) -> l2l.data.MetaDataset:
+    """``classes`` seeded 1 x side x side patterns, ``per_class`` noisy copies of each."""
+    generator = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(classes, 1, side, side, generator=generator)
+    labels = [c for c in range(classes) for _ in range(per_class)]
+    images = patterns[labels] + noise * torch.randn(len(labels), 1, side, side, generator=generator)
+    return l2l.data.MetaDataset(PatternImages(images, labels))
+
+
+@dataclass
+class TinyBenchmark:
+    """Stands in for mtl_plugin.data.FewShotBenchmark."""
+
+    train: l2l.data.MetaDataset
+    val: l2l.data.MetaDataset
+    test: l2l.data.MetaDataset
+    train_augmented: Optional[l2l.data.MetaDataset] = None
+    channels: int = 1
+    image_size: int = 16
+    standard: bool = False
