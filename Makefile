@@ -20,7 +20,7 @@ $(STAMP): setup.py Makefile
 	$(BIN)/python -m pip show learn2learn >/dev/null 2>&1 || \
 		$(BIN)/python -m pip install -q --use-pep517 --no-build-isolation \
 			-C--global-option=build_ext $(L2L_PIN)
-	$(BIN)/python -m pip install -q -e ".[test,kanji]" $(TORCH_PINS) $(L2L_PIN)
+	$(BIN)/python -m pip install -q -e ".[test]" $(TORCH_PINS) $(L2L_PIN)
 	touch $(STAMP)
 
 bench: $(STAMP)

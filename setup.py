@@ -12,7 +12,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["mtl_plugin", "mtl_plugin.*"]),
     install_requires=[
         "torch>=2.0,<3",
@@ -26,10 +26,13 @@ setup(
         # learn2learn needs qpth, whose releases pin numpy<2.
         "numpy>=1.22,<2",
         "pillow>=9,<13",
+        # KanjiVG strokes: the embedded default data set is drawn from them.
+        "kanjivg>=20250422",
+        # pandas' to_markdown, for the bench tables.
+        "tabulate>=0.9,<1",
     ],
     extras_require={
-        "test": ["pytest>=7,<10", "tabulate>=0.9,<1"],
-        "kanji": ["kanjivg>=20250422"],
+        "test": ["pytest>=7,<10"],
     },
     entry_points={"console_scripts": ["mtl=mtl_plugin.cli:main"]},
     classifiers=[

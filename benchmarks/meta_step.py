@@ -2,7 +2,7 @@
 
 One MTL meta-train step (5-way 1-shot, 15 queries: 80 images, 20 inner steps,
 second order) divided by one forward+backward of the bare backbone on the same
-80 images, both timed in this run. Goal: at most 1.3 on CPU, which holds only if
+80 images, both timed in turns in this run. Goal: at most 1.3 on CPU, which holds only if
 the inner loop never re-runs the backbone.
 
     .venv/bin/python benchmarks/meta_step.py [--repeats 10] [--threads 2]
@@ -10,6 +10,7 @@ the inner loop never re-runs the backbone.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,14 +24,17 @@ WAYS, SHOTS, QUERIES = 5, 1, 15
 CASES = (("resnet18-small", 3, 32), ("resnet18-small", 1, 28), ("resnet12", 3, 84))
 
 
-def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up: allocator and kernel selection
-    times = []
+def interleaved_medians(functions, repeats: int) -> list:
+    """Median seconds of each function, timed in turns so that drift hits all of them alike."""
+    for function in functions:
+        function()  # warm-up: allocator and kernel selection
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for function, record in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def measure(name: str, channels: int, side: int, repeats: int, first_order: bool) -> tuple:
@@ -56,8 +60,7 @@ def measure(name: str, channels: int, side: int, repeats: int, first_order: bool
     def meta_step():
         learner.meta_train_step([(support, support_y, query, query_y)])
 
-    plain_seconds = median_seconds(plain_step, repeats)
-    meta_seconds = median_seconds(meta_step, repeats)
+    plain_seconds, meta_seconds = interleaved_medians([plain_step, meta_step], repeats)
     return plain_seconds, meta_seconds
 
 

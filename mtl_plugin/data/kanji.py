@@ -157,7 +157,7 @@ def kanjivg_folder() -> Path:
     except importlib_metadata.PackageNotFoundError:
         raise ModuleNotFoundError(
             "the 'kanji' data set is drawn from KanjiVG's strokes: install them with "
-            "`pip install kanjivg` (or `pip install 'mtl-plugin[kanji]'`)"
+            "`pip install kanjivg`"
         ) from None
     folder = Path(distribution.locate_file("kanji"))
     if not folder.is_dir():
