@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
 
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -112,7 +113,7 @@ def evaluate(
     return EvaluationResult(accuracies)
 
 
-def nearest_centroid(encoder: nn.Module, device: Optional[torch.device] = None) -> Predictor:
+def nearest_centroid(encoder: nn.Module) -> Predictor:
     """A predictor that classifies queries by the nearest class mean of frozen features.
 
     Used to validate pretraining without fitting anything per task.
@@ -121,19 +122,9 @@ def nearest_centroid(encoder: nn.Module, device: Optional[torch.device] = None) 
 
         result = evaluate(nearest_centroid(backbone), benchmark.val, EvaluationConfig(tasks=100))
     """
-    device = device or next(encoder.parameters()).device
 
     def predict(support_x, support_y, query_x, ways):
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            with torch.no_grad():
-                support = encoder(support_x.to(device))
-                query = encoder(query_x.to(device))
-        finally:
-            encoder.train(was_training)
-        labels = support_y.to(device)
-        centroids = torch.stack([support[labels == c].mean(dim=0) for c in range(ways)])
-        return -torch.cdist(query, centroids)
+        prototypes = class_prototypes(embed(encoder, support_x), support_y, ways)
+        return prototype_logits(embed(encoder, query_x), prototypes)
 
     return predict

@@ -187,7 +187,7 @@ def pretrain(
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += len(labels)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100.0 * correct / seen:.1f}")
-            result = evaluate(nearest_centroid(backbone, device), benchmark.val, val_config, progress=False)
+            result = evaluate(nearest_centroid(backbone), benchmark.val, val_config, progress=False)
             log.append({"epoch": epoch, "loss": sum(losses) / len(losses), "accuracy": 100.0 * correct / seen,
                         "lr": optimizer.param_groups[0]["lr"], "val_accuracy": result.mean,
                         "val_ci95": result.ci95})

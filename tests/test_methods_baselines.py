@@ -27,9 +27,8 @@ from mtl_plugin.methods.protonet import (
     ProtoNetConfig,
     ProtoNetConv4,
     ProtoNetConv4Config,
-    class_prototypes,
-    prototype_logits,
 )
+from mtl_plugin.prototypes import class_prototypes, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
 
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 16

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugin.methods.finetune import Finetune, FinetuneConfig, finetune_on_support
-from mtl_plugin.methods.protonet import class_prototypes
+from mtl_plugin.prototypes import class_prototypes
 
 __all__ = [
     "CosineClassifier",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.protonet import device_of, embed
+from mtl_plugin.prototypes import device_of, embed
 
 __all__ = [
     "Finetune",
