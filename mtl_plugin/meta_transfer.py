@@ -505,7 +505,7 @@ def meta_train(
     if learner.ways != config.ways:
         raise ValueError(f"the learner is {learner.ways}-way but config.ways={config.ways}")
     # The train split is checked by build_taskset; check val now rather than at the first validation.
-    check_task_shape(_meta(benchmark.val), config.ways, config.shots + config.queries)
+    check_task_shape(benchmark.val, config.ways, config.shots + config.queries)
     stream = _TaskStream(benchmark.train, config)
     log = RunLog(out_dir)
     start, best_accuracy, best_iteration = 0, -math.inf, 0
@@ -564,7 +564,3 @@ def meta_train(
         best = load_checkpoint(log.best_path, map_location=learner.device)
         load_learner_state(learner, best["learner"], str(log.best_path))
     return MetaTrainResult(Path(out_dir), config.iterations, best_accuracy, best_iteration)
-
-
-def _meta(dataset) -> l2l.data.MetaDataset:
-    return dataset if isinstance(dataset, l2l.data.MetaDataset) else l2l.data.MetaDataset(dataset)

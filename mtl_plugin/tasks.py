@@ -28,6 +28,7 @@ __all__ = [
     "NWays",
     "KShots",
     "RemapLabels",
+    "as_meta",
     "as_random",
     "build_taskset",
     "check_task_shape",
@@ -47,8 +48,14 @@ def _labels_of(dataset, description: Iterable[DataDescription]) -> list:
     return sorted({dataset.indices_to_labels[dd.index] for dd in description})
 
 
+def as_meta(dataset) -> l2l.data.MetaDataset:
+    """``dataset`` itself if it is a learn2learn ``MetaDataset``, else one built over it."""
+    return dataset if isinstance(dataset, l2l.data.MetaDataset) else l2l.data.MetaDataset(dataset)
+
+
 def check_task_shape(dataset, ways: int, samples_per_class: int) -> None:
     """Raise a ``ValueError`` naming the problem if ``dataset`` cannot give such tasks."""
+    dataset = as_meta(dataset)
     labels = list(dataset.labels)
     if ways < 1 or samples_per_class < 1:
         raise ValueError(f"ways ({ways}) and samples per class ({samples_per_class}) must be >= 1")
@@ -151,8 +158,7 @@ def build_taskset(
     built; read tasks in order (``taskset[i]`` for i = 0, 1, ...) and every
     method sees the very same tasks.
     """
-    if not isinstance(dataset, l2l.data.MetaDataset):
-        dataset = l2l.data.MetaDataset(dataset)
+    dataset = as_meta(dataset)
     check_task_shape(dataset, ways, shots + queries)
     rng = random.Random(seed)
     transforms = [
