@@ -27,7 +27,7 @@ from torch import nn
 
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.io import atomic_open, atomic_write_text
+from mtl_plugin.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.methods import METHOD_NAMES, build_method
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.pretrain import PretrainConfig, pretrain
@@ -195,12 +195,11 @@ def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: st
 
 
 def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+    # The Figure API needs no pyplot backend: headless, and the caller's backend is left alone.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(config.methods) * len(config.shots), 4))
+    figure = Figure(figsize=(1.2 + 0.9 * len(config.methods) * len(config.shots), 4))
+    axis = figure.subplots()
     width = 0.8 / len(config.shots)
     for i, shots in enumerate(config.shots):
         mine = cells[cells["shots"] == shots].set_index("method").loc[list(config.methods)]
@@ -211,18 +210,12 @@ def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
     axis.set_ylabel(f"{config.ways}-way accuracy (%) ± 95% CI")
     axis.set_title(f"{config.dataset}, {config.test_tasks} test tasks, {config.profile} profile")
     axis.legend()
-    figure.tight_layout()
-    with atomic_open(path) as handle:
-        figure.savefig(handle, format="png", dpi=120)
-    plt.close(figure)
+    atomic_save_figure(figure, path)
 
 
 def _plot_curves(config: BenchConfig, path: Path) -> bool:
     """Validation accuracy of mtl against mtl-ht (the paper's faster-convergence claim)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     runs = [(m, s) for m in ("mtl", "mtl-ht") if m in config.methods for s in config.shots]
     curves = []
@@ -233,17 +226,15 @@ def _plot_curves(config: BenchConfig, path: Path) -> bool:
             curves.append((f"{method} {shots}-shot", frame))
     if not curves:
         return False
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     for label, frame in curves:
         axis.plot(frame["iteration"], frame["val_accuracy"], marker="o", label=label)
     axis.set_xlabel("meta-training iteration")
     axis.set_ylabel("validation accuracy (%)")
     axis.set_title("MTL with and without the hard-task meta-batch")
     axis.legend()
-    figure.tight_layout()
-    with atomic_open(path) as handle:
-        figure.savefig(handle, format="png", dpi=120)
-    plt.close(figure)
+    atomic_save_figure(figure, path)
     return True
 
 

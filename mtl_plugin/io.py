@@ -18,7 +18,7 @@ import torch
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_open", "atomic_save", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["atomic_open", "atomic_save", "atomic_save_figure", "atomic_write_text", "atomic_write_bytes"]
 
 
 @contextmanager
@@ -49,6 +49,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_figure(figure: Any, path: PathLike, dpi: int = 120) -> None:
+    """Write a matplotlib ``Figure`` to ``path`` as PNG atomically."""
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:

@@ -15,7 +15,6 @@ Example::
 """
 from __future__ import annotations
 
-import io
 import os
 import random
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mtl_plugin.io import atomic_save, atomic_write_bytes, atomic_write_text
+from mtl_plugin.io import atomic_save, atomic_save_figure, atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
@@ -158,6 +157,4 @@ class RunLog:
         axes.set_xlabel(x)
         axes.set_ylabel(y)
         axes.grid(True, alpha=0.3)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-        atomic_write_bytes(self.curve_path, buffer.getvalue())
+        atomic_save_figure(figure, self.curve_path, dpi=100)
