@@ -4,6 +4,11 @@ For each shot setting, each method is fitted once (methods built on the
 pretrained backbone share one cached pretraining run) and evaluated on the very
 same test tasks; a cell reads ``mean ± 1.96·std/√n (n=tasks)``. Finished cells
 are kept in ``out/cells/`` and reused, so a killed bench resumes where it was.
+Cell files and the shared pretraining are named by a digest of everything that
+changes their numbers (seed, profile, data set, budgets), so runs of different
+settings share an ``out`` folder without overwriting each other. The CSV holds
+results only, so the same seed gives a byte-identical CSV; the wall-clock of
+each cell goes to the Markdown table and a separate timings CSV.
 
 Example::
 
@@ -15,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -33,9 +39,10 @@ from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.pretrain import PretrainConfig, pretrain
 from mtl_plugin.published import published_accuracy
 
-__all__ = ["BenchConfig", "BenchResult", "PROFILES", "run_bench", "pretrain_config_for"]
+__all__ = ["BenchConfig", "BenchResult", "PROFILES", "pretrain_config_for", "run_bench", "work_dir"]
 
 PROFILES = ("quick", "paper")
+WALL_CLOCK = "wall-clock (s)"
 
 
 @dataclass
@@ -87,7 +94,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **changes) -> "BenchConfig":
         """The whole table on the embedded data set, 2 CPU cores, about 15 minutes."""
-        base = dict(profile="quick", dataset="kanji", backbone="conv4", test_tasks=150)
+        base = dict(profile="quick", dataset="kanji", backbone="conv4", test_tasks=300)
         return cls(**{**base, **changes})
 
 
@@ -134,28 +141,61 @@ class _SharedPretraining:
         return copy.deepcopy(self._model)
 
 
-def _cell_key(config: BenchConfig, method: str, shots: int) -> dict:
-    # Everything that changes a cell's number: a cached cell is reused only if all match.
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _pretrain_key(config: BenchConfig) -> dict:
+    # Everything that changes the shared pretraining run.
     return {
-        "dataset": config.dataset, "root": config.root, "ways": config.ways, "shots": shots,
-        "queries": config.queries, "method": method, "profile": config.profile,
-        "test_tasks": config.test_tasks, "backbone": config.backbone, "image_size": config.image_size,
+        "dataset": config.dataset, "root": config.root, "image_size": config.image_size,
         "seed": config.seed, "dataset_options": config.dataset_options,
         "pretrain": asdict(pretrain_config_for(config)),
     }
 
 
-def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
-    path = config.out / "cells" / f"{method_name}-{config.ways}w{shots}s.json"
-    key = _cell_key(config, method_name, shots)
-    if path.exists():
+def _cell_key(config: BenchConfig, method: str, shots: int) -> dict:
+    # Everything that changes a cell's number: a cached cell is reused only if all match.
+    return {
+        **_pretrain_key(config), "ways": config.ways, "shots": shots, "queries": config.queries,
+        "method": method, "profile": config.profile, "test_tasks": config.test_tasks,
+        "backbone": config.backbone,
+    }
+
+
+def work_dir(config: BenchConfig, method: str, shots: int) -> Path:
+    """The folder where ``method`` trains (and resumes) for one shot setting of ``config``.
+
+    Named by a digest of what changes the training (the test-task count does not), so that
+    a run with another seed or budget never resumes from this one's checkpoints.
+
+    Example::
+
+        metrics = work_dir(BenchConfig.quick(), "mtl", 1) / "metrics.csv"
+    """
+    key = {k: v for k, v in _cell_key(config, method, shots).items() if k != "test_tasks"}
+    return config.out / "work" / method / f"{config.ways}w{shots}s-{_digest(key)}"
+
+
+def _cached_cell(path: Path, key: dict) -> Optional[dict]:
+    """The cell stored at ``path`` if it was computed for ``key``; a corrupt file counts as stale."""
+    try:
         cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached
+    except (OSError, ValueError):
+        return None
+    return cached if isinstance(cached, dict) and cached.get("key") == key else None
+
+
+def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
+    key = _cell_key(config, method_name, shots)
+    path = config.out / "cells" / f"{method_name}-{config.ways}w{shots}s-{_digest(key)}.json"
+    cached = _cached_cell(path, key)
+    if cached is not None:
+        return cached
     method = build_method(method_name, config.profile)
     context = BenchContext(
         benchmark=benchmark, ways=config.ways, shots=shots, queries=config.queries, seed=config.seed,
-        work_dir=config.out / "work" / method_name / f"{config.ways}w{shots}s", profile=config.profile,
+        work_dir=work_dir(config, method_name, shots), profile=config.profile,
         device=device, pretrained_backbone=shared, backbone_name=config.backbone, progress=config.progress,
     )
     start, pretraining_before = time.perf_counter(), shared.seconds
@@ -189,7 +229,7 @@ def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: st
             for shots in config.shots:
                 published = published_accuracy(dataset, method, config.ways, shots)
                 row[f"published {shots}-shot"] = published.cell if published else "—"
-        row["wall-clock (s)"] = round(float((mine["fit_seconds"] + mine["eval_seconds"]).sum()), 1)
+        row[WALL_CLOCK] = round(float((mine["fit_seconds"] + mine["eval_seconds"]).sum()), 1)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -243,7 +283,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
     benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size,
                               seed=config.seed, **config.dataset_options)
     device = _device(config.device)
-    pretrain_dir = config.out / "pretrain" / f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px"
+    pretrain_dir = (config.out / "pretrain" /
+                    f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px-{_digest(_pretrain_key(config))}")
     shared = _SharedPretraining(lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir,
                                                   device=device, progress=config.progress))
     records = []
@@ -258,12 +299,16 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
     table = _table(config, cells, benchmark.standard, benchmark.name)
     stem = f"{benchmark.name}-{config.ways}way-{config.profile}"
     files = {kind: config.out / f"{stem}.{kind}" for kind in ("csv", "md", "tex")}
+    files["timings"] = config.out / f"{stem}-timings.csv"
     caption = (f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
                f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile; "
                f"wall-clock = fit + evaluation, without the shared pretraining ({shared.seconds:.0f} s this run)")
     note = ("published columns: other papers' numbers under their own protocols (mtl_plugin/published.py), "
             "not ours" if benchmark.standard else "")
-    atomic_write_text(files["csv"], table.to_csv(index=False))
+    # Results only: timings differ between machines, the results must not.
+    atomic_write_text(files["csv"], table.drop(columns=[WALL_CLOCK]).to_csv(index=False))
+    atomic_write_text(files["timings"], cells[["method", "shots", "fit_seconds", "eval_seconds"]]
+                      .to_csv(index=False, float_format="%.1f"))
     atomic_write_text(files["md"], f"{caption}\n\n{table.to_markdown(index=False)}\n" + (f"\n{note}\n" if note else ""))
     atomic_write_text(files["tex"], table.to_latex(index=False, caption=caption, label=f"tab:{stem}"))
     files["png"] = config.out / f"{stem}-accuracy.png"

@@ -58,7 +58,7 @@ def _csv(kind):
 @click.option("--methods", default=None, callback=_csv(str), help="Comma-separated subset of the methods [all].")
 @click.option("--profile", type=click.Choice(["quick", "paper"]), default="paper", show_default=True,
               help="quick: the whole table on 2 CPU cores; paper: the papers' budgets (GPU).")
-@click.option("--test-tasks", default=None, type=int, help="Test tasks per cell [600; quick 150].")
+@click.option("--test-tasks", default=None, type=int, help="Test tasks per cell [600; quick 300].")
 @click.option("--backbone", default=None, help="Backbone of the pretrained methods [resnet12; quick conv4].")
 @click.option("--image-size", default=None, type=int, help="Image side in pixels [the data set's].")
 @click.option("--seed", default=None, type=int, help="Seed of the test tasks and of every method [0].")

@@ -21,6 +21,13 @@ PathLike = Union[str, os.PathLike]
 __all__ = ["atomic_open", "atomic_save", "atomic_save_figure", "atomic_write_text", "atomic_write_bytes"]
 
 
+def _umask() -> int:
+    # The umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename."""
@@ -29,6 +36,8 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     # Same folder as the target: os.replace is atomic only within one file system.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; the finished file gets what open() would give, the user's umask.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

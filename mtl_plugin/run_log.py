@@ -94,8 +94,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; check the path or run without --resume")
-    # Our checkpoints hold Python RNG states and config dicts, not only tensors.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    # A checkpoint must not be able to run code: ours hold tensors, numbers, strings and plain
+    # containers only (RNG states, configs, metrics), which the safe unpickler accepts.
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class RunLog:

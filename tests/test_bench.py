@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -47,7 +48,8 @@ def test_bench_table_cells_and_files(data_home):
 def test_methods_share_tasks_and_cells_resume(data_home, monkeypatch):
     config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **TINY)
     first = run_bench(config, echo=lambda line: None)
-    cell = json.loads((data_home / "out" / "cells" / "protonet-5w1s.json").read_text())
+    (cell_path,) = (data_home / "out" / "cells").glob("protonet-5w1s-*.json")
+    cell = json.loads(cell_path.read_text())
     assert len(cell["accuracies"]) == 6
 
     def no_fit(*args, **kwargs):
@@ -56,6 +58,57 @@ def test_methods_share_tasks_and_cells_resume(data_home, monkeypatch):
     monkeypatch.setattr(bench_module, "build_method", no_fit)
     second = run_bench(config, echo=lambda line: None)
     assert first.table.equals(second.table)
+
+
+def _tiny_budgets(build_method):
+    """``build_method`` with each method's quick budget cut to a few episodes or iterations."""
+
+    def build(name, profile):
+        method = build_method(name, profile)
+        config = method.config
+        if hasattr(config, "max_episodes"):
+            config.max_episodes = 3
+        if hasattr(config, "meta"):
+            config.meta = replace(config.meta, iterations=2, val_every=2, val_tasks=2, checkpoint_every=2)
+        return method
+
+    return build
+
+
+def test_same_seed_gives_a_byte_identical_csv(data_home, monkeypatch):
+    # Two fresh output folders: nothing is shared but the seed (the data cache is keyed by it too).
+    monkeypatch.setattr(bench_module, "build_method", _tiny_budgets(bench_module.build_method))
+    methods = ("protonet", "maml", "metanet", "protonet-conv4", "mtl", "mtl-ht")
+    options = dict(TINY, dataset_options={"num_classes": 30, "instances": 20})
+    csvs = []
+    for name in ("first", "second"):
+        config = BenchConfig.quick(methods=methods, out=data_home / name, **options)
+        result = run_bench(config, echo=lambda line: None)
+        csvs.append(result.files["csv"].read_bytes())
+        assert "wall-clock" not in csvs[-1].decode()
+        timings = result.files["timings"].read_text()
+        assert timings.startswith("method,shots,fit_seconds,eval_seconds")
+    assert csvs[0] == csvs[1]
+
+
+def test_other_settings_neither_reuse_nor_overwrite_cells(data_home):
+    out = data_home / "out"
+    seed0 = run_bench(BenchConfig.quick(methods=("protonet",), out=out, **TINY), echo=lambda line: None)
+    seed1 = run_bench(BenchConfig.quick(methods=("protonet",), out=out, seed=1, **TINY), echo=lambda line: None)
+    cells = sorted((out / "cells").glob("protonet-5w1s-*.json"))
+    assert len(cells) == 2
+    assert len(list((out / "pretrain").iterdir())) == 2
+    assert seed0.cells["accuracy"].iloc[0] != seed1.cells["accuracy"].iloc[0]
+
+
+def test_a_corrupt_cell_is_recomputed(data_home):
+    config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **TINY)
+    first = run_bench(config, echo=lambda line: None)
+    (cell_path,) = (data_home / "out" / "cells").glob("protonet-5w1s-*.json")
+    cell_path.write_text('{"key": {"trunc')
+    second = run_bench(config, echo=lambda line: None)
+    assert first.table.equals(second.table)
+    assert json.loads(cell_path.read_text())["tasks"] == 6
 
 
 def test_bench_cli(data_home):
@@ -80,3 +133,4 @@ def test_bad_config():
         BenchConfig(profile="fast")
     with pytest.raises(ValueError, match="test_tasks=1"):
         BenchConfig(test_tasks=1)
+
