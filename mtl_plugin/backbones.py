@@ -21,6 +21,8 @@ import torch
 import torchvision
 from torch import nn
 
+from mtl_plugin.errors import DataError, UsageError
+
 __all__ = [
     "ResNet12",
     "Conv4",
@@ -29,6 +31,7 @@ __all__ = [
     "small_input_resnet",
     "torchvision_backbone",
     "build_backbone",
+    "check_backbone",
     "BACKBONES",
 ]
 
@@ -107,7 +110,8 @@ class Conv4(nn.Module):
             ]
             previous, side = hidden, side // 2
         if side < 1:
-            raise ValueError(f"image_size={image_size} is too small for Conv4: use at least 16 px")
+            raise UsageError(f"image size {image_size} px is too small for conv4 (four 2x2 poolings): "
+                             f"use --image-size {MIN_IMAGE_SIZE['conv4']} or more")
         self.layers = nn.Sequential(*layers)
         self.feature_dim = hidden * side * side
         self.head = _head(self.feature_dim, num_classes)
@@ -143,10 +147,10 @@ def conv4(
 def _load_weights(model: nn.Module, weights: Weights) -> None:
     if weights is None:
         return
-    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu")
+    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise DataError(
             f"weights do not fit {type(model).__name__}: missing keys {missing[:5]}, "
             f"unexpected keys {unexpected[:5]}; pass a state dict saved from the same architecture"
         )
@@ -186,13 +190,13 @@ def torchvision_backbone(
     try:
         model = torchvision.models.get_model(arch, weights=None)
     except ValueError as error:
-        raise ValueError(
+        raise UsageError(
             f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
         ) from error
     _load_weights(model, weights)
     if small_input or in_channels != 3:
         if not isinstance(model, torchvision.models.ResNet):
-            raise ValueError(
+            raise UsageError(
                 f"small_input and in_channels != 3 are supported for torchvision ResNets only, not {arch!r}"
             )
         stem = model.conv1
@@ -221,6 +225,41 @@ def small_input_resnet(
 
 
 BACKBONES = ("resnet12", "conv4", "resnet18-small", "<any torchvision.models name>")
+# Four 2x2 max-poolings with floor rounding: 16 px is the smallest side that leaves one pixel.
+MIN_IMAGE_SIZE = {"resnet12": 16, "conv4": 16}
+
+
+def check_backbone(name: str, image_size: int | None = None) -> None:
+    """Check that ``name`` is a backbone :func:`build_backbone` knows and fits ``image_size`` px.
+
+    Cheap (nothing is built), so command lines call it before loading data or training.
+
+    Args:
+        name: ``resnet12``, ``conv4``, ``<torchvision resnet>-small`` or a torchvision
+            classification model name.
+        image_size: the image side the backbone will see; ``None`` skips the size check.
+
+    Raises:
+        UsageError: an unknown name, or images too small for the backbone's poolings.
+
+    Example::
+
+        check_backbone("resnet12", image_size=84)
+    """
+    classifiers = torchvision.models.list_models(module=torchvision.models)
+    base = name[: -len("-small")] if name.endswith("-small") else name
+    if name not in MIN_IMAGE_SIZE and base not in classifiers:
+        raise UsageError(
+            f"unknown backbone {name!r}, neither resnet12 nor conv4 and an unknown torchvision architecture: "
+            f"use resnet12, conv4, a torchvision ResNet with -small (e.g. resnet18-small) or a torchvision "
+            f"classification model (e.g. resnet18)"
+        )
+    minimum = MIN_IMAGE_SIZE.get(name)
+    if image_size is not None and minimum is not None and image_size < minimum:
+        raise UsageError(
+            f"image size {image_size} px is too small for {name} (four 2x2 poolings): "
+            f"use --image-size {minimum} or more"
+        )
 
 
 def build_backbone(
@@ -233,11 +272,15 @@ def build_backbone(
     """Build a backbone by name: ``resnet12``, ``conv4``, ``<torchvision resnet>-small``
     (e.g. ``resnet18-small``) or any torchvision model name.
 
+    Raises:
+        UsageError: an unknown name, or ``image_size`` too small for ResNet-12 or Conv4.
+
     Example::
 
         net = build_backbone("conv4", in_channels=1, image_size=28)
         print(net.feature_dim)  # 64
     """
+    check_backbone(name, image_size)
     if name == "resnet12":
         model = resnet12(in_channels=in_channels, num_classes=num_classes)
     elif name == "conv4":

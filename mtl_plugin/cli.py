@@ -1,4 +1,8 @@
-"""The ``mtl`` command line: a click group; each subcommand maps flags onto a config dataclass."""
+"""The ``mtl`` command line: a click group; each subcommand maps flags onto a config dataclass.
+
+A user mistake ends as one ``Error: ...`` line, exit code 2 for a bad argument and 1 for bad
+data (see :mod:`mtl_plugin.errors`); a traceback means a bug.
+"""
 from __future__ import annotations
 
 import time
@@ -6,13 +10,15 @@ import time
 import click
 import pandas as pd
 
-from .backbones import build_backbone
+from .backbones import build_backbone, check_backbone
+from .data.benchmark import image_size_of
 from .data.cli import data
+from .errors import Group, check_device, check_output_dir
 from .pipeline_cli import evaluate_command, meta_train_command, pretrain_command
 from .ss import GRANULARITIES, SSAdapter
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="mtl-plugin")
 def main() -> None:
     """Meta-Transfer Learning for few-shot learning (Sun et al., CVPR 2019)."""
@@ -52,13 +58,13 @@ def _csv(kind):
 @main.command()
 @click.option("--dataset", default=None, help="kanji (embedded default), mini-imagenet, tiered-imagenet, fc100, cifarfs, omniglot or folder.")
 @click.option("--root", default=None, type=click.Path(), help="Folder holding the data set's files (nothing is downloaded).")
-@click.option("--ways", default=None, type=int, help="Classes per task [5].")
+@click.option("--ways", default=None, type=click.IntRange(min=2), help="Classes per task [5].")
 @click.option("--shots", default=None, callback=_csv(int), help="Shot settings, comma-separated [1,5].")
-@click.option("--queries", default=None, type=int, help="Queries per class [15].")
+@click.option("--queries", default=None, type=click.IntRange(min=1), help="Queries per class [15].")
 @click.option("--methods", default=None, callback=_csv(str), help="Comma-separated subset of the methods [all].")
 @click.option("--profile", type=click.Choice(["quick", "paper"]), default="paper", show_default=True,
               help="quick: the whole table on 2 CPU cores; paper: the papers' budgets (GPU).")
-@click.option("--test-tasks", default=None, type=int, help="Test tasks per cell [600; quick 300].")
+@click.option("--test-tasks", default=None, type=click.IntRange(min=2), help="Test tasks per cell [600; quick 300].")
 @click.option("--backbone", default=None, help="Backbone of the pretrained methods [resnet12; quick conv4].")
 @click.option("--image-size", default=None, type=int, help="Image side in pixels [the data set's].")
 @click.option("--seed", default=None, type=int, help="Seed of the test tasks and of every method [0].")
@@ -73,6 +79,11 @@ def bench(profile, **given):
         config = bench_config_from(profile, **given)
     except ValueError as error:
         raise click.UsageError(str(error)) from error
+    # What needs no data is checked before the data is loaded (or generated); run_bench checks
+    # the task shapes on the loaded data before the shared pretraining.
+    check_device(config.device)
+    check_backbone(config.backbone, image_size_of(config.dataset, config.image_size))
+    check_output_dir(config.out)
     click.echo(f"mtl bench: {describe(config)}")
     start = time.perf_counter()
     result = run_bench(config, echo=click.echo)

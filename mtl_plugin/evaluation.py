@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtl_plugin.errors import UsageError
 from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
 
@@ -33,6 +34,9 @@ __all__ = ["EvaluationConfig", "EvaluationResult", "Predictor", "evaluate", "nea
 class EvaluationConfig:
     """The test protocol of MAML, Closer Look, RFS and MTL: 600 5-way tasks, 15 queries per class.
 
+    Raises:
+        UsageError: ``ways`` < 2, or ``shots``, ``queries`` or ``tasks`` < 1.
+
     Example::
 
         config = EvaluationConfig(ways=5, shots=5, tasks=600, seed=0)
@@ -43,6 +47,14 @@ class EvaluationConfig:
     queries: int = 15
     tasks: int = 600
     seed: int = 0
+
+    def __post_init__(self):
+        # Caught here, not in the task sampler: shots=0 would score a head fitted on nothing and a
+        # negative shots would silently slice off queries as support.
+        minimums = {"ways": 2, "shots": 1, "queries": 1, "tasks": 1}
+        for name, minimum in minimums.items():
+            if getattr(self, name) < minimum:
+                raise UsageError(f"{name}={getattr(self, name)}: a task needs {minimum} or more")
 
 
 @dataclass
@@ -97,8 +109,6 @@ def evaluate(
         print(result.as_dict())
     """
     config = config or EvaluationConfig()
-    if config.tasks < 1:
-        raise ValueError(f"tasks={config.tasks} must be >= 1")
     tasks = build_taskset(dataset, config.ways, config.shots, config.queries, config.tasks, config.seed)
     accuracies = []
     bar = tqdm(range(config.tasks), desc=description, disable=not progress, leave=False)

@@ -5,6 +5,14 @@ data set's training augmentation. Every epoch the backbone is validated on
 few-shot val tasks with a nearest-centroid classifier on its frozen features and
 the best epoch is kept (``best.pt``); ``last.pt`` lets a killed run resume.
 
+A run never overwrites another by accident: an output folder that holds a run is
+continued only with ``resume`` and replaced only with ``overwrite``. On resume a
+new ``lr`` replaces the saved one (the remedy for a diverged run); any other
+setting that would change the experiment is refused unless ``override``. The
+weights are checked after every optimiser step: a diverging run stops with
+:class:`~mtl_plugin.run_log.NonFiniteLossError` and its last checkpoints stay as
+they were.
+
 Example::
 
     from mtl_plugin.pretrain import PretrainConfig, pretrain
@@ -14,9 +22,10 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +33,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtl_plugin.backbones import build_backbone
+from mtl_plugin.data.benchmark import benchmark_identity
+from mtl_plugin.errors import DataError, UsageError, check_run_folder, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
-from mtl_plugin.run_log import NonFiniteLossError, RunLog, load_checkpoint, save_checkpoint
+from mtl_plugin.run_log import NonFiniteLossError, RunLog, save_checkpoint
 
-__all__ = ["PretrainConfig", "build_pretrained", "load_pretrained", "pretrain"]
+__all__ = [
+    "PretrainConfig",
+    "build_pretrained",
+    "check_backbone_fits",
+    "check_pretrain_checkpoint",
+    "load_pretrained",
+    "pretrain",
+    "run_config",
+]
 
 CHECKPOINT_KIND = "pretrain"
 SCHEDULES = ("step", "cosine")
+# Cross-entropy starts near ln(classes), chance level. A batch loss a hundred times that means
+# logits wrong by hundreds: the optimiser has diverged and no later step brings it back.
+DIVERGENCE_FACTOR = 100.0
+# The one setting a resumed run may change without --override: a lower lr rescues a diverged run.
+_MAY_CHANGE_ON_RESUME = ("lr",)
 
 
 @dataclass
@@ -41,6 +65,9 @@ class PretrainConfig:
     lr x0.2 every 30 epochs; validation on 600 5-way 1-shot val tasks per epoch.
     ``steps_per_epoch`` caps an epoch (``None``: one pass over the data), for
     small budgets.
+
+    Raises:
+        UsageError: an unknown schedule or a value out of range (e.g. ``lr <= 0``, ``epochs < 1``).
 
     Example::
 
@@ -66,12 +93,17 @@ class PretrainConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
-        for name in ("epochs", "batch_size", "lr_step", "val_tasks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+            raise UsageError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        minimums = {"epochs": 1, "batch_size": 1, "lr_step": 1, "val_tasks": 1, "val_ways": 2, "val_shots": 1,
+                    "val_queries": 1}
+        for name, minimum in minimums.items():
+            if getattr(self, name) < minimum:
+                raise UsageError(f"{name}={getattr(self, name)} must be >= {minimum}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must be >= 1 or None")
+            raise UsageError(f"steps_per_epoch={self.steps_per_epoch} must be >= 1 or None")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise UsageError(f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}: "
+                             f"need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
 
 
 def build_pretrained(info: dict) -> nn.Module:
@@ -84,16 +116,62 @@ def build_pretrained(info: dict) -> nn.Module:
     return build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"])
 
 
+def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "--checkpoint") -> dict:
+    """Check that ``state`` (from :func:`~mtl_plugin.errors.read_checkpoint`) is a pretrain ``best.pt``.
+
+    Returns:
+        ``state``.
+
+    Raises:
+        DataError: another kind of checkpoint, or the resumable ``last.pt``, which holds no
+            best backbone.
+
+    Example::
+
+        state = check_pretrain_checkpoint(read_checkpoint("runs/pre/best.pt"), "runs/pre/best.pt")
+    """
+    if state["kind"] != CHECKPOINT_KIND:
+        raise DataError(f"{option} {path}: a {state['kind']!r} checkpoint, not one of mtl pretrain; "
+                        f"give the best.pt written by mtl pretrain")
+    if "backbone" not in state:
+        raise DataError(f"{option} {path}: the resumable state of mtl pretrain (last.pt), which holds no "
+                        f"best backbone; give best.pt from the same folder")
+    return state
+
+
+def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], option: str = "--checkpoint") -> None:
+    """Check that the images of ``benchmark`` have the shape the backbone described by ``info`` was trained on.
+
+    Raises:
+        DataError: other channels or image size; the message names the checkpoint's data set and size.
+
+    Example::
+
+        check_backbone_fits(state["model"], bench, "runs/pre/best.pt")
+    """
+    trained = (info["in_channels"], info["image_size"])
+    if trained != (benchmark.channels, benchmark.image_size):
+        name = info.get("data", {}).get("name") or "its data set"
+        given = getattr(benchmark, "name", "the data set")
+        raise DataError(
+            f"{option} {path} was trained on {name} images of {trained[0]} x {trained[1]} px, but {given} gives "
+            f"{benchmark.channels} x {benchmark.image_size} px: use data of the same shape "
+            f"(e.g. --data {name} --image-size {trained[1]}) or a checkpoint trained on {given}"
+        )
+
+
 def load_pretrained(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
     """The feature extractor saved in a pretrain ``best.pt``.
+
+    Raises:
+        MissingDataError: no file at ``path``.
+        DataError: an unreadable file, or not a pretrain ``best.pt``.
 
     Example::
 
         backbone = load_pretrained("runs/pretrain/best.pt")
     """
-    state = load_checkpoint(path, map_location)
-    if state.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, not a pretrain one (best.pt of mtl pretrain)")
+    state = check_pretrain_checkpoint(read_checkpoint(path, "checkpoint", map_location), path, "checkpoint")
     backbone = build_pretrained(state["model"])
     backbone.load_state_dict(state["backbone"])
     return backbone
@@ -106,6 +184,95 @@ def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
                                            gamma=config.lr_gamma)
 
 
+def _previous_run(out_dir: Path, resume: bool, overwrite: bool) -> Optional[dict]:
+    """The ``last.pt`` state to continue from, or ``None`` to start a new run in ``out_dir``."""
+    last = check_run_folder(out_dir, resume, overwrite, run="pretraining run")
+    if last is None:
+        return None
+    state = read_checkpoint(last, "--out")
+    if state["kind"] != CHECKPOINT_KIND or "classifier" not in state:
+        raise DataError(f"--out {out_dir}: its last.pt is not the resumable state of mtl pretrain; "
+                        f"pass --overwrite to train anew there, or another --out")
+    return state
+
+
+def run_config(out_dir: Union[str, Path], changes: dict, resume: bool = False,
+               overwrite: bool = False) -> PretrainConfig:
+    """The config a run in ``out_dir`` trains with: the saved run's when resuming one, else the
+    defaults; ``changes`` (the settings the user gave) on top.
+
+    Lets a command line resume with only the flags to change, and checks the output folder
+    before any data is loaded.
+
+    Args:
+        out_dir: the run's folder.
+        changes: ``PretrainConfig`` fields to set.
+        resume: continue the run in ``out_dir`` if there is one.
+        overwrite: replace the run in ``out_dir``.
+
+    Returns:
+        The config to pass to :func:`pretrain` with the same ``resume`` and ``overwrite``.
+
+    Raises:
+        UsageError: ``out_dir`` holds a run and neither (or both) of ``resume`` and ``overwrite``
+            is given, or a value is out of range.
+        DataError: its ``last.pt`` is unreadable.
+
+    Example::
+
+        config = run_config("runs/pre", {"lr": 0.01}, resume=True)
+    """
+    previous = _previous_run(Path(out_dir), resume, overwrite)
+    return PretrainConfig(**{**(previous["config"] if previous else {}), **changes})
+
+
+def _check_resumable(state: dict, config: PretrainConfig, info: dict, override: bool, path: Path) -> None:
+    saved_info = state["model"]
+    if saved_info != info:
+        shown = ", ".join(f"{k} {saved_info.get(k)!r} (now {info.get(k)!r})"
+                          for k in sorted(set(saved_info) | set(info)) if saved_info.get(k) != info.get(k))
+        raise DataError(f"{path} was written for other data or another backbone: {shown}; give the data and "
+                        f"backbone flags of that run, --overwrite to train anew, or another --out")
+    saved = state["config"]
+    changed = [k for k, v in asdict(config).items() if k not in _MAY_CHANGE_ON_RESUME and saved.get(k) != v]
+    if "epochs" in changed and config.schedule == saved.get("schedule") == "step":
+        # A step schedule does not depend on the total, so more epochs just continue the same run.
+        changed.remove("epochs")
+    if changed and not override:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+        raise UsageError(f"{path}: resuming with other settings than the saved run's ({shown}) changes the "
+                         f"experiment: drop those flags, pass --override to continue under the new ones, "
+                         f"--overwrite to train anew, or another --out")
+    if state["epoch"] >= config.epochs and config.lr != saved["lr"]:
+        raise UsageError(f"{path}: the run is finished (epoch {state['epoch']} of {config.epochs}), so a new lr changes "
+                         f"nothing: pass --overwrite to train anew with lr {config.lr}, or another --out")
+
+
+def _fast_forward(scheduler, steps: int) -> None:
+    # Stepping from scratch repeats the float operations of an uninterrupted run, so the lr
+    # matches it bit for bit; torch warns that no optimiser step came first, which is intended.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    # One reduction per tensor and a single device sync; a sum that overflows is divergence too.
+    sums = [t.detach().float().sum() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(sums).isfinite().all())
+
+
+def _diverged(what: str, epoch: int, step: int, lr: float, log: RunLog, saved_epoch: int) -> NonFiniteLossError:
+    if saved_epoch:
+        kept = (f"{log.last_path} (epoch {saved_epoch}) and {log.best_path} are kept as they were; continue "
+                f"with a lower lr, e.g. --resume --lr {lr / 10:.3g}")
+    else:
+        kept = f"no checkpoint was written yet; start again with a lower lr, e.g. --lr {lr / 10:.3g}"
+    return NonFiniteLossError(f"pretraining diverged at epoch {epoch}, step {step}: {what} at lr {lr:.3g}. "
+                              f"The learning rate is likely too high: {kept}")
+
+
 def pretrain(
     benchmark: Any,
     config: Optional[PretrainConfig] = None,
@@ -113,13 +280,36 @@ def pretrain(
     device: Union[str, torch.device] = "cpu",
     resume: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
+    override: bool = False,
 ) -> nn.Module:
     """Pretrain ``config.backbone`` on ``benchmark.train_augmented`` and return its best feature extractor.
 
     Deterministic given ``config.seed`` (the caller's global torch RNG is left as
     it was). With ``resume`` a finished run returns at once and a killed one
-    continues from its last epoch. Raises :class:`NonFiniteLossError` on a NaN
-    loss, keeping the last good checkpoint.
+    continues from its last epoch, bit for bit as if it had not stopped.
+
+    Args:
+        benchmark: a :class:`~mtl_plugin.data.FewShotBenchmark` (or any object with its splits,
+            ``channels`` and ``image_size``).
+        config: the hyper-parameters; ``None``: the paper's.
+        out_dir: the run's folder: ``best.pt``, ``last.pt``, ``metrics.csv``, ``curve.png``.
+        device: where to train.
+        resume: continue the run in ``out_dir``; its saved lr is replaced by ``config.lr``.
+        progress: progress bars and a line per epoch.
+        overwrite: delete the run in ``out_dir`` and train anew.
+        override: with ``resume``, continue under the settings of ``config`` where they differ
+            from the saved run's (schedule, epochs, weight decay, ...).
+
+    Returns:
+        The backbone of the best epoch (``best.pt``), on ``device``.
+
+    Raises:
+        UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
+            ``config`` differs from the run resumed without ``override``.
+        DataError: ``out_dir``'s run was trained on other data or another backbone.
+        NonFiniteLossError: the loss or a weight diverged (NaN, infinite, or a loss
+            :data:`DIVERGENCE_FACTOR` times chance level); the last checkpoints are kept.
 
     Example::
 
@@ -127,12 +317,21 @@ def pretrain(
     """
     config = config or PretrainConfig()
     device = torch.device(device)
+    out_dir = Path(out_dir)
+    previous = _previous_run(out_dir, resume, overwrite)
     log = RunLog(out_dir)
-    info = {"backbone": config.backbone, "in_channels": benchmark.channels, "image_size": benchmark.image_size}
+    if overwrite:
+        for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
+            path.unlink(missing_ok=True)
+    info = {"backbone": config.backbone, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
+            "data": benchmark_identity(benchmark)}
+    if previous is not None:
+        _check_resumable(previous, config, info, override, log.last_path)
     val_config = EvaluationConfig(config.val_ways, config.val_shots, config.val_queries, config.val_tasks,
                                   config.seed)
     train = benchmark.train_augmented
     num_classes = len(train.labels)
+    diverged_loss = DIVERGENCE_FACTOR * max(math.log(num_classes), 1.0)
     # fork_rng: augmentation draws from torch's global generator; seed it for this run only.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
@@ -143,20 +342,24 @@ def pretrain(
             steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
         optimizer = torch.optim.SGD(classifier.parameters(), lr=config.lr, momentum=config.momentum,
                                     nesterov=config.nesterov, weight_decay=config.weight_decay)
-        scheduler = _schedule(optimizer, config, steps_per_epoch)
         start, best_accuracy = 0, -math.inf
-        if resume and log.last_path.is_file():
-            state = load_checkpoint(log.last_path, device)
-            if state.get("model") != info:
-                raise ValueError(
-                    f"{log.last_path} was written for {state.get('model')}, not {info}: use another "
-                    f"output folder or run without --resume"
-                )
-            classifier.load_state_dict(state["classifier"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-            start, best_accuracy, log.rows = state["epoch"], state["best_accuracy"], list(state["metrics"])
+        if previous is not None:
+            classifier.load_state_dict(previous["classifier"])
+            optimizer.load_state_dict(previous["optimizer"])
+            # The config's hyper-parameters win over the saved ones (a new lr, or any with override);
+            # the schedule is rebuilt under them and brought to the step the run had reached.
+            for group in optimizer.param_groups:
+                group.update(lr=config.lr, initial_lr=config.lr, momentum=config.momentum,
+                             nesterov=config.nesterov, weight_decay=config.weight_decay)
+            scheduler = _schedule(optimizer, config, steps_per_epoch)
+            _fast_forward(scheduler, previous["scheduler"]["last_epoch"])
+            torch.set_rng_state(previous["torch_rng"])
+            start, best_accuracy, log.rows = previous["epoch"], previous["best_accuracy"], list(previous["metrics"])
+            if progress and config.lr != previous["config"]["lr"]:
+                tqdm.write(f"pretrain: resuming after epoch {start} with lr {config.lr:g} "
+                           f"(was {previous['config']['lr']:g})")
+        else:
+            scheduler = _schedule(optimizer, config, steps_per_epoch)
 
         for epoch in range(start + 1, config.epochs + 1):
             classifier.train()
@@ -173,20 +376,25 @@ def pretrain(
                 images, labels = images.to(device), torch.as_tensor(labels).to(device)
                 logits = classifier(images)
                 loss = F.cross_entropy(logits, labels)
-                if not torch.isfinite(loss):
-                    where = f"{log.last_path} (epoch {start})" if start else "none was written yet"
-                    raise NonFiniteLossError(
-                        f"pretraining loss is {loss.item()} at epoch {epoch}, step {step + 1}: lower --lr. "
-                        f"The last good checkpoint is {where}"
-                    )
+                value = loss.item()
+                if not math.isfinite(value) or value > diverged_loss:
+                    raise _diverged(f"the loss is {value:.3g}", epoch, step + 1, optimizer.param_groups[0]["lr"],
+                                    log, start)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if not _all_finite(classifier.parameters()):
+                    raise _diverged("a weight became NaN or infinite", epoch, step + 1,
+                                    optimizer.param_groups[0]["lr"], log, start)
                 scheduler.step()
-                losses.append(loss.item())
+                losses.append(value)
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += len(labels)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100.0 * correct / seen:.1f}")
+                bar.set_postfix(loss=f"{value:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+            # Batch-norm statistics are not parameters: check everything that is about to be saved.
+            if not _all_finite(classifier.state_dict().values()):
+                raise _diverged("a batch-norm statistic became NaN or infinite", epoch, steps_per_epoch,
+                                optimizer.param_groups[0]["lr"], log, start)
             result = evaluate(nearest_centroid(backbone), benchmark.val, val_config, progress=False)
             log.append({"epoch": epoch, "loss": sum(losses) / len(losses), "accuracy": 100.0 * correct / seen,
                         "lr": optimizer.param_groups[0]["lr"], "val_accuracy": result.mean,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import learn2learn as l2l
 import numpy as np
@@ -25,9 +25,11 @@ from mtl_plugin.data.images import ArraySource, ImageClassDataset, as_meta_datas
 from mtl_plugin.data.kanji import KanjiConfig, load_kanji
 from mtl_plugin.data.standard import read_split
 from mtl_plugin.data.transforms import RECIPES, eval_transform, train_transform
-from mtl_plugin.tasks import build_taskset
+from mtl_plugin.errors import UsageError
+from mtl_plugin.tasks import build_taskset, check_task_shape
 
-__all__ = ["KNOWN_BENCHMARKS", "FewShotBenchmark", "get_benchmark"]
+__all__ = ["KNOWN_BENCHMARKS", "FewShotBenchmark", "benchmark_identity", "check_tasks", "get_benchmark",
+           "image_size_of"]
 
 KNOWN_BENCHMARKS = ("kanji", "mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot", "folder")
 _STANDARD = ("mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot")
@@ -37,6 +39,11 @@ _LOADER_OPTIONS = {
     "kanji": _KANJI_FIELDS | {"cache_dir", "workers", "progress"},
     "omniglot": {"rotations"},
 }
+# Options that change how the data is produced, not what it is.
+_HOW_LOADED = {"cache_dir", "workers", "progress"}
+# The data sets whose contents depend on get_benchmark's seed.
+_SEEDED = ("kanji", "omniglot")
+MIN_IMAGE_SIZE = 8
 
 
 @dataclass
@@ -47,6 +54,8 @@ class FewShotBenchmark:
     ``0..n-1`` within the split. ``train_augmented`` holds the same images and
     labels as ``train`` under the data set's pretraining augmentation.
     ``standard`` marks the published benchmarks (whose published numbers apply).
+    ``settings`` holds what was asked of :func:`get_benchmark` that changes the
+    data beyond its name and image size (seed, kanji options, ``min_per_class``).
 
     Example::
 
@@ -63,6 +72,7 @@ class FewShotBenchmark:
     image_size: int
     channels: int
     standard: bool
+    settings: dict = field(default_factory=dict)
 
     @property
     def num_train_classes(self) -> int:
@@ -72,7 +82,7 @@ class FewShotBenchmark:
     def split(self, split: str) -> l2l.data.MetaDataset:
         """The ``MetaDataset`` of ``"train"``, ``"val"`` or ``"test"``."""
         if split not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {split!r}: use 'train', 'val' or 'test'")
+            raise UsageError(f"unknown split {split!r}: use 'train', 'val' or 'test'")
         return getattr(self, split)
 
     def taskset(
@@ -91,8 +101,62 @@ def _canonical(name: str) -> str:
     key = name.strip().lower().replace("_", "-")
     key = _ALIASES.get(key.replace("-", ""), key)
     if key not in KNOWN_BENCHMARKS:
-        raise ValueError(f"unknown data set {name!r}: known ones are {', '.join(KNOWN_BENCHMARKS)}")
+        raise UsageError(f"unknown data set {name!r}: known ones are {', '.join(KNOWN_BENCHMARKS)}")
     return key
+
+
+def image_size_of(name: str, image_size: Optional[int] = None) -> int:
+    """The image side :func:`get_benchmark` gives ``name`` for ``image_size`` (``None``: its usual one).
+
+    Cheap (no file is read), so command lines can check a backbone against it first.
+
+    Raises:
+        UsageError: an unknown data set, or ``image_size`` below 8 px.
+
+    Example::
+
+        image_size_of("mini-imagenet")   # 84
+    """
+    size = RECIPES[_canonical(name)].native_size if image_size is None else int(image_size)
+    if size < MIN_IMAGE_SIZE:
+        raise UsageError(f"image size {size} px: use --image-size {MIN_IMAGE_SIZE} or more")
+    return size
+
+
+def benchmark_identity(benchmark: Any) -> dict:
+    """What makes ``benchmark``'s training data what it is, for checkpoints to record and compare.
+
+    Works on any object with a ``train`` split (one that is not a :class:`FewShotBenchmark`
+    has no name and settings to record). The image shape is the model's to record.
+
+    Example::
+
+        benchmark_identity(get_benchmark("kanji", num_classes=30, instances=6))
+        # {'name': 'kanji', 'settings': {'num_classes': 30, 'instances': 6, 'seed': 0}, 'train_classes': 18}
+    """
+    return {
+        "name": getattr(benchmark, "name", None),
+        "settings": getattr(benchmark, "settings", {}),
+        "train_classes": len(benchmark.train.labels),
+    }
+
+
+def check_tasks(benchmark: Any, ways: int, samples_per_class: int, splits=("train", "val", "test")) -> None:
+    """Check that every split in ``splits`` can give ``ways``-way tasks of ``samples_per_class``
+    images per class (shots + queries), before any training starts.
+
+    Raises:
+        UsageError: naming the split, the number of classes or the smallest class.
+
+    Example::
+
+        check_tasks(bench, ways=5, samples_per_class=1 + 15, splits=("test",))
+    """
+    for split in splits:
+        try:
+            check_task_shape(getattr(benchmark, split), ways, samples_per_class)
+        except ValueError as error:
+            raise UsageError(f"the {split} split cannot give these tasks: {error}") from error
 
 
 def _kanji_splits(image_size: int, seed: int, options: dict) -> dict:
@@ -141,6 +205,11 @@ def get_benchmark(
     :class:`~mtl_plugin.data.kanji.KanjiConfig` field, ``cache_dir``, ``workers``,
     ``progress``; for Omniglot, ``rotations`` (default True).
 
+    Raises:
+        UsageError: an unknown name or option, an image size below 8 px, ``folder`` without ``root``.
+        MissingDataError: a file or folder of the data set is missing (also a ``FileNotFoundError``).
+        DataError: a file is empty, truncated or not in the expected format.
+
     Example::
 
         bench = get_benchmark("mini-imagenet", root="~/data/mini-imagenet", image_size=80)
@@ -150,18 +219,16 @@ def get_benchmark(
     unknown = set(options) - _LOADER_OPTIONS.get(key, set())
     if unknown:
         allowed = sorted(_LOADER_OPTIONS.get(key, set())) or "none"
-        raise ValueError(f"{key}: unknown option(s) {sorted(unknown)}; accepted options: {allowed}")
+        raise UsageError(f"{key}: unknown option(s) {sorted(unknown)}; accepted options: {allowed}")
     recipe = RECIPES[key]
-    size = recipe.native_size if image_size is None else int(image_size)
-    if size < 8:
-        raise ValueError(f"image_size={size}: use 8 px or more")
+    size = image_size_of(key, image_size)
     if key == "kanji":
         # For kanji, root (if given) is the cache folder the generated arrays live in.
         kanji_options = dict(options, cache_dir=options.get("cache_dir", root))
         splits = _kanji_splits(size, seed, kanji_options)
     else:
         if root is None and key == "folder":
-            raise ValueError("the 'folder' data set needs root= (mtl: --root), a folder with train/, val/ and test/")
+            raise UsageError("the 'folder' data set needs root= (mtl: --root), a folder with train/, val/ and test/")
         folder = Path(root).expanduser() if root is not None else data_home() / key
         if key == "folder":
             splits = {s: image_folder_split(folder, s) for s in ("train", "val", "test")}
@@ -173,6 +240,11 @@ def get_benchmark(
     test_tf, augment = eval_transform(recipe, size), train_transform(recipe, size)
     for dataset in splits.values():
         dataset.mode, dataset.transform = recipe.mode, test_tf
+    settings = {k: v for k, v in options.items() if k not in _HOW_LOADED}
+    if key in _SEEDED:
+        settings["seed"] = seed
+    if min_per_class is not None:
+        settings["min_per_class"] = min_per_class
     return FewShotBenchmark(
         name=key,
         train=as_meta_dataset(splits["train"]),
@@ -182,4 +254,5 @@ def get_benchmark(
         image_size=size,
         channels=recipe.channels,
         standard=key in _STANDARD,
+        settings=settings,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, List, Tuple
 
 from mtl_plugin.data.images import FileSource, ImageClassDataset
+from mtl_plugin.errors import DataError, MissingDataError, UsageError
 
 __all__ = ["IMAGE_SUFFIXES", "image_folder_split", "class_folders_dataset"]
 
@@ -31,6 +32,10 @@ def _images_in(folder: Path) -> List[Path]:
 def class_folders_dataset(folders: Iterable[Tuple[str, Path]]) -> ImageClassDataset:
     """One class per ``(name, folder)``, labelled 0..n-1 in the given order.
 
+    Raises:
+        MissingDataError: a folder does not exist.
+        DataError: a folder holds no PNG or JPEG image.
+
     Example::
 
         dataset = class_folders_dataset([("cat", Path("a/cat")), ("dog", Path("a/dog"))])
@@ -38,9 +43,12 @@ def class_folders_dataset(folders: Iterable[Tuple[str, Path]]) -> ImageClassData
     paths, labels, names = [], [], []
     for label, (name, folder) in enumerate(folders):
         if not folder.is_dir():
-            raise FileNotFoundError(f"class folder {folder} does not exist")
+            raise MissingDataError(f"class folder {folder} does not exist")
         names.append(name)
         images = _images_in(folder)
+        if not images:
+            raise DataError(f"class folder {folder} holds no {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} "
+                            f"image; add its images or remove the folder")
         paths.extend(images)
         labels.extend([label] * len(images))
     return ImageClassDataset(FileSource(paths), labels, names)
@@ -49,19 +57,24 @@ def class_folders_dataset(folders: Iterable[Tuple[str, Path]]) -> ImageClassData
 def image_folder_split(root: os.PathLike, split: str) -> ImageClassDataset:
     """The ``split`` ("train", "val" or "test") of an image-folder data set under ``root``.
 
+    Raises:
+        UsageError: an unknown ``split``.
+        MissingDataError: ``root/split`` is missing or holds no class folder.
+        DataError: a class folder holds no image.
+
     Example::
 
         test = image_folder_split("my_data", "test")
     """
     if split not in FOLDER_SPLITS:
-        raise ValueError(f"unknown split {split!r}: use one of {FOLDER_SPLITS}")
+        raise UsageError(f"unknown split {split!r}: use one of {FOLDER_SPLITS}")
     folder = Path(root).expanduser() / split
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"image folder data set: expected the folder {folder} holding one sub-folder per class "
             f"with {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images (layout root/{{train,val,test}}/<class>/<image>)"
         )
     classes = sorted(p for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise FileNotFoundError(f"image folder data set: {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
+        raise MissingDataError(f"image folder data set: {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
     return class_folders_dataset((p.name, p) for p in classes)

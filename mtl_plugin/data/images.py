@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from mtl_plugin.errors import DataError, UsageError
+
 __all__ = [
     "ArraySource",
     "EncodedSource",
@@ -47,7 +49,7 @@ class ArraySource:
 
     def __init__(self, pixels: np.ndarray, origin: str = "array"):
         if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4):
-            raise ValueError(
+            raise DataError(
                 f"{origin}: expected a uint8 array of shape (N, H, W) or (N, H, W, C), "
                 f"got {pixels.dtype} with shape {pixels.shape}"
             )
@@ -85,7 +87,7 @@ class EncodedSource:
             image = Image.open(io.BytesIO(memoryview(self.blobs[index])))
             image.load()
         except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise ValueError(f"corrupt image {self.describe(index)}: {error}") from error
+            raise DataError(f"corrupt image {self.describe(index)}: {error}; replace the file") from error
         return image
 
     def describe(self, index: int) -> str:
@@ -114,7 +116,7 @@ class FileSource:
                 image.load()
                 return image.copy()
         except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise ValueError(f"corrupt or unreadable image {path}: {error}; remove or replace it") from error
+            raise DataError(f"corrupt or unreadable image {path}: {error}; remove or replace it") from error
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
@@ -152,9 +154,9 @@ class ImageClassDataset(Dataset):
         self.indices = list(range(len(self.labels))) if indices is None else list(indices)
         self.rotations = rotations
         if len(self.indices) != len(self.labels):
-            raise ValueError(f"{len(self.indices)} indices but {len(self.labels)} labels")
+            raise DataError(f"{len(self.indices)} indices but {len(self.labels)} labels")
         if self.labels and (min(self.labels) < 0 or max(self.labels) >= len(self.class_names)):
-            raise ValueError(f"labels must lie in 0..{len(self.class_names) - 1}")
+            raise DataError(f"labels must lie in 0..{len(self.class_names) - 1}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -204,7 +206,7 @@ def drop_small_classes(dataset: ImageClassDataset, min_per_class: int) -> ImageC
     counts = dataset.class_counts()
     keep = [k for k, label in enumerate(dataset.labels) if counts[label] >= min_per_class]
     if not keep:
-        raise ValueError(
+        raise UsageError(
             f"no class has {min_per_class} images or more (largest has {max(counts, default=0)}); "
             f"lower shots or queries"
         )

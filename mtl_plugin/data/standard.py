@@ -3,8 +3,15 @@
 Nothing here downloads. Each reader takes the folder ``root`` that holds the
 files learn2learn would have downloaded and returns one split as an
 :class:`~mtl_plugin.data.images.ImageClassDataset` (labels 0..n-1 within the split,
-no transform yet). A missing file raises ``FileNotFoundError`` naming the path
-and the format expected there.
+no transform yet). A missing file raises :class:`~mtl_plugin.errors.MissingDataError`
+(a ``FileNotFoundError``) naming the path and the format expected there; an
+unreadable one :class:`~mtl_plugin.errors.DataError`.
+
+The mini-ImageNet, tieredImageNet and FC100 files are Python pickles, the formats
+they are distributed in. Loading a pickle can run code that it names, so these
+files must come from a trusted source (the data set's own distribution), never from
+an unknown third party. Checkpoints are different: ``mtl`` loads them with
+``weights_only=True``, which refuses anything but tensors and plain containers.
 
 ==================  ==========================================================
 name                files under ``root``
@@ -48,6 +55,7 @@ import numpy as np
 
 from mtl_plugin.data.folders import class_folders_dataset, image_folder_split
 from mtl_plugin.data.images import ArraySource, EncodedSource, ImageClassDataset
+from mtl_plugin.errors import DataError, MissingDataError, UsageError
 
 __all__ = ["STANDARD_READERS", "read_split", "OMNIGLOT_SPLIT"]
 
@@ -56,11 +64,15 @@ _L2L_MODE = {"train": "train", "val": "validation", "test": "test"}
 # MAML's protocol (Finn et al. 2017) on Vinyals et al.'s 1,200/423 character split:
 # 1,200 meta-training characters of which 100 are held out for validation.
 OMNIGLOT_SPLIT = (1100, 100, 423)
+# What unpickling raises on garbage, truncated or foreign bytes (a truncated file ends in EOFError,
+# random bytes in UnpicklingError or a bad opcode argument, a pickle of other classes in an import error).
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                  IndexError, KeyError)
 
 
 def _require(path: Path, name: str, fmt: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{name}: expected {path} ({fmt}); nothing is downloaded, so put the file there "
             f"or pass root= (mtl: --root) pointing at the folder that holds it"
         )
@@ -72,7 +84,7 @@ def _relabel(labels, origin: str) -> tuple:
     labels = np.asarray(labels).reshape(-1)
     values, dense = np.unique(labels, return_inverse=True)
     if len(values) == 0:
-        raise ValueError(f"{origin} holds no images")
+        raise DataError(f"{origin} holds no images; check that the file is complete")
     return dense.tolist(), [str(v) for v in values.tolist()]
 
 
@@ -82,17 +94,21 @@ def _read_mini_imagenet(root: Path, split: str) -> ImageClassDataset:
         "mini-imagenet",
         "a pickle dict with 'image_data': uint8 array N x 84 x 84 x 3 and 'class_dict': {name: [indices]}",
     )
-    with open(path, "rb") as handle:
-        archive = pickle.load(handle)
+    try:
+        with open(path, "rb") as handle:
+            archive = pickle.load(handle)
+    except _PICKLE_ERRORS as error:
+        raise DataError(f"{path}: not a readable pickle, truncated or damaged ({type(error).__name__}: "
+                        f"{error}); replace it with a complete copy of the mini-ImageNet file") from error
     if not isinstance(archive, dict) or "image_data" not in archive or "class_dict" not in archive:
-        raise ValueError(f"{path}: expected a dict with keys 'image_data' and 'class_dict'")
+        raise DataError(f"{path}: expected a dict with keys 'image_data' and 'class_dict'")
     pixels = np.asarray(archive["image_data"])
     names = sorted(archive["class_dict"])
     labels = np.full(len(pixels), -1, dtype=np.int64)
     for label, name in enumerate(names):
         labels[np.asarray(archive["class_dict"][name], dtype=np.int64)] = label
     if (labels < 0).any():
-        raise ValueError(f"{path}: image {int(np.argmax(labels < 0))} belongs to no class in 'class_dict'")
+        raise DataError(f"{path}: image {int(np.argmax(labels < 0))} belongs to no class in 'class_dict'")
     return ImageClassDataset(ArraySource(pixels, origin=str(path)), labels.tolist(), names)
 
 
@@ -102,8 +118,9 @@ def _read_tiered_imagenet(root: Path, split: str) -> ImageClassDataset:
     _require(folder / f"{split}_labels.pkl", "tiered-imagenet", "a pickle dict with 'label_specific': int per image")
     try:
         dataset = l2l.vision.datasets.TieredImagenet(str(root), mode=_L2L_MODE[split], download=False)
-    except (pickle.UnpicklingError, KeyError, EOFError, UnicodeDecodeError) as error:
-        raise ValueError(f"{folder}: unreadable tieredImageNet pickles ({error!r})") from error
+    except _PICKLE_ERRORS as error:
+        raise DataError(f"{folder}: unreadable tieredImageNet pickles, truncated or damaged ({error!r}); "
+                        f"replace them with complete copies") from error
     labels, names = _relabel(dataset.labels, str(images))
     return ImageClassDataset(EncodedSource(dataset.images, origin=str(images)), labels, names)
 
@@ -116,8 +133,9 @@ def _read_fc100(root: Path, split: str) -> ImageClassDataset:
     )
     try:
         dataset = l2l.vision.datasets.FC100(str(root), mode=_L2L_MODE[split], download=False)
-    except (pickle.UnpicklingError, KeyError, EOFError) as error:
-        raise ValueError(f"{path}: unreadable FC100 pickle ({error!r})") from error
+    except _PICKLE_ERRORS as error:
+        raise DataError(f"{path}: unreadable FC100 pickle, truncated or damaged ({error!r}); "
+                        f"replace it with a complete copy") from error
     labels, names = _relabel(dataset.labels, str(path))
     return ImageClassDataset(ArraySource(np.asarray(dataset.images), origin=str(path)), labels, names)
 
@@ -151,7 +169,7 @@ def _omniglot_characters(root: Path) -> List[Path]:
 def _read_omniglot(root: Path, split: str, seed: int = 0, rotations: bool = True) -> ImageClassDataset:
     characters = _omniglot_characters(root)
     if len(characters) < 3:
-        raise ValueError(f"omniglot under {root}: found {len(characters)} characters, need at least 3")
+        raise DataError(f"omniglot under {root}: found {len(characters)} characters, need at least 3")
     order = list(range(len(characters)))
     random.Random(seed).shuffle(order)
     # Scaled to the number found, so a partial copy still splits in the same proportions.
@@ -193,10 +211,10 @@ def read_split(name: str, root: os.PathLike, split: str, **options) -> ImageClas
         train = read_split("mini-imagenet", "~/data/mini", "train")
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
+        raise UsageError(f"unknown split {split!r}: use one of {SPLITS}")
     if name not in STANDARD_READERS:
-        raise ValueError(f"unknown benchmark {name!r}: files can be read for {sorted(STANDARD_READERS)}")
+        raise UsageError(f"unknown benchmark {name!r}: files can be read for {sorted(STANDARD_READERS)}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{name}: the data folder {root} does not exist; pass root= (mtl: --root)")
+        raise MissingDataError(f"{name}: the data folder {root} does not exist; pass root= (mtl: --root)")
     return STANDARD_READERS[name](root, split, **options)

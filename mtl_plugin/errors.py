@@ -1,0 +1,277 @@
+"""Mistakes a user can fix, as typed errors raised where they are found, and how ``mtl`` shows them.
+
+Two kinds, both ``ValueError`` so that library code catching ``ValueError`` keeps working:
+
+* :class:`UsageError`: a bad argument (a flag value, an unknown name, a device that is not
+  there, an output folder that cannot be written). ``mtl`` prints one ``Error: ...`` line and
+  exits with 2, as click does for a malformed flag.
+* :class:`DataError`: the input files are missing, empty, damaged or of the wrong kind (a data
+  set, a checkpoint). ``mtl`` prints one ``Error: ...`` line and exits with 1.
+  :class:`MissingDataError` is also a ``FileNotFoundError``.
+
+A training run that diverges raises :class:`~mtl_plugin.run_log.NonFiniteLossError`, shown the
+same way (exit 1). Anything else is a bug and keeps its traceback. The checks here run before
+any long work starts: :func:`check_device`, :func:`check_output_dir`, :func:`check_output_file`,
+:func:`check_run_folder` and :func:`read_checkpoint`.
+
+Example::
+
+    from mtl_plugin.errors import UsageError, check_device
+    try:
+        device = check_device("cuda")
+    except UsageError as error:
+        print(error)   # --device cuda: no CUDA GPU is visible to PyTorch here ...
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import click
+import torch
+
+from mtl_plugin.run_log import NonFiniteLossError, load_checkpoint
+
+__all__ = [
+    "Command",
+    "DataError",
+    "Group",
+    "MissingDataError",
+    "UsageError",
+    "check_device",
+    "check_run_folder",
+    "check_output_dir",
+    "check_output_file",
+    "read_checkpoint",
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+class UsageError(ValueError):
+    """A bad argument; the message names it and says what to pass instead (``mtl`` exit code 2)."""
+
+
+class DataError(ValueError):
+    """Missing, empty, damaged or unsuitable input files (``mtl`` exit code 1)."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """An input file or folder that is not there (also a ``FileNotFoundError``)."""
+
+
+def check_device(name: str, option: str = "--device") -> torch.device:
+    """The ``torch.device`` for ``name`` ("cpu", "cuda", "cuda:N" or "auto"), if it exists here.
+
+    Raises:
+        UsageError: ``name`` is not a device name, or names a GPU this machine does not have.
+
+    Example::
+
+        device = check_device("auto")   # cuda if a GPU is visible, else cpu
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"{option} {name!r}: not a device name; use cpu, cuda, cuda:N or auto") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {name}: no CUDA GPU is visible to PyTorch here "
+                             f"(torch.cuda.is_available() is False); use {option} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise UsageError(f"{option} {name}: only cpu and cuda devices are supported; use cpu, cuda or auto")
+    return device
+
+
+def _write_test(folder: Path, option: str, shown: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"{option} {shown}: cannot write there ({error.strerror or error}); "
+                         f"pass a folder you can write to") from error
+
+
+def check_output_dir(path: PathLike, option: str = "--out") -> Path:
+    """Create the output folder ``path`` if needed and prove that a file can be written in it.
+
+    Run before long work, so that a bad ``--out`` fails in a second, not at the first save.
+
+    Raises:
+        UsageError: ``path`` is a file, or the folder cannot be created or written to.
+
+    Example::
+
+        out = check_output_dir("runs/pretrain")
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path}: is a file, not a folder; pass a folder (it is created if missing)")
+    _write_test(path, option, path)
+    return path
+
+
+def check_output_file(path: PathLike, option: str = "--out") -> Path:
+    """Prove that the file ``path`` can be written (its folder is created if needed).
+
+    Raises:
+        UsageError: ``path`` is a folder, or its folder cannot be created or written to.
+
+    Example::
+
+        out = check_output_file("results/eval.json")
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; pass a file name, e.g. {path / 'result.json'}")
+    _write_test(path.parent, option, path)
+    return path
+
+
+def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str = "run") -> Optional[Path]:
+    """Decide what a training command does with the run folder ``out_dir``: never overwrite by accident.
+
+    A folder holds a run once it has ``last.pt`` or ``best.pt``. Without a run, or with
+    ``overwrite`` (the caller then deletes the run's files), a new run starts; with ``resume``,
+    the run continues from ``last.pt``.
+
+    Args:
+        out_dir: the run's folder (``--out``).
+        resume: ``--resume`` was given.
+        overwrite: ``--overwrite`` was given.
+        run: what the folder holds, for the message (e.g. "pretraining run").
+
+    Returns:
+        The ``last.pt`` to resume from, or ``None`` to start a new run.
+
+    Raises:
+        UsageError: both flags; a run in ``out_dir`` and neither flag; ``resume`` with a
+            ``best.pt`` but no ``last.pt``.
+
+    Example::
+
+        last = check_run_folder("runs/meta", resume=False, overwrite=False, run="meta-training run")
+    """
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    out_dir = Path(out_dir)
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    if overwrite or not (last.is_file() or best.is_file()):
+        return None
+    if not resume:
+        raise UsageError(f"--out {out_dir} already holds a {run}: pass --resume to continue it (a finished one "
+                         f"is reused), --overwrite to replace it, or another --out")
+    if not last.is_file():
+        raise UsageError(f"--out {out_dir} holds best.pt but no last.pt to resume from: pass --overwrite to "
+                         f"train anew there, or another --out")
+    return last
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else "no message"
+
+
+def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by ``mtl``, turning every way a file can be wrong into a :class:`DataError`.
+
+    The file is loaded with ``weights_only=True``: a file that holds anything but tensors,
+    numbers, strings and plain containers is refused before any of its code can run.
+
+    Args:
+        path: the checkpoint file.
+        option: the flag that named it, for the message.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        The checkpoint's dict; it has a ``"kind"`` entry (``"pretrain"``, ``"meta-transfer"``).
+
+    Raises:
+        MissingDataError: no file at ``path``.
+        DataError: an empty, truncated or non-PyTorch file, a file refused by the safe loader,
+            or a PyTorch file that ``mtl`` did not write.
+
+    Example::
+
+        state = read_checkpoint("runs/meta/best.pt")
+        print(state["kind"])
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingDataError(f"{option} {path}: no checkpoint there (no such file); give the best.pt "
+                               f"written by mtl pretrain or mtl meta-train")
+    if path.stat().st_size == 0:
+        raise DataError(f"{option} {path}: the file is empty (0 bytes), e.g. a copy that failed; "
+                        f"give a complete best.pt")
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle); anything else is another
+    # kind of file, on which torch.load fails in arbitrary ways.
+    if not start.startswith((b"PK\x03\x04", b"\x80")):
+        raise DataError(f"{option} {path}: not a PyTorch checkpoint (it starts with {start!r}, not a "
+                        f"torch.save archive); give the best.pt written by mtl")
+    try:
+        state = load_checkpoint(path, map_location)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            # torch's message: a preamble, the refused object, a pointer to its docs; keep the middle.
+            paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+            reason = " ".join(paragraphs[1:-1]) or "objects other than tensors"
+            raise DataError(f"{option} {path}: refused, it holds Python objects that a safe load does not "
+                            f"build ({reason}); checkpoints of mtl hold tensors only, so this file was not "
+                            f"written by mtl: do not load it") from error
+        raise DataError(f"{option} {path}: not a readable PyTorch checkpoint ({error}); "
+                        f"give the best.pt written by mtl") from error
+    except (EOFError, RuntimeError, KeyError, IndexError, ValueError) as error:
+        # What torch.load raises on a truncated archive or damaged bytes.
+        raise DataError(f"{option} {path}: not a readable PyTorch checkpoint, truncated or another kind of "
+                        f"file ({type(error).__name__}: {_first_sentence(error)}); "
+                        f"give a complete best.pt written by mtl") from error
+    if not isinstance(state, dict) or "kind" not in state:
+        raise DataError(f"{option} {path}: a PyTorch file, but not a checkpoint written by mtl pretrain or "
+                        f"mtl meta-train (it has no 'kind' entry)")
+    return state
+
+
+class _ShowsUserErrors:
+    """Turns the typed errors into click's: one ``Error: ...`` line and exit code 2 or 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as error:
+            # No ctx: click then prints the one Error line without the usage block.
+            raise click.UsageError(str(error)) from error
+        except (DataError, NonFiniteLossError) as error:
+            raise click.ClickException(str(error)) from error
+
+
+class Command(_ShowsUserErrors, click.Command):
+    """A click command whose user mistakes end as one ``Error: ...`` line (exit 2 usage, 1 data).
+
+    Example::
+
+        @click.command("pretrain", cls=Command)
+        def pretrain_command(...): ...
+    """
+
+
+class Group(_ShowsUserErrors, click.Group):
+    """A click group that shows user mistakes like :class:`Command`, in itself and its subcommands.
+
+    Example::
+
+        @click.group(cls=Group)
+        def main(): ...
+    """
+
+    command_class = Command

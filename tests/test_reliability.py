@@ -1,0 +1,335 @@
+"""Issue #11: every user mistake is one ``Error: ...`` line with exit code 2 (usage) or 1 (data),
+no checkpoint runs code, and a diverging or repeated run never overwrites a good one.
+
+Each test drives ``mtl`` through click's runner on a tiny kanji set (30 classes, 6 writers).
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from mtl_plugin import pipeline_cli
+from mtl_plugin.cli import main
+from mtl_plugin.data import get_benchmark
+from mtl_plugin.errors import DataError, MissingDataError, UsageError
+from mtl_plugin.pretrain import PretrainConfig, pretrain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_KANJI = dict(num_classes=30, instances=6)  # 18 / 6 / 6 classes
+PRETRAIN = ["pretrain", "--backbone", "conv4", "--epochs", "1", "--batch-size", "16", "--steps-per-epoch", "2",
+            "--val-tasks", "2", "--val-ways", "3", "--val-queries", "2", "--device", "cpu", "--quiet"]
+EVALUATE = ["evaluate", "--ways", "3", "--queries", "2", "--tasks", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("mtl-data")
+
+
+@pytest.fixture(autouse=True)
+def tiny_kanji(monkeypatch, data_home):
+    """``--data kanji`` gives the tiny set; every other data set loads as usual."""
+    monkeypatch.setenv("MTL_DATA", str(data_home))
+    real = pipeline_cli._benchmark
+
+    def benchmark(data, root, image_size, data_seed):
+        if data == "kanji":
+            return get_benchmark("kanji", root=root, image_size=image_size, seed=data_seed, progress=False,
+                                 **TINY_KANJI)
+        return real(data, root, image_size, data_seed)
+
+    monkeypatch.setattr(pipeline_cli, "_benchmark", benchmark)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, data_home):
+    """A finished one-epoch pretraining run of conv4 on tiny kanji (28 px)."""
+    out = tmp_path_factory.mktemp("pretrained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MTL_DATA", str(data_home))
+        config = PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2,
+                                val_ways=3, val_queries=2)
+        pretrain(get_benchmark("kanji", progress=False, **TINY_KANJI), config, out, progress=False)
+    return out
+
+
+def mtl(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def fails(code: int, args, *phrases: str) -> str:
+    """Run ``mtl args``; check the exit code, that no traceback came out and the phrases of the Error line."""
+    result = mtl(*args)
+    # A traceback leaves its exception in result.exception; click's own exit is a SystemExit.
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+    return errors[0]
+
+
+def succeeds(args) -> str:
+    result = mtl(*args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# 1. A checkpoint never runs code.
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        # Unpickling this calls open(marker, "w"): the marker file shows whether code ran.
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "meta-train"])
+def test_malicious_checkpoint_is_refused_and_runs_no_code(tmp_path, command):
+    marker, evil = tmp_path / "code-ran", tmp_path / "best.pt"
+    torch.save({"kind": "pretrain", "backbone": _RunsCode(marker)}, evil)
+    flag = "--checkpoint" if command == "evaluate" else "--pretrained"
+    fails(1, [command, flag, evil, "--out", tmp_path / "out"], "refused", "do not load it")
+    assert not marker.exists()
+
+
+# 2. Divergence stops the run and keeps the last finite checkpoint.
+
+def test_pretrain_divergence_stops_without_writing_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    fails(1, PRETRAIN + ["--lr", "1e6", "--out", out], "diverged at epoch 1, step", "lr 1e+06",
+          "no checkpoint was written", "--lr 1e+05")
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+def test_resumed_lr_overrides_the_saved_one_and_divergence_keeps_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    last, best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
+    # The saved lr is 0.1; 1e6 only diverges if the flag wins over it.
+    fails(1, PRETRAIN + ["--epochs", "2", "--lr", "1e6", "--resume", "--out", out],
+          "diverged at epoch 2", "last.pt (epoch 1)", "--resume --lr")
+    assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
+    succeeds(PRETRAIN + ["--epochs", "2", "--lr", "0.05", "--resume", "--out", out])
+    lrs = np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=3)
+    assert lrs.tolist() == [0.1, 0.05]
+
+
+def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    # On resume the schedule is rebuilt and stepped to where the run was (so that a new lr can
+    # take its place); that must give the very lr sequence of an uninterrupted run.
+    module = sys.modules["mtl_plugin.pretrain"]
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    config = PretrainConfig(backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=3, val_tasks=2,
+                            val_ways=3, val_queries=2, schedule="cosine", lr=0.05)
+    full = pretrain(bench, config, tmp_path / "full", progress=False)
+    real, calls = module.evaluate, []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(bench, config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(module, "evaluate", real)
+    resumed = pretrain(bench, config, tmp_path / "cut", progress=False)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "full" / "metrics.csv").read_text() == (tmp_path / "cut" / "metrics.csv").read_text()
+
+
+# 3. Wrong numbers are refused before any work.
+
+@pytest.mark.parametrize("flag, value", [("--shots", "0"), ("--shots", "-1"), ("--queries", "0"),
+                                         ("--ways", "1"), ("--tasks", "0")])
+def test_evaluate_refuses_impossible_task_shapes(pretrained, flag, value):
+    fails(2, EVALUATE + ["--checkpoint", pretrained / "best.pt", flag, value], flag)
+
+
+def test_evaluate_refuses_tasks_the_split_cannot_give(pretrained):
+    fails(2, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--ways", "9"], "test split", "ways=9")
+
+
+# 4. No silent overwrite, no silent config drift.
+
+def test_pretrain_refuses_to_overwrite_a_run(tmp_path):
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    best = (out / "best.pt").read_bytes()
+    fails(2, PRETRAIN + ["--lr", "0.01", "--out", out], "already holds a pretraining run", "--resume",
+          "--overwrite")
+    fails(2, PRETRAIN + ["--resume", "--lr", "0.01", "--out", out], "finished", "--overwrite")
+    fails(2, PRETRAIN + ["--resume", "--overwrite", "--out", out], "pass one of them")
+    assert (out / "best.pt").read_bytes() == best
+    succeeds(PRETRAIN + ["--resume", "--out", out])  # a finished run is reused as is
+    assert (out / "best.pt").read_bytes() == best
+    succeeds(PRETRAIN + ["--overwrite", "--seed", "1", "--out", out])
+    assert (out / "best.pt").read_bytes() != best
+
+
+def test_resume_refuses_settings_that_change_the_experiment(tmp_path):
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    fails(2, PRETRAIN + ["--resume", "--epochs", "2", "--seed", "1", "--out", out], "seed 0 -> 1", "--override")
+    fails(2, PRETRAIN + ["--resume", "--epochs", "2", "--schedule", "cosine", "--out", out], "schedule",
+          "--override")
+    fails(2, PRETRAIN + ["--override", "--out", tmp_path / "other"], "--resume")
+    fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--image-size", "32", "--out", out], "other data",
+          "image_size 28")
+    succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--seed", "1", "--override", "--out", out])
+
+
+def test_library_pretrain_refuses_to_start_over_a_run(tmp_path, pretrained):
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    config = PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2,
+                            val_ways=3, val_queries=2)
+    with pytest.raises(UsageError, match="already holds"):
+        pretrain(bench, config, pretrained, resume=False, progress=False)
+    with pytest.raises(UsageError, match="lr 0.1 -> 0.01|new lr changes nothing"):
+        pretrain(bench, PretrainConfig(**{**config.__dict__, "lr": 0.01}), pretrained, progress=False)
+
+
+# 5. User mistakes: one Error line, no traceback.
+
+def _mini_imagenet_pickle(path, cut: bool):
+    archive = {"image_data": np.zeros((4, 84, 84, 3), np.uint8), "class_dict": {"a": [0, 1], "b": [2, 3]}}
+    data = pickle.dumps(archive)
+    path.write_bytes(data[: len(data) // 2] if cut else data)
+
+
+@pytest.mark.parametrize("case", ["missing root", "empty folder", "missing split", "empty class folder",
+                                  "garbage pkl", "truncated pkl"])
+def test_bad_data_is_exit_1(tmp_path, case):
+    root = tmp_path / "data"
+    if case == "missing root":
+        args, phrase = ["--data", "mini-imagenet", "--root", root], "does not exist"
+    elif case == "empty folder":
+        root.mkdir()
+        args, phrase = ["--data", "folder", "--root", root], "expected the folder"
+    elif case in ("missing split", "empty class folder"):
+        for split in ("train",) if case == "missing split" else ("train", "val", "test"):
+            for c in range(3):
+                (root / split / f"c{c}").mkdir(parents=True)
+                if case == "missing split" or c:
+                    Image.new("L", (20, 20)).save(root / split / f"c{c}" / "0.png")
+        args, phrase = ["--data", "folder", "--root", root], "val" if case == "missing split" else "holds no"
+    else:
+        root.mkdir()
+        target = root / "mini-imagenet-cache-train.pkl"
+        if case == "garbage pkl":
+            target.write_bytes(b"this is not a pickle at all")
+        else:
+            _mini_imagenet_pickle(target, cut=True)
+        args, phrase = ["--data", "mini-imagenet", "--root", root], "not a readable pickle"
+    fails(1, PRETRAIN + args + ["--out", tmp_path / "out"], phrase)
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("args, phrases", [
+    (["--data", "imagenet-21k"], ["unknown data set 'imagenet-21k'", "kanji"]),
+    (["--backbone", "nope"], ["unknown backbone 'nope'", "resnet12"]),
+    (["--image-size", "3"], ["--image-size 8"]),
+    (["--backbone", "resnet12", "--image-size", "12"], ["too small for resnet12", "--image-size 16"]),
+    (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
+    (["--val-queries", "6"], ["val split", "has 6 images but a task needs 7"]),
+])
+def test_bad_pretrain_arguments_are_exit_2(tmp_path, args, phrases):
+    # The last --backbone wins, so PRETRAIN's conv4 is replaced where a case names another.
+    fails(2, PRETRAIN + args + ["--out", tmp_path / "out"], *phrases)
+
+
+def test_unknown_backbone_in_meta_train_and_bench(tmp_path):
+    fails(2, ["meta-train", "--backbone", "nope", "--out", tmp_path / "meta"], "unknown backbone 'nope'")
+    fails(2, ["bench", "--profile", "quick", "--backbone", "nope", "--out", tmp_path / "bench"],
+          "unknown backbone 'nope'")
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", ["pretrain", "evaluate", "meta-train", "bench"])
+def test_cuda_without_a_gpu_is_exit_2(tmp_path, command):
+    args = {"pretrain": PRETRAIN, "evaluate": EVALUATE + ["--checkpoint", tmp_path / "x.pt"],
+            "meta-train": ["meta-train"], "bench": ["bench"]}[command]
+    fails(2, args + ["--device", "cuda", "--out", tmp_path / "out"], "--device cuda", "no CUDA GPU", "cpu")
+
+
+@pytest.mark.parametrize("case, phrase", [("missing", "no checkpoint there"), ("empty", "empty (0 bytes)"),
+                                          ("truncated", "truncated"), ("text", "not a PyTorch checkpoint"),
+                                          ("tensor", "not a checkpoint written by mtl"),
+                                          ("pretrain last.pt", "resumable state of mtl pretrain")])
+def test_bad_checkpoint_is_exit_1(tmp_path, pretrained, case, phrase):
+    path = tmp_path / "best.pt"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        data = (pretrained / "best.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "text":
+        path.write_text("these are notes, not weights\n")
+    elif case == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif case == "pretrain last.pt":
+        path = pretrained / "last.pt"
+    fails(1, EVALUATE + ["--checkpoint", path], "--checkpoint", phrase)
+
+
+def test_checkpoint_of_other_image_size_or_channels_is_exit_1(tmp_path, pretrained):
+    fails(1, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--image-size", "32"],
+          "kanji images of 1 x 28 px", "gives 1 x 32 px")
+    for split in ("train", "val", "test"):
+        for c in range(3):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for k in range(3):
+                Image.new("RGB", (28, 28)).save(tmp_path / split / f"c{c}" / f"{k}.png")
+    fails(1, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--data", "folder", "--root", tmp_path],
+          "1 x 28 px", "folder gives 3 x 28 px")
+    # Without --image-size the checkpoint's size is used.
+    assert "test 3-way 1-shot" in succeeds(EVALUATE + ["--checkpoint", pretrained / "best.pt"])
+
+
+@pytest.mark.parametrize("command", ["pretrain", "meta-train", "bench"])
+def test_output_folder_that_cannot_be_written_is_exit_2(tmp_path, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = {"pretrain": PRETRAIN, "meta-train": ["meta-train", "--backbone", "conv4", "--ways", "3",
+                                                 "--queries", "2", "--device", "cpu"],
+            "bench": ["bench", "--profile", "quick", "--device", "cpu"]}[command]
+    fails(2, args + ["--out", blocker / "run"], "--out", "cannot write there")
+
+
+# 6. Mistakes found before the long work, not after it.
+
+def test_evaluate_checks_its_output_file_before_evaluating(tmp_path, pretrained):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    output = fails(2, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--out", blocker / "r.json"],
+                   "cannot write there")
+    assert "%" not in output
+
+
+def test_bench_checks_tasks_and_data_before_pretraining(tmp_path):
+    fails(2, ["bench", "--profile", "quick", "--ways", "1", "--out", tmp_path / "b"], "--ways")
+    fails(1, ["bench", "--profile", "quick", "--dataset", "folder", "--root", tmp_path / "none",
+              "--out", tmp_path / "b"], "expected the folder")
+    assert not (tmp_path / "b" / "pretrain").exists()
+
+
+def test_typed_errors_stay_value_and_file_errors_for_library_users(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        get_benchmark("mini-imagenet", root=tmp_path)
+    assert issubclass(MissingDataError, DataError) and issubclass(DataError, ValueError)
+    with pytest.raises(ValueError, match="unknown data set"):
+        get_benchmark("imagenet-21k")
