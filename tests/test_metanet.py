@@ -161,9 +161,12 @@ def test_fit_rejects_more_ways_than_outputs(tmp_path):
         MetaNet(replace(TINY, max_ways=2)).fit(tiny_context(tmp_path, ways=3))
 
 
-def test_quick_profile_keeps_the_papers_networks():
+def test_quick_profile_keeps_the_papers_architecture_and_optimiser():
     quick, paper = MetaNetConfig.quick(), MetaNetConfig()
-    assert (quick.filters, quick.conv_layers, quick.meta_hidden) == (64, 5, 20)
+    assert (quick.conv_layers, quick.hidden, quick.meta_hidden) == (5, 64, 20)
+    assert (paper.conv_layers, paper.hidden, paper.meta_hidden) == (5, 64, 20)
+    # The departures its docstring gives: narrower conv layers, fewer augmented layers.
+    assert (paper.filters, quick.filters) == (64, 32)
     assert (paper.augmented_layers, quick.augmented_layers) == (3, 2)
-    assert quick.time_budget_s is not None and paper.time_budget_s is None
-    assert (paper.lr, paper.gradient_clip, paper.gradient_k) == (1e-3, 10.0, 7.0)
+    for config in (quick, paper):
+        assert (config.lr, config.gradient_clip, config.gradient_k) == (1e-3, 10.0, 7.0)

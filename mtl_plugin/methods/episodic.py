@@ -1,21 +1,21 @@
 """Episodic training shared by the methods trained from scratch (protonet-conv4, maml, metanet).
 
-Time-bounded (an episode limit and/or a wall-clock budget), checkpointed atomically in the
-method's work folder, and resumable: a killed bench continues, a finished fit is reused.
+Bounded by a number of episodes (never by seconds, so that a seed gives the same model on
+any machine), checkpointed atomically in the method's work folder, and resumable: a killed
+bench continues, a finished fit is reused.
 
 Example::
 
     from mtl_plugin.methods.episodic import train_episodes
-    losses = train_episodes(step, lambda offset: build_taskset(train, 5, 1, 15, seed=offset),
+    losses = train_episodes(step, lambda episode: build_taskset(train, 5, 1, 15, seed=episode),
                             {"model": model, "optimizer": optimizer}, work_dir / "checkpoint.pt",
                             fingerprint={"config": asdict(config)}, max_episodes=1000)
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -33,30 +33,56 @@ def train_episodes(
     checkpoint: Path,
     fingerprint: dict,
     max_episodes: int,
-    time_budget_s: Optional[float] = None,
     checkpoint_every: int = 500,
     progress: bool = True,
     desc: str = "episodes",
 ) -> list[float]:
-    """Run ``step(tasks)`` until ``max_episodes`` or ``time_budget_s``; resume from ``checkpoint``.
+    """Run ``step(tasks)`` ``max_episodes`` times in all; resume from ``checkpoint``.
 
     ``state`` maps names to objects with ``state_dict``/``load_state_dict``
-    (model, optimiser, scheduler). ``make_tasks(seed_offset)`` builds the task
-    sampler; a resumed run draws from ``seed_offset`` = the episode it resumes
-    at, so a run interrupted at the same episode resumes identically. A finished
-    run's checkpoint is loaded and no step is taken. Returns every episode's loss.
+    (model, optimiser, scheduler). ``make_tasks(episode)`` builds the task
+    sampler of one episode, so the tasks of an episode depend on its number
+    only and a run killed and resumed from its checkpoint is identical to one
+    that was never interrupted. A finished run's checkpoint is loaded and no
+    step is taken. The checkpoint is read with ``weights_only=True``: it holds
+    tensors and plain Python values only, so loading one cannot run code.
+
+    Args:
+        step: one training episode on the task sampler; returns its loss.
+        make_tasks: ``episode -> task sampler`` (anything ``step`` accepts), seeded
+            by the episode number.
+        state: the objects to checkpoint, by name.
+        checkpoint: the checkpoint file, read if it exists and rewritten every
+            ``checkpoint_every`` episodes and at the end.
+        fingerprint: plain values (dicts, lists, numbers, strings) naming the
+            run; a checkpoint with another fingerprint is refused.
+        max_episodes: the budget, in episodes.
+        checkpoint_every: episodes between checkpoints.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        Every episode's loss, those of a resumed run's earlier episodes included.
+
+    Raises:
+        ValueError: if ``max_episodes`` is negative, ``checkpoint_every`` is not
+            positive, or ``checkpoint`` was written by a run with another fingerprint.
 
     Example::
 
         losses = train_episodes(
-            step, lambda offset: build_taskset(train, 5, 1, 15, seed=offset),
+            step, lambda episode: build_taskset(train, 5, 1, 15, seed=episode),
             {"model": model, "optimizer": optimizer}, work_dir / "checkpoint.pt",
             fingerprint={"config": asdict(config)}, max_episodes=1000)
     """
+    if max_episodes < 0:
+        raise ValueError(f"max_episodes={max_episodes} must be >= 0 (the number of training episodes)")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1 (episodes between checkpoints)")
     checkpoint = Path(checkpoint)
-    episode, elapsed, losses, finished = 0, 0.0, [], False
+    episode, losses, finished = 0, [], False
     if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if saved["fingerprint"] != fingerprint:
             raise ValueError(
                 f"{checkpoint} was written by a different run ({saved['fingerprint']}, "
@@ -64,9 +90,7 @@ def train_episodes(
             )
         for key, obj in state.items():
             obj.load_state_dict(saved["state"][key])
-        episode, elapsed, losses, finished = (
-            saved["episode"], saved["elapsed_s"], saved["losses"], saved["finished"]
-        )
+        episode, losses, finished = saved["episode"], saved["losses"], saved["finished"]
 
     def save(done: bool) -> None:
         atomic_save(
@@ -74,7 +98,6 @@ def train_episodes(
                 "fingerprint": fingerprint,
                 "state": {key: obj.state_dict() for key, obj in state.items()},
                 "episode": episode,
-                "elapsed_s": elapsed,
                 "losses": losses,
                 "finished": done,
             },
@@ -83,14 +106,10 @@ def train_episodes(
 
     if finished:
         return losses
-    tasks = make_tasks(episode)
     bar = tqdm(total=max_episodes, initial=episode, desc=desc, disable=not progress, leave=False)
-    # Time already spent before a kill counts, so the budget bounds the whole fit.
-    started = time.monotonic() - elapsed
-    while episode < max_episodes and (time_budget_s is None or elapsed < time_budget_s):
-        losses.append(float(step(tasks)))
+    while episode < max_episodes:
+        losses.append(float(step(make_tasks(episode))))
         episode += 1
-        elapsed = time.monotonic() - started
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if episode % checkpoint_every == 0:
@@ -111,9 +130,26 @@ def fit_episodically(
 ) -> list[float]:
     """:func:`train_episodes` on ``ways``-way ``context.shots``-shot tasks of the meta-train split.
 
-    ``config`` needs ``max_episodes``, ``time_budget_s`` and ``checkpoint_every``; the run
-    lives in ``context.work_dir / "checkpoint.pt"`` and is tied (fingerprinted) to the
-    method, its config, the task shape, the seed and the data set's shape.
+    ``config`` (a dataclass of plain values) needs ``max_episodes`` and ``checkpoint_every``;
+    the run lives in ``context.work_dir / "checkpoint.pt"`` and is tied (fingerprinted) to
+    the method, its config, the task shape, the seed and the data set's shape. Episode
+    ``e`` draws its tasks from a sampler seeded by ``(context.seed, e)``.
+
+    Args:
+        name: the method's table name, part of the fingerprint.
+        context: the bench context (benchmark, shots, seed, work_dir, progress).
+        config: the method's config dataclass.
+        step: one training episode on a task sampler; returns its loss.
+        state: the objects to checkpoint, by name (model, optimiser, ...).
+        ways: classes per training task (may exceed the test ways).
+        queries: queries per class in a training task.
+
+    Returns:
+        Every episode's loss.
+
+    Raises:
+        ValueError: as :func:`train_episodes`, or if the meta-train split cannot give
+            such tasks.
 
     Example::
 
@@ -122,8 +158,10 @@ def fit_episodically(
     """
     benchmark = context.benchmark
 
-    def make_tasks(offset: int):
-        return build_taskset(benchmark.train, ways, context.shots, queries, seed=context.seed + offset)
+    def make_tasks(episode: int):
+        # Distinct for every (seed, episode) pair below 2**32 episodes: no two seeds share tasks.
+        return build_taskset(benchmark.train, ways, context.shots, queries,
+                             seed=context.seed * 2**32 + episode)
 
     fingerprint = {
         "method": name, "config": asdict(config), "ways": ways, "shots": context.shots,
@@ -131,6 +169,6 @@ def fit_episodically(
     }
     return train_episodes(
         step, make_tasks, state, Path(context.work_dir) / "checkpoint.pt", fingerprint,
-        max_episodes=config.max_episodes, time_budget_s=config.time_budget_s,
-        checkpoint_every=config.checkpoint_every, progress=context.progress, desc=name,
+        max_episodes=config.max_episodes, checkpoint_every=config.checkpoint_every,
+        progress=context.progress, desc=name,
     )

@@ -49,7 +49,6 @@ class MAMLConfig:
     first_order: bool = False
     train_queries: int = 15
     max_episodes: int = 60000
-    time_budget_s: Optional[float] = None
     checkpoint_every: int = 1000
 
     @classmethod
@@ -59,9 +58,30 @@ class MAMLConfig:
 
     @classmethod
     def quick(cls) -> "MAMLConfig":
-        """Omniglot settings on a 30 s budget (2 CPU cores), with a smaller meta-batch."""
-        return replace(cls.omniglot(), meta_batch=4, max_episodes=2000, time_budget_s=30.0,
-                       checkpoint_every=100)
+        """600 meta-updates for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
+
+        Departs from :meth:`omniglot` where half a minute of training, not
+        60,000 meta-updates, calls for it (each change picked on the validation
+        split of the embedded kanji data set, "wild" style):
+
+        * one inner step at test time, as in training (Omniglot: 3): a briefly
+          meta-trained initialisation overshoots after the step it was trained
+          for (5-way 5-shot validation accuracy after 230 updates with steps of
+          0.4: 66 % with 1 test step, 48 % with 3);
+        * an inner step size of 0.1 (Omniglot: 0.4), which learns faster per
+          meta-update here (after 300 updates, 52 % at 1 shot and 75 % at 5
+          shots; 0.4 gave 52 % after 450 updates and 66 % after 230);
+        * 32 filters (mini-ImageNet's width) and 5 queries per class (Omniglot:
+          K, mini-ImageNet: 15), about 3.5x cheaper per task;
+        * a meta-batch of 2 (Omniglot: 32): twice the meta-updates for the same
+          tasks, 3 points better than 4 at 1 and 5 shots.
+
+        Validation accuracy with this budget: 54 % at 1 shot, 77 % at 5 shots.
+        Expected on 2 quiet CPU cores: fitting takes about 18 s at 1 shot and
+        28 s at 5 shots; 300 test tasks of 5 ways and 15 queries about 4 s each.
+        """
+        return replace(cls.omniglot(), hidden=32, inner_lr=0.1, test_steps=1, meta_batch=2,
+                       train_queries=5, max_episodes=600, checkpoint_every=100)
 
 
 class MAML(FewShotMethod):
@@ -86,11 +106,47 @@ class MAML(FewShotMethod):
         self.backbone_label = "conv4"
 
     def _adapted(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
-                 first_order: bool) -> torch.nn.Module:
+                 first_order: bool, losses: Optional[list[float]] = None) -> torch.nn.Module:
         learner = self.maml.clone()
         for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(support_x), support_y), first_order=first_order)
+            loss = F.cross_entropy(learner(support_x), support_y)
+            if losses is not None:
+                losses.append(loss.item())
+            learner.adapt(loss, first_order=first_order)
         return learner
+
+    def support_losses(self, support_x: torch.Tensor, support_y: torch.Tensor,
+                       steps: Optional[int] = None) -> list[float]:
+        """The support cross-entropy before each test-time inner step and after the last one.
+
+        A well-chosen step size and number of steps give a non-increasing
+        sequence; a rise means adaptation overshoots.
+
+        Args:
+            support_x: the support images.
+            support_y: their labels, ``0 .. ways - 1``.
+            steps: inner steps; ``config.test_steps`` if not given.
+
+        Returns:
+            ``steps + 1`` losses: the meta-learned initialisation's, then one after each step.
+
+        Raises:
+            RuntimeError: if called before :meth:`fit`.
+
+        Example::
+
+            losses = method.support_losses(support_x, support_y)   # e.g. [1.61, 0.42]
+        """
+        if self.maml is None:
+            raise RuntimeError("MAML.support_losses called before fit(context)")
+        steps = self.config.test_steps if steps is None else steps
+        support_x, support_y = support_x.to(self.device), support_y.to(self.device).long()
+        losses: list[float] = []
+        with torch.enable_grad():
+            learner = self._adapted(support_x, support_y, steps, first_order=True, losses=losses)
+        with torch.no_grad():
+            losses.append(F.cross_entropy(learner(support_x), support_y).item())
+        return losses
 
     def fit(self, context: BenchContext) -> None:
         config, benchmark = self.config, context.benchmark

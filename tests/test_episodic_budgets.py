@@ -1,0 +1,152 @@
+"""Episode budgets of the methods trained from scratch: counted, checkpointed, resumed, and learning."""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import pytest
+from tiny_data import TinyBenchmark, pattern_split
+import torch
+import torch.nn.functional as F
+
+from mtl_plugin.methods.base import BenchContext
+from mtl_plugin.methods.episodic import fit_episodically, train_episodes
+from mtl_plugin.methods.maml import MAML, MAMLConfig
+from mtl_plugin.methods.metanet import MetaNet, MetaNetConfig
+from mtl_plugin.methods.protonet import ProtoNetConv4, ProtoNetConv4Config
+from mtl_plugin.tasks import build_taskset, split_support_query
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 16
+CONFIGS = [MAMLConfig, MetaNetConfig, ProtoNetConv4Config]
+
+
+@pytest.fixture(scope="module")
+def benchmark() -> TinyBenchmark:
+    return TinyBenchmark(
+        train=pattern_split(8, SHOTS + 6, SIZE, seed=0, noise=0.5),
+        val=pattern_split(4, SHOTS + QUERIES, SIZE, seed=1, noise=0.5),
+        test=pattern_split(4, SHOTS + QUERIES, SIZE, seed=2, noise=0.5),
+        image_size=SIZE,
+    )
+
+
+def make_context(benchmark: TinyBenchmark, work_dir: Path, seed: int = 0) -> BenchContext:
+    return BenchContext(
+        benchmark=benchmark, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=seed, work_dir=work_dir,
+        profile="quick", device=torch.device("cpu"), pretrained_backbone=lambda: None, progress=False,
+    )
+
+
+@pytest.mark.parametrize("config_class", CONFIGS)
+def test_budgets_count_episodes_never_seconds(config_class):
+    for config in (config_class(), config_class.quick()):
+        names = [f.name for f in fields(config)]
+        assert "max_episodes" in names and config.max_episodes > 0
+        assert not [n for n in names if re.search(r"budget_s|time_budget|seconds", n)], names
+    assert not [p for p in inspect.signature(train_episodes).parameters if "budget" in p or "time" in p]
+
+
+def test_budget_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="max_episodes=-1"):
+        train_episodes(lambda tasks: 0.0, lambda episode: None, {}, tmp_path / "c.pt", {}, max_episodes=-1)
+    with pytest.raises(ValueError, match="checkpoint_every=0"):
+        train_episodes(lambda tasks: 0.0, lambda episode: None, {}, tmp_path / "c.pt", {}, max_episodes=1,
+                       checkpoint_every=0)
+
+
+class Killed(Exception):
+    pass
+
+
+def linear_run(tmp_path: Path, kill_at: int | None = None) -> tuple[list[float], torch.nn.Module]:
+    """A small regression trained on seeded per-episode data; raises Killed before episode ``kill_at``."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def make_tasks(episode: int) -> torch.Tensor:
+        return torch.randn(8, 5, generator=torch.Generator().manual_seed(episode))
+
+    def step(batch: torch.Tensor) -> float:
+        if kill_at is not None and len(seen) == kill_at:
+            raise Killed
+        seen.append(batch)
+        loss = F.mse_loss(model(batch[:, :4]).squeeze(1), batch[:, 4])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    seen: list[torch.Tensor] = []
+    losses = train_episodes(step, make_tasks, {"model": model, "optimizer": optimizer}, tmp_path / "c.pt",
+                            {"run": "linear"}, max_episodes=7, checkpoint_every=3, progress=False)
+    return losses, model
+
+
+def test_a_killed_run_resumes_into_the_uninterrupted_one(tmp_path):
+    whole_losses, whole = linear_run(tmp_path / "whole")
+    with pytest.raises(Killed):
+        linear_run(tmp_path / "killed", kill_at=5)  # the last checkpoint holds episode 3
+    resumed_losses, resumed = linear_run(tmp_path / "killed")
+    assert resumed_losses == whole_losses and len(whole_losses) == 7
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_two_seeds_never_share_an_episode(benchmark, tmp_path):
+    # With one sampler per (seed, episode), seed 1 must not replay seed 0's tasks one episode later.
+    drawn = {}
+    for seed in (0, 1):
+        tasks = []
+
+        def step(sampler) -> float:
+            tasks.append(sampler.sample()[0])
+            return 0.0
+
+        config = ProtoNetConv4Config(max_episodes=3, checkpoint_every=3)
+        fit_episodically("probe", make_context(benchmark, tmp_path / str(seed), seed=seed), config, step, {},
+                         ways=WAYS, queries=QUERIES)
+        drawn[seed] = tasks
+    assert not torch.equal(drawn[0][1], drawn[1][0])
+    assert not torch.equal(drawn[0][2], drawn[1][1])
+
+
+TINY_METANET = MetaNetConfig(filters=8, hidden=8, max_ways=5, meta_hidden=6, train_queries=2,
+                             max_episodes=2, checkpoint_every=1)
+TINY = {
+    "protonet-conv4": (ProtoNetConv4, ProtoNetConv4Config(hidden=8, train_ways=WAYS, train_queries=2,
+                                                          max_episodes=2, checkpoint_every=1)),
+    "maml": (MAML, replace(MAMLConfig.quick(), hidden=8, meta_batch=2, train_queries=2, max_episodes=2,
+                           checkpoint_every=1)),
+    "metanet": (MetaNet, TINY_METANET),
+}
+
+
+@pytest.mark.parametrize("key", sorted(TINY))
+def test_checkpoints_load_without_running_code(key, benchmark, tmp_path):
+    method_class, config = TINY[key]
+    method_class(config).fit(make_context(benchmark, tmp_path))
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["fingerprint"]["config"] == asdict(config)
+    assert saved["episode"] == config.max_episodes and saved["finished"]
+
+
+@pytest.mark.parametrize("steps", [None, 3], ids=["quick", "3-steps"])
+def test_trained_maml_support_loss_does_not_rise_over_its_test_steps(steps, benchmark, tmp_path):
+    # The quick profile's inner loop (step size, training and test steps) on a small Conv4,
+    # and the same with three inner steps in training and at test time.
+    config = replace(MAMLConfig.quick(), hidden=8, train_queries=3, max_episodes=40, checkpoint_every=40)
+    if steps is not None:
+        config = replace(config, train_steps=steps, test_steps=steps)
+    method = MAML(config)
+    method.fit(make_context(benchmark, tmp_path))
+    tasks = build_taskset(benchmark.val, WAYS, SHOTS, QUERIES, num_tasks=5, seed=0)
+    for index in range(5):
+        (support_x, support_y), _ = split_support_query(*tasks[index], SHOTS)
+        losses = method.support_losses(support_x, support_y)
+        assert len(losses) == config.test_steps + 1
+        assert all(after <= before + 1e-3 for before, after in zip(losses, losses[1:])), losses
+        assert losses[-1] < losses[0]
