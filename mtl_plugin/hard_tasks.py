@@ -4,9 +4,12 @@ Each meta-batch holds ``k`` normal tasks, then ``k'`` hard tasks built from the
 classes the model got most wrong in those ``k`` tasks (Algorithm 2 of the paper):
 
 * :class:`ClassAccuracyTracker` records, after each normal task, every class's
-  query accuracy and the task's *failure class* (its lowest-accuracy class);
+  query accuracy and the task's *failure class* (its lowest-accuracy class, ties
+  broken by the lowest logit margin), and keeps a decaying history of failures
+  across meta-batches;
 * :class:`HardTaskTransform` is a task transform that replaces ``NWays`` in a
-  ``Taskset`` and builds tasks from those failure classes;
+  ``Taskset`` and builds N-way tasks from failure classes only, as soon as N of
+  them are known: this meta-batch's, then the most-failed of the history;
 * :class:`HardTaskMetaBatch` draws the meta-batches from a normal and a hard
   ``Taskset`` and hands every task over with its data-set classes and indices.
 
@@ -32,7 +35,8 @@ Example::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterator, Optional, Sequence
 
 import learn2learn as l2l
@@ -103,19 +107,26 @@ class TaskAccuracy:
     """What :meth:`ClassAccuracyTracker.record` learned from one task.
 
     ``accuracies`` maps each data-set class with query samples to its query
-    accuracy; ``failure`` is the lowest-accuracy class; ``failure_indices`` are
-    the data-set indices of the failure class's images in the task (``None`` when
-    ``record`` was given no indices).
+    accuracy; ``margins`` (``None`` when ``record`` got predicted labels, not
+    logits) to the mean over its queries of the true-class logit minus the best
+    other logit; ``failure`` is the lowest-accuracy class, ties broken by the
+    lowest margin; ``failure_indices`` are the data-set indices of the failure
+    class's images in the task (``None`` when ``record`` was given no indices).
 
     Example::
 
         result = tracker.record(classes, logits, targets)
-        print(result.failure, result.accuracies[result.failure])
+        print(result.failure, result.accuracies[result.failure], result.margins[result.failure])
     """
 
     accuracies: dict
     failure: Hashable
     failure_indices: Optional[tuple] = None
+    margins: Optional[dict] = None
+
+    def rank(self, label: Hashable) -> tuple:
+        """How badly ``label`` did, lowest first when sorted: its accuracy, then its margin (inf if unknown)."""
+        return self.accuracies[label], math.inf if self.margins is None else self.margins[label]
 
 
 class ClassAccuracyTracker:
@@ -127,10 +138,22 @@ class ClassAccuracyTracker:
     predictions (labels of shape ``(q,)`` or logits of shape ``(q, n)``), the query
     targets (task labels) and, for ``mode="reuse"``, the data-set indices of the
     task's samples (:attr:`SampledTask.indices`). Call :meth:`start_meta_batch`
-    before each meta-batch (:class:`HardTaskMetaBatch` does). With
-    ``history_decay`` set, each class also keeps a score, decayed by that factor
-    every meta-batch and raised by the error rate (1 - accuracy) of each of its
-    failures, that hard tasks draw their fill-up classes from.
+    before each meta-batch (:class:`HardTaskMetaBatch` does).
+
+    Logits are better than labels: two classes at the same accuracy (often both
+    100%) are told apart by their mean margin (true-class logit minus the best
+    other one), so the failure class is the one the model was least sure of; the
+    seeded generator breaks ties only when predicted labels are given.
+
+    With ``history_decay`` (default 0.9; ``None`` keeps no history) each failure
+    class keeps a score, multiplied by ``history_decay`` every meta-batch and
+    raised by the error rate (1 - accuracy) of each of its failures; hard tasks
+    fill up from the highest scores. A meta-batch of k normal tasks yields at
+    most k failure classes, fewer than the N ways of a hard task when k < N: the
+    history is what makes N failure classes exist. At 0.9 a failure's weight
+    halves in about 6.6 meta-batches, so within a few meta-batches N classes are
+    remembered (up to k new ones per meta-batch), while a class the model has
+    since learned sinks below the newer failures within a few dozen.
 
     Example::
 
@@ -145,7 +168,7 @@ class ClassAccuracyTracker:
         self,
         dataset: l2l.data.MetaDataset,
         seed: RandomLike = None,
-        history_decay: Optional[float] = None,
+        history_decay: Optional[float] = 0.9,
     ):
         if history_decay is not None and not 0.0 <= history_decay < 1.0:
             raise ValueError(f"history_decay={history_decay} must be in [0, 1), or None to keep no history")
@@ -155,6 +178,8 @@ class ClassAccuracyTracker:
         self.rng = as_random(seed)
         self.failures: list[TaskAccuracy] = []  # of the current meta-batch, in recording order
         self.history: dict = {}
+        # The margin of each history class's latest failure: it orders equal scores.
+        self.history_margins: dict = {}
         # Bumped on every change so that a cached hard task can tell it is stale.
         self.version = 0
 
@@ -170,23 +195,39 @@ class ClassAccuracyTracker:
             for failure in self.failures:
                 error = 1.0 - failure.accuracies[failure.failure]
                 self.history[failure.failure] = self.history.get(failure.failure, 0.0) + error
+                self.history_margins[failure.failure] = failure.rank(failure.failure)[1]
             self.history = {label: score for label, score in self.history.items() if score > 1e-6}
+            self.history_margins = {label: m for label, m in self.history_margins.items() if label in self.history}
         self.failures = []
         self.version += 1
+
+    def history_order(self) -> list:
+        """The history's classes, most-failed first: descending score, then lowest margin.
+
+        Example::
+
+            tracker.history_order()[:5]  # the classes a hard task fills up from first
+        """
+        return sorted(self.history, key=lambda label: (-self.history[label], self.history_margins[label], repr(label)))
 
     def state_dict(self) -> dict:
         """The tracker's state in plain Python types, for a checkpoint (``torch.save`` with weights_only)."""
         return {
-            "failures": [(f.accuracies, f.failure, f.failure_indices) for f in self.failures],
+            "failures": [(f.accuracies, f.failure, f.failure_indices, f.margins) for f in self.failures],
             "history": dict(self.history),
+            "history_margins": dict(self.history_margins),
             "version": self.version,
             "rng": self.rng.getstate(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`'s output, e.g. when a run resumes from a checkpoint."""
-        self.failures = [TaskAccuracy(dict(acc), failure, indices) for acc, failure, indices in state["failures"]]
+        self.failures = [
+            TaskAccuracy(dict(acc), failure, indices, None if margins is None else dict(margins))
+            for acc, failure, indices, margins in state["failures"]
+        ]
         self.history = dict(state["history"])
+        self.history_margins = dict(state["history_margins"])
         self.version = state["version"]
         self.rng.setstate(state["rng"])
 
@@ -197,7 +238,7 @@ class ClassAccuracyTracker:
         targets: torch.Tensor,
         indices: Optional[Sequence[int]] = None,
     ) -> TaskAccuracy:
-        """Store each class's query accuracy in one task and return it with the failure class."""
+        """Store each class's query accuracy (and margin, given logits) in one task; return them and the failure."""
         classes = _as_label_list(classes)
         unknown = [label for label in classes if label not in self.labels]
         if unknown:
@@ -209,8 +250,15 @@ class ClassAccuracyTracker:
             raise ValueError(f"classes {classes} has duplicates: give one data-set label per task label")
         targets = torch.as_tensor(targets).long().reshape(-1)
         predictions = torch.as_tensor(predictions_or_logits).detach()
+        logits = None
         if predictions.dim() == 2:
-            predictions = predictions.argmax(dim=1)
+            if predictions.shape[1] != len(classes):
+                raise ValueError(
+                    f"logits have {predictions.shape[1]} columns for {len(classes)} classes: pass the "
+                    f"query logits of this task (one column per entry of classes)"
+                )
+            logits = predictions.float()
+            predictions = logits.argmax(dim=1)
         predictions = predictions.long().reshape(-1)
         if len(predictions) != len(targets):
             raise ValueError(
@@ -228,12 +276,22 @@ class ClassAccuracyTracker:
             members = targets == j
             if members.any():
                 accuracies[label] = (predictions[members] == j).float().mean().item()
-        lowest = min(accuracies.values())
-        failure = self.rng.choice([label for label, acc in accuracies.items() if acc == lowest])
-        result = TaskAccuracy(accuracies, failure, self._indices_of(failure, classes, indices))
+        margins = None if logits is None else self._margins(logits, targets, classes)
+        scored = TaskAccuracy(accuracies, failure=None, margins=margins)
+        lowest = min(map(scored.rank, accuracies))
+        # Exact ties go to the seeded generator: with logits they (almost) never happen.
+        failure = self.rng.choice([label for label in accuracies if scored.rank(label) == lowest])
+        result = replace(scored, failure=failure, failure_indices=self._indices_of(failure, classes, indices))
         self.failures.append(result)
         self.version += 1
         return result
+
+    @staticmethod
+    def _margins(logits: torch.Tensor, targets: torch.Tensor, classes: list) -> dict:
+        true = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+        best_other = logits.scatter(1, targets.unsqueeze(1), -math.inf).max(dim=1).values
+        margin = true - best_other
+        return {label: margin[targets == j].mean().item() for j, label in enumerate(classes) if (targets == j).any()}
 
     def _indices_of(self, failure, classes: list, indices: Optional[Sequence[int]]) -> Optional[tuple]:
         if indices is None:
@@ -274,14 +332,19 @@ class HardTaskTransform:
     ``mode="resample"`` (the variant the paper found better) keeps all images of
     the chosen failure classes for the next transform (``KShots``) to draw from;
     ``mode="reuse"`` keeps exactly the images the failure class had in its failed
-    task (record them with ``tracker.record(..., indices=task.indices)``). With more
-    than ``n`` distinct failure classes, the ``n`` with the lowest accuracy are kept
-    (ties drawn at random); with fewer, the task is filled up from the tracker's
-    history (if it keeps one, weighted by score), then uniformly from the other
-    classes, without duplicates. Fill-up classes get fresh images in both modes.
-    A class that failed in several tasks reuses the images of its worst one. With no failure and no history it samples exactly like
-    ``mtl_plugin.tasks.NWays`` with the same generator. If a transform runs before
-    it, only the classes and images of the incoming description are used.
+    task (record them with ``tracker.record(..., indices=task.indices)``).
+
+    The ``n`` classes are this meta-batch's failure classes, worst first (lowest
+    accuracy, then lowest margin); with fewer than ``n`` of them, the task fills
+    up from the tracker's history in :meth:`ClassAccuracyTracker.history_order`
+    (most-failed first), and only once no scored class is left, uniformly at
+    random from the other classes; never with duplicates. The choice is
+    deterministic wherever the tracker got logits: the random draw only fills
+    what no failure can. Fill-up classes get fresh images in both modes. A class
+    that failed in several tasks reuses the images of its worst one. With no
+    failure and no history it samples exactly like ``mtl_plugin.tasks.NWays``
+    with the same generator. If a transform runs before it, only the classes and
+    images of the incoming description are used.
 
     Example::
 
@@ -362,25 +425,20 @@ class HardTaskTransform:
 
     def _choose_classes(self, by_failure: dict, available: set) -> list:
         failed = sorted(by_failure, key=repr)
-        if len(failed) >= self.n:
-            # Keep the n worst; the shuffle breaks ties so that equally bad classes take turns.
+        if any(f.margins is None for failures in by_failure.values() for f in failures):
+            # Without margins equally bad classes would always come in the same order: let them take turns.
             self.rng.shuffle(failed)
-            failed.sort(key=lambda label: min(f.accuracies[label] for f in by_failure[label]))
-            return failed[: self.n]
-        chosen = list(failed)
-        remembered = sorted((label for label in self.tracker.history if label in available), key=repr)
-        remembered = [label for label in remembered if label not in by_failure]
-        while remembered and len(chosen) < self.n:
-            weights = [self.tracker.history[label] for label in remembered]
-            pick = self.rng.choices(range(len(remembered)), weights=weights)[0]
-            chosen.append(remembered.pop(pick))
+        failed.sort(key=lambda label: min(f.rank(label) for f in by_failure[label]))
+        chosen = failed[: self.n]
+        remembered = [label for label in self.tracker.history_order() if label in available and label not in chosen]
+        chosen += remembered[: self.n - len(chosen)]
         others = sorted(available - set(chosen), key=repr)
         return chosen + self.rng.sample(others, k=self.n - len(chosen))
 
     @staticmethod
     def _failed_indices(failures: list) -> tuple:
         # The worst instance of a class that failed several times is the hardest to reuse.
-        worst = min(failures, key=lambda f: f.accuracies[f.failure])
+        worst = min(failures, key=lambda f: f.rank(f.failure))
         if worst.failure_indices is None:
             raise ValueError(
                 f"mode='reuse' needs the images of the failed task of class {worst.failure!r}: "

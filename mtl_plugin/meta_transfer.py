@@ -9,6 +9,11 @@ parameters (Φ) at ``encoder_lr`` and θ at ``head_lr``, second order unless
 ``first_order``. :func:`meta_train` is the long-run loop: optional hard-task
 meta-batch, validation, best/last checkpoints, metrics CSV and curve, resume.
 
+The head's starting point (``head_init``) is by default built from each task's
+support set, so that it does not depend on the arbitrary order of a task's
+labels (see :class:`MetaTrainConfig`); ``"kaiming"`` is the official code's
+per-label-position θ, kept for comparison.
+
 Example::
 
     learner = MetaTransferLearner(SSAdapter(pretrained_backbone), ways=5)
@@ -21,17 +26,20 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 import learn2learn as l2l
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.io import atomic_save_figure
+from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.run_log import (
     NonFiniteLossError,
     RunLog,
@@ -43,6 +51,7 @@ from mtl_plugin.run_log import (
 from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape, split_support_query
 
 __all__ = [
+    "HEAD_INITS",
     "AdaptedHead",
     "MetaStepResult",
     "MetaTrainConfig",
@@ -50,9 +59,11 @@ __all__ = [
     "MetaTransferLearner",
     "load_learner_state",
     "meta_train",
+    "plot_meta_curves",
 ]
 
 CHECKPOINT_KIND = "meta-transfer"
+HEAD_INITS = ("prototype", "kaiming")
 
 
 @dataclass
@@ -70,7 +81,28 @@ class MetaTrainConfig:
       (the PyTorch port is first order; ``first_order=True`` reproduces it).
     * ``meta_batch`` 2 normal tasks per iteration, and with ``hard_tasks`` 2
       (``hard_meta_batch``) hard tasks after them: Algorithm 2 with k = k'.
+      ``hard_history_decay`` 0.9 keeps failure classes across meta-batches so
+      that a hard N-way task is made of N failure classes
+      (:class:`~mtl_plugin.hard_tasks.ClassAccuracyTracker`).
     * validation on 600 val tasks every 100 iterations keeps the best checkpoint.
+
+    ``head_init`` departs from the official code on purpose. Its θ = (W, b) is
+    one Kaiming-initialised row per label *position*, but a task's labels are
+    a random permutation of its classes, so the row that label 2 meets is
+    unrelated to the class it stands for: the class-specific part of θ is noise
+    and only its class-symmetric part can be meta-learned (0 inner steps give
+    chance accuracy), and that part cancels in the softmax. ``"prototype"`` (the
+    default) starts each task's head from its support set's class means c_k in
+    the Proto-MAML form W_k = 2·(d⊙c_k)/s², b_k = -(d⊙c_k)·c_k/s²: before any
+    inner step its logits are -Σ_i d_i (x_i - c_ki)²/s² up to a per-query
+    constant, i.e. nearest-class-mean whatever the label order. s², the support
+    features' mean squared distance to their mean, fixes the logits' scale per
+    task: without it the raw distances of well-pretrained features gave query
+    losses near 17 and meta-training made Φ worse. θ is the label-independent
+    per-feature weighting d (initialised to 1, meta-learned at ``head_lr``; it
+    also sets the temperature), and the meta-gradient reaches Φ through the
+    class means as well as through the query features. ``"kaiming"`` is the
+    official code's θ.
 
     Example::
 
@@ -93,6 +125,8 @@ class MetaTrainConfig:
     hard_tasks: bool = False
     hard_meta_batch: int = 2
     hard_task_mode: str = "resample"
+    hard_history_decay: Optional[float] = 0.9
+    head_init: str = "prototype"
     val_every: int = 100
     val_tasks: int = 600
     checkpoint_every: int = 100
@@ -112,6 +146,12 @@ class MetaTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.hard_task_mode not in ("resample", "reuse"):
             raise ValueError(f"hard_task_mode={self.hard_task_mode!r} must be 'resample' or 'reuse'")
+        if self.hard_history_decay is not None and not 0.0 <= self.hard_history_decay < 1.0:
+            raise ValueError(
+                f"hard_history_decay={self.hard_history_decay} must be in [0, 1), or None to keep no history"
+            )
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={self.head_init!r} is unknown; use one of {HEAD_INITS}")
 
 
 @dataclass
@@ -133,17 +173,36 @@ class AdaptedHead:
 
 @dataclass
 class MetaStepResult:
-    """Mean query loss and accuracy (%) of one meta-batch, and its number of tasks.
+    """Mean query loss and accuracy (%) of one meta-batch, its number of tasks, and each task's accuracy.
+
+    ``task_accuracies[i]`` is the query accuracy (%) of the i-th task and
+    ``hard[i]`` whether it was a hard task (a task with a true ``hard`` attribute).
 
     Example::
 
         result = learner.meta_train_step(tasks)
-        print(result.loss, result.accuracy)
+        print(result.loss, result.accuracy, result.normal_accuracy, result.hard_accuracy)
     """
 
     loss: float
     accuracy: float
     tasks: int
+    task_accuracies: List[float] = field(default_factory=list)
+    hard: List[bool] = field(default_factory=list)
+
+    @property
+    def normal_accuracy(self) -> float:
+        """Mean query accuracy (%) of the normal tasks; NaN if there were none."""
+        return _mean([a for a, hard in zip(self.task_accuracies, self.hard) if not hard])
+
+    @property
+    def hard_accuracy(self) -> float:
+        """Mean query accuracy (%) of the hard tasks; NaN if there were none."""
+        return _mean([a for a, hard in zip(self.task_accuracies, self.hard) if hard])
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def _feature_dim(encoder: nn.Module) -> Optional[int]:
@@ -173,6 +232,9 @@ class MetaTransferLearner(nn.Module):
 
     ``encoder`` is usually ``SSAdapter(pretrained_backbone)`` (only Φ trainable);
     a plain backbone gives the "train from scratch" ablation (all weights learned).
+    θ is ``head_metric`` (d) with ``config.head_init="prototype"``, from which each
+    task's head starts at its support set's class means (any number of classes),
+    or ``head_weight`` and ``head_bias`` with ``"kaiming"`` (a ``ways``-way head).
     The learner owns its Adam optimiser and step schedule (``optimizer``,
     ``scheduler``) so that :meth:`meta_train_step` is one call in any loop; use
     :meth:`task_loss` with ``meta_parameters()`` to drive your own optimiser.
@@ -202,17 +264,20 @@ class MetaTransferLearner(nn.Module):
             )
         self.encoder = encoder
         self.ways = ways
-        generator = torch.Generator().manual_seed(self.config.seed)
-        weight = torch.empty(ways, feature_dim)
-        # The official code's head initialisation: Kaiming-normal weights, zero bias.
-        nn.init.kaiming_normal_(weight, generator=generator)
-        self.head_weight = nn.Parameter(weight)
-        self.head_bias = nn.Parameter(torch.zeros(ways))
+        if self.config.head_init == "prototype":
+            self.head_metric = nn.Parameter(torch.ones(feature_dim))
+        else:
+            generator = torch.Generator().manual_seed(self.config.seed)
+            weight = torch.empty(ways, feature_dim)
+            # The official code's head initialisation: Kaiming-normal weights, zero bias.
+            nn.init.kaiming_normal_(weight, generator=generator)
+            self.head_weight = nn.Parameter(weight)
+            self.head_bias = nn.Parameter(torch.zeros(ways))
         groups = []
         encoder_parameters = [p for p in encoder.parameters() if p.requires_grad]
         if encoder_parameters:
             groups.append({"params": encoder_parameters, "lr": self.config.encoder_lr})
-        groups.append({"params": [self.head_weight, self.head_bias], "lr": self.config.head_lr})
+        groups.append({"params": self.head_parameters(), "lr": self.config.head_lr})
         self.optimizer = torch.optim.Adam(groups)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=self.config.lr_step, gamma=self.config.lr_gamma
@@ -220,11 +285,62 @@ class MetaTransferLearner(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.head_weight.device
+        return self.head_parameters()[0].device
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """θ: ``[head_metric]`` (prototype init) or ``[head_weight, head_bias]`` (Kaiming init)."""
+        if self.config.head_init == "prototype":
+            return [self.head_metric]
+        return [self.head_weight, self.head_bias]
 
     def meta_parameters(self) -> List[nn.Parameter]:
-        """What the outer loop learns: the encoder's trainable parameters, then θ = (W, b)."""
-        return [p for p in self.encoder.parameters() if p.requires_grad] + [self.head_weight, self.head_bias]
+        """What the outer loop learns: the encoder's trainable parameters, then θ."""
+        return [p for p in self.encoder.parameters() if p.requires_grad] + self.head_parameters()
+
+    def initial_head(self, features: torch.Tensor, labels: torch.Tensor, ways: Optional[int] = None) -> AdaptedHead:
+        """The head a task's inner loop starts from, on its support ``features`` and ``labels``.
+
+        Args:
+            features: support features, shape (n, feature_dim).
+            labels: their task labels, 0..ways-1.
+            ways: the task's number of classes; default: the head's for Kaiming,
+                ``labels.max() + 1`` for the prototype init.
+
+        Returns:
+            With the prototype init, W_k = 2·(d⊙c_k)/s², b_k = -(d⊙c_k)·c_k/s² from
+            the class means c_k and the support features' mean squared distance s²
+            to their mean (a constant of the task), differentiable with respect to
+            d and the features; with Kaiming, θ itself.
+
+        Raises:
+            ValueError: if a label is out of range, or a class has no support sample.
+
+        Example::
+
+            head = learner.initial_head(learner.features(support_x), support_y)
+            predictions = head(learner.features(query_x)).argmax(1)  # nearest class mean
+        """
+        labels = labels.to(self.device).long()
+        if self.config.head_init == "kaiming":
+            ways = self.ways if ways is None else ways
+            if ways != self.ways:
+                raise ValueError(f"this learner's head is {self.ways}-way; the task is {ways}-way")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.ways):
+                raise ValueError(f"support labels must be in 0..{self.ways - 1} for a {self.ways}-way head")
+            return AdaptedHead(self.head_weight, self.head_bias)
+        if not labels.numel():
+            raise ValueError("the support set is empty: the prototype head init needs a sample of every class")
+        ways = int(labels.max()) + 1 if ways is None else ways
+        if labels.min() < 0:
+            raise ValueError(f"support labels must be in 0..{ways - 1}, not negative")
+        means = class_prototypes(features, labels, ways)
+        # Raw squared distances grow with the features' magnitude: on a well-pretrained Conv4 the first
+        # query losses were near 17, and their gradients wrecked Φ while d was still shrinking. Dividing
+        # by the support set's spread (label-free, a constant of the task) starts every task at logit
+        # margins of a few units, whatever the features' scale.
+        spread = (features - features.mean(dim=0)).pow(2).sum(dim=1).mean().detach().clamp_min(1e-8)
+        weighted = self.head_metric * means / spread
+        return AdaptedHead(2 * weighted, -(weighted * means).sum(dim=1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's flat features of a batch of images."""
@@ -236,12 +352,14 @@ class MetaTransferLearner(nn.Module):
         labels: torch.Tensor,
         steps: Optional[int] = None,
         first_order: Optional[bool] = None,
+        ways: Optional[int] = None,
     ) -> AdaptedHead:
-        """Adapt θ on support ``features`` by ``steps`` gradient steps at ``inner_lr``.
+        """Adapt the head from :meth:`initial_head` on support ``features`` by ``steps`` steps at ``inner_lr``.
 
         With gradients enabled the result stays differentiable with respect to θ
-        and (second order) to the features; under ``torch.no_grad()`` it is a
-        plain, detached fine-tuning of the head.
+        and to the features: through the class means of the prototype init, and
+        (second order) through the inner-loop gradients. Under ``torch.no_grad()``
+        it is a plain, detached fine-tuning of the head.
 
         Example::
 
@@ -250,19 +368,21 @@ class MetaTransferLearner(nn.Module):
         steps = self.config.inner_steps if steps is None else steps
         first_order = self.config.first_order if first_order is None else first_order
         labels = labels.to(self.device).long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.ways):
-            raise ValueError(f"support labels must be in 0..{self.ways - 1} for a {self.ways}-way head")
         if not torch.is_grad_enabled():
             with torch.enable_grad():
-                head = self._inner_loop(features.detach(), labels, steps, differentiable=False, first_order=True)
+                features = features.detach()
+                start = self.initial_head(features, labels, ways)
+                head = self._inner_loop(start, features, labels, steps, differentiable=False, first_order=True)
             return AdaptedHead(head.weight.detach(), head.bias.detach())
+        start = self.initial_head(features, labels, ways)
         if first_order:
-            # A first-order inner loop drops the support features' path to Φ anyway.
+            # First order drops the inner-loop gradients' path to Φ; the start keeps its own.
             features = features.detach()
-        return self._inner_loop(features, labels, steps, differentiable=True, first_order=first_order)
+        return self._inner_loop(start, features, labels, steps, differentiable=True, first_order=first_order)
 
-    def _inner_loop(self, features, labels, steps, differentiable: bool, first_order: bool) -> AdaptedHead:
-        weight, bias = self.head_weight, self.head_bias
+    def _inner_loop(self, start: AdaptedHead, features, labels, steps, differentiable: bool,
+                    first_order: bool) -> AdaptedHead:
+        weight, bias = start.weight, start.bias
         if not differentiable:
             weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
         for _ in range(steps):
@@ -280,6 +400,7 @@ class MetaTransferLearner(nn.Module):
         support_y: torch.Tensor,
         steps: Optional[int] = None,
         first_order: Optional[bool] = None,
+        ways: Optional[int] = None,
     ) -> AdaptedHead:
         """Encode the support images once and adapt θ on them (see :meth:`adapt_features`).
 
@@ -288,7 +409,7 @@ class MetaTransferLearner(nn.Module):
             head = learner.adapt(support_x, support_y)
             loss = F.cross_entropy(head(learner.features(query_x)), query_y)
         """
-        return self.adapt_features(self.features(support_x), support_y, steps, first_order)
+        return self.adapt_features(self.features(support_x), support_y, steps, first_order, ways)
 
     def task_loss(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor
@@ -329,7 +450,7 @@ class MetaTransferLearner(nn.Module):
         """
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, accuracies = [], []
+        losses, accuracies, hard = [], [], []
         for task in tasks:
             support_x, support_y, query_x, query_y = _support_query(task, self.config.shots)
             loss, logits = self.task_loss(support_x, support_y, query_x, query_y)
@@ -344,6 +465,7 @@ class MetaTransferLearner(nn.Module):
             query_y = query_y.to(self.device)
             losses.append(loss.item())
             accuracies.append(100.0 * (logits.argmax(dim=1) == query_y).float().mean().item())
+            hard.append(bool(getattr(task, "hard", False)))
             if on_task is not None:
                 on_task(task, logits.detach(), query_y)
         if not losses:
@@ -352,24 +474,24 @@ class MetaTransferLearner(nn.Module):
             if parameter.grad is not None:
                 parameter.grad /= len(losses)
         self.optimizer.step()
-        return MetaStepResult(sum(losses) / len(losses), sum(accuracies) / len(accuracies), len(losses))
+        return MetaStepResult(_mean(losses), _mean(accuracies), len(losses), accuracies, hard)
 
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
     ) -> torch.Tensor:
-        """Adapt θ on the support set for ``test_inner_steps`` and return query logits.
+        """Adapt the head on the support set for ``test_inner_steps`` and return query logits.
+
+        The prototype init takes any ``ways``; a Kaiming head only its own.
 
         Example::
 
             logits = learner.predict(support_x, support_y, query_x, ways=5)
         """
-        if ways != self.ways:
-            raise ValueError(f"this learner's head is {self.ways}-way; the task is {ways}-way")
         was_training = self.encoder.training
         self.encoder.eval()
         try:
             with torch.no_grad():
-                head = self.adapt(support_x, support_y, steps=self.config.test_inner_steps)
+                head = self.adapt(support_x, support_y, steps=self.config.test_inner_steps, ways=ways)
                 return head(self.features(query_x))
         finally:
             self.encoder.train(was_training)
@@ -437,7 +559,8 @@ class _TaskStream:
         self.sampler = None
         if config.hard_tasks:
             meta_dataset = self.tasks.dataset
-            self.tracker = ClassAccuracyTracker(meta_dataset, seed=random.Random(config.seed + 1))
+            self.tracker = ClassAccuracyTracker(meta_dataset, seed=random.Random(config.seed + 1),
+                                                history_decay=config.hard_history_decay)
             hard_rng = random.Random(config.seed + 2)
             hard_tasks = l2l.data.Taskset(
                 meta_dataset,
@@ -488,8 +611,11 @@ def meta_train(
 ) -> MetaTrainResult:
     """Meta-train ``learner`` on ``benchmark.train``, validating on ``benchmark.val``.
 
-    Writes ``metrics.csv`` (one row per iteration, validation columns every
-    ``val_every``), ``curve.png`` (validation accuracy), ``best.pt`` and
+    Writes ``metrics.csv`` (one row per iteration: loss, accuracy, the accuracy
+    of the normal and of the hard tasks (NaN without hard tasks), and validation
+    columns every ``val_every``), ``curve.png`` (:func:`plot_meta_curves`: the
+    validation accuracy and the normal against the hard tasks' training
+    accuracy), ``best.pt`` and
     ``last.pt`` (every ``checkpoint_every`` iterations) into ``out_dir``. With
     ``resume=True`` a run killed at any point continues from ``last.pt`` and ends
     in the state an uninterrupted run reaches. ``model_info`` (e.g. the backbone
@@ -534,6 +660,7 @@ def meta_train(
             ) from error
         learner.scheduler.step()
         row = {"iteration": iteration, "loss": step.loss, "accuracy": step.accuracy,
+               "normal_accuracy": step.normal_accuracy, "hard_accuracy": step.hard_accuracy,
                "encoder_lr": learner.optimizer.param_groups[0]["lr"],
                "val_accuracy": math.nan, "val_ci95": math.nan}
         if iteration % config.val_every == 0 or iteration == config.iterations:
@@ -558,9 +685,55 @@ def meta_train(
                  "metrics": log.rows},
                 log.last_path,
             )
-            log.write(curve=("iteration", "val_accuracy"))
+            log.write()
+            plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
             last_saved = iteration
     if log.best_path.is_file():
         best = load_checkpoint(log.best_path, map_location=learner.device)
         load_learner_state(learner, best["learner"], str(log.best_path))
     return MetaTrainResult(Path(out_dir), config.iterations, best_accuracy, best_iteration)
+
+
+def plot_meta_curves(runs: List[Tuple[str, pd.DataFrame]], path: Union[str, Path], title: str = "") -> None:
+    """Draw meta-training curves: validation accuracy, and normal against hard tasks' training accuracy.
+
+    Args:
+        runs: ``(label, metrics)`` pairs, ``metrics`` as :func:`meta_train` writes
+            ``metrics.csv``; the label names the run in the legend ("" for one run).
+        path: the PNG to write (atomically).
+        title: the figure's title.
+
+    The training accuracies are running means over ``max(5, iterations // 20)``
+    iterations: one meta-batch's few tasks make the raw curve too noisy to read.
+
+    Example::
+
+        plot_meta_curves([("mtl", pd.read_csv("a/metrics.csv")), ("mtl-ht", pd.read_csv("b/metrics.csv"))],
+                         "mtl-vs-mtl-ht.png")
+    """
+    # The Figure API needs no pyplot backend: headless, and the caller's backend is left alone.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4))
+    validation, training = figure.subplots(1, 2)
+    for index, (label, frame) in enumerate(runs):
+        color = f"C{index}"
+        prefix = f"{label} " if label else ""
+        val = frame.dropna(subset=["val_accuracy"])
+        validation.plot(val["iteration"], val["val_accuracy"], marker="o", color=color, label=label or None)
+        window = max(5, len(frame) // 20)
+        for column, style in (("normal_accuracy", "-"), ("hard_accuracy", "--")):
+            if column in frame and frame[column].notna().any():
+                smooth = frame[column].rolling(window, min_periods=1).mean()
+                training.plot(frame["iteration"], smooth, style, color=color,
+                              label=f"{prefix}{column.split('_')[0]} tasks")
+    validation.set_ylabel("validation accuracy (%)")
+    training.set_ylabel("training query accuracy (%), running mean")
+    for axis in (validation, training):
+        axis.set_xlabel("meta-training iteration")
+        axis.grid(True, alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    if title:
+        figure.suptitle(title)
+    atomic_save_figure(figure, path, dpi=100)

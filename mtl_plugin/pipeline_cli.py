@@ -16,18 +16,36 @@ from typing import Optional
 import click
 import torch
 
+from mtl_plugin.backbones import check_backbone
+from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
+from mtl_plugin.errors import (
+    Command,
+    DataError,
+    UsageError,
+    check_device,
+    check_output_dir,
+    check_output_file,
+    read_checkpoint,
+)
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_write_text
 from mtl_plugin.meta_transfer import (
     CHECKPOINT_KIND as META_KIND,
+    HEAD_INITS,
     MetaTrainConfig,
     MetaTransferLearner,
     load_learner_state,
     meta_train,
 )
 from mtl_plugin.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
-from mtl_plugin.pretrain import PretrainConfig, build_pretrained, pretrain
-from mtl_plugin.run_log import NonFiniteLossError, load_checkpoint
+from mtl_plugin.pretrain import (
+    PretrainConfig,
+    build_pretrained,
+    check_backbone_fits,
+    check_pretrain_checkpoint,
+    pretrain,
+    run_config,
+)
 from mtl_plugin.ss import SSAdapter
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
@@ -55,38 +73,48 @@ def _overrides(config_class, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in names and v is not None}
 
 
-@click.command("pretrain")
+@click.command("pretrain", cls=Command)
 @_data_options
-@click.option("--backbone", default="resnet12", show_default=True, help="resnet12, conv4, resnet18-small, ...")
-@click.option("--epochs", type=int, default=None, help="Default 110 (official code).")
-@click.option("--batch-size", type=int, default=None, help="Default 128.")
-@click.option("--lr", type=float, default=None, help="Default 0.1 (SGD, Nesterov).")
-@click.option("--weight-decay", type=float, default=None, help="Default 5e-4.")
+@click.option("--backbone", default=None, help="resnet12 (default), conv4, resnet18-small, ...")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default 110 (official code).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default 128.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default 0.1 (SGD, Nesterov).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default 5e-4.")
 @click.option("--schedule", type=click.Choice(["step", "cosine"]), default=None, help="Default step (x0.2/30 ep).")
-@click.option("--steps-per-epoch", type=int, default=None, help="Cap on the steps of an epoch.")
-@click.option("--val-tasks", type=int, default=None, help="Validation tasks per epoch (default 600).")
-@click.option("--val-ways", type=int, default=None, help="Default 5.")
-@click.option("--val-shots", type=int, default=None, help="Default 1.")
-@click.option("--val-queries", type=int, default=None, help="Default 15.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on the steps of an epoch.")
+@click.option("--val-tasks", type=click.IntRange(min=1), default=None, help="Validation tasks per epoch (default 600).")
+@click.option("--val-ways", type=click.IntRange(min=2), default=None, help="Default 5.")
+@click.option("--val-shots", type=click.IntRange(min=1), default=None, help="Default 1.")
+@click.option("--val-queries", type=click.IntRange(min=1), default=None, help="Default 15.")
+@click.option("--seed", type=int, default=None, help="Default 0.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue the run in --out.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out (a finished one is reused); a --lr given here replaces the saved one.")
+@click.option("--overwrite", is_flag=True, help="Delete the run in --out and train anew.")
+@click.option("--override", is_flag=True, help="With --resume: continue under flags that differ from the saved run's.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def pretrain_command(data, root, image_size, data_seed, device, out, resume, quiet, **values) -> None:
+def pretrain_command(data, root, image_size, data_seed, device, out, resume, overwrite, override, quiet,
+                     **values) -> None:
     """Train backbone + linear head on all meta-train classes; keep the best backbone (head dropped)."""
-    config = PretrainConfig(**_overrides(PretrainConfig, values))
+    device = check_device(device)
+    if override and not resume:
+        raise UsageError("--override applies to a resumed run: pass it with --resume")
+    # With --resume, flags not given keep the saved run's values.
+    config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
+    check_backbone(config.backbone, image_size_of(data, image_size))
+    check_output_dir(out)
     bench = _benchmark(data, root, image_size, data_seed)
-    try:
-        pretrain(bench, config, out, device=device, resume=resume, progress=not quiet)
-    except (NonFiniteLossError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    check_tasks(bench, config.val_ways, config.val_shots + config.val_queries, splits=("val",))
+    pretrain(bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override,
+             progress=not quiet)
     click.echo(f"best backbone: {Path(out) / 'best.pt'}")
 
 
 def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLearner:
     """Rebuild the learner a meta-train checkpoint was written by, with its weights."""
     info = checkpoint["model"]
-    config = MetaTrainConfig(**checkpoint["config"])
+    # Checkpoints written before head_init existed hold the official code's Kaiming head.
+    config = MetaTrainConfig(**{"head_init": "kaiming", **checkpoint["config"]})
     backbone = build_pretrained(info)
     encoder = SSAdapter(backbone, info["granularity"], info["bn"]) if info.get("encoder") == "ss" else backbone
     learner = MetaTransferLearner(encoder, config.ways, config)
@@ -94,21 +122,24 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
     return learner.to(device)
 
 
-@click.command("meta-train")
+@click.command("meta-train", cls=Command)
 @_data_options
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
               help="best.pt of mtl pretrain. Without it: the scratch ablation (random backbone, all weights learned).")
 @click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
 @click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True)
-@click.option("--ways", type=int, default=None)
-@click.option("--shots", type=int, default=None)
-@click.option("--queries", type=int, default=None)
+@click.option("--ways", type=click.IntRange(min=2), default=None, help="Default 5.")
+@click.option("--shots", type=click.IntRange(min=1), default=None, help="Default 1.")
+@click.option("--queries", type=click.IntRange(min=1), default=None, help="Default 15.")
 @click.option("--inner-steps", type=int, default=None, help="Default 20 (100 at test time).")
 @click.option("--test-inner-steps", type=int, default=None)
 @click.option("--inner-lr", type=float, default=None, help="Default 0.01.")
 @click.option("--encoder-lr", type=float, default=None, help="Adam lr of SS (Φ); default 1e-4.")
 @click.option("--head-lr", type=float, default=None, help="Adam lr of the head init θ; default 1e-3.")
 @click.option("--first-order", is_flag=True, default=None, help="Drop second-order terms of the meta-gradient.")
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
+              help="Where each task's head starts: prototype (default; its support set's class means, "
+                   "whatever the label order) or kaiming (the official code's per-label θ).")
 @click.option("--iterations", type=int, default=None, help="Default 10000.")
 @click.option("--meta-batch", type=int, default=None, help="Normal tasks per iteration (default 2).")
 @click.option("--hard-tasks", is_flag=True, default=None, help="Add the hard-task meta-batch.")
@@ -124,40 +155,53 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 def meta_train_command(data, root, image_size, data_seed, device, pretrained, backbone, granularity,
                        out, resume, quiet, **values) -> None:
     """Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."""
-    config = MetaTrainConfig(**_overrides(MetaTrainConfig, values))
-    bench = _benchmark(data, root, image_size, data_seed)
+    device = check_device(device)
+    try:
+        config = MetaTrainConfig(**_overrides(MetaTrainConfig, values))
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     if pretrained:
-        state = load_checkpoint(pretrained)
-        if state.get("kind") != PRETRAIN_KIND:
-            raise click.BadParameter(f"{pretrained} is not a checkpoint of mtl pretrain", param_hint="--pretrained")
+        state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained, "--pretrained")
+        # The backbone only fits images of the size it was trained on: that is the default.
+        image_size = state["model"]["image_size"] if image_size is None else image_size
+    else:
+        check_backbone(backbone, image_size_of(data, image_size))
+    check_output_dir(out)
+    bench = _benchmark(data, root, image_size, data_seed)
+    check_tasks(bench, config.ways, config.shots + config.queries, splits=("train", "val"))
+    if pretrained:
+        check_backbone_fits(state["model"], bench, pretrained, "--pretrained")
         info = dict(state["model"], encoder="ss", granularity=granularity, bn="frozen")
         model = build_pretrained(info)
         model.load_state_dict(state["backbone"])
         encoder = SSAdapter(model, granularity=granularity)
     else:
         info = {"backbone": backbone, "in_channels": bench.channels, "image_size": bench.image_size,
-                "encoder": "scratch"}
+                "data": benchmark_identity(bench), "encoder": "scratch"}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             encoder = build_pretrained(info)
     learner = MetaTransferLearner(encoder, config.ways, config).to(device)
     try:
         result = meta_train(learner, bench, out, resume=resume, progress=not quiet, model_info=info)
-    except (NonFiniteLossError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
+    except (UsageError, DataError):
+        raise
+    except ValueError as error:
+        # meta_train's own checks (e.g. a resume that does not fit the run in --out) raise plain ValueError.
+        raise DataError(str(error)) from error
     click.echo(f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
                f"{result.best_checkpoint}")
 
 
-@click.command("evaluate")
+@click.command("evaluate", cls=Command)
 @_data_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), required=True,
-              help="best.pt of mtl meta-train (or of mtl pretrain: a zero-initialised head is adapted).")
+              help="best.pt of mtl meta-train (or of mtl pretrain: a head started at the class means is adapted).")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@click.option("--ways", type=int, default=5, show_default=True)
-@click.option("--shots", type=int, default=1, show_default=True)
-@click.option("--queries", type=int, default=15, show_default=True)
-@click.option("--tasks", type=int, default=600, show_default=True)
+@click.option("--ways", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--shots", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--queries", type=click.IntRange(min=1), default=15, show_default=True)
+@click.option("--tasks", type=click.IntRange(min=1), default=600, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Task seed: same seed, same tasks.")
 @click.option("--inner-steps", type=int, default=None, help="Adaptation steps (default: the checkpoint's).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
@@ -165,29 +209,40 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
 def evaluate_command(data, root, image_size, data_seed, device, checkpoint, split, ways, shots, queries,
                      tasks, seed, inner_steps, out, quiet) -> None:
     """Mean accuracy ± 95% CI over seeded N-way K-shot tasks."""
-    state = load_checkpoint(checkpoint)
-    if state.get("kind") == META_KIND:
-        learner = _meta_learner(state, checkpoint, device)
-    elif state.get("kind") == PRETRAIN_KIND:
-        backbone = build_pretrained(state["model"])
+    device = check_device(device)
+    if out:
+        check_output_file(out)
+    state = read_checkpoint(checkpoint)
+    if state["kind"] == PRETRAIN_KIND:
+        check_pretrain_checkpoint(state, checkpoint)
+    elif state["kind"] != META_KIND:
+        raise DataError(f"--checkpoint {checkpoint}: a {state['kind']!r} checkpoint; give the best.pt of "
+                        f"mtl pretrain or mtl meta-train")
+    info = state["model"]
+    if "backbone" not in info:
+        raise DataError(f"--checkpoint {checkpoint} does not record its model (meta_train ran without "
+                        f"model_info); rebuild the learner in Python and load it with load_learner_state")
+    # The backbone only fits images of the size it was trained on: that is the default.
+    bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
+    check_backbone_fits(info, bench, checkpoint)
+    check_tasks(bench, ways, shots + queries, splits=(split,))
+    if state["kind"] == META_KIND:
+        try:
+            learner = _meta_learner(state, checkpoint, device)
+        except ValueError as error:
+            # load_learner_state names the first tensor of another architecture.
+            raise DataError(f"--checkpoint {error}") from error
+    else:
+        backbone = build_pretrained(info)
         backbone.load_state_dict(state["backbone"])
         learner = MetaTransferLearner(backbone.requires_grad_(False), ways, MetaTrainConfig(ways=ways)).to(device)
-        with torch.no_grad():
-            learner.head_weight.zero_()
-    else:
-        raise click.BadParameter(f"{checkpoint} is not a checkpoint of mtl pretrain or mtl meta-train",
-                                 param_hint="--checkpoint")
-    if learner.ways != ways:
+    if learner.config.head_init == "kaiming" and learner.ways != ways:
         raise click.BadParameter(f"{checkpoint} holds a {learner.ways}-way head; pass --ways {learner.ways}",
                                  param_hint="--ways")
     if inner_steps is not None:
         learner.config.test_inner_steps = inner_steps
-    bench = _benchmark(data, root, image_size, data_seed)
     config = EvaluationConfig(ways, shots, queries, tasks, seed)
-    try:
-        result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
+    result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
     click.echo(f"{split} {ways}-way {shots}-shot: {result}")
     if out:
         record = dict(result.as_dict(), checkpoint=str(checkpoint), split=split, ways=ways, shots=shots,

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from mtl_plugin import bench as bench_module
 from mtl_plugin.bench import BenchConfig, run_bench
 from mtl_plugin.cli import main
+from mtl_plugin.errors import UsageError
 from mtl_plugin.pretrain import PretrainConfig
 from mtl_plugin.published import PUBLISHED, published_accuracy
 
@@ -30,11 +31,13 @@ def data_home(tmp_path, monkeypatch):
 
 
 def test_bench_table_cells_and_files(data_home):
-    config = BenchConfig.quick(methods=("protonet", "finetune"), out=data_home / "out", **TINY)
+    config = BenchConfig.quick(methods=("protonet", "finetune", "cosine-finetune"), out=data_home / "out", **TINY)
     result = run_bench(config, echo=lambda line: None)
     table = result.table
-    assert list(table["method"]) == ["protonet", "finetune"]
-    assert set(table.columns) >= {"method", "backbone", "1-shot", "wall-clock (s)"}
+    assert list(table["method"]) == ["protonet", "finetune", "cosine-finetune"]
+    # The row that learns from the test queries says so.
+    assert list(table["setting"]) == ["inductive", "inductive", "transductive"]
+    assert set(table.columns) >= {"method", "backbone", "setting", "1-shot", "wall-clock (s)"}
     # kanji is not a standard benchmark: no published column.
     assert not any(c.startswith("published") for c in table.columns)
     for cell in table["1-shot"]:
@@ -105,9 +108,10 @@ def test_a_corrupt_cell_is_recomputed(data_home):
     config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **TINY)
     first = run_bench(config, echo=lambda line: None)
     (cell_path,) = (data_home / "out" / "cells").glob("protonet-5w1s-*.json")
+    results = first.files["csv"].read_bytes()
     cell_path.write_text('{"key": {"trunc')
     second = run_bench(config, echo=lambda line: None)
-    assert first.table.equals(second.table)
+    assert second.files["csv"].read_bytes() == results
     assert json.loads(cell_path.read_text())["tasks"] == 6
 
 
@@ -134,3 +138,27 @@ def test_bad_config():
     with pytest.raises(ValueError, match="test_tasks=1"):
         BenchConfig(test_tasks=1)
 
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(queries=50), "51"),
+    (dict(backbone="resnet999"), "resnet999"),
+    (dict(ways=31), "31"),
+])
+def test_bad_settings_fail_before_the_shared_pretraining(data_home, monkeypatch, change, message):
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("the settings must be checked before pretraining")
+
+    monkeypatch.setattr(bench_module, "pretrain", no_pretraining)
+    config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **{**TINY, **change})
+    with pytest.raises(ValueError, match=message):
+        run_bench(config, echo=lambda line: None)
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(data_home, monkeypatch):
+    monkeypatch.setattr(bench_module, "pretrain", lambda *a, **k: pytest.fail("pretrained before checking --out"))
+    blocker = data_home / "a-file"
+    blocker.write_text("")
+    config = BenchConfig.quick(methods=("protonet",), out=blocker / "out", **TINY)
+    with pytest.raises(UsageError, match="cannot write there"):
+        run_bench(config, echo=lambda line: None)

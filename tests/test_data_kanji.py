@@ -1,4 +1,8 @@
 """The kanji generator: deterministic, disjoint splits, cached with a checksum, usable as a benchmark."""
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,11 +11,21 @@ from click.testing import CliRunner
 from mtl_plugin.data import KanjiConfig, get_benchmark, load_kanji
 from mtl_plugin.data.cache import manifest_path
 from mtl_plugin.data.cli import data as data_cli
-from mtl_plugin.data.kanji import _cache_path, choose_classes, generate_kanji
+from mtl_plugin.data.kanji import (
+    STYLES,
+    _cache_path,
+    choose_classes,
+    generate_kanji,
+    kanji_strokes,
+    parse_strokes,
+    render_kanji,
+)
 from mtl_plugin.data.svg_path import flatten, parse_path
 
 
-SMALL = KanjiConfig(num_classes=30, instances=6)
+SMALL = KanjiConfig(num_classes=30, instances=6)  # the default style, wild
+# Everything the wild style adds to the clean one's kind of variation, switched off.
+NO_EXTRAS = dict(drop_stroke=0.0, ink=(1.0, 1.0), background=(0.0, 0.0), noise=0.0, clutter=0)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +59,103 @@ def test_same_seed_gives_byte_identical_arrays_whatever_the_worker_count(small):
     assert other.pixels.tobytes() != one.pixels[:6].tobytes()
 
 
-def test_images_are_strokes_on_black_and_writers_differ():
-    data = generate_kanji(KanjiConfig(num_classes=6, instances=3, image_size=32), workers=1, progress=False)
+def test_clean_images_are_strokes_on_black_and_writers_differ():
+    config = KanjiConfig(num_classes=6, instances=3, image_size=32, style="clean")
+    data = generate_kanji(config, workers=1, progress=False)
     assert data.pixels.shape == (6, 3, 32, 32)
     first = data.pixels[0].astype(int)
     assert first.max() == 255 and np.median(first) == 0
     # Anti-aliased: grey levels between ink and paper exist.
     assert ((first > 0) & (first < 255)).any()
     assert not np.array_equal(first[0], first[1])
+
+
+def test_clean_style_draws_the_first_generators_images():
+    data = generate_kanji(KanjiConfig(num_classes=6, instances=3, style="clean"), workers=1, progress=False)
+    # SHA-256 of the same configuration's pixels from GENERATOR_VERSION 1, the only style then.
+    assert hashlib.sha256(data.pixels.tobytes()).hexdigest() == (
+        "611cc8f398b5c31108ba9f5726ba5323bf5cb7b05a4d83e58b577f0206ff0d70"
+    )
+    bench = get_benchmark("kanji", num_classes=6, instances=3, style="clean", progress=False)
+    assert bench.test[0][0].mul(255).round().byte().numpy()[0].tobytes() == data.split_pixels("test")[0, 0].tobytes()
+
+
+def test_wild_style_differs_from_clean_with_light_strokes_on_a_dark_ground(small):
+    clean = generate_kanji(replace(SMALL, style="clean"), workers=1, progress=False)
+    assert small.code_points == clean.code_points
+    assert not np.array_equal(small.pixels, clean.pixels)
+    images = small.pixels.reshape(-1, 28 * 28).astype(int)
+    grounds, strokes = np.median(images, axis=1), np.percentile(images, 99, axis=1)
+    assert (strokes > grounds + 60).all()
+    # Paper brightness varies between writers; the clean style's paper is always black.
+    assert grounds.max() > 20 and np.median(clean.pixels) == 0
+
+
+def test_styles_are_presets_that_explicit_fields_override():
+    assert KanjiConfig(style="clean").resolved().stroke_width == STYLES["clean"]["stroke_width"]
+    assert KanjiConfig().resolved().clutter == STYLES["wild"]["clutter"]
+    assert replace(KanjiConfig(), style="clean").resolved() == KanjiConfig(style="clean").resolved()
+    assert KanjiConfig(clutter=0).resolved().clutter == 0
+    # Spelling out a style's own value names the same data set (and cache entry).
+    spelled = KanjiConfig(style="clean", stroke_width=STYLES["clean"]["stroke_width"])
+    assert _cache_path(spelled, Path("c")) == _cache_path(KanjiConfig(style="clean"), Path("c"))
+    # The wild style with its extras off is the clean drawing with the wild pose, pen and field.
+    pose = {k: v for k, v in STYLES["wild"].items() if k not in NO_EXTRAS}
+    tiny = dict(num_classes=5, instances=3)
+    wild = generate_kanji(KanjiConfig(**tiny, **NO_EXTRAS), workers=1, progress=False)
+    clean = generate_kanji(KanjiConfig(**tiny, style="clean", **pose), workers=1, progress=False)
+    assert wild.pixels.tobytes() == clean.pixels.tobytes()
+
+
+def _render(character: str, others, instances: int = 8, **fields):
+    strokes = parse_strokes(kanji_strokes(ord(character)))
+    config = KanjiConfig(**{**NO_EXTRAS, **fields})
+    return np.stack([render_kanji(strokes, np.random.default_rng(i), config, others) for i in range(instances)])
+
+
+def test_clutter_adds_faint_strokes_only_when_its_field_allows():
+    others = [parse_strokes(kanji_strokes(ord(c))) for c in "鬱曜"]
+    bare = _render("木", others)
+    cluttered = _render("木", others, clutter=3)
+    assert np.array_equal(_render("木", others, clutter=0), bare)
+    # Clutter lies behind the character: it only ever adds light, and fainter than the ink.
+    assert (cluttered >= bare).all() and (cluttered > bare).any()
+    assert cluttered[bare == 0].max() < 255
+    with pytest.raises(ValueError, match="clutter=3"):
+        _render("木", [], clutter=3)
+
+
+def test_dropped_strokes_follow_their_field_and_keep_most_of_the_kanji():
+    full = _render("木", [])
+    dropped = _render("木", [], drop_stroke=1.0)
+    assert (dropped <= full).all()
+    # 4 strokes: one at most is left out, so most of the ink stays.
+    assert (dropped.sum(axis=(1, 2)) < full.sum(axis=(1, 2))).all()
+    assert (dropped.sum(axis=(1, 2)) > 0.5 * full.sum(axis=(1, 2))).all()
+    # A kanji of 3 strokes or fewer keeps them all.
+    assert np.array_equal(_render("人", [], drop_stroke=1.0), _render("人", []))
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        (dict(style="fancy"), "style='fancy'"),
+        (dict(drop_stroke=1.5), "drop_stroke=1.5"),
+        (dict(clutter=-1), "clutter=-1"),
+        (dict(clutter=1.5), "clutter=1.5"),
+        (dict(noise=-0.1), "noise=-0.1"),
+        (dict(ink=(0.5, 1.5)), "ink="),
+        (dict(background=(0.3, 0.2)), "background="),
+        (dict(background=(0.0, 0.7)), "background="),
+        (dict(stroke_width=(0.0, 4.0)), "stroke_width="),
+        (dict(shift=-1.0), "shift=-1.0"),
+    ],
+)
+def test_bad_drawing_values_are_named(fields, name):
+    with pytest.raises(ValueError, match=name):
+        KanjiConfig(**fields)
+    with pytest.raises(ValueError, match=name):
+        get_benchmark("kanji", num_classes=6, instances=2, progress=False, **fields)
 
 
 def test_splits_are_disjoint_and_fixed_by_the_seed(small):
@@ -110,6 +213,9 @@ def test_cli_generates_and_writes_a_preview(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "12 classes" in result.output and out.stat().st_size > 0
+    result = CliRunner().invoke(data_cli, ["kanji", "--num-classes", "6", "--instances", "2", "--style", "clean",
+                                           "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0 and "kanji (clean)" in result.output
     result = CliRunner().invoke(data_cli, ["kanji", "--num-classes", "1", "--cache-dir", str(tmp_path)])
     assert result.exit_code != 0 and "num_classes=1" in result.output
 

@@ -55,6 +55,15 @@ def stub_logits(task, weak_class):
     return torch.nn.functional.one_hot(predictions, len(task.classes)).float(), yq
 
 
+def graded_logits(task, skill):
+    """Query logits of a model that knows class c with margin ``skill[c]`` (wrong where it is negative)."""
+    _, (_, yq) = split_support_query(task.data, task.labels, SHOTS)
+    margins = torch.tensor([skill[task.classes[y]] for y in yq.tolist()])
+    logits = torch.zeros(len(yq), len(task.classes))
+    logits[torch.arange(len(yq)), yq] = margins
+    return logits, yq
+
+
 def run(md, k, k_hard, meta_batches, weak_class=3, mode="resample", history_decay=None, seed=0):
     tracker = ClassAccuracyTracker(md, seed=seed, history_decay=history_decay)
     normal = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=seed)
@@ -80,6 +89,66 @@ def test_history_keeps_the_failed_class_between_meta_batches():
     # 20 classes and k=2: most meta-batches never see class 3, so only the history brings it back.
     hard = [task for task in run(make_dataset(20), k=2, k_hard=2, meta_batches=60, history_decay=0.9) if task.hard]
     assert sum(3 in task.classes for task in hard) / len(hard) >= 0.95
+
+
+def test_history_is_on_by_default():
+    assert ClassAccuracyTracker(make_dataset()).history_decay == 0.9
+
+
+def test_hard_tasks_are_made_of_n_failure_classes_once_enough_exist():
+    # 6 of 20 classes are always wrong (the more negative, the worse), the rest always right. Two normal
+    # tasks a meta-batch give at most 2 failure classes: the default history supplies the others.
+    md = make_dataset(20)
+    skill = {c: (c - 6.0 if c < 6 else 1.0 + c) for c in range(20)}
+    tracker = ClassAccuracyTracker(md, seed=0)
+    sampler = HardTaskMetaBatch(build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=0),
+                                hard_taskset(md, tracker), k=2, k_hard=2, seed=0)
+    weak_slots, checked = [], 0
+    for meta_batch in itertools.islice(sampler, 40):
+        for task in meta_batch.normal:
+            tracker.record(task.classes, *graded_logits(task, skill))
+        failure_classes = set(tracker.failure_classes) | set(tracker.history)
+        for task in meta_batch.hard():
+            weak_slots += [c < 6 for c in task.classes]
+            if len(failure_classes) >= 5:
+                assert set(task.classes) <= failure_classes  # no random class while N failure classes exist
+                checked += 1
+    assert checked >= 50
+    # A normal task's classes are 30% weak ones; the hard tasks' are mostly weak.
+    assert sum(weak_slots) / len(weak_slots) >= 0.7
+
+
+def test_failure_ties_are_broken_by_the_lowest_margin():
+    md = make_dataset()
+    failures = set()
+    for seed in range(10):
+        tracker = ClassAccuracyTracker(md, seed=seed)
+        # Every query right (a tie at 100%); class 7's queries win by the smallest margin.
+        logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.5, 0.2], [0.0, 0.0, 2.0], [2.5, 0.0, 0.0]])
+        result = tracker.record([4, 7, 9], logits, torch.tensor([0, 1, 2, 0]))
+        assert result.margins == pytest.approx({4: 2.75, 7: 0.3, 9: 2.0})
+        failures.add(result.failure)
+    assert failures == {7}
+
+
+def test_history_fills_up_by_descending_score_then_margin():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0, history_decay=0.5)
+    # (classes, predicted labels as logits, targets): each task's failure class and its error rate.
+    wrong = lambda n: torch.nn.functional.one_hot(torch.ones(n, dtype=torch.long), 2).float()  # noqa: E731
+    tracker.start_meta_batch()
+    tracker.record([1, 0], wrong(2), torch.tensor([0, 0]))      # class 1 fails, error 1
+    tracker.record([2, 0], wrong(2), torch.tensor([0, 0]))      # class 2 fails, error 1
+    tracker.start_meta_batch()
+    tracker.record([3, 0], wrong(2), torch.tensor([0, 0]))      # class 3 fails, error 1
+    tracker.record([1, 0], wrong(2), torch.tensor([0, 0]))      # class 1 again
+    tracker.start_meta_batch()                                  # scores: 1 -> 1.5, 3 -> 1, 2 -> 0.5
+    tracker.record([5, 0], torch.tensor([[0.0, 1.0], [0.0, 2.0]]), torch.tensor([0, 1]))  # class 5, error 1
+    assert tracker.history_order() == [1, 3, 2]
+    for seed in range(5):
+        description = HardTaskTransform(md, n=3, tracker=tracker, seed=seed)(None)
+        # This meta-batch's failure first, then the two highest scores: never a random class.
+        assert {md.indices_to_labels[dd.index] for dd in description} == {5, 1, 3}
 
 
 def test_tasks_are_loaded_as_described():
@@ -233,6 +302,7 @@ def test_task_classes_recovers_the_data_set_labels():
         (lambda md, t: t.record([1, 2], torch.tensor([0, 1]), torch.tensor([0, 2])), r"\[2\]"),
         (lambda md, t: t.record([1, 2], torch.tensor([0, 1]), torch.tensor([0, 1]), indices=[0]), "index 0"),
         (lambda md, t: ClassAccuracyTracker(md, history_decay=1.5), "1.5"),
+        (lambda md, t: t.record([1, 2], torch.zeros(2, 3), torch.tensor([0, 1])), "3 columns"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(build, name):
@@ -251,5 +321,6 @@ def test_state_dict_resumes_the_same_draws(tmp_path):
     resumed = ClassAccuracyTracker(md, seed=123, history_decay=0.5)
     resumed.load_state_dict(torch.load(tmp_path / "tracker.pt", weights_only=True))
     assert resumed.failures == tracker.failures and resumed.history == tracker.history
+    assert resumed.history_margins == tracker.history_margins
     draws = [HardTaskTransform(md, n=5, tracker=t, seed=1)(None) for t in (tracker, resumed)]
     assert [dd.index for dd in draws[0]] == [dd.index for dd in draws[1]]

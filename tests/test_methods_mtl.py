@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mtl_plugin.backbones import conv4
+from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
 from mtl_plugin.tasks import build_taskset, split_support_query
@@ -52,3 +53,22 @@ def test_scratch_does_not_use_the_pretrained_backbone(tmp_path):
     ctx.pretrained_backbone = lambda: pytest.fail("scratch must not pretrain")
     Scratch(tiny_method_config()).fit(ctx)
     assert not Scratch.uses_pretraining and MTL.uses_pretraining
+
+
+def test_mtl_meta_trains_on_as_many_tasks_per_iteration_as_mtl_ht(tmp_path, monkeypatch):
+    counts = {}
+    original = MetaTransferLearner.meta_train_step
+
+    def counting(self, tasks, on_task=None):
+        result = original(self, tasks, on_task)
+        counts.setdefault(self.config.hard_tasks, set()).add(result.tasks)
+        return result
+
+    monkeypatch.setattr(MetaTransferLearner, "meta_train_step", counting)
+    config = tiny_method_config()
+    for method_class in (MTL, MTLHardTasks):
+        method_class(config).fit(context(tmp_path, method_class.name))
+    k, k_hard = config.meta.meta_batch, config.meta.hard_meta_batch
+    assert counts == {False: {k + k_hard}, True: {k + k_hard}}
+    rows = pd.read_csv(tmp_path / "mtl-ht" / "metrics.csv")
+    assert rows["hard_accuracy"].notna().all()

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from tiny_data import TinyBenchmark, pattern_split
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugin.backbones import conv4
@@ -17,6 +18,7 @@ from mtl_plugin.meta_transfer import (
     load_learner_state,
     meta_train,
 )
+from mtl_plugin.prototypes import class_prototypes, prototype_logits
 from mtl_plugin.run_log import NonFiniteLossError
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import build_taskset, split_support_query
@@ -93,16 +95,56 @@ def test_inner_loop_never_reruns_the_encoder_and_only_meta_params_train():
     assert all(p.grad is not None for p in learner.meta_parameters())
 
 
+@pytest.mark.parametrize("head_init", ["prototype", "kaiming"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_meta_gradient_reaches_ss_and_head(first_order):
-    config = tiny_config(first_order=first_order)
+def test_meta_gradient_reaches_ss_and_head(first_order, head_init):
+    config = tiny_config(first_order=first_order, head_init=head_init)
     learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
     sx, sy, qx, qy = fixed_tasks(tiny_benchmark().train, config, count=1)[0]
     loss, _ = learner.task_loss(sx, sy, qx, qy)
     loss.backward()
     ss_grads = [p.grad for p in learner.encoder.ss_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in ss_grads)
-    assert learner.head_weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in learner.head_parameters())
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_flows_through_the_prototype_init_to_the_support_features(first_order):
+    config = tiny_config(first_order=first_order)
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    sx, sy, qx, qy = fixed_tasks(tiny_benchmark().train, config, count=1)[0]
+    support = learner.features(sx).detach().requires_grad_()
+    head = learner.adapt_features(support, sy)
+    F.cross_entropy(head(learner.features(qx).detach()), qy).backward()
+    assert support.grad is not None and support.grad.abs().sum() > 0
+
+
+def test_zero_inner_steps_are_nearest_class_mean():
+    config = tiny_config()
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    sx, sy, qx, qy = fixed_tasks(tiny_benchmark().test, config, count=1)[0]
+    with torch.no_grad():
+        support, query = learner.features(sx), learner.features(qx)
+        logits = learner.adapt_features(support, sy, steps=0)(query)
+        expected = prototype_logits(query, class_prototypes(support, sy, 3))
+    spread = (support - support.mean(0)).pow(2).sum(1).mean()
+    # -|x - c|^2 = 2 c.x - |c|^2 - |x|^2: the head's logits lack only the per-query |x|^2, and are
+    # divided by the support set's spread.
+    assert torch.allclose(logits * spread - query.pow(2).sum(1, keepdim=True), expected, atol=1e-3, rtol=1e-5)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_permuting_a_tasks_labels_permutes_the_prototype_head_logits(steps):
+    config = tiny_config()
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    sx, sy, qx, qy = fixed_tasks(tiny_benchmark().test, config, count=1)[0]
+    permutation = torch.tensor([2, 0, 1])  # label j becomes permutation[j]
+    with torch.no_grad():
+        support, query = learner.features(sx), learner.features(qx)
+        logits = learner.adapt_features(support, sy, steps=steps)(query)
+        permuted = learner.adapt_features(support, permutation[sy], steps=steps)(query)
+    assert torch.allclose(permuted[:, permutation], logits, atol=1e-5)
 
 
 def test_adapt_under_no_grad_is_detached_and_deterministic():
@@ -113,8 +155,17 @@ def test_adapt_under_no_grad_is_detached_and_deterministic():
     second = learner.predict(sx, sy, qx, ways=3)
     assert not first.requires_grad
     assert torch.equal(first, second)
-    with pytest.raises(ValueError, match="3-way"):
+    with pytest.raises(ValueError, match="cover every class 0..3"):
         learner.predict(sx, sy, qx, ways=4)
+    kaiming = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(head_init="kaiming"))
+    with pytest.raises(ValueError, match="3-way"):
+        kaiming.predict(sx, sy, qx, ways=4)
+
+
+def test_prototype_head_takes_any_number_of_classes():
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config())
+    sx, sy, qx, qy = fixed_tasks(tiny_benchmark().test, tiny_config(ways=5), count=1)[0]
+    assert learner.predict(sx, sy, qx, ways=5).shape == (len(qx), 5)
 
 
 def test_evaluate_twice_gives_identical_numbers():
@@ -192,6 +243,18 @@ def test_metrics_csv_has_a_row_per_iteration_and_validation_at_intervals(tmp_pat
     rows = pd.read_csv(tmp_path / "a" / "metrics.csv")
     assert list(rows["iteration"]) == [1, 2, 3, 4, 5]
     assert rows["val_accuracy"].notna().sum() == 2  # at 3 and at the end
+    assert rows["hard_accuracy"].isna().all()
+    assert rows["normal_accuracy"].tolist() == pytest.approx(rows["accuracy"].tolist())
+
+
+def test_metrics_csv_separates_normal_and_hard_task_accuracy(tmp_path):
+    run(tmp_path, "h", iterations=4, hard_tasks=True, meta_batch=2, hard_meta_batch=2)
+    rows = pd.read_csv(tmp_path / "h" / "metrics.csv")
+    assert rows["normal_accuracy"].notna().all() and rows["hard_accuracy"].notna().all()
+    # Two normal and two hard tasks per iteration: the overall accuracy is the mean of the two.
+    both = (rows["normal_accuracy"] + rows["hard_accuracy"]) / 2
+    assert rows["accuracy"].tolist() == pytest.approx(both.tolist())
+    assert (tmp_path / "h" / "curve.png").stat().st_size > 0
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -204,7 +267,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         calls.append(1)
         if len(calls) == 3:
             with torch.no_grad():
-                learner.head_weight.fill_(float("nan"))
+                learner.head_metric.fill_(float("nan"))
         return original_step(tasks, on_task)
 
     learner.meta_train_step = poisoned
@@ -226,6 +289,9 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
                                   config=tiny_config())
     with pytest.raises(ValueError, match="scales"):
         load_learner_state(channel, state, "best.pt")
+    kaiming = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(head_init="kaiming"))
+    with pytest.raises(ValueError, match="head_weight"):
+        load_learner_state(kaiming, state, "best.pt")
 
 
 def test_scratch_learner_trains_every_weight():

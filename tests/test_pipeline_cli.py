@@ -48,13 +48,32 @@ def test_pretrain_meta_train_evaluate(tmp_path, tiny_data):
     assert "3-way 1-shot" in output
 
 
+def test_kaiming_head_and_checkpoints_from_before_head_init(tmp_path, tiny_data):
+    pretrain(tiny_benchmark(), PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3,
+                                              val_queries=3), tmp_path / "pre", progress=False)
+    invoke(pipeline_cli.meta_train_command,
+           ["--pretrained", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--queries", "3", "--iterations", "1",
+            "--inner-steps", "1", "--val-every", "1", "--val-tasks", "2", "--head-init", "kaiming",
+            "--out", str(tmp_path / "meta"), "--quiet"])
+    state = torch.load(tmp_path / "meta" / "best.pt", weights_only=True)
+    assert state["config"]["head_init"] == "kaiming" and "head_weight" in state["learner"]
+    # A checkpoint written before the option existed holds a Kaiming head and no head_init.
+    del state["config"]["head_init"]
+    torch.save(state, tmp_path / "old.pt")
+    evaluate = ["--ways", "3", "--queries", "3", "--tasks", "2", "--inner-steps", "1", "--quiet"]
+    assert "3-way 1-shot" in invoke(pipeline_cli.evaluate_command, ["--checkpoint", str(tmp_path / "old.pt"), *evaluate])
+    result = CliRunner().invoke(pipeline_cli.evaluate_command,
+                                ["--checkpoint", str(tmp_path / "old.pt"), "--ways", "4", "--queries", "3", "--quiet"])
+    assert result.exit_code != 0 and "--ways 3" in result.output
+
+
 def test_bad_input_gives_clear_errors(tmp_path, tiny_data):
     runner = CliRunner()
     result = runner.invoke(pipeline_cli.meta_train_command,
                            ["--backbone", "conv4", "--ways", "30", "--out", str(tmp_path / "m"), "--quiet"])
     assert result.exit_code != 0 and "ways=30" in result.output
     result = runner.invoke(pipeline_cli.evaluate_command, ["--checkpoint", str(tmp_path / "none.pt")])
-    assert result.exit_code != 0 and "no checkpoint" in str(result.exception)
+    assert result.exit_code != 0 and "no checkpoint" in result.output
 
 
 def test_pretrain_resume_matches_an_uninterrupted_run(tmp_path):

@@ -4,6 +4,7 @@ Example::
 
     mtl data kanji --preview kanji.png            # generate (once) and write a sample grid
     mtl data kanji --image-size 84 --num-classes 200
+    mtl data kanji --style clean                  # the first generator's mild rendering
     mtl data info fc100 --root ~/data/fc100       # class and image counts per split
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 import click
 
 from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark
-from mtl_plugin.data.kanji import KanjiConfig, load_kanji, preview_grid
+from mtl_plugin.data.kanji import STYLES, KanjiConfig, load_kanji, preview_grid
 
 __all__ = ["data"]
 
@@ -32,6 +33,8 @@ def data() -> None:
 @click.option("--instances", default=_DEFAULTS.instances, show_default=True, help="Simulated writers per kanji.")
 @click.option("--image-size", default=_DEFAULTS.image_size, show_default=True, help="Pixels per side (28, 32 or 84).")
 @click.option("--seed", default=_DEFAULTS.seed, show_default=True, help="Fixes the kanji, their split and the writers.")
+@click.option("--style", type=click.Choice(sorted(STYLES)), default=_DEFAULTS.style, show_default=True,
+              help="wild: pose, pen, dropped strokes, contrast, noise and clutter; clean: mild variation only.")
 @click.option("--workers", type=int, default=None, help="Processes to draw with [default: all usable cores].")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache folder [default: $MTL_DATA/kanji or ~/.cache/mtl_plugin/kanji].")
@@ -43,6 +46,7 @@ def kanji(
     instances: int,
     image_size: int,
     seed: int,
+    style: str,
     workers: Optional[int],
     cache_dir: Optional[Path],
     preview: Optional[Path],
@@ -51,14 +55,15 @@ def kanji(
     """Generate (or load from the cache) the kanji data set drawn from KanjiVG (CC BY-SA 3.0)."""
     start = time.perf_counter()
     try:
-        config = KanjiConfig(num_classes=num_classes, instances=instances, image_size=image_size, seed=seed)
+        config = KanjiConfig(num_classes=num_classes, instances=instances, image_size=image_size, seed=seed,
+                             style=style)
         result = load_kanji(config, cache_dir=cache_dir, workers=workers)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     elapsed = time.perf_counter() - start
     train, val, test = result.split_sizes
     click.echo(
-        f"kanji: {num_classes} classes (train {train} / val {val} / test {test}) x {instances} writers, "
+        f"kanji ({style}): {num_classes} classes (train {train} / val {val} / test {test}) x {instances} writers, "
         f"{image_size} px, {result.pixels.nbytes / 2**20:.1f} MiB, ready in {elapsed:.1f} s"
     )
     if preview is not None:

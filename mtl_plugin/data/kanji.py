@@ -1,12 +1,24 @@
 """``kanji``: an Omniglot-like few-shot data set generated locally from KanjiVG stroke data.
 
 Each class is one kanji; each instance is that kanji "written" by a different
-simulated writer: the writer moves, turns and rescales every stroke a little,
-bends its control points with a smooth displacement field, picks a pen width,
-and applies a small global affine change; the strokes are then drawn with round
-caps at ``supersample`` times the target size and box-filtered down, which
-anti-aliases them. Images are greyscale, white strokes on black, like Omniglot
-after the usual ``1 - x``.
+simulated writer: the writer moves, turns and rescales every stroke, bends its
+control points with a smooth displacement field, picks a pen width, and applies
+a global affine pose (rotation, anisotropic scale, shear, shift). The strokes
+are drawn with round caps and anti-aliased edges.
+Images are greyscale, light strokes on a dark ground, like Omniglot after the
+usual ``1 - x``.
+
+Two named styles (:data:`STYLES`) set the drawing parameters:
+
+* ``"wild"`` (the default) has headroom for few-shot methods: strong pose and
+  elastic variation, a wide range of pen widths, dropped strokes, varying ink
+  and paper brightness, pixel noise, and faint background clutter made of a few
+  strokes of other kanji (kanji with more strokes than any class, so never a
+  class of the data set), often partly off the frame;
+* ``"clean"`` is the first generator's mild rendering, pixel for pixel.
+
+Any drawing field left at ``None`` takes its style's value; a field that is set
+overrides it, e.g. ``KanjiConfig(clutter=0)`` is the wild style without clutter.
 
 The stroke data come from the ``kanjivg`` package (KanjiVG, copyright Ulrich
 Apel, CC BY-SA 3.0, https://kanjivg.tagaini.net); the generated images are an
@@ -22,19 +34,21 @@ Example::
     data = load_kanji(KanjiConfig(num_classes=30, instances=6))
     data.pixels.shape            # (30, 6, 28, 28), uint8
     data.split_classes("train")  # code points of the training classes
+    clean = load_kanji(KanjiConfig(num_classes=30, instances=6, style="clean"))
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -43,6 +57,7 @@ from mtl_plugin.data.cache import data_home, load_verified_array, save_verified_
 from mtl_plugin.data.svg_path import flatten, parse_path
 
 __all__ = [
+    "STYLES",
     "KanjiConfig",
     "KanjiData",
     "load_kanji",
@@ -55,21 +70,62 @@ __all__ = [
 ]
 
 # Bump when the drawing changes, so old caches are not mistaken for new ones.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 _CANVAS = 109.0  # KanjiVG's viewBox is 0 0 109 109.
 _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF))
 _PATH_DATA = re.compile(r"<path\b[^>]*?\sd=\"([^\"]+)\"")
 _INLINE_LIMIT = 2000  # below this many images, worker start-up costs more than it saves
+_CLUTTER_POOL = 256  # kanji whose strokes make the background clutter
+_CLUTTER_RUN = 3  # strokes at most in one piece of clutter
+
+# The drawing parameters of each style; lengths in KanjiVG units (the character box is 109 wide).
+STYLES: Dict[str, Dict[str, Any]] = {
+    "clean": dict(
+        stroke_width=(5.0, 8.0), stroke_shift=1.5, stroke_turn_degrees=4.0, stroke_scale=0.05,
+        control_jitter=0.8, field_amplitude=2.0, field_wavelength=(60.0, 160.0), turn_degrees=6.0,
+        scale=(0.82, 1.0), shear=0.12, shift=4.0, drop_stroke=0.0, ink=(1.0, 1.0), background=(0.0, 0.0),
+        noise=0.0, clutter=0, clutter_ink=(0.25, 0.6),
+    ),
+    # Calibrated on the validation split with benchmarks/kanji_calibration.py (see its docstring).
+    "wild": dict(
+        stroke_width=(3.5, 9.0), stroke_shift=3.0, stroke_turn_degrees=8.0, stroke_scale=0.1,
+        control_jitter=1.5, field_amplitude=4.0, field_wavelength=(40.0, 140.0), turn_degrees=12.0,
+        scale=(0.68, 1.04), shear=0.25, shift=12.0, drop_stroke=0.12, ink=(0.6, 1.0), background=(0.0, 0.25),
+        noise=0.04, clutter=3, clutter_ink=(0.25, 0.6),
+    ),
+}
+_RANGES = ("stroke_width", "field_wavelength", "scale", "ink", "background", "clutter_ink")
 
 
 @dataclass(frozen=True)
 class KanjiConfig:
     """What to generate. Lengths are in KanjiVG units (the character box is 109 wide).
 
+    ``style`` names a set of drawing parameters (:data:`STYLES`): ``"wild"``
+    (default) or ``"clean"``. Each drawing field left at ``None`` takes the
+    style's value; :meth:`resolved` fills them in.
+
+    Drawing fields: ``stroke_width`` (pen width range), ``stroke_shift``,
+    ``stroke_turn_degrees`` and ``stroke_scale`` (per-stroke pose, standard
+    deviations), ``control_jitter`` (Bézier control points), ``field_amplitude``
+    and ``field_wavelength`` (smooth displacement field), ``turn_degrees``,
+    ``scale``, ``shear`` and ``shift`` (the writer's global pose),
+    ``drop_stroke`` (chance that a stroke is left out; at most a quarter of a
+    kanji's strokes are), ``ink`` and ``background`` (stroke and paper
+    brightness ranges, 0 black, 1 white), ``noise`` (standard deviation of
+    per-pixel noise), ``clutter`` (at most this many pieces of 1-3 strokes of
+    other kanji behind the character) and ``clutter_ink`` (their brightness
+    relative to the character's ink).
+
+    Raises:
+        ValueError: naming the field, for a value out of its range or an unknown style.
+
     Example::
 
         config = KanjiConfig(num_classes=1600, instances=20, image_size=28, seed=0)
+        no_clutter = KanjiConfig(clutter=0)
+        first_generator = KanjiConfig(style="clean")
     """
 
     num_classes: int = 1600
@@ -79,17 +135,24 @@ class KanjiConfig:
     split_fractions: Tuple[float, float, float] = (0.6, 0.2, 0.2)
     # Dense kanji turn into blobs at 28 px; 10 strokes still leaves 2,300+ candidates.
     max_strokes: int = 10
-    stroke_width: Tuple[float, float] = (5.0, 8.0)
-    stroke_shift: float = 1.5
-    stroke_turn_degrees: float = 4.0
-    stroke_scale: float = 0.05
-    control_jitter: float = 0.8
-    field_amplitude: float = 2.0
-    field_wavelength: Tuple[float, float] = (60.0, 160.0)
-    turn_degrees: float = 6.0
-    scale: Tuple[float, float] = (0.82, 1.0)
-    shear: float = 0.12
-    shift: float = 4.0
+    style: str = "wild"
+    stroke_width: Optional[Tuple[float, float]] = None
+    stroke_shift: Optional[float] = None
+    stroke_turn_degrees: Optional[float] = None
+    stroke_scale: Optional[float] = None
+    control_jitter: Optional[float] = None
+    field_amplitude: Optional[float] = None
+    field_wavelength: Optional[Tuple[float, float]] = None
+    turn_degrees: Optional[float] = None
+    scale: Optional[Tuple[float, float]] = None
+    shear: Optional[float] = None
+    shift: Optional[float] = None
+    drop_stroke: Optional[float] = None
+    ink: Optional[Tuple[float, float]] = None
+    background: Optional[Tuple[float, float]] = None
+    noise: Optional[float] = None
+    clutter: Optional[int] = None
+    clutter_ink: Optional[Tuple[float, float]] = None
     curve_steps: int = 6  # line pieces per Bézier segment
 
     def __post_init__(self):
@@ -101,6 +164,50 @@ class KanjiConfig:
             raise ValueError(f"image_size={self.image_size}: use 8 px or more (28, 32 and 84 are usual)")
         if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0:
             raise ValueError(f"split_fractions={self.split_fractions}: give three positive train/val/test fractions")
+        if self.curve_steps < 1:
+            raise ValueError(f"curve_steps={self.curve_steps}: need at least 1 line piece per curve")
+        if self.style not in STYLES:
+            raise ValueError(f"style={self.style!r}: use one of {sorted(STYLES)}")
+        self._check_drawing(self.resolved())
+
+    @staticmethod
+    def _check_drawing(drawing: "KanjiConfig") -> None:
+        for name in _RANGES:
+            value = getattr(drawing, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2 or not 0 <= value[0] <= value[1]:
+                raise ValueError(f"{name}={value}: give a (low, high) pair with 0 <= low <= high")
+        for name in ("stroke_width", "field_wavelength", "scale"):
+            if getattr(drawing, name)[0] <= 0:
+                raise ValueError(f"{name}={getattr(drawing, name)}: both ends must be positive")
+        for name in ("ink", "clutter_ink"):
+            if not (getattr(drawing, name)[0] > 0 and getattr(drawing, name)[1] <= 1):
+                raise ValueError(f"{name}={getattr(drawing, name)}: brightness must lie in (0, 1]")
+        if drawing.background[1] >= drawing.ink[0]:
+            raise ValueError(
+                f"background={drawing.background} must stay below ink={drawing.ink} so strokes stay lighter "
+                f"than the paper: lower background or raise ink"
+            )
+        for name in ("stroke_shift", "stroke_turn_degrees", "stroke_scale", "control_jitter", "field_amplitude",
+                     "turn_degrees", "shear", "shift", "noise"):
+            if getattr(drawing, name) < 0:
+                raise ValueError(f"{name}={getattr(drawing, name)}: must be 0 or more")
+        if not 0 <= drawing.drop_stroke <= 1:
+            raise ValueError(f"drop_stroke={drawing.drop_stroke}: a chance per stroke, between 0 and 1")
+        if not isinstance(drawing.clutter, (int, np.integer)) or drawing.clutter < 0:
+            raise ValueError(f"clutter={drawing.clutter}: a whole number of pieces, 0 (none) or more")
+
+    def resolved(self) -> "KanjiConfig":
+        """This configuration with every drawing field left at ``None`` set to its style's value.
+
+        Returns:
+            A ``KanjiConfig`` without ``None`` fields (itself if it has none).
+
+        Example::
+
+            KanjiConfig(style="clean").resolved().stroke_width   # (5.0, 8.0)
+        """
+        unset = {name: value for name, value in STYLES[self.style].items() if getattr(self, name) is None}
+        return replace(self, **unset) if unset else self
 
     def split_sizes(self) -> Tuple[int, int, int]:
         """Number of classes in train, val and test (every split gets at least one)."""
@@ -182,19 +289,41 @@ def kanji_strokes(code_point: int, folder: Optional[Path] = None) -> List[str]:
     return _PATH_DATA.findall(text)
 
 
-def _candidates(config: KanjiConfig, folder: Path) -> List[int]:
-    """Code points of the kanji (no variants, no kana) with at most ``max_strokes`` strokes."""
+@functools.lru_cache(maxsize=4)
+def _stroke_counts(folder: Path) -> Tuple[Tuple[int, int], ...]:
+    """``(code point, strokes)`` of every kanji (no variants, no kana), in code-point order."""
     found = []
     for path in sorted(folder.glob("*.svg")):
         stem = path.stem
         if "-" in stem:
             continue
         code_point = int(stem, 16)
-        if not any(low <= code_point <= high for low, high in _CJK_RANGES):
-            continue
-        if path.read_bytes().count(b"<path ") <= config.max_strokes:
-            found.append(code_point)
-    return found
+        if any(low <= code_point <= high for low, high in _CJK_RANGES):
+            found.append((code_point, path.read_bytes().count(b"<path ")))
+    return tuple(found)
+
+
+def _candidates(config: KanjiConfig, folder: Path) -> List[int]:
+    """Code points of the kanji with at most ``max_strokes`` strokes: the possible classes."""
+    return [code_point for code_point, strokes in _stroke_counts(folder) if strokes <= config.max_strokes]
+
+
+def _clutter_kanji(config: KanjiConfig, folder: Path) -> List[int]:
+    """The seeded pool of kanji whose strokes make the clutter: more strokes than any class may have."""
+    heavier = [code_point for code_point, strokes in _stroke_counts(folder) if strokes > config.max_strokes]
+    if not heavier:
+        raise ValueError(
+            f"clutter={config.resolved().clutter} draws strokes of kanji with more than max_strokes="
+            f"{config.max_strokes} strokes, and there are none: lower max_strokes or set clutter=0"
+        )
+    rng = np.random.default_rng([config.seed, 0x636C7574])  # "clut"
+    return sorted(rng.choice(heavier, size=min(_CLUTTER_POOL, len(heavier)), replace=False).tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_kanji(folder: Path, code_point: int) -> Tuple[np.ndarray, ...]:
+    # Every worker parses the clutter pool once, not once per class.
+    return tuple(parse_strokes(kanji_strokes(code_point, folder)))
 
 
 def choose_classes(config: KanjiConfig, folder: Optional[Path] = None) -> Tuple[List[int], Tuple[int, int, int]]:
@@ -271,19 +400,8 @@ def parse_strokes(stroke_data: Sequence[str]) -> List[np.ndarray]:
     return [np.stack(parse_path(d)) for d in stroke_data]
 
 
-def rasterise(polylines: Sequence[np.ndarray], widths: Sequence[float], size: int) -> np.ndarray:
-    """Draw round-capped strokes of the given widths; return a ``(size, size)`` uint8 image.
-
-    Each pixel's ink is its pen coverage: 1 inside the stroke, 0 outside, a
-    linear ramp over the one pixel across the stroke's edge (anti-aliasing).
-    The distance to a polyline is the distance to its nearest piece, so caps
-    and joins come out round. Only pixels near a stroke's bounding box are visited.
-
-    Example::
-
-        line = np.array([[20.0, 54.5], [90.0, 54.5]])
-        image = rasterise([line], [6.0], 28)
-    """
+def _coverage(polylines: Sequence[np.ndarray], widths: Sequence[float], size: int) -> np.ndarray:
+    """Pen coverage in [0, 1] of each pixel of a ``(size, size)`` image (see :func:`rasterise`)."""
     pixel = _CANVAS / size
     centres = (np.arange(size) + 0.5) * pixel
     ink = np.zeros((size, size))
@@ -303,28 +421,109 @@ def rasterise(polylines: Sequence[np.ndarray], widths: Sequence[float], size: in
         coverage = np.clip((width / 2 - distance) / pixel + 0.5, 0.0, 1.0)
         window = ink[low[1] : high[1], low[0] : high[0]]
         np.maximum(window, coverage.reshape(window.shape), out=window)
-    return np.round(ink * 255).astype(np.uint8)
+    return ink
 
 
-def render_kanji(strokes: Sequence[np.ndarray], rng: np.random.Generator, config: KanjiConfig) -> np.ndarray:
+def rasterise(polylines: Sequence[np.ndarray], widths: Sequence[float], size: int) -> np.ndarray:
+    """Draw round-capped strokes of the given widths; return a ``(size, size)`` uint8 image.
+
+    Each pixel's ink is its pen coverage: 1 inside the stroke, 0 outside, a
+    linear ramp over the one pixel across the stroke's edge (anti-aliasing).
+    The distance to a polyline is the distance to its nearest piece, so caps
+    and joins come out round. Only pixels near a stroke's bounding box are visited.
+
+    Args:
+        polylines: ``(n, 2)`` point arrays in KanjiVG units (0 to 109).
+        widths: the pen width of each polyline, in the same units.
+        size: pixels per side.
+
+    Returns:
+        A ``(size, size)`` uint8 image, 255 where fully inked.
+
+    Example::
+
+        line = np.array([[20.0, 54.5], [90.0, 54.5]])
+        image = rasterise([line], [6.0], 28)
+    """
+    return np.round(_coverage(polylines, widths, size) * 255).astype(np.uint8)
+
+
+def _kept_strokes(count: int, rng: np.random.Generator, chance: float) -> List[int]:
+    """Indices of the strokes the writer draws: each is left out with ``chance``, a quarter of them at most."""
+    dropped = np.flatnonzero(rng.random(count) < chance)
+    # A kanji of 3 strokes or fewer keeps them all: one missing stroke may well make another kanji.
+    if len(dropped) > count // 4:
+        dropped = rng.choice(dropped, count // 4, replace=False)
+    return [i for i in range(count) if i not in dropped]
+
+
+def _clutter_pieces(others: Sequence[Sequence[np.ndarray]], rng: np.random.Generator, config: KanjiConfig):
+    """Up to ``config.clutter`` runs of 1-3 consecutive strokes of other kanji: (polylines, pen width, brightness)."""
+    pieces = []
+    for _ in range(rng.integers(0, config.clutter + 1)):
+        strokes = others[rng.integers(len(others))]
+        run = rng.integers(1, min(_CLUTTER_RUN, len(strokes)) + 1)
+        first = rng.integers(0, len(strokes) - run + 1)
+        chosen = strokes[first : first + run]
+        pivot = np.concatenate([controls.reshape(-1, 2) for controls in chosen]).mean(axis=0)
+        pose = _rotation(rng.normal(0, config.turn_degrees)) * rng.uniform(*config.scale)
+        # The piece lands anywhere on the canvas, so one near an edge is partly off the frame.
+        place = rng.uniform(0, _CANVAS, 2)
+        polylines = [
+            flatten(list(((controls.reshape(-1, 2) - pivot) @ pose.T + place).reshape(-1, 4, 2)), config.curve_steps)
+            for controls in chosen
+        ]
+        pieces.append((polylines, rng.uniform(*config.stroke_width), rng.uniform(*config.clutter_ink)))
+    return pieces
+
+
+def render_kanji(
+    strokes: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    config: KanjiConfig,
+    others: Sequence[Sequence[np.ndarray]] = (),
+) -> np.ndarray:
     """One simulated writer's ``(image_size, image_size)`` uint8 rendering of a kanji.
+
+    Args:
+        strokes: the kanji's strokes, as :func:`parse_strokes` gives them.
+        rng: the writer's random generator; every random choice is drawn from it.
+        config: the drawing parameters (its style fills in unset ones).
+        others: parsed strokes of other kanji to take the clutter from.
+
+    Returns:
+        A ``(image_size, image_size)`` uint8 image, light strokes on a dark ground.
+
+    Raises:
+        ValueError: if ``config`` asks for clutter and ``others`` is empty.
 
     Example::
 
         strokes = parse_strokes(kanji_strokes(ord("木")))
-        image = render_kanji(strokes, np.random.default_rng(0), KanjiConfig())
+        image = render_kanji(strokes, np.random.default_rng(0), KanjiConfig(clutter=0))
     """
+    config = config.resolved()
+    if config.clutter and not others:
+        raise ValueError(f"clutter={config.clutter} needs other kanji's strokes: pass others= or set clutter=0")
     deformed, widths = _simulated_writer(strokes, rng, config)
     polylines = [flatten(list(controls), steps=config.curve_steps) for controls in deformed]
-    return rasterise(polylines, widths, config.image_size)
+    # Drawn after the writer's own draws, so that the clean style's images stay the first generator's.
+    kept = _kept_strokes(len(polylines), rng, config.drop_stroke)
+    ink, paper = rng.uniform(*config.ink), rng.uniform(*config.background)
+    light = ink * _coverage([polylines[i] for i in kept], [widths[i] for i in kept], config.image_size)
+    for piece, width, brightness in _clutter_pieces(others, rng, config):
+        np.maximum(light, brightness * ink * _coverage(piece, [width] * len(piece), config.image_size), out=light)
+    image = paper + (1 - paper) * light + rng.normal(0, config.noise, light.shape)
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def _render_class(job: Tuple[int, List[str], KanjiConfig]) -> np.ndarray:
-    code_point, stroke_data, config = job
+def _render_class(job: Tuple[int, List[str], KanjiConfig, Path, List[int]]) -> np.ndarray:
+    code_point, stroke_data, config, folder, clutter_kanji = job
     strokes = parse_strokes(stroke_data)
+    others = [_parsed_kanji(folder, other) for other in clutter_kanji]
     return np.stack(
         [
-            render_kanji(strokes, np.random.default_rng([config.seed, code_point, instance]), config)
+            render_kanji(strokes, np.random.default_rng([config.seed, code_point, instance]), config, others)
             for instance in range(config.instances)
         ]
     )
@@ -332,12 +531,12 @@ def _render_class(job: Tuple[int, List[str], KanjiConfig]) -> np.ndarray:
 
 def _cache_path(config: KanjiConfig, cache_dir: Path) -> Path:
     digest = hashlib.sha256(json.dumps(_identity(config), sort_keys=True).encode()).hexdigest()[:12]
-    name = f"kanji-c{config.num_classes}-i{config.instances}-{config.image_size}px-seed{config.seed}-{digest}.npy"
+    name = f"kanji-{config.style}-c{config.num_classes}-i{config.instances}-{config.image_size}px-seed{config.seed}-{digest}.npy"
     return cache_dir / name
 
 
 def _identity(config: KanjiConfig) -> dict:
-    return {"generator": GENERATOR_VERSION, "kanjivg": _kanjivg_version(), "config": asdict(config)}
+    return {"generator": GENERATOR_VERSION, "kanjivg": _kanjivg_version(), "config": asdict(config.resolved())}
 
 
 def _default_workers() -> int:
@@ -358,7 +557,8 @@ def generate_kanji(config: KanjiConfig, workers: Optional[int] = None, progress:
 
     folder = kanjivg_folder()
     code_points, sizes = choose_classes(config, folder)
-    jobs = [(cp, kanji_strokes(cp, folder), config) for cp in code_points]
+    clutter_kanji = _clutter_kanji(config, folder) if config.resolved().clutter else []
+    jobs = [(cp, kanji_strokes(cp, folder), config, folder, clutter_kanji) for cp in code_points]
     if workers is None:
         workers = 1 if len(jobs) * config.instances < _INLINE_LIMIT else _default_workers()
     bar = dict(total=len(jobs), desc="drawing kanji", unit="class", disable=not progress)

@@ -46,6 +46,8 @@ class FewShotMethod(abc.ABC):
 
     name: ClassVar[str]
     uses_pretraining: ClassVar[bool] = False
+    # Transductive methods also learn from the unlabelled queries of the task they classify.
+    transductive: ClassVar[bool] = False
 
     @abc.abstractmethod
     def fit(self, context: BenchContext) -> None:

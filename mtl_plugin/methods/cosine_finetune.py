@@ -135,6 +135,7 @@ class CosineFinetune(Finetune):
     """
 
     name: ClassVar[str] = "cosine-finetune"
+    transductive: ClassVar[bool] = True
 
     def __init__(self, config: Optional[CosineFinetuneConfig] = None):
         super().__init__(config or CosineFinetuneConfig())
