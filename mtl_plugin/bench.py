@@ -37,6 +37,7 @@ from mtl_plugin.data.benchmark import check_tasks
 from mtl_plugin.errors import check_output_dir
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.meta_transfer import plot_meta_curves
 from mtl_plugin.methods import METHOD_NAMES, METHODS, build_method
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.pretrain import PretrainConfig, pretrain
@@ -263,8 +264,6 @@ def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
 def _plot_curves(config: BenchConfig, path: Path) -> bool:
     """mtl against mtl-ht: validation accuracy (the paper's faster-convergence claim), and the
     training accuracy of normal against hard tasks (hard tasks must be the harder ones)."""
-    from mtl_plugin.meta_transfer import plot_meta_curves
-
     runs = []
     for method in ("mtl", "mtl-ht"):
         for shots in config.shots if method in config.methods else ():
