@@ -733,7 +733,7 @@ def plot_meta_curves(runs: List[Tuple[str, pd.DataFrame]], path: Union[str, Path
         axis.set_xlabel("meta-training iteration")
         axis.grid(True, alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
-            axis.legend()
+            axis.legend(fontsize="small")
     if title:
         figure.suptitle(title)
     atomic_save_figure(figure, path, dpi=100)

@@ -14,9 +14,12 @@ from mtl_plugin.data.cli import data as data_cli
 from mtl_plugin.data.kanji import (
     STYLES,
     _cache_path,
+    _candidates,
+    _clutter_kanji,
     choose_classes,
     generate_kanji,
     kanji_strokes,
+    kanjivg_folder,
     parse_strokes,
     render_kanji,
 )
@@ -123,6 +126,9 @@ def test_clutter_adds_faint_strokes_only_when_its_field_allows():
     assert cluttered[bare == 0].max() < 255
     with pytest.raises(ValueError, match="clutter=3"):
         _render("木", [], clutter=3)
+    # The clutter comes from kanji that can never be a class, so it carries no class's shape.
+    pool = _clutter_kanji(SMALL, kanjivg_folder())
+    assert len(pool) > 100 and not set(pool) & set(_candidates(SMALL, kanjivg_folder()))
 
 
 def test_dropped_strokes_follow_their_field_and_keep_most_of_the_kanji():

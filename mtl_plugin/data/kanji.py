@@ -531,8 +531,8 @@ def _render_class(job: Tuple[int, List[str], KanjiConfig, Path, List[int]]) -> n
 
 def _cache_path(config: KanjiConfig, cache_dir: Path) -> Path:
     digest = hashlib.sha256(json.dumps(_identity(config), sort_keys=True).encode()).hexdigest()[:12]
-    name = f"kanji-{config.style}-c{config.num_classes}-i{config.instances}-{config.image_size}px-seed{config.seed}-{digest}.npy"
-    return cache_dir / name
+    size = f"c{config.num_classes}-i{config.instances}-{config.image_size}px"
+    return cache_dir / f"kanji-{config.style}-{size}-seed{config.seed}-{digest}.npy"
 
 
 def _identity(config: KanjiConfig) -> dict:
