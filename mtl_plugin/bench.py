@@ -33,7 +33,7 @@ from torch import nn
 
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.data import get_benchmark
-from mtl_plugin.data.benchmark import check_tasks
+from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
 from mtl_plugin.errors import check_output_dir
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_save_figure, atomic_write_text
@@ -152,35 +152,39 @@ def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _pretrain_key(config: BenchConfig) -> dict:
-    # Everything that changes the shared pretraining run.
+def _pretrain_key(config: BenchConfig, benchmark) -> dict:
+    # Everything that changes the shared pretraining run, the images themselves included
+    # (a new kanji generator gives new images under the same settings).
     return {
         "dataset": config.dataset, "root": config.root, "image_size": config.image_size,
         "seed": config.seed, "dataset_options": config.dataset_options,
-        "pretrain": asdict(pretrain_config_for(config)),
+        "data": benchmark_identity(benchmark), "pretrain": asdict(pretrain_config_for(config)),
     }
 
 
-def _cell_key(config: BenchConfig, method: str, shots: int) -> dict:
+def _cell_key(config: BenchConfig, benchmark, method: str, shots: int) -> dict:
     # Everything that changes a cell's number: a cached cell is reused only if all match.
     return {
-        **_pretrain_key(config), "ways": config.ways, "shots": shots, "queries": config.queries,
+        **_pretrain_key(config, benchmark), "ways": config.ways, "shots": shots, "queries": config.queries,
         "method": method, "profile": config.profile, "test_tasks": config.test_tasks,
         "backbone": config.backbone,
     }
 
 
-def work_dir(config: BenchConfig, method: str, shots: int) -> Path:
-    """The folder where ``method`` trains (and resumes) for one shot setting of ``config``.
+def work_dir(config: BenchConfig, benchmark, method: str, shots: int) -> Path:
+    """The folder where ``method`` trains (and resumes) for one shot setting of ``config``
+    on ``benchmark`` (the data set ``config`` names).
 
     Named by a digest of what changes the training (the test-task count does not), so that
-    a run with another seed or budget never resumes from this one's checkpoints.
+    a run with another seed, budget or data never resumes from this one's checkpoints.
 
     Example::
 
-        metrics = work_dir(BenchConfig.quick(), "mtl", 1) / "metrics.csv"
+        config = BenchConfig.quick()
+        benchmark = get_benchmark(config.dataset, image_size=config.image_size, seed=config.seed)
+        metrics = work_dir(config, benchmark, "mtl", 1) / "metrics.csv"
     """
-    key = {k: v for k, v in _cell_key(config, method, shots).items() if k != "test_tasks"}
+    key = {k: v for k, v in _cell_key(config, benchmark, method, shots).items() if k != "test_tasks"}
     return config.out / "work" / method / f"{config.ways}w{shots}s-{_digest(key)}"
 
 
@@ -194,7 +198,7 @@ def _cached_cell(path: Path, key: dict) -> Optional[dict]:
 
 
 def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
-    key = _cell_key(config, method_name, shots)
+    key = _cell_key(config, benchmark, method_name, shots)
     path = config.out / "cells" / f"{method_name}-{config.ways}w{shots}s-{_digest(key)}.json"
     cached = _cached_cell(path, key)
     if cached is not None:
@@ -202,7 +206,7 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     method = build_method(method_name, config.profile)
     context = BenchContext(
         benchmark=benchmark, ways=config.ways, shots=shots, queries=config.queries, seed=config.seed,
-        work_dir=work_dir(config, method_name, shots), profile=config.profile,
+        work_dir=work_dir(config, benchmark, method_name, shots), profile=config.profile,
         device=device, pretrained_backbone=shared, backbone_name=config.backbone, progress=config.progress,
     )
     start, pretraining_before = time.perf_counter(), shared.seconds
@@ -261,13 +265,13 @@ def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
     atomic_save_figure(figure, path)
 
 
-def _plot_curves(config: BenchConfig, path: Path) -> bool:
+def _plot_curves(config: BenchConfig, benchmark, path: Path) -> bool:
     """mtl against mtl-ht: validation accuracy (the paper's faster-convergence claim), and the
     training accuracy of normal against hard tasks (hard tasks must be the harder ones)."""
     runs = []
     for method in ("mtl", "mtl-ht"):
         for shots in config.shots if method in config.methods else ():
-            metrics = work_dir(config, method, shots) / "metrics.csv"
+            metrics = work_dir(config, benchmark, method, shots) / "metrics.csv"
             if metrics.exists():
                 runs.append((f"{method} {shots}-shot", pd.read_csv(metrics)))
     if not runs:
@@ -294,7 +298,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
     _check_before_work(config, benchmark)
     device = _device(config.device)
     pretrain_dir = (config.out / "pretrain" /
-                    f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px-{_digest(_pretrain_key(config))}")
+                    f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px-{_digest(_pretrain_key(config, benchmark))}")
     shared = _SharedPretraining(lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir,
                                                   device=device, progress=config.progress))
     records = []
@@ -324,7 +328,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
     files["png"] = config.out / f"{stem}-accuracy.png"
     _plot(config, cells, files["png"])
     curves = config.out / f"{stem}-mtl-vs-mtl-ht.png"
-    if _plot_curves(config, curves):
+    if _plot_curves(config, benchmark, curves):
         files["curves"] = curves
     echo(f"shared pretraining: {shared.seconds:.0f} s (not in the methods' wall-clock)")
     return BenchResult(table=table, cells=cells, files=files)

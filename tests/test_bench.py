@@ -104,6 +104,23 @@ def test_other_settings_neither_reuse_nor_overwrite_cells(data_home):
     assert seed0.cells["accuracy"].iloc[0] != seed1.cells["accuracy"].iloc[0]
 
 
+def test_new_images_under_the_same_settings_are_not_served_old_results(data_home, monkeypatch):
+    # A new kanji generator gives other images for the same settings: the checksum of the
+    # images keys the pretraining and the cells, so nothing cached for the old ones is reused.
+    out = data_home / "out"
+    config = BenchConfig.quick(methods=("protonet",), out=out, **TINY)
+    run_bench(config, echo=lambda line: None)
+    real_get_benchmark = bench_module.get_benchmark
+
+    def regenerated(*args, **kwargs):
+        return replace(real_get_benchmark(*args, **kwargs), content="images of a newer generator")
+
+    monkeypatch.setattr(bench_module, "get_benchmark", regenerated)
+    run_bench(config, echo=lambda line: None)
+    assert len(list((out / "cells").glob("protonet-5w1s-*.json"))) == 2
+    assert len(list((out / "pretrain").iterdir())) == 2
+
+
 def test_a_corrupt_cell_is_recomputed(data_home):
     config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **TINY)
     first = run_bench(config, echo=lambda line: None)

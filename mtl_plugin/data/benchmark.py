@@ -56,6 +56,8 @@ class FewShotBenchmark:
     ``standard`` marks the published benchmarks (whose published numbers apply).
     ``settings`` holds what was asked of :func:`get_benchmark` that changes the
     data beyond its name and image size (seed, kanji options, ``min_per_class``).
+    ``content`` is a checksum of the images where the loader has one (the generated
+    kanji's), so that results cached for older images are not taken for these.
 
     Example::
 
@@ -73,6 +75,7 @@ class FewShotBenchmark:
     channels: int
     standard: bool
     settings: dict = field(default_factory=dict)
+    content: str = ""
 
     @property
     def num_train_classes(self) -> int:
@@ -132,13 +135,17 @@ def benchmark_identity(benchmark: Any) -> dict:
     Example::
 
         benchmark_identity(get_benchmark("kanji", num_classes=30, instances=6))
-        # {'name': 'kanji', 'settings': {'num_classes': 30, 'instances': 6, 'seed': 0}, 'train_classes': 18}
+        # {'name': 'kanji', 'settings': {'num_classes': 30, 'instances': 6, 'seed': 0},
+        #  'train_classes': 18, 'content': '3f9c...'}
     """
-    return {
+    identity = {
         "name": getattr(benchmark, "name", None),
         "settings": getattr(benchmark, "settings", {}),
         "train_classes": len(benchmark.train.labels),
     }
+    if getattr(benchmark, "content", ""):
+        identity["content"] = benchmark.content
+    return identity
 
 
 def check_tasks(benchmark: Any, ways: int, samples_per_class: int, splits=("train", "val", "test")) -> None:
@@ -159,7 +166,7 @@ def check_tasks(benchmark: Any, ways: int, samples_per_class: int, splits=("trai
             raise UsageError(f"the {split} split cannot give these tasks: {error}") from error
 
 
-def _kanji_splits(image_size: int, seed: int, options: dict) -> dict:
+def _kanji_splits(image_size: int, seed: int, options: dict) -> tuple[dict, str]:
     loader = {k: options.pop(k) for k in ("cache_dir", "workers", "progress") if k in options}
     config = KanjiConfig(image_size=image_size, seed=seed, **options)
     data = load_kanji(config, **loader)
@@ -172,7 +179,7 @@ def _kanji_splits(image_size: int, seed: int, options: dict) -> dict:
             np.repeat(np.arange(classes), instances).tolist(),
             [chr(cp) for cp in data.split_classes(split)],
         )
-    return splits
+    return splits, data.manifest.get("sha256", "")
 
 
 def _drop_small(dataset: ImageClassDataset, min_per_class: int, split: str, name: str) -> ImageClassDataset:
@@ -225,8 +232,9 @@ def get_benchmark(
     if key == "kanji":
         # For kanji, root (if given) is the cache folder the generated arrays live in.
         kanji_options = dict(options, cache_dir=options.get("cache_dir", root))
-        splits = _kanji_splits(size, seed, kanji_options)
+        splits, content = _kanji_splits(size, seed, kanji_options)
     else:
+        content = ""
         if root is None and key == "folder":
             raise UsageError("the 'folder' data set needs root= (mtl: --root), a folder with train/, val/ and test/")
         folder = Path(root).expanduser() if root is not None else data_home() / key
@@ -255,4 +263,5 @@ def get_benchmark(
         channels=recipe.channels,
         standard=key in _STANDARD,
         settings=settings,
+        content=content,
     )
