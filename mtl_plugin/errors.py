@@ -9,10 +9,11 @@ Two kinds, both ``ValueError`` so that library code catching ``ValueError`` keep
   set, a checkpoint). ``mtl`` prints one ``Error: ...`` line and exits with 1.
   :class:`MissingDataError` is also a ``FileNotFoundError``.
 
-A training run that diverges raises :class:`~mtl_plugin.run_log.NonFiniteLossError`, shown the
-same way (exit 1). Anything else is a bug and keeps its traceback. The checks here run before
-any long work starts: :func:`check_device`, :func:`check_output_dir`, :func:`check_output_file`,
-:func:`check_run_folder` and :func:`read_checkpoint`.
+A training run that diverges raises :class:`NonFiniteLossError` (also importable from
+:mod:`mtl_plugin.run_log`), shown the same way (exit 1). Anything else is a bug and keeps its
+traceback. The checks here run before any long work starts: :func:`check_device`,
+:func:`check_output_dir`, :func:`check_output_file`, :func:`check_run_folder` and
+:func:`read_checkpoint`.
 
 Example::
 
@@ -33,13 +34,12 @@ from typing import Any, Optional, Union
 import click
 import torch
 
-from mtl_plugin.run_log import NonFiniteLossError, load_checkpoint
-
 __all__ = [
     "Command",
     "DataError",
     "Group",
     "MissingDataError",
+    "NonFiniteLossError",
     "UsageError",
     "check_device",
     "check_run_folder",
@@ -61,6 +61,24 @@ class DataError(ValueError):
 
 class MissingDataError(DataError, FileNotFoundError):
     """An input file or folder that is not there (also a ``FileNotFoundError``)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training run diverged (a NaN, infinite or exploding loss or weight); its last good checkpoint was kept.
+
+    Args:
+        message: what diverged, where.
+        settings: the hyper-parameters most likely to blame (config field names such as
+            ``"inner_lr"``), most likely first; empty when no setting is to blame (e.g. NaN data).
+
+    Example::
+
+        raise NonFiniteLossError("the query loss is nan", settings=("encoder_lr", "head_lr"))
+    """
+
+    def __init__(self, message: str, settings: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.settings = tuple(settings)
 
 
 def check_device(name: str, option: str = "--device") -> torch.device:
@@ -181,7 +199,8 @@ def _first_sentence(error: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0] if text else "no message"
 
 
-def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: Any = "cpu") -> dict:
+def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: Any = "cpu",
+                    require_kind: bool = True) -> dict:
     """Load a checkpoint written by ``mtl``, turning every way a file can be wrong into a :class:`DataError`.
 
     The file is loaded with ``weights_only=True``: a file that holds anything but tensors,
@@ -191,14 +210,18 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
         path: the checkpoint file.
         option: the flag that named it, for the message.
         map_location: passed to ``torch.load``.
+        require_kind: refuse a dict without the ``"kind"`` entry that the checkpoints of
+            ``mtl pretrain`` and ``mtl meta-train`` have; ``False`` for any dict
+            (:func:`mtl_plugin.run_log.load_checkpoint`).
 
     Returns:
-        The checkpoint's dict; it has a ``"kind"`` entry (``"pretrain"``, ``"meta-transfer"``).
+        The checkpoint's dict; with ``require_kind`` it has a ``"kind"`` entry (``"pretrain"``,
+        ``"meta-transfer"``).
 
     Raises:
         MissingDataError: no file at ``path``.
         DataError: an empty, truncated or non-PyTorch file, a file refused by the safe loader,
-            or a PyTorch file that ``mtl`` did not write.
+            or (with ``require_kind``) a PyTorch file that ``mtl`` did not write.
 
     Example::
 
@@ -220,7 +243,9 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
         raise DataError(f"{option} {path}: not a PyTorch checkpoint (it starts with {start!r}, not a "
                         f"torch.save archive); give the best.pt written by mtl")
     try:
-        state = load_checkpoint(path, map_location)
+        # Ours hold tensors, numbers, strings and plain containers only (RNG states, configs,
+        # metrics), which the safe unpickler accepts.
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower():
             # torch's message: a preamble, the refused object, a pointer to its docs; keep the middle.
@@ -236,9 +261,11 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
         raise DataError(f"{option} {path}: not a readable PyTorch checkpoint, truncated or another kind of "
                         f"file ({type(error).__name__}: {_first_sentence(error)}); "
                         f"give a complete best.pt written by mtl") from error
-    if not isinstance(state, dict) or "kind" not in state:
+    if not isinstance(state, dict) or (require_kind and "kind" not in state):
+        what = ("it has no 'kind' entry" if isinstance(state, dict)
+                else f"it holds a {type(state).__name__}, not a dict")
         raise DataError(f"{option} {path}: a PyTorch file, but not a checkpoint written by mtl pretrain or "
-                        f"mtl meta-train (it has no 'kind' entry)")
+                        f"mtl meta-train ({what})")
     return state
 
 

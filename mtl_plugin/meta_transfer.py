@@ -9,6 +9,13 @@ parameters (Φ) at ``encoder_lr`` and θ at ``head_lr``, second order unless
 ``first_order``. :func:`meta_train` is the long-run loop: optional hard-task
 meta-batch, validation, best/last checkpoints, metrics CSV and curve, resume.
 
+A run folder is continued only with ``resume`` and replaced only with ``overwrite``; on
+resume the learning rates of the config replace the saved ones, other settings that would
+change the experiment are refused unless ``override``. Every outer step is checked for
+divergence (see :meth:`MetaTransferLearner.meta_train_step`): a diverging run stops with
+:class:`~mtl_plugin.errors.NonFiniteLossError` naming the likely learning rate, and its
+checkpoints stay as they were.
+
 The head's starting point (``head_init``) is by default built from each task's
 support set, so that it does not depend on the arbitrary order of a task's
 labels (see :class:`MetaTrainConfig`); ``"kaiming"`` is the official code's
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
@@ -37,14 +44,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtl_plugin.data.benchmark import benchmark_identity
+from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_save_figure
 from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.run_log import (
+    DIVERGENCE_FACTOR,
     NonFiniteLossError,
     RunLog,
+    all_finite,
     capture_rng_state,
-    load_checkpoint,
+    check_same_run,
+    fast_forward,
+    previous_run,
     restore_rng_state,
     save_checkpoint,
 )
@@ -64,6 +77,16 @@ __all__ = [
 
 CHECKPOINT_KIND = "meta-transfer"
 HEAD_INITS = ("prototype", "kaiming")
+# Gradient descent on the inner loop's convex loss lowers the support loss at any stable
+# inner_lr; ending ten times above where it started (or above chance level) is divergence.
+INNER_DIVERGENCE_FACTOR = 10.0
+# Adam moves each weight by about its lr per step: a step that multiplies the norm of Φ or θ
+# by ten comes from an lr far above the weights' own scale, not from learning.
+STEP_GROWTH_LIMIT = 10.0
+# What a resumed run may change without override: lower lrs rescue a diverged run, and neither
+# the step schedule nor the tasks depend on the total number of iterations.
+_MAY_CHANGE_ON_RESUME = ("inner_lr", "encoder_lr", "head_lr", "iterations", "checkpoint_every")
+_LEARNING_RATES = ("inner_lr", "encoder_lr", "head_lr")
 
 
 @dataclass
@@ -85,6 +108,8 @@ class MetaTrainConfig:
       that a hard N-way task is made of N failure classes
       (:class:`~mtl_plugin.hard_tasks.ClassAccuracyTracker`).
     * validation on 600 val tasks every 100 iterations keeps the best checkpoint.
+
+    Raises ``UsageError`` (a ``ValueError``) for a value out of range or an unknown name.
 
     ``head_init`` departs from the official code on purpose. Its θ = (W, b) is
     one Kaiming-initialised row per label *position*, but a task's labels are
@@ -137,21 +162,21 @@ class MetaTrainConfig:
                     "val_tasks", "checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+                raise UsageError(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("inner_steps", "test_inner_steps", "hard_meta_batch"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+                raise UsageError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("inner_lr", "encoder_lr", "head_lr", "lr_gamma"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+                raise UsageError(f"{name}={getattr(self, name)} must be > 0")
         if self.hard_task_mode not in ("resample", "reuse"):
-            raise ValueError(f"hard_task_mode={self.hard_task_mode!r} must be 'resample' or 'reuse'")
+            raise UsageError(f"hard_task_mode={self.hard_task_mode!r} must be 'resample' or 'reuse'")
         if self.hard_history_decay is not None and not 0.0 <= self.hard_history_decay < 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"hard_history_decay={self.hard_history_decay} must be in [0, 1), or None to keep no history"
             )
         if self.head_init not in HEAD_INITS:
-            raise ValueError(f"head_init={self.head_init!r} is unknown; use one of {HEAD_INITS}")
+            raise UsageError(f"head_init={self.head_init!r} is unknown; use one of {HEAD_INITS}")
 
 
 @dataclass
@@ -279,9 +304,33 @@ class MetaTransferLearner(nn.Module):
             groups.append({"params": encoder_parameters, "lr": self.config.encoder_lr})
         groups.append({"params": self.head_parameters(), "lr": self.config.head_lr})
         self.optimizer = torch.optim.Adam(groups)
+        self.apply_learning_rates()
+
+    def _lr_names(self) -> List[str]:
+        # The optimiser's groups: Φ (when the encoder has trainable parameters), then θ.
+        return ["encoder_lr"] * (len(self.optimizer.param_groups) - 1) + ["head_lr"]
+
+    def apply_learning_rates(self, steps: int = 0) -> None:
+        """Put ``config.encoder_lr`` and ``config.head_lr`` into the optimiser and rebuild its step schedule.
+
+        The schedule is brought to ``steps`` outer steps, so that a resumed run continues
+        under the config's lrs from where it was; with the saved lrs this gives the very lrs
+        of an uninterrupted run.
+
+        Args:
+            steps: the outer steps already taken (the saved scheduler's ``last_epoch``).
+
+        Example::
+
+            learner.optimizer.load_state_dict(state["optimizer"])
+            learner.apply_learning_rates(state["scheduler"]["last_epoch"])
+        """
+        for group, name in zip(self.optimizer.param_groups, self._lr_names()):
+            group.update(lr=getattr(self.config, name), initial_lr=getattr(self.config, name))
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=self.config.lr_step, gamma=self.config.lr_gamma
         )
+        fast_forward(self.scheduler, steps)
 
     @property
     def device(self) -> torch.device:
@@ -385,14 +434,53 @@ class MetaTransferLearner(nn.Module):
         weight, bias = start.weight, start.bias
         if not differentiable:
             weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+        first_loss = None
         for _ in range(steps):
             loss = F.cross_entropy(F.linear(features, weight, bias), labels)
+            first_loss = loss.detach() if first_loss is None else first_loss
             grad_w, grad_b = torch.autograd.grad(loss, (weight, bias), create_graph=not first_order)
             weight = weight - self.config.inner_lr * grad_w
             bias = bias - self.config.inner_lr * grad_b
             if not differentiable:
                 weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+        if differentiable and first_loss is not None:
+            # Training only: test-time adaptation (no_grad) reports no error, it just scores.
+            with torch.no_grad():
+                last_loss = F.cross_entropy(F.linear(features, weight, bias), labels)
+            self._check_inner_loop(*torch.stack([first_loss, last_loss]).tolist(), steps, weight.shape[0])
         return AdaptedHead(weight, bias)
+
+    def _check_inner_loop(self, first: float, last: float, steps: int, ways: int) -> None:
+        if not math.isfinite(first):
+            raise NonFiniteLossError(f"the support loss is {first} before any inner step: the features or θ are "
+                                     f"not finite", settings=self._blame(()))
+        if not math.isfinite(last) or last > INNER_DIVERGENCE_FACTOR * max(first, math.log(ways)):
+            raise NonFiniteLossError(
+                f"the inner loop diverged: the support loss went from {first:.3g} to {last:.3g} in {steps} "
+                f"steps at inner_lr {self.config.inner_lr:.3g}", settings=("inner_lr",))
+
+    def _blame(self, unmoved: Tuple[str, ...]) -> Tuple[str, ...]:
+        # Once the outer loop has moved Φ and θ, their lrs are the suspects of a loss gone wrong;
+        # before (Adam has no state yet), ``unmoved``: the inner lr, or nothing (the data).
+        return tuple(dict.fromkeys(self._lr_names())) if self.optimizer.state else unmoved
+
+    def _group_norms(self) -> torch.Tensor:
+        return torch.stack([torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in g["params"]]))
+                            for g in self.optimizer.param_groups])
+
+    def _check_step(self, before: torch.Tensor) -> None:
+        """Raise if the outer step just taken made Φ or θ non-finite, or blew their norm up."""
+        after = self._group_norms()
+        what = {"encoder_lr": "Φ (the encoder's trainable weights)", "head_lr": "θ (the head's initialisation)"}
+        for (old, new), name in zip(torch.stack([before, after], dim=1).tolist(), self._lr_names()):
+            if not math.isfinite(new):
+                raise NonFiniteLossError(f"a value of {what[name]} became NaN or infinite", settings=(name,))
+            if new > STEP_GROWTH_LIMIT * old > 0:
+                raise NonFiniteLossError(f"the norm of {what[name]} went from {old:.3g} to {new:.3g} in one step",
+                                         settings=(name,))
+        # Batch-norm statistics that train (scratch encoders, bn="train") are checked too.
+        if not all_finite(self.encoder.buffers()):
+            raise NonFiniteLossError("a batch-norm statistic became NaN or infinite", settings=self._blame(()))
 
     def adapt(
         self,
@@ -440,9 +528,18 @@ class MetaTransferLearner(nn.Module):
         samples per class, the rest queries), ``(sx, sy, qx, qy)`` tuples or
         ``SampledTask``s; it is read lazily and ``on_task(task, query_logits,
         query_y)`` runs after each task, so a hard-task meta-batch can record
-        failures before drawing its hard tasks. Raises
-        :class:`~mtl_plugin.run_log.NonFiniteLossError` before updating anything
-        if a loss is NaN or infinite.
+        failures before drawing its hard tasks.
+
+        Divergence raises :class:`~mtl_plugin.errors.NonFiniteLossError`, whose
+        ``settings`` name the likely learning rate(s):
+
+        * before any update: a task's inner loop ending with its support loss non-finite
+          or above ``INNER_DIVERGENCE_FACTOR`` x max(its start, ln(ways)) (``inner_lr``);
+          a query loss that is non-finite or above ``DIVERGENCE_FACTOR`` x ln(ways)
+          (``inner_lr`` before the first outer step, then ``encoder_lr`` / ``head_lr``);
+        * after the update: a value of Φ or θ non-finite, or the norm of either grown by
+          more than ``STEP_GROWTH_LIMIT`` x in the step (its lr), or a non-finite
+          batch-norm statistic. The update is then already applied.
 
         Example::
 
@@ -451,29 +548,33 @@ class MetaTransferLearner(nn.Module):
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses, accuracies, hard = [], [], []
-        for task in tasks:
-            support_x, support_y, query_x, query_y = _support_query(task, self.config.shots)
-            loss, logits = self.task_loss(support_x, support_y, query_x, query_y)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"the query loss of task {len(losses) + 1} of the meta-batch is {loss.item()}: "
-                    f"lower encoder_lr / head_lr / inner_lr, or check the data for NaNs"
-                )
-            # One backward per task frees its graph before the next task is encoded.
-            loss.backward()
-            query_y = query_y.to(self.device)
-            losses.append(loss.item())
-            accuracies.append(100.0 * (logits.argmax(dim=1) == query_y).float().mean().item())
-            hard.append(bool(getattr(task, "hard", False)))
-            if on_task is not None:
-                on_task(task, logits.detach(), query_y)
+        try:
+            for task in tasks:
+                support_x, support_y, query_x, query_y = _support_query(task, self.config.shots)
+                loss, logits = self.task_loss(support_x, support_y, query_x, query_y)
+                value = loss.item()
+                if not math.isfinite(value) or value > DIVERGENCE_FACTOR * math.log(logits.shape[1]):
+                    raise NonFiniteLossError(f"the query loss of task {len(losses) + 1} of the meta-batch is "
+                                             f"{value:.3g}", settings=self._blame(("inner_lr",)))
+                # One backward per task frees its graph before the next task is encoded.
+                loss.backward()
+                query_y = query_y.to(self.device)
+                losses.append(value)
+                accuracies.append(100.0 * (logits.argmax(dim=1) == query_y).float().mean().item())
+                hard.append(bool(getattr(task, "hard", False)))
+                if on_task is not None:
+                    on_task(task, logits.detach(), query_y)
+        except NonFiniteLossError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         if not losses:
             raise ValueError("tasks is empty: a meta-batch needs at least one task")
         for parameter in self.meta_parameters():
             if parameter.grad is not None:
                 parameter.grad /= len(losses)
+        before = self._group_norms()
         self.optimizer.step()
+        self._check_step(before)
         return MetaStepResult(_mean(losses), _mean(accuracies), len(losses), accuracies, hard)
 
     def predict(
@@ -601,6 +702,59 @@ class _TaskStream:
             self.tracker.load_state_dict(state["tracker"])
 
 
+def _lower(config: MetaTrainConfig, name: str) -> float:
+    # The paper's value when above it, else a tenth.
+    value, default = getattr(config, name), next(f.default for f in fields(MetaTrainConfig) if f.name == name)
+    return default if value > default else value / 10
+
+
+def _stopped(error: NonFiniteLossError, iteration: int, config: MetaTrainConfig, log: RunLog,
+             saved: int) -> NonFiniteLossError:
+    """The message of a diverged run: where, the likely lr and what to run next."""
+    lrs = " or ".join(f"{name} {getattr(config, name):.3g}" for name in error.settings)
+    flags = " ".join(f"--{name.replace('_', '-')} {_lower(config, name):.3g}" for name in error.settings)
+    if error.settings:
+        cause = f"Likely cause: {lrs} is too high"
+        remedy = f"with a lower lr, e.g. {'--resume ' if saved else ''}{flags}"
+    else:
+        cause = "Check the data and the pretrained weights for NaN or infinite values"
+        remedy = "once they are fixed"
+    if saved:
+        kept = [str(path) for path in (log.last_path, log.best_path) if path.is_file()]
+        kept[0] += f" (iteration {saved})"
+        kept = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept as before; continue {remedy}"
+    else:
+        kept = f"no checkpoint was written yet; start again {remedy}"
+    return NonFiniteLossError(f"meta-training diverged at iteration {iteration}: {error}. {cause}: {kept}",
+                              settings=error.settings)
+
+
+def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, identity: dict, override: bool,
+            log: RunLog) -> Tuple[int, float, int]:
+    """Load the run saved in ``state`` (its ``last.pt``) after checking that it is the same run."""
+    config, path = learner.config, log.last_path
+    saved_identity = dict(state["model"], **({"train_data": state["data"]} if "data" in state else {}))
+    check_same_run(path, saved_identity, identity, state["config"], asdict(config), _MAY_CHANGE_ON_RESUME,
+                   override)
+    new_lrs = [name for name in _LEARNING_RATES if state["config"].get(name) != getattr(config, name)]
+    if new_lrs and state["iteration"] >= config.iterations:
+        raise UsageError(f"{path}: the run is finished (iteration {state['iteration']} of {config.iterations}), so "
+                         f"a new {new_lrs[0]} changes nothing: pass more --iterations to continue it, --overwrite "
+                         f"to train anew, or another --out")
+    try:
+        load_learner_state(learner, state["learner"], str(path))
+        stream.load_state(state["stream"])
+    except ValueError as error:
+        raise DataError(f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, "
+                        f"or another --out") from error
+    learner.optimizer.load_state_dict(state["optimizer"])
+    # The config's lrs replace the saved ones (the remedy for a diverged run); the schedule is
+    # rebuilt under them and brought to the step the run had reached.
+    learner.apply_learning_rates(state["scheduler"]["last_epoch"])
+    log.rows = list(state["metrics"])
+    return state["iteration"], state["best_accuracy"], state["best_iteration"]
+
+
 def meta_train(
     learner: MetaTransferLearner,
     benchmark: Any,
@@ -608,6 +762,8 @@ def meta_train(
     resume: bool = False,
     progress: bool = True,
     model_info: Optional[dict] = None,
+    overwrite: bool = False,
+    override: bool = False,
 ) -> MetaTrainResult:
     """Meta-train ``learner`` on ``benchmark.train``, validating on ``benchmark.val``.
 
@@ -615,12 +771,38 @@ def meta_train(
     of the normal and of the hard tasks (NaN without hard tasks), and validation
     columns every ``val_every``), ``curve.png`` (:func:`plot_meta_curves`: the
     validation accuracy and the normal against the hard tasks' training
-    accuracy), ``best.pt`` and
-    ``last.pt`` (every ``checkpoint_every`` iterations) into ``out_dir``. With
-    ``resume=True`` a run killed at any point continues from ``last.pt`` and ends
-    in the state an uninterrupted run reaches. ``model_info`` (e.g. the backbone
-    name) is stored in the checkpoints so that ``mtl evaluate`` can rebuild the
-    model. On return the learner holds the best validation weights.
+    accuracy), ``best.pt`` and ``last.pt`` (every ``checkpoint_every`` iterations
+    and with every new ``best.pt``) into ``out_dir``. ``model_info`` (e.g. the
+    backbone name) is stored in the checkpoints so that ``mtl evaluate`` can
+    rebuild the model; the checkpoints also record the training data
+    (:func:`~mtl_plugin.data.benchmark.benchmark_identity`). On return the
+    learner holds the best validation weights.
+
+    Args:
+        learner: the learner; its config is the run's.
+        benchmark: a :class:`~mtl_plugin.data.FewShotBenchmark` (or an object with its splits).
+        out_dir: the run's folder.
+        resume: continue the run in ``out_dir`` from ``last.pt``: a killed run ends in the
+            state an uninterrupted one reaches, a finished one returns at once. The config's
+            ``encoder_lr``, ``head_lr`` and ``inner_lr`` replace the saved ones.
+        progress: a progress bar.
+        model_info: what ``mtl evaluate`` needs to rebuild the model.
+        overwrite: delete the run in ``out_dir`` and train anew.
+        override: with ``resume``, continue under settings of the config that differ from
+            the saved run's (other than the lrs and ``iterations``, which may always change).
+
+    Returns:
+        Where the run is and its best validation accuracy.
+
+    Raises:
+        UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
+            the config differs from the run resumed without ``override``; a new lr for a
+            finished run.
+        DataError: the run in ``out_dir`` was written for other data or another model, or its
+            ``last.pt`` is unreadable.
+        NonFiniteLossError: the run diverged (see :meth:`MetaTransferLearner.meta_train_step`;
+            ``last.pt`` and ``best.pt`` are also checked before every save). The message names
+            the iteration, the likely lr and a lower one; the checkpoints are left as they were.
 
     Example::
 
@@ -632,18 +814,18 @@ def meta_train(
         raise ValueError(f"the learner is {learner.ways}-way but config.ways={config.ways}")
     # The train split is checked by build_taskset; check val now rather than at the first validation.
     check_task_shape(benchmark.val, config.ways, config.shots + config.queries)
+    previous = previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl meta-train", "meta-training run")
     stream = _TaskStream(benchmark.train, config)
     log = RunLog(out_dir)
+    if overwrite:
+        for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
+            path.unlink(missing_ok=True)
+    model, data = dict(model_info or {}), benchmark_identity(benchmark)
     start, best_accuracy, best_iteration = 0, -math.inf, 0
-    if resume and log.last_path.is_file():
-        state = load_checkpoint(log.last_path, map_location=learner.device)
-        load_learner_state(learner, state["learner"], str(log.last_path))
-        learner.optimizer.load_state_dict(state["optimizer"])
-        learner.scheduler.load_state_dict(state["scheduler"])
-        stream.load_state(state["stream"])
-        start, best_accuracy, best_iteration = state["iteration"], state["best_accuracy"], state["best_iteration"]
-        log.rows = list(state["metrics"])
-    last_saved = start
+    if previous is not None:
+        identity = dict(model, train_data=data)
+        start, best_accuracy, best_iteration = _resume(learner, stream, previous, identity, override, log)
+    saved = start
     val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                desc="meta-train", disable=not progress)
@@ -653,43 +835,43 @@ def meta_train(
         try:
             step = learner.meta_train_step(tasks, on_task)
         except NonFiniteLossError as error:
-            where = f"{log.last_path} (iteration {last_saved})" if last_saved else "none was written yet"
-            raise NonFiniteLossError(
-                f"meta-training stopped at iteration {iteration}: {error}. The last good checkpoint is "
-                f"{where}; resume from it with lower learning rates"
-            ) from error
+            raise _stopped(error, iteration, config, log, saved) from error
         learner.scheduler.step()
         row = {"iteration": iteration, "loss": step.loss, "accuracy": step.accuracy,
                "normal_accuracy": step.normal_accuracy, "hard_accuracy": step.hard_accuracy,
                "encoder_lr": learner.optimizer.param_groups[0]["lr"],
                "val_accuracy": math.nan, "val_ci95": math.nan}
+        improved = False
         if iteration % config.val_every == 0 or iteration == config.iterations:
             result = evaluate(learner.predict, benchmark.val, val_config, progress=False)
             row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
-            if result.mean > best_accuracy:
-                best_accuracy, best_iteration = result.mean, iteration
-                save_checkpoint(
-                    {"kind": CHECKPOINT_KIND, "model": model_info or {}, "config": asdict(config),
-                     "iteration": iteration, "val_accuracy": result.mean, "learner": learner.state_dict()},
-                    log.best_path,
-                )
+            improved = result.mean > best_accuracy
         log.append(row)
+        if improved:
+            best_accuracy, best_iteration = result.mean, iteration
         bar.set_postfix(loss=f"{step.loss:.3f}", acc=f"{step.accuracy:.1f}",
                         val=f"{best_accuracy:.1f}" if best_accuracy > -math.inf else "-")
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+        # A new best.pt comes with a last.pt, so that a run folder holding best.pt can always resume.
+        if improved or iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            if not all_finite(learner.state_dict().values()):
+                error = NonFiniteLossError("a weight or batch-norm statistic is not finite",
+                                           settings=learner._blame(()))
+                raise _stopped(error, iteration, config, log, saved)
+            header = {"kind": CHECKPOINT_KIND, "model": model, "data": data, "config": asdict(config),
+                      "iteration": iteration, "learner": learner.state_dict()}
+            if improved:
+                save_checkpoint(dict(header, val_accuracy=result.mean), log.best_path)
             save_checkpoint(
-                {"kind": CHECKPOINT_KIND, "model": model_info or {}, "config": asdict(config),
-                 "iteration": iteration, "learner": learner.state_dict(),
-                 "optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict(),
-                 "stream": stream.state(), "best_accuracy": best_accuracy, "best_iteration": best_iteration,
-                 "metrics": log.rows},
+                dict(header, optimizer=learner.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
+                     stream=stream.state(), best_accuracy=best_accuracy, best_iteration=best_iteration,
+                     metrics=log.rows),
                 log.last_path,
             )
             log.write()
             plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
-            last_saved = iteration
+            saved = iteration
     if log.best_path.is_file():
-        best = load_checkpoint(log.best_path, map_location=learner.device)
+        best = read_checkpoint(log.best_path, "--out", map_location=learner.device)
         load_learner_state(learner, best["learner"], str(log.best_path))
     return MetaTrainResult(Path(out_dir), config.iterations, best_accuracy, best_iteration)
 

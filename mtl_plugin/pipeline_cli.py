@@ -4,6 +4,7 @@ Example::
 
     mtl pretrain --data kanji --backbone conv4 --epochs 5 --out runs/pre
     mtl meta-train --data kanji --pretrained runs/pre/best.pt --hard-tasks --out runs/meta
+    mtl meta-train --data kanji --pretrained runs/pre/best.pt --hard-tasks --out runs/meta --resume --encoder-lr 1e-5
     mtl evaluate --data kanji --checkpoint runs/meta/best.pt --shots 1 --tasks 600
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from mtl_plugin.pretrain import (
     pretrain,
     run_config,
 )
+from mtl_plugin.run_log import previous_run
 from mtl_plugin.ss import SSAdapter
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
@@ -73,6 +75,25 @@ def _overrides(config_class, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in names and v is not None}
 
 
+def _run_options(command):
+    """The run-folder flags that ``pretrain`` and ``meta-train`` share, and ``--quiet``."""
+    for option in reversed([
+        click.option("--resume", is_flag=True, help="Continue the run in --out (a finished one is reused); "
+                                                    "learning rates given here replace the saved ones."),
+        click.option("--overwrite", is_flag=True, help="Delete the run in --out and train anew."),
+        click.option("--override", is_flag=True,
+                     help="With --resume: continue under flags that differ from the saved run's."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _check_override(resume: bool, override: bool) -> None:
+    if override and not resume:
+        raise UsageError("--override applies to a resumed run: pass it with --resume")
+
+
 @click.command("pretrain", cls=Command)
 @_data_options
 @click.option("--backbone", default=None, help="resnet12 (default), conv4, resnet18-small, ...")
@@ -88,17 +109,12 @@ def _overrides(config_class, values: dict) -> dict:
 @click.option("--val-queries", type=click.IntRange(min=1), default=None, help="Default 15.")
 @click.option("--seed", type=int, default=None, help="Default 0.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
-@click.option("--resume", is_flag=True,
-              help="Continue the run in --out (a finished one is reused); a --lr given here replaces the saved one.")
-@click.option("--overwrite", is_flag=True, help="Delete the run in --out and train anew.")
-@click.option("--override", is_flag=True, help="With --resume: continue under flags that differ from the saved run's.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_run_options
 def pretrain_command(data, root, image_size, data_seed, device, out, resume, overwrite, override, quiet,
                      **values) -> None:
     """Train backbone + linear head on all meta-train classes; keep the best backbone (head dropped)."""
     device = check_device(device)
-    if override and not resume:
-        raise UsageError("--override applies to a resumed run: pass it with --resume")
+    _check_override(resume, override)
     # With --resume, flags not given keep the saved run's values.
     config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
     check_backbone(config.backbone, image_size_of(data, image_size))
@@ -131,35 +147,37 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 @click.option("--ways", type=click.IntRange(min=2), default=None, help="Default 5.")
 @click.option("--shots", type=click.IntRange(min=1), default=None, help="Default 1.")
 @click.option("--queries", type=click.IntRange(min=1), default=None, help="Default 15.")
-@click.option("--inner-steps", type=int, default=None, help="Default 20 (100 at test time).")
-@click.option("--test-inner-steps", type=int, default=None)
-@click.option("--inner-lr", type=float, default=None, help="Default 0.01.")
-@click.option("--encoder-lr", type=float, default=None, help="Adam lr of SS (Φ); default 1e-4.")
-@click.option("--head-lr", type=float, default=None, help="Adam lr of the head init θ; default 1e-3.")
+@click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="Default 20 (100 at test time).")
+@click.option("--test-inner-steps", type=click.IntRange(min=0), default=None)
+@click.option("--inner-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default 0.01.")
+@click.option("--encoder-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Adam lr of SS (Φ); default 1e-4.")
+@click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Adam lr of the head init θ; default 1e-3.")
 @click.option("--first-order", is_flag=True, default=None, help="Drop second-order terms of the meta-gradient.")
 @click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
               help="Where each task's head starts: prototype (default; its support set's class means, "
                    "whatever the label order) or kaiming (the official code's per-label θ).")
-@click.option("--iterations", type=int, default=None, help="Default 10000.")
-@click.option("--meta-batch", type=int, default=None, help="Normal tasks per iteration (default 2).")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Default 10000.")
+@click.option("--meta-batch", type=click.IntRange(min=1), default=None, help="Normal tasks per iteration (default 2).")
 @click.option("--hard-tasks", is_flag=True, default=None, help="Add the hard-task meta-batch.")
-@click.option("--hard-meta-batch", type=int, default=None, help="Hard tasks per iteration (default 2).")
+@click.option("--hard-meta-batch", type=click.IntRange(min=0), default=None,
+              help="Hard tasks per iteration (default 2).")
 @click.option("--hard-task-mode", type=click.Choice(["resample", "reuse"]), default=None)
-@click.option("--val-every", type=int, default=None)
-@click.option("--val-tasks", type=int, default=None)
-@click.option("--checkpoint-every", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-every", type=click.IntRange(min=1), default=None)
+@click.option("--val-tasks", type=click.IntRange(min=1), default=None)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=None, help="Default 0.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the killed run in --out from its last checkpoint.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_run_options
 def meta_train_command(data, root, image_size, data_seed, device, pretrained, backbone, granularity,
-                       out, resume, quiet, **values) -> None:
+                       out, resume, overwrite, override, quiet, **values) -> None:
     """Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."""
     device = check_device(device)
-    try:
-        config = MetaTrainConfig(**_overrides(MetaTrainConfig, values))
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+    _check_override(resume, override)
+    # With --resume, flags not given keep the saved run's values.
+    previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
+    config = MetaTrainConfig(**{**(previous["config"] if previous else {}), **_overrides(MetaTrainConfig, values)})
     if pretrained:
         state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained, "--pretrained")
         # The backbone only fits images of the size it was trained on: that is the default.
@@ -182,13 +200,8 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
             torch.manual_seed(config.seed)
             encoder = build_pretrained(info)
     learner = MetaTransferLearner(encoder, config.ways, config).to(device)
-    try:
-        result = meta_train(learner, bench, out, resume=resume, progress=not quiet, model_info=info)
-    except (UsageError, DataError):
-        raise
-    except ValueError as error:
-        # meta_train's own checks (e.g. a resume that does not fit the run in --out) raise plain ValueError.
-        raise DataError(str(error)) from error
+    result = meta_train(learner, bench, out, resume=resume, overwrite=overwrite, override=override,
+                        progress=not quiet, model_info=info)
     click.echo(f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
                f"{result.best_checkpoint}")
 

@@ -22,10 +22,9 @@ Example::
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,18 @@ from tqdm.auto import tqdm
 
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.data.benchmark import benchmark_identity
-from mtl_plugin.errors import DataError, UsageError, check_run_folder, read_checkpoint
+from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
-from mtl_plugin.run_log import NonFiniteLossError, RunLog, save_checkpoint
+from mtl_plugin.run_log import (
+    DIVERGENCE_FACTOR,
+    NonFiniteLossError,
+    RunLog,
+    all_finite,
+    check_same_run,
+    fast_forward,
+    previous_run,
+    save_checkpoint,
+)
 
 __all__ = [
     "PretrainConfig",
@@ -50,9 +58,6 @@ __all__ = [
 
 CHECKPOINT_KIND = "pretrain"
 SCHEDULES = ("step", "cosine")
-# Cross-entropy starts near ln(classes), chance level. A batch loss a hundred times that means
-# logits wrong by hundreds: the optimiser has diverged and no later step brings it back.
-DIVERGENCE_FACTOR = 100.0
 # The one setting a resumed run may change without --override: a lower lr rescues a diverged run.
 _MAY_CHANGE_ON_RESUME = ("lr",)
 
@@ -185,15 +190,7 @@ def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
 
 
 def _previous_run(out_dir: Path, resume: bool, overwrite: bool) -> Optional[dict]:
-    """The ``last.pt`` state to continue from, or ``None`` to start a new run in ``out_dir``."""
-    last = check_run_folder(out_dir, resume, overwrite, run="pretraining run")
-    if last is None:
-        return None
-    state = read_checkpoint(last, "--out")
-    if state["kind"] != CHECKPOINT_KIND or "classifier" not in state:
-        raise DataError(f"--out {out_dir}: its last.pt is not the resumable state of mtl pretrain; "
-                        f"pass --overwrite to train anew there, or another --out")
-    return state
+    return previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl pretrain", "pretraining run")
 
 
 def run_config(out_dir: Union[str, Path], changes: dict, resume: bool = False,
@@ -227,40 +224,15 @@ def run_config(out_dir: Union[str, Path], changes: dict, resume: bool = False,
 
 
 def _check_resumable(state: dict, config: PretrainConfig, info: dict, override: bool, path: Path) -> None:
-    saved_info = state["model"]
-    if saved_info != info:
-        shown = ", ".join(f"{k} {saved_info.get(k)!r} (now {info.get(k)!r})"
-                          for k in sorted(set(saved_info) | set(info)) if saved_info.get(k) != info.get(k))
-        raise DataError(f"{path} was written for other data or another backbone: {shown}; give the data and "
-                        f"backbone flags of that run, --overwrite to train anew, or another --out")
     saved = state["config"]
-    changed = [k for k, v in asdict(config).items() if k not in _MAY_CHANGE_ON_RESUME and saved.get(k) != v]
-    if "epochs" in changed and config.schedule == saved.get("schedule") == "step":
+    may_change = _MAY_CHANGE_ON_RESUME
+    if config.schedule == saved.get("schedule") == "step":
         # A step schedule does not depend on the total, so more epochs just continue the same run.
-        changed.remove("epochs")
-    if changed and not override:
-        shown = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
-        raise UsageError(f"{path}: resuming with other settings than the saved run's ({shown}) changes the "
-                         f"experiment: drop those flags, pass --override to continue under the new ones, "
-                         f"--overwrite to train anew, or another --out")
+        may_change += ("epochs",)
+    check_same_run(path, state["model"], info, saved, asdict(config), may_change, override)
     if state["epoch"] >= config.epochs and config.lr != saved["lr"]:
         raise UsageError(f"{path}: the run is finished (epoch {state['epoch']} of {config.epochs}), so a new lr changes "
                          f"nothing: pass --overwrite to train anew with lr {config.lr}, or another --out")
-
-
-def _fast_forward(scheduler, steps: int) -> None:
-    # Stepping from scratch repeats the float operations of an uninterrupted run, so the lr
-    # matches it bit for bit; torch warns that no optimiser step came first, which is intended.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-        for _ in range(steps):
-            scheduler.step()
-
-
-def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    # One reduction per tensor and a single device sync; a sum that overflows is divergence too.
-    sums = [t.detach().float().sum() for t in tensors if t.is_floating_point()]
-    return bool(torch.stack(sums).isfinite().all())
 
 
 def _diverged(what: str, epoch: int, step: int, lr: float, log: RunLog, saved_epoch: int) -> NonFiniteLossError:
@@ -352,7 +324,7 @@ def pretrain(
                 group.update(lr=config.lr, initial_lr=config.lr, momentum=config.momentum,
                              nesterov=config.nesterov, weight_decay=config.weight_decay)
             scheduler = _schedule(optimizer, config, steps_per_epoch)
-            _fast_forward(scheduler, previous["scheduler"]["last_epoch"])
+            fast_forward(scheduler, previous["scheduler"]["last_epoch"])
             torch.set_rng_state(previous["torch_rng"])
             start, best_accuracy, log.rows = previous["epoch"], previous["best_accuracy"], list(previous["metrics"])
             if progress and config.lr != previous["config"]["lr"]:
@@ -383,7 +355,7 @@ def pretrain(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                if not _all_finite(classifier.parameters()):
+                if not all_finite(classifier.parameters()):
                     raise _diverged("a weight became NaN or infinite", epoch, step + 1,
                                     optimizer.param_groups[0]["lr"], log, start)
                 scheduler.step()
@@ -392,7 +364,7 @@ def pretrain(
                 seen += len(labels)
                 bar.set_postfix(loss=f"{value:.3f}", acc=f"{100.0 * correct / seen:.1f}")
             # Batch-norm statistics are not parameters: check everything that is about to be saved.
-            if not _all_finite(classifier.state_dict().values()):
+            if not all_finite(classifier.state_dict().values()):
                 raise _diverged("a batch-norm statistic became NaN or infinite", epoch, steps_per_epoch,
                                 optimizer.param_groups[0]["lr"], log, start)
             result = evaluate(nearest_centroid(backbone), benchmark.val, val_config, progress=False)

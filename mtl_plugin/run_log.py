@@ -12,32 +12,44 @@ Example::
     log.write(curve=("iteration", "val_accuracy"))
     state = {"rng": capture_rng_state([task_rng]), "metrics": log.rows}
     save_checkpoint(state, log.last_path)
+
+The training commands share the rules of a run folder here: :func:`previous_run` (continue,
+replace or refuse), :func:`check_same_run` (a resumed run keeps its data, model and
+experiment settings), :func:`fast_forward` (a schedule rebuilt under a new lr) and
+:func:`all_finite` with :data:`DIVERGENCE_FACTOR` (divergence checks).
 """
 from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError, check_run_folder, read_checkpoint
 from mtl_plugin.io import atomic_save, atomic_save_figure, atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
+    "DIVERGENCE_FACTOR",
     "NonFiniteLossError",
     "RunLog",
+    "all_finite",
     "capture_rng_state",
+    "check_same_run",
+    "fast_forward",
     "load_checkpoint",
+    "previous_run",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
-
-class NonFiniteLossError(RuntimeError):
-    """A training loss became NaN or infinite; the last good checkpoint was kept."""
+# Cross-entropy starts near ln(classes), chance level. A loss a hundred times that means logits
+# wrong by hundreds: the optimiser has diverged and no later step brings it back.
+DIVERGENCE_FACTOR = 100.0
 
 
 def capture_rng_state(rngs: Sequence[random.Random] = ()) -> dict:
@@ -85,18 +97,138 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint`; a clear error if it is missing.
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    :func:`mtl_plugin.errors.read_checkpoint` for any dict, so that a file that could run
+    code is refused and a missing or damaged one is named.
+
+    Raises:
+        MissingDataError: no file at ``path`` (also a ``FileNotFoundError``).
+        DataError: an empty, truncated, unsafe or non-PyTorch file, or one that holds no dict.
 
     Example::
 
         state = load_checkpoint("runs/x/last.pt")
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; check the path or run without --resume")
-    # A checkpoint must not be able to run code: ours hold tensors, numbers, strings and plain
-    # containers only (RNG states, configs, metrics), which the safe unpickler accepts.
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return read_checkpoint(path, "checkpoint", map_location, require_kind=False)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every floating-point value of ``tensors`` is finite (``True`` for none).
+
+    One reduction per tensor and a single device sync; a sum that overflows counts as
+    divergence too.
+
+    Example::
+
+        if not all_finite(model.state_dict().values()): ...
+    """
+    sums = [t.detach().float().sum() for t in tensors if t.is_floating_point()]
+    return not sums or bool(torch.stack(sums).isfinite().all())
+
+
+def fast_forward(scheduler: Any, steps: int) -> None:
+    """Step a freshly built lr ``scheduler`` ``steps`` times, to where a resumed run had brought its own.
+
+    Stepping from scratch repeats the float operations of an uninterrupted run, so the lr
+    matches it bit for bit, and a schedule rebuilt under a new lr continues from the same step.
+
+    Example::
+
+        fast_forward(torch.optim.lr_scheduler.StepLR(optimizer, 1000), state["scheduler"]["last_epoch"])
+    """
+    # torch warns that no optimiser step came first, which is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
+def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, command: str,
+                 run: str) -> Optional[dict]:
+    """The ``last.pt`` state a training command continues from, or ``None`` to start a new run in ``out_dir``.
+
+    Args:
+        out_dir: the run's folder (``--out``).
+        resume: ``--resume`` was given.
+        overwrite: ``--overwrite`` was given (the caller deletes the old run's files).
+        kind: the ``"kind"`` entry of the command's checkpoints.
+        command: the command, for the messages (``"mtl meta-train"``).
+        run: what its folder holds, for the messages (``"meta-training run"``).
+
+    Raises:
+        UsageError: as :func:`~mtl_plugin.errors.check_run_folder`.
+        DataError: ``last.pt`` is unreadable, or not the resumable state of ``command``.
+
+    Example::
+
+        state = previous_run("runs/meta", resume=True, overwrite=False, kind="meta-transfer",
+                             command="mtl meta-train", run="meta-training run")
+    """
+    last = check_run_folder(out_dir, resume, overwrite, run=run)
+    if last is None:
+        return None
+    state = read_checkpoint(last, "--out")
+    # best.pt holds weights only; the resumable state also holds the optimiser's.
+    if state["kind"] != kind or "optimizer" not in state:
+        raise DataError(f"--out {out_dir}: its last.pt is not the resumable state of {command}; "
+                        f"pass --overwrite to train anew there, or another --out")
+    return state
+
+
+def _short(value: Any) -> str:
+    # Content digests are 64 hex digits: a few tell two data sets apart.
+    return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 24 else repr(value)
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    shown = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            shown += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            shown.append(f"{prefix}{key} {_short(old)} (now {_short(new)})")
+    return shown
+
+
+def check_same_run(path: PathLike, saved_identity: dict, identity: dict, saved_config: dict, config: dict,
+                   may_change: Iterable[str], override: bool) -> None:
+    """Refuse to resume the run saved at ``path`` under other data, another model or other settings.
+
+    Args:
+        path: the run's ``last.pt``, for the messages.
+        saved_identity: what the data and the model were (names, sizes, the data set's record).
+        identity: the same for the run about to continue.
+        saved_config: the saved run's settings (a config dataclass as a dict).
+        config: the settings given now.
+        may_change: settings that may differ without ``override`` (e.g. learning rates).
+        override: continue under settings (not data or model) that differ.
+
+    Raises:
+        DataError: other data or another model; or a checkpoint of an older ``mtl`` that did
+            not record part of ``identity`` (allowed with ``override``).
+        UsageError: a setting outside ``may_change`` differs and ``override`` is off.
+
+    Example::
+
+        check_same_run(last, state["model"], info, state["config"], asdict(config), ("lr",), override=False)
+    """
+    unrecorded = sorted(set(identity) - set(saved_identity))
+    different = _differences(saved_identity, {k: v for k, v in identity.items() if k not in unrecorded})
+    if different:
+        raise DataError(f"{path} was written for other data or another model: {', '.join(different)}; give "
+                        f"the data and model flags of that run, --overwrite to train anew, or another --out")
+    if unrecorded and not override:
+        raise DataError(f"{path} was written by an older mtl that did not record its {', '.join(unrecorded)}, so "
+                        f"resuming cannot check that they are the same: pass --override to resume it anyway, "
+                        f"--overwrite to train anew, or another --out")
+    changed = [k for k, v in config.items() if k not in may_change and saved_config.get(k) != v]
+    if changed and not override:
+        shown = ", ".join(f"{k} {saved_config.get(k)!r} -> {config[k]!r}" for k in changed)
+        raise UsageError(f"{path}: resuming with other settings than the saved run's ({shown}) changes the "
+                         f"experiment: drop those flags, pass --override to continue under the new ones, "
+                         f"--overwrite to train anew, or another --out")
 
 
 class RunLog:

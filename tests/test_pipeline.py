@@ -278,6 +278,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in state["learner"].values() if t.is_floating_point())
 
 
+def test_a_diverging_inner_loop_is_named_in_training_only():
+    config = tiny_config(inner_lr=1e6)
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    support_x, support_y, query_x, query_y = fixed_tasks(tiny_benchmark().train, config, count=1)[0]
+    with pytest.raises(NonFiniteLossError, match="inner loop diverged.*inner_lr 1e\\+06") as caught:
+        learner.task_loss(support_x, support_y, query_x, query_y)
+    assert caught.value.settings == ("inner_lr",)
+    with torch.no_grad():  # test-time adaptation scores, it does not stop
+        learner.adapt(support_x, support_y)
+    learner.config.inner_lr = 0.01
+    learner.task_loss(support_x, support_y, query_x, query_y)
+
+
+def test_an_exploding_outer_step_names_its_lr():
+    config = tiny_config(head_lr=1e6)
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    with pytest.raises(NonFiniteLossError, match="norm of θ") as caught:
+        learner.meta_train_step(fixed_tasks(tiny_benchmark().train, config, count=2))
+    assert caught.value.settings == ("head_lr",)
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     learner, _ = run(tmp_path, "c", iterations=2, val_every=2)
     state = torch.load(tmp_path / "c" / "best.pt", weights_only=False)["learner"]

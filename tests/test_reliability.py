@@ -19,6 +19,7 @@ from mtl_plugin.cli import main
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.errors import DataError, MissingDataError, UsageError
 from mtl_plugin.pretrain import PretrainConfig, pretrain
+from mtl_plugin.run_log import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,6 +27,9 @@ TINY_KANJI = dict(num_classes=30, instances=6)  # 18 / 6 / 6 classes
 PRETRAIN = ["pretrain", "--backbone", "conv4", "--epochs", "1", "--batch-size", "16", "--steps-per-epoch", "2",
             "--val-tasks", "2", "--val-ways", "3", "--val-queries", "2", "--device", "cpu", "--quiet"]
 EVALUATE = ["evaluate", "--ways", "3", "--queries", "2", "--tasks", "2", "--device", "cpu", "--quiet"]
+# Two iterations, validated and checkpointed at the second.
+META = ["meta-train", "--ways", "3", "--queries", "2", "--inner-steps", "2", "--iterations", "2", "--val-every", "2",
+        "--val-tasks", "2", "--checkpoint-every", "2", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,38 @@ def test_resumed_lr_overrides_the_saved_one_and_divergence_keeps_last_checkpoint
     assert lrs.tolist() == [0.1, 0.05]
 
 
+@pytest.mark.parametrize("flag, value", [("--inner-lr", "0"), ("--encoder-lr", "-1"), ("--iterations", "0"),
+                                         ("--inner-steps", "-1"), ("--val-tasks", "0")])
+def test_bad_meta_train_arguments_are_exit_2(tmp_path, flag, value):
+    fails(2, META + [flag, value, "--out", tmp_path / "meta"], flag)
+    assert not (tmp_path / "meta").exists()
+
+
+def test_meta_train_divergence_names_the_lr_and_keeps_the_checkpoints(tmp_path, pretrained):
+    meta, out = META + ["--pretrained", pretrained / "best.pt"], tmp_path / "meta"
+    succeeds(meta + ["--out", out])
+    last, best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
+    # The saved encoder lr is 1e-4; 1e6 only diverges if the flag wins over it.
+    fails(1, meta + ["--resume", "--iterations", "4", "--encoder-lr", "1e6", "--out", out],
+          "diverged at iteration 3", "encoder_lr 1e+06", "last.pt (iteration 2)", "best.pt are kept",
+          "--resume --encoder-lr 0.0001")
+    assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
+    succeeds(meta + ["--resume", "--iterations", "4", "--encoder-lr", "1e-5", "--out", out])
+    lrs = np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=5)
+    assert lrs.tolist() == [1e-4, 1e-4, 1e-5, 1e-5]
+
+
+@pytest.mark.parametrize("flag, phrase", [("--inner-lr", "the inner loop diverged: the support loss went from"),
+                                          ("--head-lr", "the norm of θ")])
+def test_meta_train_divergence_before_any_checkpoint(tmp_path, pretrained, flag, phrase):
+    out = tmp_path / "meta"
+    suggested = {"--inner-lr": "--inner-lr 0.01", "--head-lr": "--head-lr 0.001"}[flag]
+    fails(1, META + ["--pretrained", pretrained / "best.pt", flag, "1e6", "--out", out],
+          "diverged at iteration 1", phrase, f"{flag[2:].replace('-', '_')} 1e+06", "no checkpoint was written yet",
+          suggested)
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
 def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     # On resume the schedule is rebuilt and stepped to where the run was (so that a new lr can
     # take its place); that must give the very lr sequence of an uninterrupted run.
@@ -190,6 +226,60 @@ def test_resume_refuses_settings_that_change_the_experiment(tmp_path):
     fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--image-size", "32", "--out", out], "other data",
           "image_size 28")
     succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--seed", "1", "--override", "--out", out])
+
+
+def test_meta_train_refuses_to_overwrite_a_run(tmp_path, pretrained):
+    meta, out = META + ["--pretrained", pretrained / "best.pt"], tmp_path / "meta"
+    succeeds(meta + ["--out", out])
+    best = (out / "best.pt").read_bytes()
+    fails(2, meta + ["--out", out], "already holds a meta-training run", "--resume", "--overwrite")
+    fails(2, meta + ["--resume", "--encoder-lr", "0.01", "--out", out], "finished", "more --iterations")
+    fails(2, meta + ["--resume", "--overwrite", "--out", out], "pass one of them")
+    assert (out / "best.pt").read_bytes() == best
+    assert "best val accuracy" in succeeds(meta + ["--resume", "--out", out])  # a finished run is reused as is
+    assert (out / "best.pt").read_bytes() == best
+    succeeds(meta + ["--overwrite", "--seed", "1", "--out", out])
+    assert (out / "best.pt").read_bytes() != best
+
+
+def test_meta_train_resume_refuses_settings_that_change_the_experiment(tmp_path, pretrained):
+    meta, out = META + ["--pretrained", pretrained / "best.pt"], tmp_path / "meta"
+    succeeds(meta + ["--out", out])
+    more = meta + ["--resume", "--iterations", "3", "--out", out]
+    fails(2, more + ["--shots", "2"], "shots 1 -> 2", "--override")
+    fails(2, more + ["--hard-tasks"], "hard_tasks False -> True", "--override")
+    fails(2, META + ["--pretrained", pretrained / "best.pt", "--override", "--out", tmp_path / "other"], "--resume")
+    fails(1, more + ["--granularity", "channel"], "other data or another model", "granularity 'kernel'")
+    fails(1, more + ["--data-seed", "1"], "other data", "train_data.")
+    succeeds(more + ["--shots", "2", "--override"])
+
+
+def test_resume_of_a_checkpoint_from_before_the_data_record(tmp_path, pretrained):
+    # Checkpoints written before they recorded their data set have no "data" entry.
+    out = tmp_path / "run"
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(pretrained / name, weights_only=True)
+        del state["model"]["data"]
+        out.mkdir(exist_ok=True)
+        torch.save(state, out / name)
+    fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--out", out], "older mtl", "data", "--override")
+    succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--override", "--out", out])
+
+
+def test_library_meta_train_refuses_to_start_over_a_run(tmp_path, pretrained):
+    from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner, meta_train
+    from mtl_plugin.pretrain import load_pretrained
+    from mtl_plugin.ss import SSAdapter
+
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    config = MetaTrainConfig(ways=3, queries=2, inner_steps=1, iterations=1, val_every=1, val_tasks=2)
+    learner = MetaTransferLearner(SSAdapter(load_pretrained(pretrained / "best.pt")), 3, config)
+    meta_train(learner, bench, tmp_path, progress=False)
+    with pytest.raises(UsageError, match="already holds a meta-training run"):
+        meta_train(learner, bench, tmp_path, progress=False)
+    config.seed = 1
+    with pytest.raises(UsageError, match="seed 0 -> 1"):
+        meta_train(learner, bench, tmp_path, resume=True, progress=False)
 
 
 def test_library_pretrain_refuses_to_start_over_a_run(tmp_path, pretrained):
@@ -284,6 +374,28 @@ def test_bad_checkpoint_is_exit_1(tmp_path, pretrained, case, phrase):
     elif case == "pretrain last.pt":
         path = pretrained / "last.pt"
     fails(1, EVALUATE + ["--checkpoint", path], "--checkpoint", phrase)
+
+
+def test_load_checkpoint_is_safe_and_names_bad_files(tmp_path):
+    marker, evil = tmp_path / "code-ran", tmp_path / "evil.pt"
+    torch.save({"weights": _RunsCode(marker)}, evil)
+    with pytest.raises(DataError, match="refused"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(MissingDataError, match="no checkpoint there"):
+        load_checkpoint(tmp_path / "none.pt")
+    torch.save({"step": 3}, tmp_path / "plain.pt")  # any dict, not only mtl's kinds
+    assert load_checkpoint(tmp_path / "plain.pt") == {"step": 3}
+
+
+@pytest.mark.parametrize("args, code, phrase", [
+    (["kanji", "--num-classes", "1"], 2, "num_classes=1"),
+    (["kanji", "--image-size", "4"], 2, "image_size=4"),
+    (["info", "folder"], 2, "needs root="),
+    (["info", "mini-imagenet", "--root", "nowhere"], 1, "does not exist"),
+])
+def test_data_command_mistakes_are_exit_2_and_bad_files_exit_1(tmp_path, args, code, phrase):
+    fails(code, ["data"] + args + (["--cache-dir", tmp_path] if args[0] == "kanji" else []), phrase)
 
 
 def test_checkpoint_of_other_image_size_or_channels_is_exit_1(tmp_path, pretrained):

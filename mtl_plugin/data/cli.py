@@ -6,24 +6,43 @@ Example::
     mtl data kanji --image-size 84 --num-classes 200
     mtl data kanji --style clean                  # the first generator's mild rendering
     mtl data info fc100 --root ~/data/fc100       # class and image counts per split
+
+A bad option ends as one ``Error: ...`` line with exit code 2, missing or damaged files with
+exit code 1 (see :mod:`mtl_plugin.errors`).
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 
 from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark
 from mtl_plugin.data.kanji import STYLES, KanjiConfig, load_kanji, preview_grid
+from mtl_plugin.errors import DataError, Group, UsageError
 
 __all__ = ["data"]
 
 _DEFAULTS = KanjiConfig()
 
 
-@click.group()
+@contextmanager
+def _typed_errors(plain: type) -> Iterator[None]:
+    """Let the typed errors through to the group; a plain ``ValueError`` becomes ``plain``, a missing
+    file or package a :class:`DataError`."""
+    try:
+        yield
+    except (UsageError, DataError):
+        raise
+    except ValueError as error:
+        raise plain(str(error)) from error
+    except (FileNotFoundError, ModuleNotFoundError) as error:
+        raise DataError(str(error)) from error
+
+
+@click.group(cls=Group)
 def data() -> None:
     """Few-shot data sets: generate, preview, check."""
 
@@ -54,12 +73,11 @@ def kanji(
 ) -> None:
     """Generate (or load from the cache) the kanji data set drawn from KanjiVG (CC BY-SA 3.0)."""
     start = time.perf_counter()
-    try:
+    # Every value KanjiConfig and the drawing refuse is one of the flags.
+    with _typed_errors(UsageError):
         config = KanjiConfig(num_classes=num_classes, instances=instances, image_size=image_size, seed=seed,
                              style=style)
         result = load_kanji(config, cache_dir=cache_dir, workers=workers)
-    except (ValueError, ModuleNotFoundError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
     elapsed = time.perf_counter() - start
     train, val, test = result.split_sizes
     click.echo(
@@ -85,10 +103,9 @@ def kanji(
 @click.option("--image-size", type=int, default=None, help="Pixels per side [default: the data set's usual size].")
 def info(name: str, root: Optional[Path], image_size: Optional[int]) -> None:
     """Load a data set from local files and print its classes and images per split."""
-    try:
+    # get_benchmark names bad flags with UsageError; anything else it refuses is in the files.
+    with _typed_errors(DataError):
         bench = get_benchmark(name, root=root, image_size=image_size)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
     click.echo(f"{bench.name}: {bench.channels} x {bench.image_size} x {bench.image_size}, standard={bench.standard}")
     for split in ("train", "val", "test"):
         dataset = bench.split(split)
