@@ -1,29 +1,40 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).parent
+# One version source: the package's __version__, read without importing the package (whose
+# dependencies are not installed yet when this runs).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "mtl_plugin" / "__init__.py").read_text(), re.M).group(1)
+
 setup(
     name="mtl-plugin",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Meta-Transfer Learning (Sun et al., CVPR 2019) with the hard-task meta-batch, "
         "as a plugin for learn2learn, higher and torch.func"
     ),
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.10",
+    license_files=["LICENSE"],
+    # learn2learn's qpth pins numpy<2, which has no wheels for Python 3.13.
+    python_requires=">=3.10,<3.13",
     packages=find_packages(include=["mtl_plugin", "mtl_plugin.*"]),
+    package_data={"mtl_plugin": ["py.typed"]},
     install_requires=[
-        "torch>=2.0,<3",
-        "torchvision>=0.15,<1",
+        # 2.2: init.kaiming_normal_(generator=) seeds the head without the global generator.
+        "torch>=2.2,<3",
+        "torchvision>=0.17,<1",
         "learn2learn>=0.2.0,<0.3",
         "higher>=0.2.1,<0.3",
         "click>=8.0,<9",
         "pandas>=1.5,<4",
         "tqdm>=4.60,<5",
         "matplotlib>=3.5,<4",
-        # learn2learn needs qpth, whose releases pin numpy<2.
+        # learn2learn needs qpth, whose releases pin numpy<2. Stated here too because without it
+        # pip picks pandas 3.1 (numpy>=2) and backtracks into old qpth sdists that no longer build.
         "numpy>=1.22,<2",
         "pillow>=9,<13",
         # KanjiVG strokes: the embedded default data set is drawn from them.

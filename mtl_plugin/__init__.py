@@ -20,8 +20,8 @@ with contextlib.redirect_stderr(io.StringIO()):
         pass
 
 from . import backbones
-from .backbones import build_backbone
-from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark
+from .backbones import build_backbone, list_backbones, register_backbone
+from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark, get_tasksets
 from .hard_tasks import (
     ClassAccuracyTracker,
     HardTaskMetaBatch,
@@ -43,6 +43,8 @@ __all__ = [
     "SSAdapter",
     "backbones",
     "build_backbone",
+    "list_backbones",
+    "register_backbone",
     "ClassAccuracyTracker",
     "HardTaskMetaBatch",
     "HardTaskTransform",
@@ -51,6 +53,7 @@ __all__ = [
     "TaskAccuracy",
     "task_classes",
     "get_benchmark",
+    "get_tasksets",
     "FewShotBenchmark",
     "KNOWN_BENCHMARKS",
     "MetaTransferLearner",

@@ -1,9 +1,13 @@
-"""Feature backbones for few-shot learning, one builder per architecture.
+"""Feature backbones for few-shot learning: keyword-only builders in a registry, torchvision style.
 
 Every builder returns an ``nn.Module`` with an int attribute ``feature_dim``.
 With ``num_classes=0`` (the default) it maps images ``(B, C, H, W)`` to flat
 features ``(B, feature_dim)``; with ``num_classes > 0`` it ends in a linear
-classifier, reachable as ``model.head``, for the pretraining phase.
+classifier, reachable as ``model.head``, for the pretraining phase. Weights are
+passed explicitly (a state dict or a path); nothing is downloaded.
+:func:`build_backbone` looks a name up in the registry (:func:`list_backbones`);
+:func:`register_backbone` adds a user's own builder under a name, so the
+``mtl`` commands and :func:`~mtl_plugin.pretrain.pretrain` can build it.
 
 Example::
 
@@ -14,8 +18,9 @@ Example::
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torchvision
@@ -32,6 +37,8 @@ __all__ = [
     "torchvision_backbone",
     "build_backbone",
     "check_backbone",
+    "list_backbones",
+    "register_backbone",
     "BACKBONES",
 ]
 
@@ -111,7 +118,7 @@ class Conv4(nn.Module):
             previous, side = hidden, side // 2
         if side < 1:
             raise UsageError(f"image size {image_size} px is too small for conv4 (four 2x2 poolings): "
-                             f"use --image-size {MIN_IMAGE_SIZE['conv4']} or more")
+                             f"use --image-size 16 or more")
         self.layers = nn.Sequential(*layers)
         self.feature_dim = hidden * side * side
         self.head = _head(self.feature_dim, num_classes)
@@ -120,40 +127,79 @@ class Conv4(nn.Module):
         return self.head(self.layers(x).flatten(1))
 
 
-def resnet12(in_channels: int = 3, num_classes: int = 0) -> ResNet12:
+def resnet12(*, in_channels: int = 3, num_classes: int = 0, weights: Weights = None) -> ResNet12:
     """ResNet-12 with widths 64-160-320-640 (640-d features).
+
+    Args:
+        in_channels: image channels.
+        num_classes: outputs of a linear head (``model.head``); 0 for features only.
+        weights: a state dict of this architecture, or a path to one.
+
+    Returns:
+        The network, with ``feature_dim`` 640.
+
+    Raises:
+        DataError: ``weights`` that do not fit the architecture.
 
     Example::
 
         net = resnet12()
         features = net(torch.randn(5, 3, 84, 84))  # (5, 640)
     """
-    return ResNet12(in_channels=in_channels, num_classes=num_classes)
+    model = ResNet12(in_channels=in_channels, num_classes=num_classes)
+    _load_weights(model, weights)
+    return model
 
 
 def conv4(
-    in_channels: int = 3, hidden: int = 64, num_classes: int = 0, image_size: int = 84
+    *, in_channels: int = 3, hidden: int = 64, num_classes: int = 0, image_size: int = 84, weights: Weights = None
 ) -> Conv4:
     """Conv4 with ``hidden`` filters per layer; ``feature_dim`` depends on ``image_size``.
+
+    Args:
+        in_channels: image channels.
+        hidden: filters per conv layer.
+        num_classes: outputs of a linear head (``model.head``); 0 for features only.
+        image_size: image side in pixels (fixes the flattened feature width).
+        weights: a state dict of this architecture, or a path to one.
+
+    Returns:
+        The network, with ``feature_dim = hidden * (image_size // 16) ** 2``.
+
+    Raises:
+        UsageError: ``image_size`` below 16 px.
+        DataError: ``weights`` that do not fit the architecture.
 
     Example::
 
         net = conv4(in_channels=1, image_size=28)
         features = net(torch.randn(5, 1, 28, 28))  # (5, 64)
     """
-    return Conv4(in_channels=in_channels, hidden=hidden, image_size=image_size, num_classes=num_classes)
+    model = Conv4(in_channels=in_channels, hidden=hidden, image_size=image_size, num_classes=num_classes)
+    _load_weights(model, weights)
+    return model
+
+
+def _read_weights(weights: Weights) -> dict | None:
+    if weights is None or isinstance(weights, dict):
+        return weights
+    return torch.load(weights, map_location="cpu", weights_only=True)
 
 
 def _load_weights(model: nn.Module, weights: Weights) -> None:
-    if weights is None:
+    state = _read_weights(weights)
+    if state is None:
         return
-    state = weights if isinstance(weights, dict) else torch.load(weights, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    misshapen = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or misshapen:
         raise DataError(
-            f"weights do not fit {type(model).__name__}: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}; pass a state dict saved from the same architecture"
+            f"weights do not fit {type(model).__name__}: missing keys {missing[:5]}, unexpected keys "
+            f"{unexpected[:5]}, other shapes {misshapen[:5]}; pass a state dict saved from the same architecture"
         )
+    model.load_state_dict(state)
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> int:
@@ -171,6 +217,7 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> int:
 
 def torchvision_backbone(
     arch: str,
+    *,
     in_channels: int = 3,
     num_classes: int = 0,
     small_input: bool = False,
@@ -178,9 +225,27 @@ def torchvision_backbone(
 ) -> nn.Module:
     """Any torchvision classification model as a feature backbone.
 
-    ``weights`` is a state dict (or a path to one) for the full torchvision model;
-    nothing is downloaded. ``small_input=True`` (ResNet family only) swaps the
-    7x7 stride-2 stem and the max-pool for a 3x3 stride-1 conv, for 28-32 px images.
+    ``small_input=True`` (ResNet family only) swaps the 7x7 stride-2 stem and the
+    max-pool for a 3x3 stride-1 conv, for 28-32 px images; ``in_channels != 3``
+    also gives a new stem. ``weights`` must hold the stem the model is built
+    with: weights of the standard 7x7 RGB stem are refused for a new stem rather
+    than silently dropped (load them with ``small_input=False``, or pass weights
+    saved from the small-input model, e.g. by ``mtl pretrain``).
+
+    Args:
+        arch: a torchvision classification model name (``torchvision.models.list_models()``).
+        in_channels: image channels.
+        num_classes: outputs of the replaced classifier; 0 for features only.
+        small_input: the 3x3 stride-1 stem without max-pool (ResNets only).
+        weights: a state dict of the full model as built (stem and classifier included), or a path to one.
+
+    Returns:
+        The network, with ``feature_dim`` the classifier's input width.
+
+    Raises:
+        UsageError: an unknown ``arch``; ``small_input`` or ``in_channels != 3`` for a non-ResNet;
+            ``weights`` of the standard stem given with a new stem.
+        DataError: ``weights`` that do not fit the architecture.
 
     Example::
 
@@ -193,8 +258,11 @@ def torchvision_backbone(
         raise UsageError(
             f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
         ) from error
-    _load_weights(model, weights)
-    if small_input or in_channels != 3:
+    state = _read_weights(weights)
+    new_stem = small_input or in_channels != 3
+    if state is not None and not new_stem:
+        _load_weights(model, state)
+    if new_stem:
         if not isinstance(model, torchvision.models.ResNet):
             raise UsageError(
                 f"small_input and in_channels != 3 are supported for torchvision ResNets only, not {arch!r}"
@@ -205,12 +273,21 @@ def torchvision_backbone(
             model.maxpool = nn.Identity()
         else:
             model.conv1 = nn.Conv2d(in_channels, stem.out_channels, 7, stride=2, padding=3, bias=False)
+        if state is not None:
+            if "conv1.weight" in state and state["conv1.weight"].shape != model.conv1.weight.shape:
+                raise UsageError(
+                    f"the weights hold a {tuple(state['conv1.weight'].shape)} stem, but {arch} is built with a new "
+                    f"{tuple(model.conv1.weight.shape)} stem (small_input={small_input}, in_channels={in_channels}): "
+                    f"its pretrained stem would be dropped; build with small_input=False and in_channels=3 to use "
+                    f"these weights, or pass weights saved from the small-input model"
+                )
+            _load_weights(model, state)
     model.feature_dim = _replace_classifier(model, num_classes)
     return model
 
 
 def small_input_resnet(
-    arch: str = "resnet18", in_channels: int = 3, num_classes: int = 0, weights: Weights = None
+    arch: str = "resnet18", *, in_channels: int = 3, num_classes: int = 0, weights: Weights = None
 ) -> nn.Module:
     """A torchvision ResNet with a 3x3 stride-1 stem and no max-pool, for 28-32 px images.
 
@@ -224,9 +301,57 @@ def small_input_resnet(
     )
 
 
-BACKBONES = ("resnet12", "conv4", "resnet18-small", "<any torchvision.models name>")
+# name -> (builder, smallest image side or None); filled by register_backbone.
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], int | None]] = {}
+
+
+def register_backbone(name: str, *, min_image_size: int | None = None) -> Callable:
+    """Register a keyword-only builder under ``name`` for :func:`build_backbone` and the ``mtl`` commands.
+
+    The builder takes ``in_channels``, ``num_classes`` and ``weights`` (and ``image_size`` if its
+    feature width depends on it) as keywords and returns a module with an int ``feature_dim``.
+
+    Args:
+        name: the name to build it by (``--backbone NAME``).
+        min_image_size: the smallest image side it accepts, checked before any data is loaded.
+
+    Returns:
+        A decorator that registers the builder and returns it unchanged.
+
+    Raises:
+        UsageError: ``name`` is registered already.
+
+    Example::
+
+        @register_backbone("tiny")
+        def tiny(*, in_channels=3, num_classes=0, weights=None):
+            return conv4(in_channels=in_channels, hidden=16, num_classes=num_classes, weights=weights)
+    """
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise UsageError(f"a backbone named {name!r} is registered already; pick another name")
+        _REGISTRY[name] = (builder, min_image_size)
+        return builder
+
+    return register
+
+
 # Four 2x2 max-poolings with floor rounding: 16 px is the smallest side that leaves one pixel.
-MIN_IMAGE_SIZE = {"resnet12": 16, "conv4": 16}
+register_backbone("resnet12", min_image_size=16)(resnet12)
+register_backbone("conv4", min_image_size=16)(conv4)
+
+
+def list_backbones() -> list[str]:
+    """The registered backbone names; ``<torchvision resnet>-small`` and torchvision model names build too.
+
+    Example::
+
+        print(list_backbones())  # ['resnet12', 'conv4']
+    """
+    return list(_REGISTRY)
+
+
+BACKBONES = (*_REGISTRY, "resnet18-small", "<any torchvision.models name>")
 
 
 def check_backbone(name: str, image_size: int | None = None) -> None:
@@ -235,8 +360,8 @@ def check_backbone(name: str, image_size: int | None = None) -> None:
     Cheap (nothing is built), so command lines call it before loading data or training.
 
     Args:
-        name: ``resnet12``, ``conv4``, ``<torchvision resnet>-small`` or a torchvision
-            classification model name.
+        name: a registered name (``resnet12``, ``conv4``, ...), ``<torchvision resnet>-small``
+            or a torchvision classification model name.
         image_size: the image side the backbone will see; ``None`` skips the size check.
 
     Raises:
@@ -248,13 +373,13 @@ def check_backbone(name: str, image_size: int | None = None) -> None:
     """
     classifiers = torchvision.models.list_models(module=torchvision.models)
     base = name[: -len("-small")] if name.endswith("-small") else name
-    if name not in MIN_IMAGE_SIZE and base not in classifiers:
+    if name not in _REGISTRY and base not in classifiers:
         raise UsageError(
-            f"unknown backbone {name!r}, neither resnet12 nor conv4 and an unknown torchvision architecture: "
-            f"use resnet12, conv4, a torchvision ResNet with -small (e.g. resnet18-small) or a torchvision "
-            f"classification model (e.g. resnet18)"
+            f"unknown backbone {name!r}, not registered ({', '.join(_REGISTRY)}) and an unknown torchvision "
+            f"architecture: use a registered one, a torchvision ResNet with -small (e.g. resnet18-small) or a "
+            f"torchvision classification model (e.g. resnet18)"
         )
-    minimum = MIN_IMAGE_SIZE.get(name)
+    minimum = _REGISTRY[name][1] if name in _REGISTRY else None
     if image_size is not None and minimum is not None and image_size < minimum:
         raise UsageError(
             f"image size {image_size} px is too small for {name} (four 2x2 poolings): "
@@ -264,16 +389,29 @@ def check_backbone(name: str, image_size: int | None = None) -> None:
 
 def build_backbone(
     name: str,
+    *,
     in_channels: int = 3,
     num_classes: int = 0,
     image_size: int = 84,
     weights: Weights = None,
 ) -> nn.Module:
-    """Build a backbone by name: ``resnet12``, ``conv4``, ``<torchvision resnet>-small``
-    (e.g. ``resnet18-small``) or any torchvision model name.
+    """Build a backbone by name: a registered one (``resnet12``, ``conv4``, or a user's, see
+    :func:`register_backbone`), ``<torchvision resnet>-small`` (e.g. ``resnet18-small``) or any
+    torchvision model name.
+
+    Args:
+        name: the backbone's name.
+        in_channels: image channels.
+        num_classes: outputs of a linear head; 0 for features only.
+        image_size: image side in pixels, for backbones whose feature width depends on it.
+        weights: a state dict for the model as built, or a path to one; nothing is downloaded.
+
+    Returns:
+        The network, with an int ``feature_dim``.
 
     Raises:
-        UsageError: an unknown name, or ``image_size`` too small for ResNet-12 or Conv4.
+        UsageError: an unknown name, or ``image_size`` too small for the backbone.
+        DataError: ``weights`` that do not fit it.
 
     Example::
 
@@ -281,15 +419,12 @@ def build_backbone(
         print(net.feature_dim)  # 64
     """
     check_backbone(name, image_size)
-    if name == "resnet12":
-        model = resnet12(in_channels=in_channels, num_classes=num_classes)
-    elif name == "conv4":
-        model = conv4(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
-    elif name.endswith("-small"):
-        return small_input_resnet(
-            name[: -len("-small")], in_channels=in_channels, num_classes=num_classes, weights=weights
-        )
-    else:
-        return torchvision_backbone(name, in_channels=in_channels, num_classes=num_classes, weights=weights)
-    _load_weights(model, weights)
-    return model
+    options = dict(in_channels=in_channels, num_classes=num_classes, weights=weights)
+    if name in _REGISTRY:
+        builder = _REGISTRY[name][0]
+        if "image_size" in inspect.signature(builder).parameters:
+            options["image_size"] = image_size
+        return builder(**options)
+    if name.endswith("-small"):
+        return small_input_resnet(name[: -len("-small")], **options)
+    return torchvision_backbone(name, **options)

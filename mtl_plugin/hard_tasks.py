@@ -452,13 +452,17 @@ class SampledTask:
     """One loaded task with what the hard-task meta-batch needs to know about it.
 
     ``classes[j]`` is the data-set label of task label ``j``; ``indices[i]`` is the
-    data-set index of ``data[i]``; ``hard`` says whether it is a hard task.
+    data-set index of ``data[i]``; ``hard`` says whether it is a hard task. It unpacks
+    like a learn2learn task, ``data, labels = task``, so a loop written for learn2learn
+    takes it unchanged, and :meth:`record` hands the query results of a normal task to
+    the tracker of the :class:`HardTaskMetaBatch` that drew it.
 
     Example::
 
-        (xs, ys), (xq, yq) = split_support_query(task.data, task.labels, shots=1)
+        data, labels = task
+        (xs, ys), (xq, yq) = split_support_query(data, labels, shots=1)
         logits = model(xs, ys, xq)
-        tracker.record(task.classes, logits, yq, indices=task.indices)
+        task.record(logits, yq)
     """
 
     data: torch.Tensor
@@ -466,9 +470,42 @@ class SampledTask:
     classes: tuple
     indices: tuple
     hard: bool = False
+    tracker: Optional["ClassAccuracyTracker"] = field(default=None, repr=False, compare=False)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield self.data
+        yield self.labels
+
+    def record(self, logits: torch.Tensor, query_labels: torch.Tensor) -> Optional[TaskAccuracy]:
+        """Record a normal task's query logits (or predictions) in its tracker; a hard task is not recorded.
+
+        Args:
+            logits: ``(queries, ways)`` query logits, or ``(queries,)`` predicted labels.
+            query_labels: the query targets ``0..ways-1``.
+
+        Returns:
+            The task's per-class accuracies and failure class; ``None`` for a hard task.
+
+        Raises:
+            ValueError: the task was not drawn by a :class:`HardTaskMetaBatch` (no tracker).
+
+        Example::
+
+            for task in meta_batch:
+                ...
+                task.record(query_logits, query_labels)
+        """
+        if self.hard:
+            return None
+        if self.tracker is None:
+            raise ValueError(
+                "this task has no tracker (it was not drawn by a HardTaskMetaBatch): "
+                "call tracker.record(task.classes, logits, query_labels, indices=task.indices)"
+            )
+        return self.tracker.record(self.classes, logits, query_labels, indices=self.indices)
 
 
-def _load(taskset: l2l.data.Taskset, description, hard: bool) -> SampledTask:
+def _load(taskset: l2l.data.Taskset, description, hard: bool, tracker: ClassAccuracyTracker) -> SampledTask:
     data, labels = taskset.get_task(description)
     return SampledTask(
         data=data,
@@ -476,6 +513,7 @@ def _load(taskset: l2l.data.Taskset, description, hard: bool) -> SampledTask:
         classes=task_classes(taskset.dataset, description, labels),
         indices=tuple(dd.index for dd in description),
         hard=hard,
+        tracker=tracker,
     )
 
 
@@ -515,8 +553,9 @@ class HardTaskMetaBatch:
     ``tasks`` is an ordinary ``Taskset``; ``hard_tasks`` a ``Taskset`` whose
     transforms contain a :class:`HardTaskTransform` (its tracker is the one used
     here). All task descriptions are drawn in the main process, which is where the
-    tracker lives. A normal ``Taskset`` with ``num_tasks > 0`` is read through its
-    cache (task index drawn with ``seed``); the hard ``Taskset``'s cache is always
+    tracker lives. A normal ``Taskset`` with ``num_tasks > 0`` gives a fixed pool of
+    that many tasks (task index drawn with ``seed``; the pool is the sampler's own,
+    learn2learn's cache is left alone); the hard ``Taskset``'s cache is always
     bypassed, so hard tasks are never stale. Record every normal task before the
     hard ones are drawn (iterating a :class:`MetaBatch` does it in that order), and
     finish a meta-batch before asking for the next: :meth:`sample` starts a new
@@ -558,6 +597,8 @@ class HardTaskMetaBatch:
         self.k = k
         self.k_hard = k_hard
         self.rng = as_random(seed)
+        # The fixed pool of a normal Taskset with num_tasks > 0, by task index.
+        self._pool: dict[int, list] = {}
 
     def sample(self) -> MetaBatch:
         """Start a new meta-batch in the tracker and draw its ``k`` normal tasks."""
@@ -570,11 +611,11 @@ class HardTaskMetaBatch:
 
     def _draw_normal(self) -> SampledTask:
         if self.tasks.num_tasks == -1:
-            return _load(self.tasks, self.tasks.sample_task_description(), hard=False)
+            return _load(self.tasks, self.tasks.sample_task_description(), hard=False, tracker=self.tracker)
         i = self.rng.randrange(self.tasks.num_tasks)
-        if i not in self.tasks.sampled_descriptions:
-            self.tasks.sampled_descriptions[i] = self.tasks.sample_task_description()
-        return _load(self.tasks, self.tasks.sampled_descriptions[i], hard=False)
+        if i not in self._pool:
+            self._pool[i] = self.tasks.sample_task_description()
+        return _load(self.tasks, self._pool[i], hard=False, tracker=self.tracker)
 
     def _draw_hard(self) -> list:
         recorded = len(self.tracker.failures)
@@ -584,6 +625,6 @@ class HardTaskMetaBatch:
                 f"call tracker.record(...) after each normal task"
             )
         return [
-            _load(self.hard_tasks, self.hard_tasks.sample_task_description(), hard=True)
+            _load(self.hard_tasks, self.hard_tasks.sample_task_description(), hard=True, tracker=self.tracker)
             for _ in range(self.k_hard)
         ]

@@ -1,4 +1,5 @@
 import itertools
+from dataclasses import replace
 
 import learn2learn as l2l
 import pytest
@@ -263,14 +264,35 @@ def test_meta_batch_bypasses_the_hard_taskset_cache():
     tracker = ClassAccuracyTracker(md, seed=0)
     normal = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, num_tasks=3, seed=0)
     sampler = HardTaskMetaBatch(normal, hard_taskset(md, tracker, num_tasks=2), k=2, seed=0)
+    seen = set()
     for meta_batch in itertools.islice(sampler, 5):
         for task in meta_batch:
             if not task.hard:
                 logits, yq = stub_logits(task, task.classes[0])
                 tracker.record(task.classes, logits, yq)
+                seen.add(task.indices)
             else:
                 assert set(tracker.failure_classes) <= set(task.classes)
-    assert len(normal.sampled_descriptions) <= 3
+    # A pool of num_tasks=3 normal tasks, kept by the sampler: learn2learn's cache is not written.
+    assert 1 < len(seen) <= 3
+    assert len(normal.sampled_descriptions) == 0
+
+
+def test_a_sampled_task_unpacks_like_a_learn2learn_task_and_records_itself():
+    md = make_dataset()
+    tracker = ClassAccuracyTracker(md, seed=0)
+    sampler = HardTaskMetaBatch(build_taskset(md, 5, SHOTS, QUERIES, seed=0), hard_taskset(md, tracker), k=2, seed=0)
+    meta_batch = sampler.sample()
+    for task in meta_batch:
+        data, labels = task
+        assert data is task.data and labels is task.labels
+        logits, yq = stub_logits(task, task.classes[0])
+        result = task.record(logits, yq)
+        assert (result is None) == task.hard
+    assert len(tracker.failures) == 2
+    loose = replace(meta_batch.normal[0], tracker=None)
+    with pytest.raises(ValueError, match="tracker.record"):
+        loose.record(logits, yq)
 
 
 def test_hard_tasks_before_recording_raise():

@@ -9,6 +9,8 @@ Example::
 from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark
 from mtl_plugin.data.cache import data_home
 from mtl_plugin.data.kanji import KanjiConfig, load_kanji
+from mtl_plugin.data.tasksets import get_tasksets
 from mtl_plugin.tasks import build_taskset
 
-__all__ = ["KNOWN_BENCHMARKS", "FewShotBenchmark", "get_benchmark", "build_taskset", "data_home", "KanjiConfig", "load_kanji"]
+__all__ = ["KNOWN_BENCHMARKS", "FewShotBenchmark", "get_benchmark", "get_tasksets", "build_taskset", "data_home",
+           "KanjiConfig", "load_kanji"]

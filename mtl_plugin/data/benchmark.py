@@ -83,9 +83,10 @@ class FewShotBenchmark:
         return len(self.train.labels)
 
     def split(self, split: str) -> l2l.data.MetaDataset:
-        """The ``MetaDataset`` of ``"train"``, ``"val"`` or ``"test"``."""
+        """The ``MetaDataset`` of ``"train"``, ``"val"`` (or learn2learn's ``"validation"``) or ``"test"``."""
+        split = "val" if split == "validation" else split
         if split not in ("train", "val", "test"):
-            raise UsageError(f"unknown split {split!r}: use 'train', 'val' or 'test'")
+            raise UsageError(f"unknown split {split!r}: use 'train', 'val' (or 'validation') or 'test'")
         return getattr(self, split)
 
     def taskset(

@@ -30,14 +30,20 @@ ENVIRONMENT_VARIABLE = "MTL_DATA"
 
 
 def data_home() -> Path:
-    """The cache folder: ``$MTL_DATA`` if set, else ``~/.cache/mtl_plugin``.
+    """The cache folder: ``$MTL_DATA`` if set, else ``$XDG_CACHE_HOME/mtl_plugin``
+    (``~/.cache/mtl_plugin`` when ``XDG_CACHE_HOME`` is unset).
 
     Example::
 
         cache = data_home() / "kanji"
     """
     configured = os.environ.get(ENVIRONMENT_VARIABLE)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mtl_plugin"
+    if configured:
+        return Path(configured).expanduser()
+    # The XDG base-directory spec: an empty or relative value is to be ignored.
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "mtl_plugin"
 
 
 def manifest_path(array_path: Path) -> Path:

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from mtl_plugin import backbones
+from mtl_plugin.backbones import (
+    build_backbone,
+    check_backbone,
+    conv4,
+    list_backbones,
+    register_backbone,
+    small_input_resnet,
+    torchvision_backbone,
+)
+from mtl_plugin.errors import DataError, UsageError
+
+
+def test_builders_take_keywords_only():
+    with pytest.raises(TypeError):
+        conv4(1, 8)
+    with pytest.raises(TypeError):
+        build_backbone("conv4", 1)
+    assert conv4(in_channels=1, hidden=8, image_size=16).feature_dim == 8
+
+
+def test_a_registered_builder_is_built_and_checked_by_name(monkeypatch):
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+
+    @register_backbone("tiny", min_image_size=16)
+    def tiny(*, in_channels=3, num_classes=0, weights=None, image_size=84):
+        return conv4(in_channels=in_channels, hidden=4, num_classes=num_classes, image_size=image_size,
+                     weights=weights)
+
+    assert "tiny" in list_backbones()
+    net = build_backbone("tiny", in_channels=1, image_size=32)
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, net.feature_dim) == (2, 16)
+    with pytest.raises(UsageError, match="too small for tiny"):
+        check_backbone("tiny", image_size=8)
+    with pytest.raises(UsageError, match="registered already"):
+        register_backbone("tiny")(tiny)
+
+
+def test_weights_are_loaded_and_weights_of_another_shape_are_refused():
+    source = build_backbone("conv4", in_channels=1, image_size=16)
+    copy = build_backbone("conv4", in_channels=1, image_size=16, weights=source.state_dict())
+    x = torch.randn(3, 1, 16, 16)
+    source.eval(), copy.eval()
+    assert torch.equal(source(x), copy(x))
+    with pytest.raises(DataError, match="other shapes"):
+        build_backbone("conv4", in_channels=3, image_size=16, weights=conv4(in_channels=1).state_dict())
+
+
+def test_small_input_refuses_to_drop_a_pretrained_stem():
+    imagenet_shaped = torchvision_backbone("resnet18", num_classes=1000).state_dict()
+    with pytest.raises(UsageError, match="stem would be dropped"):
+        small_input_resnet("resnet18", weights=imagenet_shaped)
+    with pytest.raises(UsageError, match="stem would be dropped"):
+        torchvision_backbone("resnet18", in_channels=1, weights=imagenet_shaped)
+    # Weights saved from the small-input model itself load.
+    small = torchvision_backbone("resnet18", small_input=True, num_classes=1000)
+    rebuilt = small_input_resnet("resnet18", weights=small.state_dict())
+    assert torch.equal(rebuilt.conv1.weight, small.conv1.weight)
