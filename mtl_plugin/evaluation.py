@@ -19,9 +19,9 @@ from typing import Callable, List, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mtl_plugin.errors import UsageError
+from mtl_plugin.progress import progress_bar
 from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
 
@@ -111,7 +111,7 @@ def evaluate(
     config = config or EvaluationConfig()
     tasks = build_taskset(dataset, config.ways, config.shots, config.queries, config.tasks, config.seed)
     accuracies = []
-    bar = tqdm(range(config.tasks), desc=description, disable=not progress, leave=False)
+    bar = progress_bar(range(config.tasks), desc=description, disable=not progress, leave=False)
     with torch.no_grad():
         for i in bar:
             data, labels = tasks[i]

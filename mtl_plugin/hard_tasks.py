@@ -380,7 +380,7 @@ class HardTaskTransform:
         self.tracker = tracker
         self.mode = mode
         self.rng = as_random(seed)
-        self._nways = NWays(dataset, n, self.rng)
+        self._nways = NWays(dataset, n, seed=self.rng)
 
     def __call__(self, description):
         if get_worker_info() is not None:

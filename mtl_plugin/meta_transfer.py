@@ -42,12 +42,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_save_figure
+from mtl_plugin.progress import progress_bar
 from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.run_log import (
     DIVERGENCE_FACTOR,
@@ -667,9 +667,9 @@ class _TaskStream:
                 meta_dataset,
                 task_transforms=[
                     HardTaskTransform(meta_dataset, config.ways, self.tracker, config.hard_task_mode, hard_rng),
-                    KShots(meta_dataset, config.shots + config.queries, hard_rng),
+                    KShots(meta_dataset, config.shots + config.queries, seed=hard_rng),
                     l2l.data.transforms.LoadData(meta_dataset),
-                    RemapLabels(meta_dataset, hard_rng),
+                    RemapLabels(meta_dataset, seed=hard_rng),
                 ],
                 num_tasks=-1,
             )
@@ -827,7 +827,7 @@ def meta_train(
         start, best_accuracy, best_iteration = _resume(learner, stream, previous, identity, override, log)
     saved = start
     val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+    bar = progress_bar(range(start, config.iterations), initial=start, total=config.iterations,
                desc="meta-train", disable=not progress)
     for index in bar:
         iteration = index + 1

@@ -35,6 +35,7 @@ from mtl_plugin.backbones import build_backbone
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
+from mtl_plugin.progress import progress_bar
 from mtl_plugin.run_log import (
     DIVERGENCE_FACTOR,
     NonFiniteLossError,
@@ -339,7 +340,7 @@ def pretrain(
                 train, batch_size=config.batch_size, shuffle=True, drop_last=len(train) > config.batch_size,
                 generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
             )
-            bar = tqdm(loader, total=steps_per_epoch, desc=f"pretrain {epoch}/{config.epochs}",
+            bar = progress_bar(loader, total=steps_per_epoch, desc=f"pretrain {epoch}/{config.epochs}",
                        disable=not progress, leave=False)
             losses, correct, seen = [], 0, 0
             for step, (images, labels) in enumerate(bar):

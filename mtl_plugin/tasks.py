@@ -77,10 +77,17 @@ class NWays:
     """Keep the samples of ``n`` classes drawn with a private generator.
 
     A task transform in learn2learn's sense: a callable on a task description
-    (``None`` or a list of ``DataDescription``) that returns a new one.
+    (``None`` or a list of ``DataDescription``) that returns a new one. The
+    signature is learn2learn's ``NWays(dataset, n=2)`` plus a keyword-only ``seed``
+    (an int or a ``random.Random``), so it replaces learn2learn's unchanged;
+    learn2learn's draws from the global ``random`` module (and fails on Python 3.11).
+
+    Example::
+
+        transforms = [NWays(md, n=5, seed=0), KShots(md, k=16, seed=0), LoadData(md), RemapLabels(md, seed=0)]
     """
 
-    def __init__(self, dataset, n: int, seed: RandomLike = None):
+    def __init__(self, dataset, n: int = 2, *, seed: RandomLike = None):
         self.dataset = dataset
         self.n = n
         self.rng = as_random(seed)
@@ -98,11 +105,19 @@ class NWays:
 
 
 class KShots:
-    """Keep ``k`` samples of each class present, drawn without replacement."""
+    """Keep ``k`` samples of each class present, drawn without (or with) replacement.
 
-    def __init__(self, dataset, k: int, seed: RandomLike = None):
+    learn2learn's ``KShots(dataset, k=1, replacement=False)`` plus a keyword-only ``seed``.
+
+    Example::
+
+        shots = KShots(md, k=16, seed=0)
+    """
+
+    def __init__(self, dataset, k: int = 1, replacement: bool = False, *, seed: RandomLike = None):
         self.dataset = dataset
         self.k = k
+        self.replacement = replacement
         self.rng = as_random(seed)
 
     def __call__(self, description):
@@ -114,6 +129,9 @@ class KShots:
         result = []
         for label in sorted(by_class):
             members = by_class[label]
+            if self.replacement:
+                result.extend(self.rng.choices(members, k=self.k))
+                continue
             if len(members) < self.k:
                 raise ValueError(
                     f"class {label!r} has {len(members)} images but the task needs {self.k} per class"
@@ -123,15 +141,25 @@ class KShots:
 
 
 class RemapLabels:
-    """Map the task's classes to 0..n-1 in an order drawn with a private generator."""
+    """Map the task's classes to 0..n-1 in an order drawn with a private generator.
 
-    def __init__(self, dataset, seed: RandomLike = None):
+    learn2learn's ``RemapLabels(dataset, shuffle=True)`` plus a keyword-only ``seed``;
+    ``shuffle=False`` numbers the classes in sorted label order.
+
+    Example::
+
+        remap = RemapLabels(md, seed=0)
+    """
+
+    def __init__(self, dataset, shuffle: bool = True, *, seed: RandomLike = None):
         self.dataset = dataset
+        self.shuffle = shuffle
         self.rng = as_random(seed)
 
     def __call__(self, description):
         labels = _labels_of(self.dataset, description)
-        self.rng.shuffle(labels)
+        if self.shuffle:
+            self.rng.shuffle(labels)
         mapping = {label: i for i, label in enumerate(labels)}
 
         def remap(sample, mapping=mapping):
@@ -162,10 +190,10 @@ def build_taskset(
     check_task_shape(dataset, ways, shots + queries)
     rng = random.Random(seed)
     transforms = [
-        NWays(dataset, ways, rng),
-        KShots(dataset, shots + queries, rng),
+        NWays(dataset, ways, seed=rng),
+        KShots(dataset, shots + queries, seed=rng),
         l2l.data.transforms.LoadData(dataset),
-        RemapLabels(dataset, rng),
+        RemapLabels(dataset, seed=rng),
     ]
     return l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=num_tasks)
 

@@ -40,3 +40,25 @@ def test_learn2learns_split_name_is_accepted():
     assert bench.split("validation") is bench.val
     with pytest.raises(UsageError, match="'validation'"):
         bench.split("dev")
+
+
+def test_our_task_transforms_take_learn2learns_arguments_plus_a_seed():
+    import inspect
+
+    import learn2learn as l2l
+
+    from mtl_plugin import tasks
+
+    for name in ("NWays", "KShots", "RemapLabels"):
+        theirs = inspect.signature(getattr(l2l.data.transforms, name).__init__).parameters
+        ours = inspect.signature(getattr(tasks, name).__init__).parameters
+        assert [(p.name, p.default) for p in theirs.values()] == [
+            (p.name, p.default) for p in ours.values() if p.kind is not p.KEYWORD_ONLY]
+        assert ours["seed"].kind is inspect.Parameter.KEYWORD_ONLY
+
+    md = get_benchmark("kanji", **TINY).train
+    with_replacement = tasks.KShots(md, k=10, replacement=True, seed=0)(tasks.NWays(md, n=2, seed=0)(None))
+    assert len(with_replacement) == 20                  # 10 per class although a class has 6 images
+    in_order = l2l.data.Taskset(md, [tasks.NWays(md, n=3, seed=1), tasks.KShots(md, k=1, seed=1),
+                                     l2l.data.transforms.LoadData(md), tasks.RemapLabels(md, shuffle=False)])
+    assert in_order.sample()[1].tolist() == [0, 1, 2]

@@ -55,6 +55,7 @@ from PIL import Image
 
 from mtl_plugin.data.cache import data_home, load_verified_array, save_verified_array
 from mtl_plugin.data.svg_path import flatten, parse_path
+from mtl_plugin.progress import progress_bar
 
 __all__ = [
     "STYLES",
@@ -553,8 +554,6 @@ def generate_kanji(config: KanjiConfig, workers: Optional[int] = None, progress:
 
         data = generate_kanji(KanjiConfig(num_classes=30, instances=6), workers=1)
     """
-    from tqdm.auto import tqdm
-
     folder = kanjivg_folder()
     code_points, sizes = choose_classes(config, folder)
     clutter_kanji = _clutter_kanji(config, folder) if config.resolved().clutter else []
@@ -563,10 +562,10 @@ def generate_kanji(config: KanjiConfig, workers: Optional[int] = None, progress:
         workers = 1 if len(jobs) * config.instances < _INLINE_LIMIT else _default_workers()
     bar = dict(total=len(jobs), desc="drawing kanji", unit="class", disable=not progress)
     if workers <= 1:
-        rendered = [_render_class(job) for job in tqdm(jobs, **bar)]
+        rendered = [_render_class(job) for job in progress_bar(jobs, **bar)]
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            rendered = list(tqdm(pool.map(_render_class, jobs, chunksize=16), **bar))
+            rendered = list(progress_bar(pool.map(_render_class, jobs, chunksize=16), **bar))
     return KanjiData(np.stack(rendered), code_points, sizes)
 
 

@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from tqdm.auto import tqdm
 
 from mtl_plugin.io import atomic_save
+from mtl_plugin.progress import progress_bar
+from mtl_plugin.run_log import load_checkpoint
 from mtl_plugin.tasks import build_taskset
 
 __all__ = ["fit_episodically", "train_episodes"]
@@ -82,7 +82,7 @@ def train_episodes(
     checkpoint = Path(checkpoint)
     episode, losses, finished = 0, [], False
     if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(checkpoint)
         if saved["fingerprint"] != fingerprint:
             raise ValueError(
                 f"{checkpoint} was written by a different run ({saved['fingerprint']}, "
@@ -106,7 +106,7 @@ def train_episodes(
 
     if finished:
         return losses
-    bar = tqdm(total=max_episodes, initial=episode, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=max_episodes, initial=episode, desc=desc, disable=not progress, leave=False)
     while episode < max_episodes:
         losses.append(float(step(make_tasks(episode))))
         episode += 1
