@@ -32,7 +32,8 @@ from .hard_tasks import (
     task_classes,
 )
 from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
-from .meta_transfer import MetaTrainConfig, MetaTransferLearner, meta_train
+from .meta_training import meta_train
+from .meta_transfer import MetaTrainConfig, MetaTransferLearner
 from .pretrain import PretrainConfig, load_pretrained, pretrain
 from .run_log import NonFiniteLossError
 from .ss import SSAdapter

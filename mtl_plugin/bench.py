@@ -37,7 +37,7 @@ from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
 from mtl_plugin.errors import check_output_dir
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_save_figure, atomic_write_text
-from mtl_plugin.meta_transfer import plot_meta_curves
+from mtl_plugin.meta_training import plot_meta_curves
 from mtl_plugin.methods import METHOD_NAMES, METHODS, build_method
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.pretrain import PretrainConfig, pretrain

@@ -30,14 +30,10 @@ from mtl_plugin.errors import (
 )
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_write_text
-from mtl_plugin.meta_transfer import (
-    CHECKPOINT_KIND as META_KIND,
-    HEAD_INITS,
-    MetaTrainConfig,
-    MetaTransferLearner,
-    load_learner_state,
-    meta_train,
-)
+from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
+from mtl_plugin.meta_training import CHECKPOINT_KIND as META_KIND
+from mtl_plugin.meta_training import meta_train
+from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
 from mtl_plugin.pretrain import (
     PretrainConfig,

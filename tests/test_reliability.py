@@ -267,7 +267,8 @@ def test_resume_of_a_checkpoint_from_before_the_data_record(tmp_path, pretrained
 
 
 def test_library_meta_train_refuses_to_start_over_a_run(tmp_path, pretrained):
-    from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner, meta_train
+    from mtl_plugin.meta_training import meta_train
+    from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
     from mtl_plugin.pretrain import load_pretrained
     from mtl_plugin.ss import SSAdapter
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner, meta_train
+from mtl_plugin.meta_training import meta_train
+from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
 from mtl_plugin.ss import SSAdapter
 

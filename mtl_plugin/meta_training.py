@@ -1,0 +1,352 @@
+"""The long-run meta-training loop of :class:`~mtl_plugin.meta_transfer.MetaTransferLearner`.
+
+:func:`meta_train` draws the meta-batches (optionally the hard-task meta-batch),
+validates, keeps the best and the last checkpoint, writes ``metrics.csv`` and the
+curve, and resumes. A run folder is continued only with ``resume`` and replaced
+only with ``overwrite``; on resume the learning rates of the config replace the
+saved ones, other settings that would change the experiment are refused unless
+``override``. A diverging run stops with :class:`~mtl_plugin.errors.NonFiniteLossError`
+naming the likely learning rate, and its checkpoints stay as they were.
+
+Example::
+
+    learner = MetaTransferLearner(SSAdapter(backbone), ways=5, config=MetaTrainConfig(iterations=2000))
+    result = meta_train(learner, get_benchmark("kanji"), "runs/meta")
+    print(result.best_accuracy, result.best_checkpoint)
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+
+import learn2learn as l2l
+import pandas as pd
+import torch
+
+from mtl_plugin.data.benchmark import benchmark_identity
+from mtl_plugin.errors import DataError, UsageError, read_checkpoint
+from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.io import atomic_save_figure
+from mtl_plugin.meta_config import MetaTrainConfig
+from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
+from mtl_plugin.progress import progress_bar
+from mtl_plugin.run_log import (
+    NonFiniteLossError,
+    RunLog,
+    all_finite,
+    capture_rng_state,
+    check_same_run,
+    previous_run,
+    restore_rng_state,
+    save_checkpoint,
+)
+from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
+
+__all__ = ["CHECKPOINT_KIND", "MetaTrainResult", "meta_train", "plot_meta_curves"]
+
+CHECKPOINT_KIND = "meta-transfer"
+# What a resumed run may change without override: lower lrs rescue a diverged run, and neither
+# the step schedule nor the tasks depend on the total number of iterations.
+_MAY_CHANGE_ON_RESUME = ("inner_lr", "encoder_lr", "head_lr", "iterations", "checkpoint_every")
+_LEARNING_RATES = ("inner_lr", "encoder_lr", "head_lr")
+
+
+@dataclass
+class MetaTrainResult:
+    """Where a meta-training run left its files, and its best validation accuracy.
+
+    Example::
+
+        result = meta_train(learner, benchmark, "runs/meta")
+        print(result.best_accuracy, result.best_checkpoint)
+    """
+
+    run_dir: Path
+    iterations: int
+    best_accuracy: float
+    best_iteration: int
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+
+class _TaskStream:
+    """The meta-batches of a run, plain or hard-task, and the generators behind them."""
+
+    def __init__(self, dataset, config: MetaTrainConfig):
+        from mtl_plugin.hard_tasks import ClassAccuracyTracker, HardTaskMetaBatch, HardTaskTransform
+
+        self.config = config
+        self.tasks = build_taskset(dataset, config.ways, config.shots, config.queries, -1, config.seed)
+        rngs = {id(t.rng): t.rng for t in self.tasks.task_transforms if hasattr(t, "rng")}
+        self.rngs: List[random.Random] = list(rngs.values())
+        self.sampler = None
+        if config.hard_tasks:
+            meta_dataset = self.tasks.dataset
+            self.tracker = ClassAccuracyTracker(meta_dataset, seed=random.Random(config.seed + 1),
+                                                history_decay=config.hard_history_decay)
+            hard_rng = random.Random(config.seed + 2)
+            hard_tasks = l2l.data.Taskset(
+                meta_dataset,
+                task_transforms=[
+                    HardTaskTransform(meta_dataset, config.ways, self.tracker, config.hard_task_mode, hard_rng),
+                    KShots(meta_dataset, config.shots + config.queries, seed=hard_rng),
+                    l2l.data.transforms.LoadData(meta_dataset),
+                    RemapLabels(meta_dataset, seed=hard_rng),
+                ],
+                num_tasks=-1,
+            )
+            self.sampler = HardTaskMetaBatch(
+                self.tasks, hard_tasks, k=config.meta_batch, k_hard=config.hard_meta_batch,
+                seed=random.Random(config.seed + 3),
+            )
+            # The tracker's own generator travels in its state_dict.
+            self.rngs += [hard_rng, self.sampler.rng]
+
+    def next_batch(self) -> Tuple[Iterable, Optional[Callable]]:
+        if self.sampler is None:
+            # With num_tasks=-1 every read draws a fresh task from the private generators.
+            return [self.tasks[0] for _ in range(self.config.meta_batch)], None
+        return self.sampler.sample(), self._record
+
+    def _record(self, task, logits: torch.Tensor, query_y: torch.Tensor) -> None:
+        if not task.hard:
+            self.tracker.record(task.classes, logits.cpu(), query_y.cpu(), indices=task.indices)
+
+    def state(self) -> dict:
+        state = {"rng": capture_rng_state(self.rngs)}
+        if self.sampler is not None:
+            state["tracker"] = self.tracker.state_dict()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        restore_rng_state(state["rng"], self.rngs)
+        if self.sampler is not None:
+            self.tracker.load_state_dict(state["tracker"])
+
+
+def _lower(config: MetaTrainConfig, name: str) -> float:
+    # The paper's value when above it, else a tenth.
+    value, default = getattr(config, name), next(f.default for f in fields(MetaTrainConfig) if f.name == name)
+    return default if value > default else value / 10
+
+
+def _stopped(error: NonFiniteLossError, iteration: int, config: MetaTrainConfig, log: RunLog,
+             saved: int) -> NonFiniteLossError:
+    """The message of a diverged run: where, the likely lr and what to run next."""
+    lrs = " or ".join(f"{name} {getattr(config, name):.3g}" for name in error.settings)
+    flags = " ".join(f"--{name.replace('_', '-')} {_lower(config, name):.3g}" for name in error.settings)
+    if error.settings:
+        cause = f"Likely cause: {lrs} is too high"
+        remedy = f"with a lower lr, e.g. {'--resume ' if saved else ''}{flags}"
+    else:
+        cause = "Check the data and the pretrained weights for NaN or infinite values"
+        remedy = "once they are fixed"
+    if saved:
+        kept = [str(path) for path in (log.last_path, log.best_path) if path.is_file()]
+        kept[0] += f" (iteration {saved})"
+        kept = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept as before; continue {remedy}"
+    else:
+        kept = f"no checkpoint was written yet; start again {remedy}"
+    return NonFiniteLossError(f"meta-training diverged at iteration {iteration}: {error}. {cause}: {kept}",
+                              settings=error.settings)
+
+
+def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, identity: dict, override: bool,
+            log: RunLog) -> Tuple[int, float, int]:
+    """Load the run saved in ``state`` (its ``last.pt``) after checking that it is the same run."""
+    config, path = learner.config, log.last_path
+    saved_identity = dict(state["model"], **({"train_data": state["data"]} if "data" in state else {}))
+    check_same_run(path, saved_identity, identity, state["config"], asdict(config), _MAY_CHANGE_ON_RESUME,
+                   override)
+    new_lrs = [name for name in _LEARNING_RATES if state["config"].get(name) != getattr(config, name)]
+    if new_lrs and state["iteration"] >= config.iterations:
+        raise UsageError(f"{path}: the run is finished (iteration {state['iteration']} of {config.iterations}), so "
+                         f"a new {new_lrs[0]} changes nothing: pass more --iterations to continue it, --overwrite "
+                         f"to train anew, or another --out")
+    try:
+        load_learner_state(learner, state["learner"], str(path))
+        stream.load_state(state["stream"])
+    except ValueError as error:
+        raise DataError(f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, "
+                        f"or another --out") from error
+    learner.optimizer.load_state_dict(state["optimizer"])
+    # The config's lrs replace the saved ones (the remedy for a diverged run); the schedule is
+    # rebuilt under them and brought to the step the run had reached.
+    learner.apply_learning_rates(state["scheduler"]["last_epoch"])
+    log.rows = list(state["metrics"])
+    return state["iteration"], state["best_accuracy"], state["best_iteration"]
+
+
+def meta_train(
+    learner: MetaTransferLearner,
+    benchmark: Any,
+    out_dir: Union[str, Path],
+    resume: bool = False,
+    progress: bool = True,
+    model_info: Optional[dict] = None,
+    overwrite: bool = False,
+    override: bool = False,
+) -> MetaTrainResult:
+    """Meta-train ``learner`` on ``benchmark.train``, validating on ``benchmark.val``.
+
+    Writes ``metrics.csv`` (one row per iteration: loss, accuracy, the accuracy
+    of the normal and of the hard tasks (NaN without hard tasks), and validation
+    columns every ``val_every``), ``curve.png`` (:func:`plot_meta_curves`: the
+    validation accuracy and the normal against the hard tasks' training
+    accuracy), ``best.pt`` and ``last.pt`` (every ``checkpoint_every`` iterations
+    and with every new ``best.pt``) into ``out_dir``. ``model_info`` (e.g. the
+    backbone name) is stored in the checkpoints so that ``mtl evaluate`` can
+    rebuild the model; the checkpoints also record the training data
+    (:func:`~mtl_plugin.data.benchmark.benchmark_identity`). On return the
+    learner holds the best validation weights.
+
+    Args:
+        learner: the learner; its config is the run's.
+        benchmark: a :class:`~mtl_plugin.data.FewShotBenchmark` (or an object with its splits).
+        out_dir: the run's folder.
+        resume: continue the run in ``out_dir`` from ``last.pt``: a killed run ends in the
+            state an uninterrupted one reaches, a finished one returns at once. The config's
+            ``encoder_lr``, ``head_lr`` and ``inner_lr`` replace the saved ones.
+        progress: a progress bar.
+        model_info: what ``mtl evaluate`` needs to rebuild the model.
+        overwrite: delete the run in ``out_dir`` and train anew.
+        override: with ``resume``, continue under settings of the config that differ from
+            the saved run's (other than the lrs and ``iterations``, which may always change).
+
+    Returns:
+        Where the run is and its best validation accuracy.
+
+    Raises:
+        UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
+            the config differs from the run resumed without ``override``; a new lr for a
+            finished run.
+        DataError: the run in ``out_dir`` was written for other data or another model, or its
+            ``last.pt`` is unreadable.
+        NonFiniteLossError: the run diverged (see :meth:`MetaTransferLearner.meta_train_step`;
+            ``last.pt`` and ``best.pt`` are also checked before every save). The message names
+            the iteration, the likely lr and a lower one; the checkpoints are left as they were.
+
+    Example::
+
+        learner = MetaTransferLearner(SSAdapter(backbone), ways=5, config=MetaTrainConfig(iterations=2000))
+        result = meta_train(learner, get_benchmark("kanji"), "runs/meta", resume=True)
+    """
+    config = learner.config
+    if learner.ways != config.ways:
+        raise ValueError(f"the learner is {learner.ways}-way but config.ways={config.ways}")
+    # The train split is checked by build_taskset; check val now rather than at the first validation.
+    check_task_shape(benchmark.val, config.ways, config.shots + config.queries)
+    previous = previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl meta-train", "meta-training run")
+    stream = _TaskStream(benchmark.train, config)
+    log = RunLog(out_dir)
+    if overwrite:
+        for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
+            path.unlink(missing_ok=True)
+    model, data = dict(model_info or {}), benchmark_identity(benchmark)
+    start, best_accuracy, best_iteration = 0, -math.inf, 0
+    if previous is not None:
+        identity = dict(model, train_data=data)
+        start, best_accuracy, best_iteration = _resume(learner, stream, previous, identity, override, log)
+    saved = start
+    val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
+    bar = progress_bar(range(start, config.iterations), initial=start, total=config.iterations,
+               desc="meta-train", disable=not progress)
+    for index in bar:
+        iteration = index + 1
+        tasks, on_task = stream.next_batch()
+        try:
+            step = learner.meta_train_step(tasks, on_task)
+        except NonFiniteLossError as error:
+            raise _stopped(error, iteration, config, log, saved) from error
+        learner.scheduler.step()
+        row = {"iteration": iteration, "loss": step.loss, "accuracy": step.accuracy,
+               "normal_accuracy": step.normal_accuracy, "hard_accuracy": step.hard_accuracy,
+               "encoder_lr": learner.optimizer.param_groups[0]["lr"],
+               "val_accuracy": math.nan, "val_ci95": math.nan}
+        improved = False
+        if iteration % config.val_every == 0 or iteration == config.iterations:
+            result = evaluate(learner.predict, benchmark.val, val_config, progress=False)
+            row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
+            improved = result.mean > best_accuracy
+        log.append(row)
+        if improved:
+            best_accuracy, best_iteration = result.mean, iteration
+        bar.set_postfix(loss=f"{step.loss:.3f}", acc=f"{step.accuracy:.1f}",
+                        val=f"{best_accuracy:.1f}" if best_accuracy > -math.inf else "-")
+        # A new best.pt comes with a last.pt, so that a run folder holding best.pt can always resume.
+        if improved or iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            if not all_finite(learner.state_dict().values()):
+                error = NonFiniteLossError("a weight or batch-norm statistic is not finite",
+                                           settings=learner._blame(()))
+                raise _stopped(error, iteration, config, log, saved)
+            header = {"kind": CHECKPOINT_KIND, "model": model, "data": data, "config": asdict(config),
+                      "iteration": iteration, "learner": learner.state_dict()}
+            if improved:
+                save_checkpoint(dict(header, val_accuracy=result.mean), log.best_path)
+            save_checkpoint(
+                dict(header, optimizer=learner.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
+                     stream=stream.state(), best_accuracy=best_accuracy, best_iteration=best_iteration,
+                     metrics=log.rows),
+                log.last_path,
+            )
+            log.write()
+            plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
+            saved = iteration
+    if log.best_path.is_file():
+        best = read_checkpoint(log.best_path, "--out", map_location=learner.device)
+        load_learner_state(learner, best["learner"], str(log.best_path))
+    return MetaTrainResult(Path(out_dir), config.iterations, best_accuracy, best_iteration)
+
+
+def plot_meta_curves(runs: List[Tuple[str, pd.DataFrame]], path: Union[str, Path], title: str = "") -> None:
+    """Draw meta-training curves: validation accuracy, and normal against hard tasks' training accuracy.
+
+    Args:
+        runs: ``(label, metrics)`` pairs, ``metrics`` as :func:`meta_train` writes
+            ``metrics.csv``; the label names the run in the legend ("" for one run).
+        path: the PNG to write (atomically).
+        title: the figure's title.
+
+    The training accuracies are running means over ``max(5, iterations // 20)``
+    iterations: one meta-batch's few tasks make the raw curve too noisy to read.
+
+    Example::
+
+        plot_meta_curves([("mtl", pd.read_csv("a/metrics.csv")), ("mtl-ht", pd.read_csv("b/metrics.csv"))],
+                         "mtl-vs-mtl-ht.png")
+    """
+    # The Figure API needs no pyplot backend: headless, and the caller's backend is left alone.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4))
+    validation, training = figure.subplots(1, 2)
+    for index, (label, frame) in enumerate(runs):
+        color = f"C{index}"
+        prefix = f"{label} " if label else ""
+        val = frame.dropna(subset=["val_accuracy"])
+        validation.plot(val["iteration"], val["val_accuracy"], marker="o", color=color, label=label or None)
+        window = max(5, len(frame) // 20)
+        for column, style in (("normal_accuracy", "-"), ("hard_accuracy", "--")):
+            if column in frame and frame[column].notna().any():
+                smooth = frame[column].rolling(window, min_periods=1).mean()
+                training.plot(frame["iteration"], smooth, style, color=color,
+                              label=f"{prefix}{column.split('_')[0]} tasks")
+    validation.set_ylabel("validation accuracy (%)")
+    training.set_ylabel("training query accuracy (%), running mean")
+    for axis in (validation, training):
+        axis.set_xlabel("meta-training iteration")
+        axis.grid(True, alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    atomic_save_figure(figure, path, dpi=100)
