@@ -10,7 +10,7 @@ Example::
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional
 
@@ -62,8 +62,15 @@ def _data_options(command):
     command = click.option("--data-seed", type=int, default=0, show_default=True,
                            help="Seed of the data set's own draws (kanji generation, splits).")(command)
     command = click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                           show_default=True)(command)
+                           show_default=True, help="cpu, cuda or cuda:N (default: cuda if there is a GPU).")(command)
     return command
+
+
+def _default(config_class, name: str) -> str:
+    """``[default: X]`` read from the config dataclass, so that the help never drifts from the code."""
+    (field,) = [f for f in fields(config_class) if f.name == name]
+    value = field.default if field.default_factory is MISSING else field.default_factory()
+    return f"[default: {'none' if value is None else value}]"
 
 
 def _overrides(config_class, values: dict) -> dict:
@@ -92,19 +99,34 @@ def _check_override(resume: bool, override: bool) -> None:
 
 @click.command("pretrain", cls=Command)
 @_data_options
-@click.option("--backbone", default=None, help="resnet12 (default), conv4, resnet18-small, ...")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default 110 (official code).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default 128.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default 0.1 (SGD, Nesterov).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default 5e-4.")
-@click.option("--schedule", type=click.Choice(["step", "cosine"]), default=None, help="Default step (x0.2/30 ep).")
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Cap on the steps of an epoch.")
-@click.option("--val-tasks", type=click.IntRange(min=1), default=None, help="Validation tasks per epoch (default 600).")
-@click.option("--val-ways", type=click.IntRange(min=2), default=None, help="Default 5.")
-@click.option("--val-shots", type=click.IntRange(min=1), default=None, help="Default 1.")
-@click.option("--val-queries", type=click.IntRange(min=1), default=None, help="Default 15.")
-@click.option("--seed", type=int, default=None, help="Default 0.")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
+@click.option("--backbone", default=None,
+              help=f"resnet12, conv4, <torchvision resnet>-small, a torchvision or registered name. "
+                   f"{_default(PretrainConfig, 'backbone')}")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help=f"Training epochs (the official code's). {_default(PretrainConfig, 'epochs')}")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help=f"Images per step. {_default(PretrainConfig, 'batch_size')}")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"SGD (Nesterov) learning rate. {_default(PretrainConfig, 'lr')}")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help=f"L2 weight decay. {_default(PretrainConfig, 'weight_decay')}")
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), default=None,
+              help=f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0. "
+                   f"{_default(PretrainConfig, 'schedule')}")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
+              help=f"Cap on the steps of an epoch (none: a full pass). {_default(PretrainConfig, 'steps_per_epoch')}")
+@click.option("--val-tasks", type=click.IntRange(min=1), default=None,
+              help=f"Validation tasks per epoch. {_default(PretrainConfig, 'val_tasks')}")
+@click.option("--val-ways", type=click.IntRange(min=2), default=None,
+              help=f"Classes per validation task. {_default(PretrainConfig, 'val_ways')}")
+@click.option("--val-shots", type=click.IntRange(min=1), default=None,
+              help=f"Shots per validation task. {_default(PretrainConfig, 'val_shots')}")
+@click.option("--val-queries", type=click.IntRange(min=1), default=None,
+              help=f"Queries per class of a validation task. {_default(PretrainConfig, 'val_queries')}")
+@click.option("--seed", type=int, default=None,
+              help=f"Seed of the initialisation, batches and validation tasks. {_default(PretrainConfig, 'seed')}")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True,
+              help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
 @_run_options
 def pretrain_command(data, root, image_size, data_seed, device, out, resume, overwrite, override, quiet,
                      **values) -> None:
@@ -139,32 +161,51 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
               help="best.pt of mtl pretrain. Without it: the scratch ablation (random backbone, all weights learned).")
 @click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
-@click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True)
-@click.option("--ways", type=click.IntRange(min=2), default=None, help="Default 5.")
-@click.option("--shots", type=click.IntRange(min=1), default=None, help="Default 1.")
-@click.option("--queries", type=click.IntRange(min=1), default=None, help="Default 15.")
-@click.option("--inner-steps", type=click.IntRange(min=0), default=None, help="Default 20 (100 at test time).")
-@click.option("--test-inner-steps", type=click.IntRange(min=0), default=None)
-@click.option("--inner-lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default 0.01.")
+@click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True,
+              help="SS scale per kernel (the paper's) or per output channel.")
+@click.option("--ways", type=click.IntRange(min=2), default=None,
+              help=f"Classes per task. {_default(MetaTrainConfig, 'ways')}")
+@click.option("--shots", type=click.IntRange(min=1), default=None,
+              help=f"Support images per class. {_default(MetaTrainConfig, 'shots')}")
+@click.option("--queries", type=click.IntRange(min=1), default=None,
+              help=f"Query images per class. {_default(MetaTrainConfig, 'queries')}")
+@click.option("--inner-steps", type=click.IntRange(min=0), default=None,
+              help=f"Head adaptation steps while meta-training. {_default(MetaTrainConfig, 'inner_steps')}")
+@click.option("--test-inner-steps", type=click.IntRange(min=0), default=None,
+              help=f"Head adaptation steps at validation and test time. "
+                   f"{_default(MetaTrainConfig, 'test_inner_steps')}")
+@click.option("--inner-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"Step size of the head's adaptation. {_default(MetaTrainConfig, 'inner_lr')}")
 @click.option("--encoder-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Adam lr of SS (Φ); default 1e-4.")
+              help=f"Adam lr of SS (Φ). {_default(MetaTrainConfig, 'encoder_lr')}")
 @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Adam lr of the head init θ; default 1e-3.")
-@click.option("--first-order", is_flag=True, default=None, help="Drop second-order terms of the meta-gradient.")
+              help=f"Adam lr of the head init θ. {_default(MetaTrainConfig, 'head_lr')}")
+@click.option("--first-order", is_flag=True, default=None,
+              help=f"Drop second-order terms of the meta-gradient. {_default(MetaTrainConfig, 'first_order')}")
 @click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
-              help="Where each task's head starts: prototype (default; its support set's class means, "
-                   "whatever the label order) or kaiming (the official code's per-label θ).")
-@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Default 10000.")
-@click.option("--meta-batch", type=click.IntRange(min=1), default=None, help="Normal tasks per iteration (default 2).")
-@click.option("--hard-tasks", is_flag=True, default=None, help="Add the hard-task meta-batch.")
+              help=f"Where each task's head starts: prototype (its support set's class means, whatever the "
+                   f"label order) or kaiming (the official code's per-label θ). {_default(MetaTrainConfig, 'head_init')}")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help=f"Outer steps. {_default(MetaTrainConfig, 'iterations')}")
+@click.option("--meta-batch", type=click.IntRange(min=1), default=None,
+              help=f"Normal tasks per iteration. {_default(MetaTrainConfig, 'meta_batch')}")
+@click.option("--hard-tasks", is_flag=True, default=None,
+              help=f"Add the hard-task meta-batch. {_default(MetaTrainConfig, 'hard_tasks')}")
 @click.option("--hard-meta-batch", type=click.IntRange(min=0), default=None,
-              help="Hard tasks per iteration (default 2).")
-@click.option("--hard-task-mode", type=click.Choice(["resample", "reuse"]), default=None)
-@click.option("--val-every", type=click.IntRange(min=1), default=None)
-@click.option("--val-tasks", type=click.IntRange(min=1), default=None)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=None, help="Default 0.")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True)
+              help=f"Hard tasks per iteration. {_default(MetaTrainConfig, 'hard_meta_batch')}")
+@click.option("--hard-task-mode", type=click.Choice(["resample", "reuse"]), default=None,
+              help=f"resample: new images of the failure classes; reuse: the failed images. "
+                   f"{_default(MetaTrainConfig, 'hard_task_mode')}")
+@click.option("--val-every", type=click.IntRange(min=1), default=None,
+              help=f"Iterations between validations. {_default(MetaTrainConfig, 'val_every')}")
+@click.option("--val-tasks", type=click.IntRange(min=1), default=None,
+              help=f"Tasks per validation. {_default(MetaTrainConfig, 'val_tasks')}")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
+              help=f"Iterations between last.pt saves. {_default(MetaTrainConfig, 'checkpoint_every')}")
+@click.option("--seed", type=int, default=None,
+              help=f"Seed of the tasks and the head. {_default(MetaTrainConfig, 'seed')}")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True,
+              help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
 @_run_options
 def meta_train_command(data, root, image_size, data_seed, device, pretrained, backbone, granularity,
                        out, resume, overwrite, override, quiet, **values) -> None:
@@ -206,12 +247,18 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
 @_data_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False), required=True,
               help="best.pt of mtl meta-train (or of mtl pretrain: a head started at the class means is adapted).")
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@click.option("--ways", type=click.IntRange(min=2), default=5, show_default=True)
-@click.option("--shots", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--queries", type=click.IntRange(min=1), default=15, show_default=True)
-@click.option("--tasks", type=click.IntRange(min=1), default=600, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Task seed: same seed, same tasks.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="The split the tasks come from.")
+@click.option("--ways", type=click.IntRange(min=2), default=EvaluationConfig.ways, show_default=True,
+              help="Classes per task.")
+@click.option("--shots", type=click.IntRange(min=1), default=EvaluationConfig.shots, show_default=True,
+              help="Support images per class.")
+@click.option("--queries", type=click.IntRange(min=1), default=EvaluationConfig.queries, show_default=True,
+              help="Query images per class.")
+@click.option("--tasks", type=click.IntRange(min=1), default=EvaluationConfig.tasks, show_default=True,
+              help="Test tasks.")
+@click.option("--seed", type=int, default=EvaluationConfig.seed, show_default=True,
+              help="Task seed: same seed, same tasks.")
 @click.option("--inner-steps", type=int, default=None, help="Adaptation steps (default: the checkpoint's).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
