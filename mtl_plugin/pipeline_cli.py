@@ -73,6 +73,60 @@ def _default(config_class, name: str) -> str:
     return f"[default: {'none' if value is None else value}]"
 
 
+def _config_options(config_class, table: list[tuple]):
+    """One ``--flag`` per ``(field, type, help)`` of ``table``: default ``None`` (the config's, or
+    on ``--resume`` the saved run's), the config's default stated in the help."""
+    def decorate(command):
+        for name, kind, text in reversed(table):
+            flag = {"is_flag": True} if kind is bool else {"type": kind}
+            command = click.option(f"--{name.replace('_', '-')}", default=None,
+                                   help=f"{text} {_default(config_class, name)}", **flag)(command)
+        return command
+
+    return decorate
+
+
+_POSITIVE, _COUNT, _RATE = click.IntRange(min=1), click.IntRange(min=0), click.FloatRange(min=0, min_open=True)
+_PRETRAIN_OPTIONS = [
+    ("backbone", str, "resnet12, conv4, <torchvision resnet>-small, a torchvision or registered name."),
+    ("epochs", _POSITIVE, "Training epochs (the official code's)."),
+    ("batch_size", _POSITIVE, "Images per step."),
+    ("lr", _RATE, "SGD (Nesterov) learning rate."),
+    ("weight_decay", click.FloatRange(min=0), "L2 weight decay."),
+    ("schedule", click.Choice(["step", "cosine"]),
+     f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0."),
+    ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),
+    ("val_tasks", _POSITIVE, "Validation tasks per epoch."),
+    ("val_ways", click.IntRange(min=2), "Classes per validation task."),
+    ("val_shots", _POSITIVE, "Shots per validation task."),
+    ("val_queries", _POSITIVE, "Queries per class of a validation task."),
+    ("seed", int, "Seed of the initialisation, batches and validation tasks."),
+]
+_META_TRAIN_OPTIONS = [
+    ("ways", click.IntRange(min=2), "Classes per task."),
+    ("shots", _POSITIVE, "Support images per class."),
+    ("queries", _POSITIVE, "Query images per class."),
+    ("inner_steps", _COUNT, "Head adaptation steps while meta-training."),
+    ("test_inner_steps", _COUNT, "Head adaptation steps at validation and test time."),
+    ("inner_lr", _RATE, "Step size of the head's adaptation."),
+    ("encoder_lr", _RATE, "Adam lr of SS (Φ)."),
+    ("head_lr", _RATE, "Adam lr of the head init θ."),
+    ("first_order", bool, "Drop second-order terms of the meta-gradient."),
+    ("head_init", click.Choice(HEAD_INITS), "Where each task's head starts: prototype (its support set's class "
+                                            "means, whatever the label order) or kaiming (the official code's θ)."),
+    ("iterations", _POSITIVE, "Outer steps."),
+    ("meta_batch", _POSITIVE, "Normal tasks per iteration."),
+    ("hard_tasks", bool, "Add the hard-task meta-batch."),
+    ("hard_meta_batch", _COUNT, "Hard tasks per iteration."),
+    ("hard_task_mode", click.Choice(["resample", "reuse"]),
+     "resample: new images of the failure classes; reuse: the failed images."),
+    ("val_every", _POSITIVE, "Iterations between validations."),
+    ("val_tasks", _POSITIVE, "Tasks per validation."),
+    ("checkpoint_every", _POSITIVE, "Iterations between last.pt saves."),
+    ("seed", int, "Seed of the tasks and the head."),
+]
+
+
 def _overrides(config_class, values: dict) -> dict:
     names = {f.name for f in fields(config_class)}
     return {k: v for k, v in values.items() if k in names and v is not None}
@@ -99,32 +153,7 @@ def _check_override(resume: bool, override: bool) -> None:
 
 @click.command("pretrain", cls=Command)
 @_data_options
-@click.option("--backbone", default=None,
-              help=f"resnet12, conv4, <torchvision resnet>-small, a torchvision or registered name. "
-                   f"{_default(PretrainConfig, 'backbone')}")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help=f"Training epochs (the official code's). {_default(PretrainConfig, 'epochs')}")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help=f"Images per step. {_default(PretrainConfig, 'batch_size')}")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"SGD (Nesterov) learning rate. {_default(PretrainConfig, 'lr')}")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
-              help=f"L2 weight decay. {_default(PretrainConfig, 'weight_decay')}")
-@click.option("--schedule", type=click.Choice(["step", "cosine"]), default=None,
-              help=f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0. "
-                   f"{_default(PretrainConfig, 'schedule')}")
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
-              help=f"Cap on the steps of an epoch (none: a full pass). {_default(PretrainConfig, 'steps_per_epoch')}")
-@click.option("--val-tasks", type=click.IntRange(min=1), default=None,
-              help=f"Validation tasks per epoch. {_default(PretrainConfig, 'val_tasks')}")
-@click.option("--val-ways", type=click.IntRange(min=2), default=None,
-              help=f"Classes per validation task. {_default(PretrainConfig, 'val_ways')}")
-@click.option("--val-shots", type=click.IntRange(min=1), default=None,
-              help=f"Shots per validation task. {_default(PretrainConfig, 'val_shots')}")
-@click.option("--val-queries", type=click.IntRange(min=1), default=None,
-              help=f"Queries per class of a validation task. {_default(PretrainConfig, 'val_queries')}")
-@click.option("--seed", type=int, default=None,
-              help=f"Seed of the initialisation, batches and validation tasks. {_default(PretrainConfig, 'seed')}")
+@_config_options(PretrainConfig, _PRETRAIN_OPTIONS)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True,
               help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
 @_run_options
@@ -163,47 +192,7 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 @click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
 @click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True,
               help="SS scale per kernel (the paper's) or per output channel.")
-@click.option("--ways", type=click.IntRange(min=2), default=None,
-              help=f"Classes per task. {_default(MetaTrainConfig, 'ways')}")
-@click.option("--shots", type=click.IntRange(min=1), default=None,
-              help=f"Support images per class. {_default(MetaTrainConfig, 'shots')}")
-@click.option("--queries", type=click.IntRange(min=1), default=None,
-              help=f"Query images per class. {_default(MetaTrainConfig, 'queries')}")
-@click.option("--inner-steps", type=click.IntRange(min=0), default=None,
-              help=f"Head adaptation steps while meta-training. {_default(MetaTrainConfig, 'inner_steps')}")
-@click.option("--test-inner-steps", type=click.IntRange(min=0), default=None,
-              help=f"Head adaptation steps at validation and test time. "
-                   f"{_default(MetaTrainConfig, 'test_inner_steps')}")
-@click.option("--inner-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Step size of the head's adaptation. {_default(MetaTrainConfig, 'inner_lr')}")
-@click.option("--encoder-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Adam lr of SS (Φ). {_default(MetaTrainConfig, 'encoder_lr')}")
-@click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Adam lr of the head init θ. {_default(MetaTrainConfig, 'head_lr')}")
-@click.option("--first-order", is_flag=True, default=None,
-              help=f"Drop second-order terms of the meta-gradient. {_default(MetaTrainConfig, 'first_order')}")
-@click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
-              help=f"Where each task's head starts: prototype (its support set's class means, whatever the "
-                   f"label order) or kaiming (the official code's per-label θ). {_default(MetaTrainConfig, 'head_init')}")
-@click.option("--iterations", type=click.IntRange(min=1), default=None,
-              help=f"Outer steps. {_default(MetaTrainConfig, 'iterations')}")
-@click.option("--meta-batch", type=click.IntRange(min=1), default=None,
-              help=f"Normal tasks per iteration. {_default(MetaTrainConfig, 'meta_batch')}")
-@click.option("--hard-tasks", is_flag=True, default=None,
-              help=f"Add the hard-task meta-batch. {_default(MetaTrainConfig, 'hard_tasks')}")
-@click.option("--hard-meta-batch", type=click.IntRange(min=0), default=None,
-              help=f"Hard tasks per iteration. {_default(MetaTrainConfig, 'hard_meta_batch')}")
-@click.option("--hard-task-mode", type=click.Choice(["resample", "reuse"]), default=None,
-              help=f"resample: new images of the failure classes; reuse: the failed images. "
-                   f"{_default(MetaTrainConfig, 'hard_task_mode')}")
-@click.option("--val-every", type=click.IntRange(min=1), default=None,
-              help=f"Iterations between validations. {_default(MetaTrainConfig, 'val_every')}")
-@click.option("--val-tasks", type=click.IntRange(min=1), default=None,
-              help=f"Tasks per validation. {_default(MetaTrainConfig, 'val_tasks')}")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
-              help=f"Iterations between last.pt saves. {_default(MetaTrainConfig, 'checkpoint_every')}")
-@click.option("--seed", type=int, default=None,
-              help=f"Seed of the tasks and the head. {_default(MetaTrainConfig, 'seed')}")
+@_config_options(MetaTrainConfig, _META_TRAIN_OPTIONS)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True,
               help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
 @_run_options
