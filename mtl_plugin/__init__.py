@@ -31,6 +31,7 @@ from .hard_tasks import (
     TaskAccuracy,
     task_classes,
 )
+from .heads import feature_width, new_head
 from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
 from .meta_training import meta_train
 from .meta_transfer import MetaTrainConfig, MetaTransferLearner
@@ -42,6 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SSAdapter",
+    "feature_width",
+    "new_head",
     "backbones",
     "build_backbone",
     "list_backbones",
