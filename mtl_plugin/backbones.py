@@ -344,6 +344,9 @@ register_backbone("conv4", min_image_size=16)(conv4)
 def list_backbones() -> list[str]:
     """The registered backbone names; ``<torchvision resnet>-small`` and torchvision model names build too.
 
+    Returns:
+        The names :func:`build_backbone` finds in the registry, in registration order.
+
     Example::
 
         print(list_backbones())  # ['resnet12', 'conv4']

@@ -83,7 +83,15 @@ class FewShotBenchmark:
         return len(self.train.labels)
 
     def split(self, split: str) -> l2l.data.MetaDataset:
-        """The ``MetaDataset`` of ``"train"``, ``"val"`` (or learn2learn's ``"validation"``) or ``"test"``."""
+        """The ``MetaDataset`` of ``"train"``, ``"val"`` (or learn2learn's ``"validation"``) or ``"test"``.
+
+        Raises:
+            UsageError: another split name.
+
+        Example::
+
+            validation = bench.split("validation")
+        """
         split = "val" if split == "validation" else split
         if split not in ("train", "val", "test"):
             raise UsageError(f"unknown split {split!r}: use 'train', 'val' (or 'validation') or 'test'")
@@ -93,6 +101,22 @@ class FewShotBenchmark:
         self, split: str, ways: int, shots: int, queries: int, num_tasks: int = -1, seed: int = 0
     ) -> l2l.data.Taskset:
         """Seeded N-way K-shot Q-query tasks from one split (see :func:`mtl_plugin.tasks.build_taskset`).
+
+        Args:
+            split: ``"train"``, ``"val"`` (or ``"validation"``) or ``"test"``.
+            ways: classes per task.
+            shots: support images per class.
+            queries: query images per class.
+            num_tasks: tasks in the ``Taskset`` (-1: a new one at every sample).
+            seed: fixes the tasks drawn.
+
+        Returns:
+            A learn2learn ``Taskset`` whose samples are ``(data, labels)``, each class's
+            ``shots + queries`` images in a row.
+
+        Raises:
+            UsageError: an unknown split.
+            ValueError: a class with fewer than ``shots + queries`` images, or fewer classes than ``ways``.
 
         Example::
 
@@ -202,16 +226,27 @@ def get_benchmark(
 ) -> FewShotBenchmark:
     """Load a few-shot data set by name; see ``KNOWN_BENCHMARKS``.
 
-    ``root`` is the folder holding the data set's files (default
-    ``$MTL_DATA/<name>``; nothing is downloaded; for kanji, its cache folder); ``image_size`` defaults to the
-    data set's usual size (84 for mini/tiered-ImageNet and folders, 32 for
-    CIFAR-FS/FC100, 28 for Omniglot and kanji). ``seed`` fixes what is drawn at
-    random: the generated kanji and their class split, and Omniglot's character
-    split. ``min_per_class`` skips classes with fewer images (with a warning),
-    e.g. ``shots + queries``; without it such a class raises an error when tasks
-    are built. ``options``: for kanji, ``num_classes``, ``instances``, any other
-    :class:`~mtl_plugin.data.kanji.KanjiConfig` field, ``cache_dir``, ``workers``,
-    ``progress``; for Omniglot, ``rotations`` (default True).
+    Images per class, the most a task can ask for (shots + queries): kanji 20 (its
+    ``instances``), Omniglot 20, mini-ImageNet, FC100 and CIFAR-FS 600, tieredImageNet at
+    least 732, folders what they hold; :func:`check_tasks` (and every command) checks a task
+    shape against them before training.
+
+    Args:
+        name: one of ``KNOWN_BENCHMARKS`` (aliases such as ``miniimagenet`` are accepted).
+        root: the folder holding the data set's files (default ``$MTL_DATA/<name>``; nothing
+            is downloaded); for kanji, the cache folder of the generated arrays.
+        image_size: image side; default the data set's usual one (84 for mini/tiered-ImageNet
+            and folders, 32 for CIFAR-FS/FC100, 28 for Omniglot and kanji).
+        seed: fixes what is drawn at random: the generated kanji and their class split, and
+            Omniglot's character split.
+        min_per_class: skip classes with fewer images (with a warning), e.g. ``shots + queries``;
+            without it such a class raises an error when tasks are built.
+        **options: for kanji, ``num_classes``, ``instances``, any other
+            :class:`~mtl_plugin.data.kanji.KanjiConfig` field, ``cache_dir``, ``workers``,
+            ``progress``; for Omniglot, ``rotations`` (default True).
+
+    Returns:
+        The :class:`FewShotBenchmark`: train/val/test ``MetaDataset``s and the augmented train split.
 
     Raises:
         UsageError: an unknown name or option, an image size below 8 px, ``folder`` without ``root``.
