@@ -2,7 +2,11 @@
 
 For each shot setting, each method is fitted once (methods built on the
 pretrained backbone share one cached pretraining run) and evaluated on the very
-same test tasks; a cell reads ``mean ± 1.96·std/√n (n=tasks)``. Finished cells
+same test tasks; a cell reads ``mean ± 1.96·std/√n (n=tasks)``. The rows come from
+a suite: ``comparison`` (the methods, the default) or ``ablation`` (what to adapt
+after pretraining, with each row's learned parameters, a plot of accuracy against
+them and the paper's claims checked on paired differences; see
+:mod:`mtl_plugin.ablation_report`); rows in both suites share their cells. Finished cells
 are kept in ``out/cells/`` and reused, so a killed bench resumes where it was.
 Cell files and the shared pretraining are named by a digest of everything that
 changes their numbers (seed, profile, data set, budgets), so runs of different
@@ -31,6 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from mtl_plugin.ablation_report import ablation_note, learned_parameter_counts, plot_accuracy_vs_parameters
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
@@ -39,14 +44,23 @@ from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.meta_training import plot_meta_curves
 from mtl_plugin.methods import METHOD_NAMES, METHODS, build_method
+from mtl_plugin.methods.ablation import ABLATION_SUITE
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.pretrain import PretrainConfig, pretrain
 from mtl_plugin.published import published_accuracy
 
-__all__ = ["BenchConfig", "BenchResult", "PROFILES", "pretrain_config_for", "run_bench", "work_dir"]
+__all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench", "shared_pretraining",
+           "work_dir"]
 
 PROFILES = ("quick", "paper")
 WALL_CLOCK = "wall-clock (s)"
+LEARNED = "learned parameters"
+# comparison: every method but the ablation-only rows (a new method joins it by being in METHODS);
+# ablation: what to adapt after pretraining (Sun et al. 2019, Table 3, and this package's options).
+SUITES = {
+    "comparison": tuple(name for name, (cls, _) in METHODS.items() if not getattr(cls, "ablation_only", False)),
+    "ablation": ABLATION_SUITE,
+}
 
 
 @dataclass
@@ -54,11 +68,14 @@ class BenchConfig:
     """What to compare and on what; defaults are the papers' protocol (``paper`` profile).
 
     ``profile`` picks each method's budget: ``paper`` its published settings (for a GPU),
-    ``quick`` the small budgets that run the whole table on 2 CPU cores.
+    ``quick`` the small budgets that run the whole table on 2 CPU cores. ``suite`` picks the
+    rows (``comparison``: the methods; ``ablation``: what to adapt after pretraining, with a
+    learned-parameters column); ``methods``, when given, replaces the suite's rows.
 
     Example::
 
         config = BenchConfig(dataset="mini-imagenet", root="~/data", shots=(1, 5))
+        ablation = BenchConfig.quick(suite="ablation")
     """
 
     dataset: str = "kanji"
@@ -66,7 +83,8 @@ class BenchConfig:
     ways: int = 5
     shots: tuple = (1, 5)
     queries: int = 15
-    methods: tuple = METHOD_NAMES
+    suite: str = "comparison"
+    methods: Optional[tuple] = None
     profile: str = "paper"
     test_tasks: int = 600
     backbone: str = "resnet12"
@@ -82,10 +100,14 @@ class BenchConfig:
     def __post_init__(self):
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; valid: {', '.join(PROFILES)}")
-        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if self.suite not in SUITES:
+            raise ValueError(f"unknown suite {self.suite!r}; valid: {', '.join(SUITES)}")
+        if self.methods is not None:
+            self.methods = tuple(self.methods)
+        unknown = [m for m in self.rows if m not in METHOD_NAMES]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHOD_NAMES)}")
-        if not self.methods:
+        if not self.rows:
             raise ValueError("no method to run: name at least one of " + ", ".join(METHOD_NAMES))
         if any(s < 1 for s in self.shots) or not self.shots:
             raise ValueError(f"shots={self.shots}: give one or more settings >= 1, e.g. (1, 5)")
@@ -93,7 +115,11 @@ class BenchConfig:
             raise ValueError(f"test_tasks={self.test_tasks}: a confidence interval needs at least 2 tasks")
         self.out = Path(self.out)
         self.shots = tuple(self.shots)
-        self.methods = tuple(self.methods)
+
+    @property
+    def rows(self) -> tuple:
+        """The methods to run: ``methods`` if given, else the suite's."""
+        return SUITES[self.suite] if self.methods is None else self.methods
 
     @classmethod
     def quick(cls, **changes) -> "BenchConfig":
@@ -228,12 +254,21 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     return cell
 
 
-def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: str) -> pd.DataFrame:
+def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: str,
+           counts: Optional[dict] = None) -> pd.DataFrame:
+    """One row per method; with ``counts`` (the ablation suite) also what each row adapts and
+    its learned-parameter count, beside the accuracy cells."""
     rows = []
-    for method in config.methods:
+    for method in config.rows:
         mine = cells[cells["method"] == method]
-        row = {"method": method, "backbone": mine["backbone"].iloc[0],
-               "setting": "transductive" if METHODS[method][0].transductive else "inductive"}
+        method_class = METHODS[method][0]
+        row = {"method": method}
+        if counts is not None:
+            row["adapts"] = getattr(method_class, "adapts", "")
+        row.update({"backbone": mine["backbone"].iloc[0],
+                    "setting": "transductive" if method_class.transductive else "inductive"})
+        if counts is not None:
+            row[LEARNED] = "—" if counts.get(method) is None else counts[method]
         for shots in config.shots:
             cell = mine[mine["shots"] == shots].iloc[0]
             row[f"{shots}-shot"] = f"{cell['accuracy']:.2f} ± {cell['ci95']:.2f} (n={cell['tasks']})"
@@ -250,14 +285,14 @@ def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
     # The Figure API needs no pyplot backend: headless, and the caller's backend is left alone.
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(1.2 + 0.9 * len(config.methods) * len(config.shots), 4))
+    figure = Figure(figsize=(1.2 + 0.9 * len(config.rows) * len(config.shots), 4))
     axis = figure.subplots()
     width = 0.8 / len(config.shots)
     for i, shots in enumerate(config.shots):
-        mine = cells[cells["shots"] == shots].set_index("method").loc[list(config.methods)]
-        positions = [m + i * width for m in range(len(config.methods))]
+        mine = cells[cells["shots"] == shots].set_index("method").loc[list(config.rows)]
+        positions = [m + i * width for m in range(len(config.rows))]
         axis.bar(positions, mine["accuracy"], width, yerr=mine["ci95"], capsize=3, label=f"{shots}-shot")
-    axis.set_xticks([m + 0.4 - width / 2 for m in range(len(config.methods))], list(config.methods),
+    axis.set_xticks([m + 0.4 - width / 2 for m in range(len(config.rows))], list(config.rows),
                     rotation=30, ha="right")
     axis.set_ylabel(f"{config.ways}-way accuracy (%) ± 95% CI")
     axis.set_title(f"{config.dataset}, {config.test_tasks} test tasks, {config.profile} profile")
@@ -270,7 +305,7 @@ def _plot_curves(config: BenchConfig, benchmark, path: Path) -> bool:
     training accuracy of normal against hard tasks (hard tasks must be the harder ones)."""
     runs = []
     for method in ("mtl", "mtl-ht"):
-        for shots in config.shots if method in config.methods else ():
+        for shots in config.shots if method in config.rows else ():
             metrics = work_dir(config, benchmark, method, shots) / "metrics.csv"
             if metrics.exists():
                 runs.append((f"{method} {shots}-shot", pd.read_csv(metrics)))
@@ -288,6 +323,21 @@ def _check_before_work(config: BenchConfig, benchmark) -> None:
     check_output_dir(config.out)
 
 
+def shared_pretraining(config: BenchConfig, benchmark, device: torch.device) -> _SharedPretraining:
+    """The bench's shared pretraining run in ``config.out``: run on first call (or read back
+    when finished), then a fresh copy of the backbone per call.
+
+    Example::
+
+        pretrained = shared_pretraining(config, benchmark, torch.device("cpu"))
+        backbone = pretrained()          # the same run `mtl bench --out config.out` uses
+    """
+    name = f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px-{_digest(_pretrain_key(config, benchmark))}"
+    pretrain_dir = config.out / "pretrain" / name
+    return _SharedPretraining(lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir,
+                                               device=device, progress=config.progress))
+
+
 def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> BenchResult:
     """Fit and evaluate every method of ``config``; write the table as CSV, Markdown and LaTeX.
 
@@ -297,21 +347,22 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
                               seed=config.seed, **config.dataset_options)
     _check_before_work(config, benchmark)
     device = _device(config.device)
-    pretrain_dir = (config.out / "pretrain" /
-                    f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px-{_digest(_pretrain_key(config, benchmark))}")
-    shared = _SharedPretraining(lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir,
-                                                  device=device, progress=config.progress))
-    records = []
+    shared = shared_pretraining(config, benchmark, device)
+    records, accuracies = [], {}
     for shots in config.shots:
-        for method in config.methods:
+        for method in config.rows:
             cell = _run_cell(config, benchmark, method, shots, shared, device)
+            accuracies[method, shots] = cell["accuracies"]
             echo(f"{method} {config.ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
                  f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)")
             records.append({"method": method, "shots": shots,
                             **{k: v for k, v in cell.items() if k not in ("key", "accuracies")}})
     cells = pd.DataFrame(records)
-    table = _table(config, cells, benchmark.standard, benchmark.name)
-    stem = f"{benchmark.name}-{config.ways}way-{config.profile}"
+    ablation = config.suite == "ablation"
+    counts = learned_parameter_counts(config, benchmark, config.rows) if ablation else None
+    table = _table(config, cells, benchmark.standard, benchmark.name, counts)
+    # The comparison keeps its file names; the ablation writes beside it in the same --out.
+    stem = f"{benchmark.name}-{config.ways}way-{config.profile}" + ("-ablation" if ablation else "")
     files = {kind: config.out / f"{stem}.{kind}" for kind in ("csv", "md", "tex")}
     files["timings"] = config.out / f"{stem}-timings.csv"
     caption = (f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
@@ -323,13 +374,25 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
     atomic_write_text(files["csv"], table.drop(columns=[WALL_CLOCK]).to_csv(index=False))
     atomic_write_text(files["timings"], cells[["method", "shots", "fit_seconds", "eval_seconds"]]
                       .to_csv(index=False, float_format="%.1f"))
-    atomic_write_text(files["md"], f"{caption}\n\n{table.to_markdown(index=False)}\n" + (f"\n{note}\n" if note else ""))
+    closing = ""
+    if ablation:
+        files["claims"] = config.out / f"{stem}-claims.csv"
+        comparisons, closing = ablation_note(accuracies, config.shots, counts)
+        atomic_write_text(files["claims"], comparisons.to_csv(index=False))
+        files["parameters"] = config.out / f"{stem}-parameters.png"
+        if not plot_accuracy_vs_parameters(cells, counts, files["parameters"],
+                                           title=f"{benchmark.name}: what to adapt after pretraining"):
+            del files["parameters"]
+    atomic_write_text(files["md"], f"{caption}\n\n{table.to_markdown(index=False)}\n" + (f"\n{note}\n" if note else "")
+                      + closing)
     atomic_write_text(files["tex"], table.to_latex(index=False, caption=caption, label=f"tab:{stem}"))
     files["png"] = config.out / f"{stem}-accuracy.png"
     _plot(config, cells, files["png"])
     curves = config.out / f"{stem}-mtl-vs-mtl-ht.png"
     if _plot_curves(config, benchmark, curves):
         files["curves"] = curves
+    if closing:
+        echo(closing.rstrip())
     echo(f"shared pretraining: {shared.seconds:.0f} s (not in the methods' wall-clock)")
     return BenchResult(table=table, cells=cells, files=files)
 
@@ -343,4 +406,5 @@ def bench_config_from(profile: str, **given) -> BenchConfig:
 def describe(config: BenchConfig) -> str:
     """One line saying what the bench will run."""
     fields = asdict(config)
-    return ", ".join(f"{k}={fields[k]}" for k in ("dataset", "ways", "shots", "profile", "test_tasks", "backbone"))
+    shown = ("dataset", "ways", "shots", "suite", "profile", "test_tasks", "backbone")
+    return ", ".join(f"{k}={fields[k]}" for k in shown)

@@ -61,7 +61,10 @@ def _csv(kind):
 @click.option("--ways", default=None, type=click.IntRange(min=2), help="Classes per task [5].")
 @click.option("--shots", default=None, callback=_csv(int), help="Shot settings, comma-separated [1,5].")
 @click.option("--queries", default=None, type=click.IntRange(min=1), help="Queries per class [15].")
-@click.option("--methods", default=None, callback=_csv(str), help="Comma-separated subset of the methods [all].")
+@click.option("--suite", type=click.Choice(["comparison", "ablation"]), default=None,
+              help="comparison: the methods [default]; ablation: what to adapt after pretraining (FT/SS rows, "
+                   "HT modes, granularity, bn), with learned parameters, a plot and the paper's claims checked.")
+@click.option("--methods", default=None, callback=_csv(str), help="Comma-separated rows, instead of the suite's.")
 @click.option("--profile", type=click.Choice(["quick", "paper"]), default="paper", show_default=True,
               help="quick: the whole table on 2 CPU cores; paper: the papers' budgets (GPU).")
 @click.option("--test-tasks", default=None, type=click.IntRange(min=2), help="Test tasks per cell [600; quick 300].")
@@ -72,7 +75,7 @@ def _csv(kind):
 @click.option("--device", default=None, help="cpu, cuda or auto [auto].")
 @click.option("--progress/--no-progress", default=None, help="Progress bars [on].")
 def bench(profile, **given):
-    """Every method on the same seeded test tasks: prints the table, writes CSV, Markdown, LaTeX and plots."""
+    """Every method (or ablation row) on the same seeded test tasks: prints the table, writes CSV, Markdown, LaTeX and plots."""
     from .bench import bench_config_from, describe, run_bench
 
     try:

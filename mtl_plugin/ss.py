@@ -1,7 +1,8 @@
 """Scaling and Shifting (SS): the meta-transfer adapter of Sun et al. (CVPR 2019).
 
-Every ``nn.Conv2d`` of a frozen backbone computes ``(W ⊙ Φ1) X + (b + Φ2)``,
-with a learnable scale Φ1 (initialised to 1) and shift Φ2 (initialised to 0).
+Every ``nn.Conv2d`` of a frozen backbone (or of the layers chosen with ``layers``)
+computes ``(W ⊙ Φ1) X + (b + Φ2)``, with a learnable scale Φ1 (initialised to 1)
+and shift Φ2 (initialised to 0).
 
 Example::
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -23,10 +24,94 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["SSAdapter", "GRANULARITIES", "BN_MODES"]
+__all__ = ["SSAdapter", "GRANULARITIES", "BN_MODES", "LayerSelection", "last_block", "select_modules"]
 
 GRANULARITIES = ("kernel", "channel")
 BN_MODES = ("frozen", "train")
+
+# Module names as ``named_modules()`` spells them (a name selects everything under it),
+# or a predicate on (name, module); None selects everything.
+LayerSelection = Optional[Union[str, Sequence[str], Callable[[str, nn.Module], bool]]]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _container_names(model: nn.Module, kind: type) -> list[str]:
+    """Names a user may give: modules holding a ``kind`` layer, at most two levels deep."""
+    names = []
+    for name, module in model.named_modules():
+        if name and name.count(".") < 2 and any(isinstance(m, kind) for m in module.modules()):
+            names.append(name)
+    return names
+
+
+def select_modules(model: nn.Module, layers: LayerSelection, kind: type = nn.Conv2d) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs of type ``kind`` in ``model`` that ``layers`` selects, in order.
+
+    Args:
+        model: the backbone.
+        layers: ``None`` (every ``kind`` module), a module name or names as
+            ``model.named_modules()`` spells them (``"layer4"`` selects every conv
+            under ``layer4``), or a predicate ``(name, module) -> bool`` asked of
+            each ``kind`` module.
+        kind: the module type to select.
+
+    Returns:
+        The selected modules with their qualified names.
+
+    Raises:
+        ValueError: if a name selects no ``kind`` module (the message lists the
+            names that do) or nothing at all is selected.
+
+    Example::
+
+        convs = select_modules(torchvision.models.resnet18(), ["layer4"])   # 5 convs
+        convs = select_modules(resnet12(), lambda name, conv: conv.kernel_size == (3, 3))
+    """
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    if layers is None:
+        chosen = found
+    elif callable(layers):
+        chosen = [(name, m) for name, m in found if layers(name, m)]
+    else:
+        names = (layers,) if isinstance(layers, str) else tuple(layers)
+        for prefix in names:
+            if not any(_under(name, prefix) for name, _ in found):
+                valid = ", ".join(_container_names(model, kind)[:16])
+                raise ValueError(
+                    f"layers: {type(model).__name__} has no {kind.__name__} named {prefix!r} or under it; "
+                    f"name modules as named_modules() does, e.g. {valid}"
+                )
+        chosen = [(name, m) for name, m in found if any(_under(name, p) for p in names)]
+    if not chosen:
+        raise ValueError(f"layers={layers!r} selects no {kind.__name__} of {type(model).__name__}")
+    return chosen
+
+
+def last_block(model: nn.Module) -> str:
+    """The name of the block that holds ``model``'s last conv: the paper's Θ4 of ResNet-12.
+
+    The block is the outermost element of an ``nn.Sequential`` on the path to the
+    last conv: ``"layers.3"`` for this package's ResNet-12, ``"layers.12"`` (the
+    last conv) for Conv4, ``"layer4.1"`` for a torchvision ResNet; without any
+    ``nn.Sequential`` on the path, the last conv itself.
+
+    Raises:
+        ValueError: if ``model`` has no ``nn.Conv2d``.
+
+    Example::
+
+        adapter = SSAdapter(resnet12(), layers=[last_block(backbone)])   # SS [Θ4; θ]
+    """
+    name = select_modules(model, None)[-1][0]
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        parent = model.get_submodule(".".join(parts[: depth - 1]))
+        if isinstance(parent, nn.Sequential):
+            return ".".join(parts[:depth])
+    return name
 
 
 def _scale_shape(conv: nn.Conv2d, granularity: str) -> tuple[int, ...]:
@@ -50,6 +135,15 @@ class SSAdapter(nn.Module):
             ``(out, in/groups, 1, 1)``) or ``"channel"`` (one per output channel).
         bn: ``"frozen"`` keeps every BatchNorm in eval mode whatever ``train()`` is
             called with; ``"train"`` lets them use batch statistics in training mode.
+        layers: which convs get Φ (the others stay frozen as they are): ``None``
+            (every conv, the paper's SS [Θ; θ]), module names as
+            ``backbone.named_modules()`` spells them (``["layer4"]``, or
+            ``[last_block(backbone)]`` for SS [Θ4; θ]) or a predicate
+            ``(name, conv) -> bool``.
+
+    Raises:
+        ValueError: for an unknown granularity or bn mode, a backbone without
+            convs or already adapted, or ``layers`` that select no conv.
 
     Example::
 
@@ -59,7 +153,8 @@ class SSAdapter(nn.Module):
         plain = adapter.fold()                        # same outputs, no overhead
     """
 
-    def __init__(self, backbone: nn.Module, granularity: str = "kernel", bn: str = "frozen"):
+    def __init__(self, backbone: nn.Module, granularity: str = "kernel", bn: str = "frozen",
+                 layers: LayerSelection = None):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
@@ -72,14 +167,18 @@ class SSAdapter(nn.Module):
                 f"{type(backbone).__name__} is already wrapped in an SSAdapter; "
                 "adapt the original backbone once (or call .fold() first)"
             )
-        convs = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)]
-        if not convs:
+        all_convs = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)]
+        if not all_convs:
             raise ValueError(
                 f"{type(backbone).__name__} has no nn.Conv2d layer: SSAdapter scales and shifts "
                 "convolution weights, so pass a convolutional backbone"
             )
+        convs = select_modules(backbone, layers)
         self.granularity = granularity
         self.bn = bn
+        self.layers = "<predicate>" if callable(layers) else layers
+        # Every conv, adapted or not, for the parameter report.
+        self._all_convs = all_convs
         # Remembered so that fold() can give back a model as trainable as the one it got.
         self._requires_grad = {name: p.requires_grad for name, p in backbone.named_parameters()}
         backbone.requires_grad_(False)
@@ -164,9 +263,20 @@ class SSAdapter(nn.Module):
         ``ratio`` counts the SS parameters against the affine map they modulate: the
         weights plus one bias per output (zero where the conv has none), as the paper
         counts a neuron. For a 3x3 conv at kernel granularity it is (1+C)/(1+9C).
+        With ``layers``, the convs left out have ``adapted`` False and 0 SS
+        parameters, so the total's ratio is over every conv of the backbone.
+
+        Returns:
+            Columns ``layer, kernel, in_per_group, out, adapted, frozen, ss, ratio``.
+
+        Example::
+
+            SSAdapter(resnet12(), layers=["layers.3"]).parameter_report().tail(1)
         """
+        ss = {name: scale.numel() + shift.numel()
+              for name, scale, shift in zip(self.conv_names, self.scales, self.shifts)}
         rows = []
-        for name, conv, scale, shift in zip(self.conv_names, self._convs, self.scales, self.shifts):
+        for name, conv in self._all_convs:
             frozen = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
             rows.append(
                 {
@@ -174,8 +284,9 @@ class SSAdapter(nn.Module):
                     "kernel": "x".join(map(str, conv.kernel_size)),
                     "in_per_group": conv.in_channels // conv.groups,
                     "out": conv.out_channels,
+                    "adapted": name in ss,
                     "frozen": frozen,
-                    "ss": scale.numel() + shift.numel(),
+                    "ss": ss.get(name, 0),
                     "_neuron": conv.weight.numel() + conv.out_channels,
                 }
             )
@@ -185,6 +296,7 @@ class SSAdapter(nn.Module):
             "kernel": "",
             "in_per_group": pd.NA,
             "out": int(frame["out"].sum()),
+            "adapted": bool(frame["adapted"].all()),
             "frozen": int(frame["frozen"].sum()),
             "ss": int(frame["ss"].sum()),
             "_neuron": int(frame["_neuron"].sum()),
@@ -212,4 +324,6 @@ class SSAdapter(nn.Module):
         return folded
 
     def extra_repr(self) -> str:
-        return f"granularity={self.granularity!r}, bn={self.bn!r}, convs={len(self.conv_names)}"
+        layers = "" if self.layers is None else f", layers={self.layers!r}"
+        return (f"granularity={self.granularity!r}, bn={self.bn!r}{layers}, "
+                f"convs={len(self.conv_names)} of {len(self._all_convs)}")

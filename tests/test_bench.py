@@ -1,6 +1,7 @@
 import json
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -179,3 +180,41 @@ def test_an_unwritable_output_folder_fails_before_any_work(data_home, monkeypatc
     config = BenchConfig.quick(methods=("protonet",), out=blocker / "out", **TINY)
     with pytest.raises(UsageError, match="cannot write there"):
         run_bench(config, echo=lambda line: None)
+
+
+def test_ablation_suite_counts_claims_plot_and_reuses_comparison_cells(data_home, monkeypatch):
+    tiny = _tiny_budgets(bench_module.build_method)
+    monkeypatch.setattr(bench_module, "build_method", tiny)
+    out = data_home / "out"
+    comparison = run_bench(BenchConfig.quick(methods=("mtl",), out=out, **TINY), echo=lambda line: None)
+    built, lines = [], []
+
+    def recording(name, profile):
+        built.append(name)
+        return tiny(name, profile)
+
+    monkeypatch.setattr(bench_module, "build_method", recording)
+    config = BenchConfig.quick(suite="ablation", methods=("ft-head", "ft-all", "mtl"), out=out, **TINY)
+    result = run_bench(config, echo=lines.append)
+    assert built == ["ft-head", "ft-all"]  # mtl's cell is the comparison suite's, reused
+    table = result.table
+    assert list(table.columns[:5]) == ["method", "adapts", "backbone", "setting", "learned parameters"]
+    assert list(table["adapts"]) == ["FT [θ]", "FT [Θ; θ]", "SS [Θ; θ]"]
+    counts = dict(zip(table["method"], table["learned parameters"]))
+    assert counts["ft-head"] == 64 < counts["mtl"] < counts["ft-all"]  # Conv4 at 28 px: 64-d features
+    claims = pd.read_csv(result.files["claims"])
+    assert {"SS beats FT on every layer", "meta-learning SS beats meta-learning the head alone",
+            "ft-all vs mtl"} <= set(claims["claim"])
+    assert set(claims["verdict"]) <= {"holds", "reversed", "within CI"}
+    assert result.files["parameters"].stat().st_size > 0
+    assert "Closing note" in result.files["md"].read_text() and any("Closing note" in line for line in lines)
+    # Both suites write into one --out side by side.
+    assert result.files["csv"] != comparison.files["csv"] and comparison.files["csv"].exists()
+
+
+def test_suite_option():
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench", "--profile", "quick", "--suite", "nope"])
+    assert result.exit_code == 2 and "'nope'" in result.output
+    assert published_accuracy("mini-imagenet", "ft-head", 5, 1).accuracy == 55.9
+    assert published_accuracy("fc100", "ft-head", 5, 10).accuracy == 61.6

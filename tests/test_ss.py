@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from mtl_plugin import SSAdapter
 from mtl_plugin.backbones import build_backbone, conv4, resnet12, small_input_resnet
+from mtl_plugin.ss import last_block
 
 TORCHVISION = [
     "resnet18",
@@ -170,6 +171,60 @@ def test_bad_input():
         SSAdapter(conv4(), granularity="filter")
     with pytest.raises(ValueError, match="frozen, train"):
         SSAdapter(conv4(), bn="eval")
+
+
+# --- SS on a subset of layers -----------------------------------------------------------
+
+
+def test_last_block_is_named_as_the_user_names_modules():
+    assert last_block(resnet12()) == "layers.3"
+    assert last_block(conv4(image_size=32)) == "layers.12"
+    assert last_block(torchvision.models.resnet18()) == "layer4.1"
+
+
+@pytest.mark.parametrize("build, layers, expected", [
+    (torchvision.models.resnet18, ["layer4"], ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0",
+                                              "layer4.1.conv1", "layer4.1.conv2"]),
+    (resnet12, "layers.3", ["layers.3.conv1", "layers.3.conv2", "layers.3.conv3", "layers.3.shortcut.0"]),
+    (resnet12, lambda name, conv: conv.kernel_size == (1, 1), [f"layers.{i}.shortcut.0" for i in range(4)]),
+])
+def test_ss_on_a_subset_of_layers(build, layers, expected):
+    generator = torch.Generator().manual_seed(0)
+    backbone = build().eval()
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        reference = backbone(x)
+    adapter = SSAdapter(backbone, layers=layers).eval()
+    assert adapter.conv_names == expected
+    assert [name for name, _ in adapter.named_ss_parameters()][::2] == [f"{n}.scale" for n in expected]
+    with torch.no_grad():
+        assert torch.allclose(adapter(x), reference, atol=1e-6, rtol=0)
+    _perturb(adapter, generator)
+    folded = adapter.fold().eval()
+    with torch.no_grad():
+        assert torch.allclose(folded(x), adapter(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(folded(x), reference, atol=1e-4)
+    # Only the chosen convs are folded; every other weight is the backbone's own.
+    folded_weights, own = folded.state_dict(), backbone.state_dict()
+    changed = {k[: -len(".weight")] for k in own if k.endswith("weight") and not torch.equal(folded_weights[k], own[k])}
+    assert changed == set(expected)
+
+    report = adapter.parameter_report()
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert len(report) == len(convs) + 1
+    body, total = report.iloc[:-1], report.iloc[-1]
+    assert list(body.loc[body["adapted"], "layer"]) == expected
+    assert (body.loc[~body["adapted"], "ss"] == 0).all()
+    assert total["ss"] == sum(p.numel() for p in adapter.ss_parameters()) and not total["adapted"]
+
+
+def test_layers_that_select_nothing_are_named():
+    with pytest.raises(ValueError, match=r"no Conv2d named 'layer4'.*layers\.3"):
+        SSAdapter(resnet12(), layers=["layer4"])
+    with pytest.raises(ValueError, match="selects no Conv2d"):
+        SSAdapter(resnet12(), layers=lambda name, conv: False)
+    with pytest.raises(ValueError, match="selects no Conv2d"):
+        SSAdapter(resnet12(), layers=[])
 
 
 # --- meta-gradients ---------------------------------------------------------------------

@@ -16,6 +16,12 @@ from mtl_plugin.methods.maml import MAML, MAMLConfig
 from mtl_plugin.methods.metanet import MetaNet, MetaNetConfig
 from mtl_plugin.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
 from mtl_plugin.methods.protonet import ProtoNet, ProtoNetConfig, ProtoNetConv4, ProtoNetConv4Config
+from mtl_plugin.methods.matchingnet import MatchingNet, MatchingNetConfig
+from mtl_plugin.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
+from mtl_plugin.methods.tadam import TADAM, TADAMConfig
+from mtl_plugin.methods.ablation import (
+    FinetuneAll, FinetuneHead, FinetuneLastBlock, MTLChannel, MTLHardTasksReuse, MTLTrainBN, SSLastBlock,
+)
 
 __all__ = ["BenchContext", "FewShotMethod", "METHODS", "METHOD_NAMES", "build_method"]
 
@@ -28,8 +34,19 @@ METHODS = {
     "protonet-conv4": (ProtoNetConv4, ProtoNetConv4Config),
     "maml": (MAML, MAMLConfig),
     "metanet": (MetaNet, MetaNetConfig),
+    "matchingnet": (MatchingNet, MatchingNetConfig),
+    "meta-lstm": (MetaLSTM, MetaLSTMConfig),
+    "tadam": (TADAM, TADAMConfig),
     "mtl": (MTL, MTLConfig),
     "mtl-ht": (MTLHardTasks, MTLConfig),
+    # Ablation-only rows (``ablation_only``): in ``--suite ablation``, never in the comparison suite.
+    "ft-head": (FinetuneHead, MTLConfig),
+    "ft-last": (FinetuneLastBlock, MTLConfig),
+    "ft-all": (FinetuneAll, MTLConfig),
+    "ss-last": (SSLastBlock, MTLConfig),
+    "mtl-ht-reuse": (MTLHardTasksReuse, MTLConfig),
+    "mtl-channel": (MTLChannel, MTLConfig),
+    "mtl-bn-train": (MTLTrainBN, MTLConfig),
 }
 METHOD_NAMES = tuple(METHODS)
 

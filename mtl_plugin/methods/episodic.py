@@ -15,15 +15,19 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import nn
 
 
 from mtl_plugin.io import atomic_save
+from mtl_plugin.methods.base import FewShotMethod
 from mtl_plugin.progress import progress_bar
 from mtl_plugin.run_log import load_checkpoint
-from mtl_plugin.tasks import build_taskset
+from mtl_plugin.tasks import build_taskset, split_support_query
 
-__all__ = ["fit_episodically", "train_episodes"]
+__all__ = ["EpisodicMethod", "fit_episodically", "sample_episode", "train_episodes"]
 
 
 def train_episodes(
@@ -172,3 +176,45 @@ def fit_episodically(
         max_episodes=config.max_episodes, checkpoint_every=config.checkpoint_every,
         progress=context.progress, desc=name,
     )
+
+
+def sample_episode(tasks: Any, shots: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One task of the sampler ``tasks`` on ``device``, as ``(support_x, support_y, query_x, query_y)``.
+
+    Example::
+
+        support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
+    """
+    x, y = tasks.sample()
+    (support_x, support_y), (query_x, query_y) = split_support_query(x.to(device), y.to(device), shots)
+    return support_x, support_y, query_x, query_y
+
+
+class EpisodicMethod(FewShotMethod):
+    """A method trained episodically from scratch whose ``model(support_x, support_y, query_x, ways)``
+    gives the query logits; ``fit`` sets ``self.model``, ``self.device`` and ``self.losses``.
+
+    Example::
+
+        class MyMethod(EpisodicMethod):
+            name = "mine"
+            def fit(self, context):
+                self.model, self.device = MyModel().to(context.device), context.device
+    """
+
+    uses_pretraining: ClassVar[bool] = False
+
+    def __init__(self):
+        self.model: Optional[nn.Module] = None
+        self.device = torch.device("cpu")
+        self.losses: list[float] = []
+
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}.predict called before fit(context)")
+        with torch.no_grad():
+            logits = self.model(support_x.to(self.device), support_y.to(self.device), query_x.to(self.device), ways)
+        return logits.to(query_x.device)
+

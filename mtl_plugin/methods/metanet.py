@@ -66,9 +66,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.episodic import fit_episodically
-from mtl_plugin.tasks import split_support_query
+from mtl_plugin.methods.base import BenchContext
+from mtl_plugin.methods.episodic import EpisodicMethod, fit_episodically, sample_episode
 
 __all__ = [
     "MetaNet",
@@ -495,7 +494,7 @@ class MetaNetModel(nn.Module):
         return net(x, stop=net.layer_names[position - 1]) if position > 0 else x
 
 
-class MetaNet(FewShotMethod):
+class MetaNet(EpisodicMethod):
     """Meta Networks trained episodically from scratch (``mtl bench --methods metanet``).
 
     Example::
@@ -506,13 +505,10 @@ class MetaNet(FewShotMethod):
     """
 
     name: ClassVar[str] = "metanet"
-    uses_pretraining: ClassVar[bool] = False
 
     def __init__(self, config: Optional[MetaNetConfig] = None):
         self.config = config or MetaNetConfig()
-        self.model: Optional[MetaNetModel] = None
-        self.device = torch.device("cpu")
-        self.losses: list[float] = []
+        super().__init__()
         self.backbone_label = f"conv{self.config.conv_layers}-{self.config.filters} (b, u)"
 
     def fit(self, context: BenchContext) -> None:
@@ -530,10 +526,7 @@ class MetaNet(FewShotMethod):
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
         def step(tasks) -> float:
-            x, y = tasks.sample()
-            (support_x, support_y), (query_x, query_y) = split_support_query(
-                x.to(context.device), y.to(context.device), context.shots
-            )
+            support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
             loss = F.cross_entropy(model(support_x, support_y, query_x, context.ways), query_y)
             optimizer.zero_grad()
             loss.backward()
@@ -547,13 +540,3 @@ class MetaNet(FewShotMethod):
         )
         self.model = model.eval()
 
-    def predict(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
-    ) -> torch.Tensor:
-        if self.model is None:
-            raise RuntimeError("MetaNet.predict called before fit(context)")
-        with torch.no_grad():
-            logits = self.model(
-                support_x.to(self.device), support_y.to(self.device), query_x.to(self.device), ways
-            )
-        return logits.to(query_x.device)

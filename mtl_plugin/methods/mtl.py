@@ -7,7 +7,9 @@
   initialisation, every weight learned (the ablation's "train from scratch").
 
 Each writes its run (``metrics.csv`` with the validation curve, ``curve.png``,
-checkpoints) to ``context.work_dir`` and resumes from it.
+checkpoints) to ``context.work_dir`` and resumes from it. The ablation's other
+rows (:mod:`mtl_plugin.methods.ablation`) are subclasses that change what the
+outer loop learns.
 
 Example::
 
@@ -27,7 +29,7 @@ from mtl_plugin.backbones import build_backbone
 from mtl_plugin.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.ss import SSAdapter
+from mtl_plugin.ss import BN_MODES, GRANULARITIES, SSAdapter
 
 __all__ = ["MTL", "MTLConfig", "MTLHardTasks", "Scratch"]
 
@@ -38,19 +40,33 @@ class MTLConfig:
 
     ``meta`` holds the paper's settings (:class:`MetaTrainConfig`); ``ways``,
     ``shots``, ``queries`` and ``seed`` are taken from the bench context (its
-    queries fit the data set's smallest class).
+    queries fit the data set's smallest class). ``layers`` picks the convs that
+    get Φ (module names as ``named_modules()`` spells them; ``None``: every conv,
+    the paper's SS [Θ; θ]).
 
     Example::
 
-        config = MTLConfig(meta=MetaTrainConfig(iterations=2000))
+        config = MTLConfig(meta=MetaTrainConfig(iterations=2000), layers=("layers.3",))
     """
 
     meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
     granularity: str = "kernel"
     bn: str = "frozen"
+    layers: Optional[tuple[str, ...]] = None
     # The scratch row learns every backbone weight from random initialisation,
     # where Φ's 1e-4 would barely move it: MAML's outer lr instead.
     scratch_encoder_lr: float = 1e-3
+    # The FT ablation rows meta-learn pretrained weights themselves; Φ's lr (the paper
+    # gives no other) is kept, so that FT and SS differ by what they learn alone.
+    finetune_encoder_lr: Optional[float] = None
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r} is unknown; use one of {GRANULARITIES}")
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn={self.bn!r} is unknown; use one of {BN_MODES}")
+        if isinstance(self.layers, str):
+            self.layers = (self.layers,)
 
     @classmethod
     def quick(cls) -> "MTLConfig":
@@ -68,6 +84,9 @@ class MTLConfig:
 class MTL(FewShotMethod):
     """Meta-transfer learning: SS + head initialisation meta-learned on the pretrained backbone.
 
+    ``adapts`` names, in the paper's notation, what the outer loop learns
+    (the ablation table's second column).
+
     Example::
 
         method = MTL(MTLConfig.quick())
@@ -76,6 +95,7 @@ class MTL(FewShotMethod):
     """
 
     name: ClassVar[str] = "mtl"
+    adapts: ClassVar[str] = "SS [Θ; θ]"
     uses_pretraining: ClassVar[bool] = True
     hard_tasks: ClassVar[bool] = False
 
@@ -84,9 +104,14 @@ class MTL(FewShotMethod):
         self.learner: Optional[MetaTransferLearner] = None
         self.backbone_label = ""
 
+    def ss_options(self, backbone: nn.Module) -> dict:
+        """The :class:`SSAdapter` keyword arguments of this row for ``backbone``."""
+        return {"granularity": self.config.granularity, "bn": self.config.bn, "layers": self.config.layers}
+
     def encoder(self, context: BenchContext) -> nn.Module:
         """The module whose trainable parameters are meta-learned."""
-        return SSAdapter(context.pretrained_backbone(), self.config.granularity, self.config.bn)
+        backbone = context.pretrained_backbone()
+        return SSAdapter(backbone, **self.ss_options(backbone))
 
     def meta_config(self, context: BenchContext) -> MetaTrainConfig:
         """The meta-training config for this context's task shape.
@@ -100,9 +125,24 @@ class MTL(FewShotMethod):
         return replace(meta, ways=context.ways, shots=context.shots, queries=context.queries, seed=context.seed,
                        meta_batch=meta_batch, hard_tasks=self.hard_tasks)
 
+    def build_learner(self, context: BenchContext) -> MetaTransferLearner:
+        """The encoder and θ of this row, before meta-training."""
+        return MetaTransferLearner(self.encoder(context), context.ways, self.meta_config(context))
+
+    def learned_parameters(self, context: BenchContext) -> int:
+        """How many parameters the outer loop updates (the encoder's trainable ones and θ).
+
+        Only the architecture matters: ``context.pretrained_backbone`` may hand out
+        an untrained backbone of the same shape.
+
+        Example::
+
+            MTL(MTLConfig.quick()).learned_parameters(context)   # Φ of every conv + d
+        """
+        return sum(p.numel() for p in self.build_learner(context).meta_parameters())
+
     def fit(self, context: BenchContext) -> None:
-        config = self.meta_config(context)
-        learner = MetaTransferLearner(self.encoder(context), context.ways, config).to(context.device)
+        learner = self.build_learner(context).to(context.device)
         model_info = {"backbone": context.backbone_name, "in_channels": context.benchmark.channels,
                       "image_size": context.benchmark.image_size, "method": self.name}
         meta_train(learner, context.benchmark, context.work_dir, resume=True, progress=context.progress,
@@ -128,6 +168,7 @@ class MTLHardTasks(MTL):
     """
 
     name: ClassVar[str] = "mtl-ht"
+    adapts: ClassVar[str] = "SS [Θ; θ] + HT (resample)"
     hard_tasks: ClassVar[bool] = True
 
 
@@ -141,6 +182,7 @@ class Scratch(MTL):
     """
 
     name: ClassVar[str] = "scratch"
+    adapts: ClassVar[str] = "[Θ; θ] from scratch"
     uses_pretraining: ClassVar[bool] = False
 
     def encoder(self, context: BenchContext) -> nn.Module:
