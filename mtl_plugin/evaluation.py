@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
+from mtl_plugin import distributed
 from mtl_plugin.errors import UsageError
 from mtl_plugin.progress import progress_bar
 from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
@@ -103,6 +104,10 @@ def evaluate(
     Raises ``ValueError`` if ``dataset`` has fewer than ``ways`` classes or a
     class with fewer than ``shots + queries`` images.
 
+    Under ``torchrun`` (an initialised process group) call it on every rank: the tasks are
+    sharded across the ranks and their accuracies gathered, so every rank returns the very
+    result one process computes on the same seeded tasks.
+
     Example::
 
         result = evaluate(method.predict, benchmark.test, EvaluationConfig(shots=5))
@@ -110,17 +115,23 @@ def evaluate(
     """
     config = config or EvaluationConfig()
     tasks = build_taskset(dataset, config.ways, config.shots, config.queries, config.tasks, config.seed)
+    ranks, me = distributed.world_size(), distributed.rank()
     accuracies = []
-    bar = progress_bar(range(config.tasks), desc=description, disable=not progress, leave=False)
+    bar = progress_bar(range(config.tasks), desc=description, disable=not progress or me != 0, leave=False)
     with torch.no_grad():
         for i in bar:
-            data, labels = tasks[i]
+            # Every rank draws every task's description (the draws of task i depend on the tasks
+            # before it) and loads and scores only its own share.
+            task_description = tasks.sample_task_description()
+            if i % ranks != me:
+                continue
+            data, labels = tasks.get_task(task_description)
             (support_x, support_y), (query_x, query_y) = split_support_query(data, labels, config.shots)
             logits = predict(support_x, support_y, query_x, config.ways)
             correct = (logits.argmax(dim=1).cpu() == query_y).float().mean().item()
-            accuracies.append(100.0 * correct)
-            bar.set_postfix(acc=f"{sum(accuracies) / len(accuracies):.2f}")
-    return EvaluationResult(accuracies)
+            accuracies.append((i, 100.0 * correct))
+            bar.set_postfix(acc=f"{sum(a for _, a in accuracies) / len(accuracies):.2f}")
+    return EvaluationResult([accuracy for _, accuracy in sorted(distributed.all_gather(accuracies))])
 
 
 def nearest_centroid(encoder: nn.Module) -> Predictor:

@@ -44,6 +44,7 @@ import torch
 from learn2learn.data.task_dataset import DataDescription
 from torch.utils.data import get_worker_info
 
+from mtl_plugin import distributed
 from mtl_plugin.tasks import NWays, RandomLike, as_random
 
 __all__ = [
@@ -559,7 +560,9 @@ class HardTaskMetaBatch:
     bypassed, so hard tasks are never stale. Record every normal task before the
     hard ones are drawn (iterating a :class:`MetaBatch` does it in that order), and
     finish a meta-batch before asking for the next: :meth:`sample` starts a new
-    meta-batch in the tracker.
+    meta-batch in the tracker. Under ``torchrun`` each rank draws its own share of the
+    meta-batch (seed it per rank); the failures recorded on every rank are gathered to all
+    ranks before the hard tasks are drawn.
 
     Example::
 
@@ -624,6 +627,11 @@ class HardTaskMetaBatch:
                 f"only {recorded} of the {self.k} normal tasks were recorded before drawing hard tasks: "
                 f"call tracker.record(...) after each normal task"
             )
+        if distributed.world_size() > 1:
+            # Under torchrun every rank draws its hard tasks from the failures of every rank's
+            # normal tasks (in rank order), so all ranks keep the same failures and history.
+            self.tracker.failures = distributed.all_gather(self.tracker.failures)
+            self.tracker.version += 1
         return [
             _load(self.hard_tasks, self.hard_tasks.sample_task_description(), hard=True, tracker=self.tracker)
             for _ in range(self.k_hard)

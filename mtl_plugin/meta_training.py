@@ -26,6 +26,7 @@ import learn2learn as l2l
 import pandas as pd
 import torch
 
+from mtl_plugin import distributed
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
@@ -78,22 +79,36 @@ class MetaTrainResult:
         return self.run_dir / "metrics.csv"
 
 
+def _share(config: MetaTrainConfig) -> Tuple[int, int]:
+    """The normal and hard tasks of a meta-batch that this rank draws: its 1/N share of each."""
+    ranks = distributed.world_size()
+    for name in ("meta_batch", "hard_meta_batch"):
+        value = getattr(config, name)
+        if value % ranks and (name == "meta_batch" or config.hard_tasks):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: the tasks of a meta-batch are divided among the "
+                             f"{ranks} processes of the job, so give a multiple of {ranks} (or run fewer processes)")
+    return config.meta_batch // ranks, config.hard_meta_batch // ranks
+
+
 class _TaskStream:
-    """The meta-batches of a run, plain or hard-task, and the generators behind them."""
+    """The meta-batches of a run (this rank's share of them), plain or hard-task, and their generators."""
 
     def __init__(self, dataset, config: MetaTrainConfig):
         from mtl_plugin.hard_tasks import ClassAccuracyTracker, HardTaskMetaBatch, HardTaskTransform
 
         self.config = config
-        self.tasks = build_taskset(dataset, config.ways, config.shots, config.queries, -1, config.seed)
+        self.normal, hard = _share(config)
+        # Rank 0 keeps the run's seed (one process is unchanged); no two ranks draw the same tasks.
+        seed = distributed.rank_seed(config.seed)
+        self.tasks = build_taskset(dataset, config.ways, config.shots, config.queries, -1, seed)
         rngs = {id(t.rng): t.rng for t in self.tasks.task_transforms if hasattr(t, "rng")}
         self.rngs: List[random.Random] = list(rngs.values())
         self.sampler = None
         if config.hard_tasks:
             meta_dataset = self.tasks.dataset
-            self.tracker = ClassAccuracyTracker(meta_dataset, seed=random.Random(config.seed + 1),
+            self.tracker = ClassAccuracyTracker(meta_dataset, seed=random.Random(seed + 1),
                                                 history_decay=config.hard_history_decay)
-            hard_rng = random.Random(config.seed + 2)
+            hard_rng = random.Random(seed + 2)
             hard_tasks = l2l.data.Taskset(
                 meta_dataset,
                 task_transforms=[
@@ -105,8 +120,7 @@ class _TaskStream:
                 num_tasks=-1,
             )
             self.sampler = HardTaskMetaBatch(
-                self.tasks, hard_tasks, k=config.meta_batch, k_hard=config.hard_meta_batch,
-                seed=random.Random(config.seed + 3),
+                self.tasks, hard_tasks, k=self.normal, k_hard=hard, seed=random.Random(seed + 3),
             )
             # The tracker's own generator travels in its state_dict.
             self.rngs += [hard_rng, self.sampler.rng]
@@ -114,7 +128,7 @@ class _TaskStream:
     def next_batch(self) -> Tuple[Iterable, Optional[Callable]]:
         if self.sampler is None:
             # With num_tasks=-1 every read draws a fresh task from the private generators.
-            return [self.tasks[0] for _ in range(self.config.meta_batch)], None
+            return [self.tasks[0] for _ in range(self.normal)], None
         return self.sampler.sample(), self._record
 
     def _record(self, task, logits: torch.Tensor, query_y: torch.Tensor) -> None:
@@ -167,6 +181,7 @@ def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, id
     saved_identity = dict(state["model"], **({"train_data": state["data"]} if "data" in state else {}))
     check_same_run(path, saved_identity, identity, state["config"], asdict(config), _MAY_CHANGE_ON_RESUME,
                    override)
+    distributed.check_same_job(state.get("world_size", 1), path)
     new_lrs = [name for name in _LEARNING_RATES if state["config"].get(name) != getattr(config, name)]
     if new_lrs and state["iteration"] >= config.iterations:
         raise UsageError(f"{path}: the run is finished (iteration {state['iteration']} of {config.iterations}), so "
@@ -174,7 +189,7 @@ def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, id
                          f"to train anew, or another --out")
     try:
         load_learner_state(learner, state["learner"], str(path))
-        stream.load_state(state["stream"])
+        stream.load_state(state["streams"][distributed.rank()] if "streams" in state else state["stream"])
     except ValueError as error:
         raise DataError(f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, "
                         f"or another --out") from error
@@ -209,6 +224,12 @@ def meta_train(
     (:func:`~mtl_plugin.data.benchmark.benchmark_identity`). On return the
     learner holds the best validation weights.
 
+    Under ``torchrun`` call it on every rank: each rank draws ``meta_batch / N`` normal
+    and ``hard_meta_batch / N`` hard tasks of every meta-batch with its own seed, the
+    meta-gradients are averaged over all ranks (see :meth:`MetaTransferLearner.meta_train_step`),
+    validation is sharded, and rank 0 alone writes the files; ``last.pt`` holds every rank's
+    task generators, so the job resumes with the same number of processes.
+
     Args:
         learner: the learner; its config is the run's.
         benchmark: a :class:`~mtl_plugin.data.FewShotBenchmark` (or an object with its splits).
@@ -226,7 +247,9 @@ def meta_train(
         Where the run is and its best validation accuracy.
 
     Raises:
-        UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
+        UsageError: ``meta_batch`` (or ``hard_meta_batch``) is not a multiple of the processes;
+            a run resumed by another number of processes;
+            ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
             the config differs from the run resumed without ``override``; a new lr for a
             finished run.
         DataError: the run in ``out_dir`` was written for other data or another model, or its
@@ -248,7 +271,11 @@ def meta_train(
     previous = previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl meta-train", "meta-training run")
     stream = _TaskStream(benchmark.train, config)
     log = RunLog(out_dir)
-    if overwrite:
+    # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bar).
+    main = distributed.is_main()
+    progress = progress and main
+    distributed.barrier()
+    if overwrite and main:
         for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
             path.unlink(missing_ok=True)
     model, data = dict(model_info or {}), benchmark_identity(benchmark)
@@ -288,19 +315,24 @@ def meta_train(
                 error = NonFiniteLossError("a weight or batch-norm statistic is not finite",
                                            settings=learner._blame(()))
                 raise _stopped(error, iteration, config, log, saved)
+            # Each rank's task generators, so that every rank resumes its own stream.
+            streams = distributed.all_gather([stream.state()])
+            saved = iteration
+            if not main:
+                continue
             header = {"kind": CHECKPOINT_KIND, "model": model, "data": data, "config": asdict(config),
-                      "iteration": iteration, "learner": learner.state_dict()}
+                      "iteration": iteration, "world_size": len(streams), "learner": learner.state_dict()}
             if improved:
                 save_checkpoint(dict(header, val_accuracy=result.mean), log.best_path)
             save_checkpoint(
                 dict(header, optimizer=learner.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
-                     stream=stream.state(), best_accuracy=best_accuracy, best_iteration=best_iteration,
-                     metrics=log.rows),
+                     stream=streams[0], best_accuracy=best_accuracy, best_iteration=best_iteration,
+                     metrics=log.rows, **({"streams": streams} if len(streams) > 1 else {})),
                 log.last_path,
             )
             log.write()
             plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
-            saved = iteration
+    distributed.barrier()
     if log.best_path.is_file():
         best = read_checkpoint(log.best_path, "--out", map_location=learner.device)
         load_learner_state(learner, best["learner"], str(log.best_path))

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_plugin import distributed
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.run_log import DIVERGENCE_FACTOR, NonFiniteLossError, all_finite, fast_forward
@@ -408,6 +409,11 @@ class MetaTransferLearner(nn.Module):
         query_y)`` runs after each task, so a hard-task meta-batch can record
         failures before drawing its hard tasks.
 
+        Under ``torchrun`` (an initialised process group) call it on every rank with that
+        rank's share of the meta-batch: the gradients of Φ and θ are averaged over all ranks'
+        tasks before the one outer step, so N ranks with B/N tasks each follow the trajectory
+        of one process with B tasks, and the result reports all of them.
+
         Divergence raises :class:`~mtl_plugin.errors.NonFiniteLossError`, whose
         ``settings`` name the likely learning rate(s):
 
@@ -426,6 +432,7 @@ class MetaTransferLearner(nn.Module):
         self.encoder.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses, accuracies, hard = [], [], []
+        stopped = None
         try:
             for task in tasks:
                 support_x, support_y, query_x, query_y = _support_query(task, self.config.shots)
@@ -442,16 +449,20 @@ class MetaTransferLearner(nn.Module):
                 hard.append(bool(getattr(task, "hard", False)))
                 if on_task is not None:
                     on_task(task, logits.detach(), query_y)
-        except NonFiniteLossError:
+        except NonFiniteLossError as error:
             self.optimizer.zero_grad(set_to_none=True)
-            raise
+            stopped = error
+        # Under torchrun a divergence on one rank stops every rank, before the gradients are summed.
+        distributed.raise_if_any(stopped)
         if not losses:
             raise ValueError("tasks is empty: a meta-batch needs at least one task")
-        for parameter in self.meta_parameters():
-            if parameter.grad is not None:
-                parameter.grad /= len(losses)
+        distributed.all_reduce_gradients(self.meta_parameters(), len(losses))
         before = self._group_norms()
         self.optimizer.step()
+        if distributed.world_size() > 1:
+            distributed.broadcast_buffers(self.encoder)
+            # Every rank reports the whole meta-batch: its tasks in rank order.
+            losses, accuracies, hard = (distributed.all_gather(values) for values in (losses, accuracies, hard))
         self._check_step(before)
         return MetaStepResult(_mean(losses), _mean(accuracies), len(losses), accuracies, hard)
 

@@ -17,6 +17,7 @@ from typing import Optional
 import click
 import torch
 
+from mtl_plugin import distributed
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
 from mtl_plugin.errors import (
@@ -160,7 +161,8 @@ def _check_override(resume: bool, override: bool) -> None:
 def pretrain_command(data, root, image_size, data_seed, device, out, resume, overwrite, override, quiet,
                      **values) -> None:
     """Train backbone + linear head on all meta-train classes; keep the best backbone (head dropped)."""
-    device = check_device(device)
+    # Under torchrun: join the job's process group, on this rank's GPU.
+    device = distributed.setup(check_device(device))
     _check_override(resume, override)
     # With --resume, flags not given keep the saved run's values.
     config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
@@ -170,7 +172,8 @@ def pretrain_command(data, root, image_size, data_seed, device, out, resume, ove
     check_tasks(bench, config.val_ways, config.val_shots + config.val_queries, splits=("val",))
     pretrain(bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override,
              progress=not quiet)
-    click.echo(f"best backbone: {Path(out) / 'best.pt'}")
+    if distributed.is_main():
+        click.echo(f"best backbone: {Path(out) / 'best.pt'}")
 
 
 def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLearner:
@@ -199,7 +202,8 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 def meta_train_command(data, root, image_size, data_seed, device, pretrained, backbone, granularity,
                        out, resume, overwrite, override, quiet, **values) -> None:
     """Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."""
-    device = check_device(device)
+    # Under torchrun: join the job's process group, on this rank's GPU.
+    device = distributed.setup(check_device(device))
     _check_override(resume, override)
     # With --resume, flags not given keep the saved run's values.
     previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
@@ -228,8 +232,9 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
     learner = MetaTransferLearner(encoder, config.ways, config).to(device)
     result = meta_train(learner, bench, out, resume=resume, overwrite=overwrite, override=override,
                         progress=not quiet, model_info=info)
-    click.echo(f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
-               f"{result.best_checkpoint}")
+    if distributed.is_main():
+        click.echo(f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
+                   f"{result.best_checkpoint}")
 
 
 @click.command("evaluate", cls=Command)
@@ -254,7 +259,8 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
 def evaluate_command(data, root, image_size, data_seed, device, checkpoint, split, ways, shots, queries,
                      tasks, seed, inner_steps, out, quiet) -> None:
     """Mean accuracy ± 95% CI over seeded N-way K-shot tasks."""
-    device = check_device(device)
+    # Under torchrun: join the job's process group, on this rank's GPU.
+    device = distributed.setup(check_device(device))
     if out:
         check_output_file(out)
     state = read_checkpoint(checkpoint)
@@ -288,6 +294,8 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
         learner.config.test_inner_steps = inner_steps
     config = EvaluationConfig(ways, shots, queries, tasks, seed)
     result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
+    if not distributed.is_main():
+        return
     click.echo(f"{split} {ways}-way {shots}-shot: {result}")
     if out:
         record = dict(result.as_dict(), checkpoint=str(checkpoint), split=split, ways=ways, shots=shots,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtl_plugin import distributed
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, read_checkpoint
@@ -262,6 +263,13 @@ def pretrain(
     it was). With ``resume`` a finished run returns at once and a killed one
     continues from its last epoch, bit for bit as if it had not stopped.
 
+    Under ``torchrun`` call it on every rank: the classifier is wrapped in
+    ``DistributedDataParallel`` and each epoch's shuffle is split among the ranks by a
+    ``DistributedSampler``, each rank taking ``batch_size / N`` images a step (the effective
+    batch stays ``batch_size`` at ``lr``, as stated on rank 0's first line); validation is
+    sharded, rank 0 alone writes the files, and the job resumes with the same number of
+    processes.
+
     Args:
         benchmark: a :class:`~mtl_plugin.data.FewShotBenchmark` (or any object with its splits,
             ``channels`` and ``image_size``).
@@ -279,7 +287,8 @@ def pretrain(
 
     Raises:
         UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
-            ``config`` differs from the run resumed without ``override``.
+            ``config`` differs from the run resumed without ``override``; ``batch_size`` is not a
+            multiple of the processes, or the run was saved by another number of them.
         DataError: ``out_dir``'s run was trained on other data or another backbone.
         NonFiniteLossError: the loss or a weight diverged (NaN, infinite, or a loss
             :data:`DIVERGENCE_FACTOR` times chance level); the last checkpoints are kept.
@@ -291,15 +300,23 @@ def pretrain(
     config = config or PretrainConfig()
     device = torch.device(device)
     out_dir = Path(out_dir)
+    ranks, main = distributed.world_size(), distributed.is_main()
+    if config.batch_size % ranks:
+        raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
+                         f"the job, so give a multiple of {ranks} (or run fewer processes)")
     previous = _previous_run(out_dir, resume, overwrite)
     log = RunLog(out_dir)
-    if overwrite:
+    # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bars).
+    progress = progress and main
+    distributed.barrier()
+    if overwrite and main:
         for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
             path.unlink(missing_ok=True)
     info = {"backbone": config.backbone, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
             "data": benchmark_identity(benchmark)}
     if previous is not None:
         _check_resumable(previous, config, info, override, log.last_path)
+        distributed.check_same_job(previous.get("world_size", 1), log.last_path)
     val_config = EvaluationConfig(config.val_ways, config.val_shots, config.val_queries, config.val_tasks,
                                   config.seed)
     train = benchmark.train_augmented
@@ -310,7 +327,16 @@ def pretrain(
         torch.manual_seed(config.seed)
         backbone = build_pretrained(info)
         classifier = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, num_classes)).to(device)
-        steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        model, batch_size = classifier, config.batch_size // ranks
+        if ranks > 1:
+            # Same initial weights on every rank (DDP also broadcasts rank 0's); each rank its own augmentations.
+            torch.manual_seed(distributed.rank_seed(config.seed))
+            model = nn.parallel.DistributedDataParallel(classifier, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+            if progress:
+                tqdm.write(f"pretrain: {ranks} processes x batch {batch_size} = effective batch {config.batch_size}, "
+                           f"lr {config.lr:g} (the lr of one process with batch {config.batch_size})")
+        steps_per_epoch = math.ceil(math.ceil(len(train) / ranks) / batch_size)
         if config.steps_per_epoch is not None:
             steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
         optimizer = torch.optim.SGD(classifier.parameters(), lr=config.lr, momentum=config.momentum,
@@ -326,7 +352,7 @@ def pretrain(
                              nesterov=config.nesterov, weight_decay=config.weight_decay)
             scheduler = _schedule(optimizer, config, steps_per_epoch)
             fast_forward(scheduler, previous["scheduler"]["last_epoch"])
-            torch.set_rng_state(previous["torch_rng"])
+            torch.set_rng_state(previous["torch_rngs"][distributed.rank()] if ranks > 1 else previous["torch_rng"])
             start, best_accuracy, log.rows = previous["epoch"], previous["best_accuracy"], list(previous["metrics"])
             if progress and config.lr != previous["config"]["lr"]:
                 tqdm.write(f"pretrain: resuming after epoch {start} with lr {config.lr:g} "
@@ -336,10 +362,7 @@ def pretrain(
 
         for epoch in range(start + 1, config.epochs + 1):
             classifier.train()
-            loader = torch.utils.data.DataLoader(
-                train, batch_size=config.batch_size, shuffle=True, drop_last=len(train) > config.batch_size,
-                generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-            )
+            loader = _loader(train, config, epoch, batch_size)
             bar = progress_bar(loader, total=steps_per_epoch, desc=f"pretrain {epoch}/{config.epochs}",
                        disable=not progress, leave=False)
             losses, correct, seen = [], 0, 0
@@ -347,7 +370,7 @@ def pretrain(
                 if step == steps_per_epoch:
                     break
                 images, labels = images.to(device), torch.as_tensor(labels).to(device)
-                logits = classifier(images)
+                logits = model(images)
                 loss = F.cross_entropy(logits, labels)
                 value = loss.item()
                 if not math.isfinite(value) or value > diverged_loss:
@@ -369,20 +392,41 @@ def pretrain(
                 raise _diverged("a batch-norm statistic became NaN or infinite", epoch, steps_per_epoch,
                                 optimizer.param_groups[0]["lr"], log, start)
             result = evaluate(nearest_centroid(backbone), benchmark.val, val_config, progress=False)
-            log.append({"epoch": epoch, "loss": sum(losses) / len(losses), "accuracy": 100.0 * correct / seen,
+            loss_sum, steps, correct, seen = distributed.all_sum([sum(losses), len(losses), correct, seen])
+            log.append({"epoch": epoch, "loss": loss_sum / steps, "accuracy": 100.0 * correct / seen,
                         "lr": optimizer.param_groups[0]["lr"], "val_accuracy": result.mean,
                         "val_ci95": result.ci95})
             if progress:
                 tqdm.write(f"pretrain epoch {epoch}: loss {log.rows[-1]['loss']:.3f}, val {result}")
-            if result.mean > best_accuracy:
-                best_accuracy = result.mean
+            improved = result.mean > best_accuracy
+            best_accuracy = max(best_accuracy, result.mean)
+            # Each rank's generator of augmentations, so that every rank resumes its own.
+            torch_rngs = distributed.all_gather([torch.get_rng_state()])
+            start = epoch
+            if not main:
+                continue
+            if improved:
                 save_checkpoint({"kind": CHECKPOINT_KIND, "model": info, "config": asdict(config),
                                  "epoch": epoch, "val_accuracy": result.mean,
                                  "backbone": backbone.state_dict()}, log.best_path)
             save_checkpoint({"kind": CHECKPOINT_KIND, "model": info, "config": asdict(config), "epoch": epoch,
-                             "classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                             "best_accuracy": best_accuracy, "metrics": log.rows}, log.last_path)
+                             "world_size": ranks, "classifier": classifier.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "torch_rng": torch_rngs[0], "best_accuracy": best_accuracy, "metrics": log.rows,
+                             **({"torch_rngs": torch_rngs} if ranks > 1 else {})}, log.last_path)
             log.write(curve=("epoch", "val_accuracy"))
-            start = epoch
+    distributed.barrier()
     return load_pretrained(log.best_path, device)
+
+
+def _loader(train: Any, config: PretrainConfig, epoch: int, batch_size: int) -> torch.utils.data.DataLoader:
+    """One epoch's batches of this rank: a seeded shuffle, split among the ranks under torchrun."""
+    if distributed.world_size() == 1:
+        return torch.utils.data.DataLoader(
+            train, batch_size=batch_size, shuffle=True, drop_last=len(train) > batch_size,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+        )
+    sampler = torch.utils.data.DistributedSampler(train, shuffle=True, seed=config.seed * 100_003)
+    sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler,
+                                       drop_last=len(sampler) > batch_size)
