@@ -1,5 +1,8 @@
 """mtl-plugin: Meta-Transfer Learning (Sun et al., CVPR 2019) for learn2learn, higher and torch.func.
 
+The public names below are imported on first use (PEP 562), so that ``import mtl_plugin``
+and ``mtl --help`` do not load torch, learn2learn and pandas before they are needed.
+
 Example::
 
     import mtl_plugin
@@ -9,7 +12,11 @@ Example::
     print(adapter.parameter_report().tail(1))
 """
 import contextlib
+import importlib
 import io
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 # learn2learn imports gym, whose import prints a deprecation notice on every run; gym is never
 # used here, so take that first import with the notice swallowed.
@@ -19,57 +26,86 @@ with contextlib.redirect_stderr(io.StringIO()):
     except ImportError:
         pass
 
-from . import backbones
-from .backbones import build_backbone, list_backbones, register_backbone
-from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark, get_tasksets
-from .hard_tasks import (
-    ClassAccuracyTracker,
-    HardTaskMetaBatch,
-    HardTaskTransform,
-    MetaBatch,
-    SampledTask,
-    TaskAccuracy,
-    task_classes,
-)
-from .heads import feature_width, new_head
-from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
-from .meta_training import meta_train
-from .meta_transfer import MetaTrainConfig, MetaTransferLearner
-from .pretrain import PretrainConfig, load_pretrained, pretrain
-from .run_log import NonFiniteLossError
-from .ss import SSAdapter
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "SSAdapter",
-    "feature_width",
-    "new_head",
-    "backbones",
-    "build_backbone",
-    "list_backbones",
-    "register_backbone",
-    "ClassAccuracyTracker",
-    "HardTaskMetaBatch",
-    "HardTaskTransform",
-    "MetaBatch",
-    "SampledTask",
-    "TaskAccuracy",
-    "task_classes",
-    "get_benchmark",
-    "get_tasksets",
-    "FewShotBenchmark",
-    "KNOWN_BENCHMARKS",
-    "MetaTransferLearner",
-    "MetaTrainConfig",
-    "meta_train",
-    "PretrainConfig",
-    "pretrain",
-    "load_pretrained",
-    "EvaluationConfig",
-    "EvaluationResult",
-    "evaluate",
-    "nearest_centroid",
-    "NonFiniteLossError",
-    "__version__",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "SSAdapter": "ss",
+    "feature_width": "heads",
+    "new_head": "heads",
+    "build_backbone": "backbones",
+    "list_backbones": "backbones",
+    "register_backbone": "backbones",
+    "ClassAccuracyTracker": "hard_tasks",
+    "HardTaskMetaBatch": "hard_tasks",
+    "HardTaskTransform": "hard_tasks",
+    "MetaBatch": "hard_tasks",
+    "SampledTask": "hard_tasks",
+    "TaskAccuracy": "hard_tasks",
+    "task_classes": "hard_tasks",
+    "get_benchmark": "data",
+    "get_tasksets": "data",
+    "FewShotBenchmark": "data",
+    "KNOWN_BENCHMARKS": "data",
+    "MetaTransferLearner": "meta_transfer",
+    "MetaTrainConfig": "meta_config",
+    "meta_train": "meta_training",
+    "PretrainConfig": "pretrain",
+    "pretrain": "pretrain",
+    "load_pretrained": "pretrain",
+    "EvaluationConfig": "evaluation",
+    "EvaluationResult": "evaluation",
+    "evaluate": "evaluation",
+    "nearest_centroid": "evaluation",
+    "NonFiniteLossError": "errors",
+}
+
+__all__ = ["backbones", *_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from . import backbones
+    from .backbones import build_backbone, list_backbones, register_backbone
+    from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark, get_tasksets
+    from .errors import NonFiniteLossError
+    from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
+    from .hard_tasks import (
+        ClassAccuracyTracker,
+        HardTaskMetaBatch,
+        HardTaskTransform,
+        MetaBatch,
+        SampledTask,
+        TaskAccuracy,
+        task_classes,
+    )
+    from .heads import feature_width, new_head
+    from .meta_config import MetaTrainConfig
+    from .meta_training import meta_train
+    from .meta_transfer import MetaTransferLearner
+    from .pretrain import PretrainConfig, load_pretrained, pretrain
+    from .ss import SSAdapter
+
+
+def __getattr__(name: str) -> Any:
+    if name == "backbones":
+        return importlib.import_module(".backbones", __name__)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the submodule `pretrain` binds it on the package, over the function of the
+        # same name; keep the function, as the eager `from .pretrain import pretrain` did.
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

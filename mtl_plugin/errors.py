@@ -29,10 +29,12 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import click
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Command",
@@ -91,6 +93,9 @@ def check_device(name: str, option: str = "--device") -> torch.device:
 
         device = check_device("auto")   # cuda if a GPU is visible, else cpu
     """
+    # Imported here: the command line imports this module, and `mtl --help` should not load torch.
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -228,6 +233,8 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
         state = read_checkpoint("runs/meta/best.pt")
         print(state["kind"])
     """
+    import torch
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingDataError(f"{option} {path}: no checkpoint there (no such file); give the best.pt "

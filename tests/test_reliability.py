@@ -435,7 +435,7 @@ def test_evaluate_checks_its_output_file_before_evaluating(tmp_path, pretrained)
 
 def test_bench_checks_tasks_and_data_before_pretraining(tmp_path):
     fails(2, ["bench", "--profile", "quick", "--ways", "1", "--out", tmp_path / "b"], "--ways")
-    fails(1, ["bench", "--profile", "quick", "--dataset", "folder", "--root", tmp_path / "none",
+    fails(1, ["bench", "--profile", "quick", "--data", "folder", "--root", tmp_path / "none",
               "--out", tmp_path / "b"], "expected the folder")
     assert not (tmp_path / "b" / "pretrain").exists()
 

@@ -1,0 +1,83 @@
+"""``mtl bench``: every method (or ablation row) on the same seeded test tasks.
+
+Example::
+
+    mtl bench --profile quick                     # what `make bench` runs
+    mtl bench --data mini-imagenet --root ~/data --profile paper --shots 1,5
+"""
+from __future__ import annotations
+
+import time
+
+import click
+import pandas as pd
+
+from mtl_plugin.backbones import check_backbone
+from mtl_plugin.data.benchmark import image_size_of
+from mtl_plugin.errors import Command, check_device, check_output_dir
+
+__all__ = ["bench"]
+
+# bench.PROFILES, stated here so that `mtl --help` need not import torch (a test checks they agree).
+PROFILES = ("quick", "paper")
+
+
+def _csv(kind):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give a comma-separated list, e.g. 1,5")
+
+    return parse
+
+
+@click.command("bench", cls=Command)
+@click.option("--data", "dataset", default=None,
+              help="kanji (embedded default), mini-imagenet, tiered-imagenet, fc100, cifarfs, omniglot or folder.")
+@click.option("--root", default=None, type=click.Path(), help="Folder holding the data set's files (nothing is downloaded).")
+@click.option("--ways", default=None, type=click.IntRange(min=2), help="Classes per task [5].")
+@click.option("--shots", default=None, callback=_csv(int), help="Shot settings, comma-separated [1,5].")
+@click.option("--queries", default=None, type=click.IntRange(min=1), help="Queries per class [15].")
+@click.option("--suite", type=click.Choice(["comparison", "ablation"]), default=None,
+              help="comparison: the methods [default]; ablation: what to adapt after pretraining (FT/SS rows, "
+                   "HT modes, granularity, bn), with learned parameters, a plot and the paper's claims checked.")
+@click.option("--methods", default=None, callback=_csv(str), help="Comma-separated rows, instead of the suite's.")
+@click.option("--profile", type=click.Choice(PROFILES), default=None,
+              help="quick: the whole table on 2 CPU cores, 28 px; paper: the papers' budgets and image sizes "
+                   "(for a GPU). [default: paper with a GPU, else quick]")
+@click.option("--test-tasks", default=None, type=click.IntRange(min=2), help="Test tasks per cell [600; quick 300].")
+@click.option("--backbone", default=None, help="Backbone of the pretrained methods [resnet12; quick conv4].")
+@click.option("--image-size", default=None, type=int,
+              help="Image side in pixels, for every data set [quick: 28; paper: the data set's].")
+@click.option("--seed", default=None, type=int, help="Seed of the test tasks and of every method [0].")
+@click.option("--out", default=None, type=click.Path(), help="Output folder [bench-out]; reused to resume.")
+@click.option("--device", default=None, help="cpu, cuda or auto [auto].")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def bench(profile, quiet, **given):
+    """Every method (or ablation row) on the same seeded test tasks: prints the table, writes CSV, Markdown, LaTeX and plots."""
+    import torch
+
+    from mtl_plugin.bench import bench_config_from, describe, run_bench
+
+    if profile is None:
+        profile = "paper" if torch.cuda.is_available() else "quick"
+        click.echo(f"mtl bench: --profile {profile}, chosen for this machine "
+                   f"({'a GPU' if profile == 'paper' else 'no GPU'}); pass --profile to choose")
+    try:
+        config = bench_config_from(profile, progress=False if quiet else None, **given)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    # What needs no data is checked before the data is loaded (or generated); run_bench checks
+    # the task shapes on the loaded data before the shared pretraining.
+    check_device(config.device)
+    check_backbone(config.backbone, image_size_of(config.dataset, config.image_size))
+    check_output_dir(config.out)
+    click.echo(f"mtl bench: {describe(config)}")
+    start = time.perf_counter()
+    result = run_bench(config, echo=click.echo)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
+        click.echo("\n" + result.table.to_string(index=False))
+    click.echo(f"\nwall-clock {time.perf_counter() - start:.0f} s; wrote " + ", ".join(str(p) for p in result.files.values()))
