@@ -3,7 +3,7 @@
 
 Lines marked ``# MTL`` (7, and the ``pretraining`` setting) are what the plugin changes: pretrain a backbone on all meta-train
 classes, freeze it under an SS adapter, let MAML adapt only a zero-started head, and
-meta-learn Φ with the head's initialisation. Lines marked ``# HT`` (8) add the hard-task
+meta-learn Φ with the head's initialisation. Lines marked ``# HT`` (4) add the hard-task
 meta-batch: after the normal tasks of an iteration, tasks made of their failure classes.
 Without the marked lines (``model = l2l.vision.models.CNN4(...)`` adapted whole) this is
 plain MAML.
@@ -49,11 +49,7 @@ def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.5, meta_batch_size=32, adapta
     maml = l2l.algorithms.MAML(model, lr=fast_lr, first_order=False)
     optimizer = torch.optim.Adam([*maml.parameters(), *features.ss_parameters()], meta_lr)  # MTL
     loss = nn.CrossEntropyLoss(reduction="mean")
-    tracker = mtl_plugin.ClassAccuracyTracker(tasksets.train.dataset, seed=seed)  # HT
-    hard = l2l.data.Taskset(tasksets.train.dataset, [  # HT: the normal tasks' shots, loading and labels
-        mtl_plugin.HardTaskTransform(tasksets.train.dataset, n=ways, tracker=tracker, seed=seed),  # HT
-        *tasksets.train.task_transforms[1:]])  # HT
-    sampler = mtl_plugin.HardTaskMetaBatch(tasksets.train, hard, k=meta_batch_size // 2, seed=seed)  # HT
+    sampler = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=meta_batch_size // 2, seed=seed)  # HT
 
     for iteration in range(iterations):
         optimizer.zero_grad()

@@ -4,7 +4,7 @@ with MTL dropped in.
 
 Lines marked ``# MTL`` (4, and the ``pretraining`` setting) are what the plugin changes: pretrain the embedding on all meta-train
 classes, freeze it under an SS adapter and learn only Φ with the episodic prototype loss.
-Lines marked ``# HT`` (8) add the hard-task meta-batch: after each normal episode, an episode
+Lines marked ``# HT`` (4) add the hard-task meta-batch: after each normal episode, an episode
 made of the classes it failed most. Without the marked lines (and ``model = Convnet()``
 trained whole) this is plain ProtoNets.
 
@@ -12,7 +12,6 @@ trained whole) this is plain ProtoNets.
 """
 import argparse
 
-import learn2learn as l2l
 import torch
 from torch import nn
 
@@ -52,11 +51,7 @@ def main(ways=5, shots=1, queries=15, lr=0.001, iterations=1000, test_tasks=600,
     model = SSAdapter(backbone).to(device)  # MTL: replaces the Convnet that plain ProtoNets trains
     optimizer = torch.optim.Adam(model.ss_parameters(), lr=lr)  # MTL: only Φ learns
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(iterations // 10, 1), gamma=0.5)
-    tracker = mtl_plugin.ClassAccuracyTracker(tasksets.train.dataset, seed=seed)  # HT
-    hard = l2l.data.Taskset(tasksets.train.dataset, [  # HT: the normal tasks' shots, loading and labels
-        mtl_plugin.HardTaskTransform(tasksets.train.dataset, n=ways, tracker=tracker, seed=seed),  # HT
-        *tasksets.train.task_transforms[1:]])  # HT
-    sampler = mtl_plugin.HardTaskMetaBatch(tasksets.train, hard, k=1, seed=seed)  # HT
+    sampler = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=1, seed=seed)  # HT
 
     for iteration in range(iterations):
         model.train()

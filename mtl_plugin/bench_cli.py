@@ -13,14 +13,11 @@ import click
 import pandas as pd
 
 from mtl_plugin.backbones import check_backbone
+from mtl_plugin.bench import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
 from mtl_plugin.data.benchmark import image_size_of
 from mtl_plugin.errors import Command, check_device, check_output_dir
 
 __all__ = ["bench"]
-
-# bench.PROFILES, stated here so that `mtl --help` need not import torch (a test checks they agree).
-PROFILES = ("quick", "paper")
-
 
 def _csv(kind):
     def parse(ctx, param, value):
@@ -34,33 +31,48 @@ def _csv(kind):
     return parse
 
 
+def _default(name: str) -> str:
+    """``[default: paper X; quick Y]`` read from the two profiles' configs (the same value once)."""
+    def show(value) -> str:
+        if value is None:
+            return "the data set's"
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    paper, quick = getattr(_PAPER, name), getattr(_QUICK, name)
+    return f"[default: {show(paper) if paper == quick else f'paper {show(paper)}; quick {show(quick)}'}]"
+
+
+_PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
+
+
 @click.command("bench", cls=Command)
 @click.option("--data", "dataset", default=None,
-              help="kanji (embedded default), mini-imagenet, tiered-imagenet, fc100, cifarfs, omniglot or folder.")
+              help=f"kanji (embedded), mini-imagenet, tiered-imagenet, fc100, cifarfs, omniglot or folder. "
+                   f"{_default('dataset')}")
 @click.option("--root", default=None, type=click.Path(), help="Folder holding the data set's files (nothing is downloaded).")
-@click.option("--ways", default=None, type=click.IntRange(min=2), help="Classes per task [5].")
-@click.option("--shots", default=None, callback=_csv(int), help="Shot settings, comma-separated [1,5].")
-@click.option("--queries", default=None, type=click.IntRange(min=1), help="Queries per class [15].")
-@click.option("--suite", type=click.Choice(["comparison", "ablation"]), default=None,
-              help="comparison: the methods [default]; ablation: what to adapt after pretraining (FT/SS rows, "
-                   "HT modes, granularity, bn), with learned parameters, a plot and the paper's claims checked.")
+@click.option("--ways", default=None, type=click.IntRange(min=2), help=f"Classes per task. {_default('ways')}")
+@click.option("--shots", default=None, callback=_csv(int), help=f"Shot settings, comma-separated. {_default('shots')}")
+@click.option("--queries", default=None, type=click.IntRange(min=1), help=f"Queries per class. {_default('queries')}")
+@click.option("--suite", type=click.Choice(list(SUITES)), default=None,
+              help=f"comparison: the methods; ablation: what to adapt after pretraining (FT/SS rows, HT modes, "
+                   f"granularity, bn), with learned parameters, a plot and the paper's claims checked. "
+                   f"{_default('suite')}")
 @click.option("--methods", default=None, callback=_csv(str), help="Comma-separated rows, instead of the suite's.")
 @click.option("--profile", type=click.Choice(PROFILES), default=None,
               help="quick: the whole table on 2 CPU cores, 28 px; paper: the papers' budgets and image sizes "
                    "(for a GPU). [default: paper with a GPU, else quick]")
-@click.option("--test-tasks", default=None, type=click.IntRange(min=2), help="Test tasks per cell [600; quick 300].")
-@click.option("--backbone", default=None, help="Backbone of the pretrained methods [resnet12; quick conv4].")
+@click.option("--test-tasks", default=None, type=click.IntRange(min=2),
+              help=f"Test tasks per cell. {_default('test_tasks')}")
+@click.option("--backbone", default=None, help=f"Backbone of the pretrained methods. {_default('backbone')}")
 @click.option("--image-size", default=None, type=int,
-              help="Image side in pixels, for every data set [quick: 28; paper: the data set's].")
-@click.option("--seed", default=None, type=int, help="Seed of the test tasks and of every method [0].")
-@click.option("--out", default=None, type=click.Path(), help="Output folder [bench-out]; reused to resume.")
-@click.option("--device", default=None, help="cpu, cuda or auto [auto].")
+              help=f"Image side in pixels, for every data set. {_default('image_size')}")
+@click.option("--seed", default=None, type=int, help=f"Seed of the test tasks and of every method. {_default('seed')}")
+@click.option("--out", default=None, type=click.Path(), help=f"Output folder, reused to resume. {_default('out')}")
+@click.option("--device", default=None, help=f"cpu, cuda or auto. {_default('device')}")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench(profile, quiet, **given):
     """Every method (or ablation row) on the same seeded test tasks: prints the table, writes CSV, Markdown, LaTeX and plots."""
     import torch
-
-    from mtl_plugin.bench import bench_config_from, describe, run_bench
 
     if profile is None:
         profile = "paper" if torch.cuda.is_available() else "quick"

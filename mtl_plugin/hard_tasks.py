@@ -69,9 +69,19 @@ def _as_label_list(values) -> list:
 def task_classes(dataset: l2l.data.MetaDataset, description: Sequence[DataDescription], labels: torch.Tensor) -> tuple:
     """The data-set label of each task label: ``classes[j]`` is the class that label ``j`` stands for.
 
-    ``description`` is the task description a ``Taskset`` built and ``labels`` the
-    (remapped) labels that ``taskset.get_task(description)`` loaded from it, in the
-    same order. Works with any label remapping, including none.
+    Works with any label remapping, including none.
+
+    Args:
+        dataset: the ``MetaDataset`` the task was drawn from.
+        description: the task description a ``Taskset`` built.
+        labels: the (remapped) labels ``taskset.get_task(description)`` loaded from it, in the same order.
+
+    Returns:
+        ``classes``, one data-set label per task label ``0..n-1``.
+
+    Raises:
+        ValueError: ``labels`` and ``description`` differ in length, or one task label stands
+            for two classes.
 
     Example::
 
@@ -239,7 +249,26 @@ class ClassAccuracyTracker:
         targets: torch.Tensor,
         indices: Optional[Sequence[int]] = None,
     ) -> TaskAccuracy:
-        """Store each class's query accuracy (and margin, given logits) in one task; return them and the failure."""
+        """Store each class's query accuracy (and margin, given logits) in one task; return them and the failure.
+
+        Args:
+            classes: the data-set label of each task label (``SampledTask.classes`` or :func:`task_classes`).
+            predictions_or_logits: ``(queries, ways)`` query logits (margins break ties between
+                classes of equal accuracy) or ``(queries,)`` predicted labels.
+            targets: the query labels ``0..ways-1``.
+            indices: the data-set index of each image of the task, for ``mode="reuse"``.
+
+        Returns:
+            The task's per-class accuracies, margins and failure class.
+
+        Raises:
+            ValueError: classes that are not labels of the tracker's data set, duplicated, or
+                logits whose columns do not match them.
+
+        Example::
+
+            tracker.record(task.classes, query_logits, query_y, indices=task.indices)
+        """
         classes = _as_label_list(classes)
         unknown = [label for label in classes if label not in self.labels]
         if unknown:
@@ -602,6 +631,53 @@ class HardTaskMetaBatch:
         self.rng = as_random(seed)
         # The fixed pool of a normal Taskset with num_tasks > 0, by task index.
         self._pool: dict[int, list] = {}
+
+    @classmethod
+    def from_taskset(
+        cls,
+        tasks: l2l.data.Taskset,
+        k: int,
+        k_hard: Optional[int] = None,
+        mode: str = "resample",
+        history_decay: Optional[float] = 0.9,
+        seed: RandomLike = None,
+    ) -> "HardTaskMetaBatch":
+        """The hard-task meta-batch of an ordinary ``Taskset``, its tracker and hard ``Taskset`` built for you.
+
+        The hard tasks take the normal tasks' transforms with the first (``NWays``, ours or
+        learn2learn's: anything with an ``n``) replaced by a :class:`HardTaskTransform` of as many ways.
+
+        Args:
+            tasks: the normal tasks; the first of its ``task_transforms`` draws the classes.
+            k: normal tasks per meta-batch.
+            k_hard: hard tasks per meta-batch (default ``k``).
+            mode: ``"resample"`` (new images of the failure classes) or ``"reuse"`` (the failed images).
+            history_decay: how long failures count across meta-batches (see :class:`ClassAccuracyTracker`).
+            seed: fixes the hard classes and the draw of cached normal tasks.
+
+        Returns:
+            The sampler; ``sampler.tracker`` records the normal tasks (or call ``task.record``).
+
+        Raises:
+            ValueError: the first transform of ``tasks`` has no ``n`` (number of ways), or a bad ``k``.
+
+        Example::
+
+            sampler = HardTaskMetaBatch.from_taskset(tasksets.train, k=2, seed=0)
+            for task in sampler.sample():
+                ...
+                task.record(query_logits, query_labels)
+        """
+        transforms = list(tasks.task_transforms or [])
+        ways = getattr(transforms[0], "n", None) if transforms else None
+        if not isinstance(ways, int):
+            raise ValueError("the first of tasks.task_transforms must draw the classes (NWays, with its n): "
+                             "build the hard Taskset yourself with a HardTaskTransform in its place")
+        rng = as_random(seed)
+        tracker = ClassAccuracyTracker(tasks.dataset, seed=rng, history_decay=history_decay)
+        first = HardTaskTransform(tasks.dataset, n=ways, tracker=tracker, mode=mode, seed=rng)
+        hard_tasks = l2l.data.Taskset(tasks.dataset, task_transforms=[first, *transforms[1:]])
+        return cls(tasks, hard_tasks, k, k_hard, seed=rng)
 
     def sample(self) -> MetaBatch:
         """Start a new meta-batch in the tracker and draw its ``k`` normal tasks."""

@@ -54,14 +54,18 @@ def feature_width(model: nn.Module, sample: Optional[torch.Tensor] = None) -> in
     for module in (model, getattr(model, "backbone", None)):
         if module is not None and isinstance(getattr(module, "feature_dim", None), int):
             return module.feature_dim
+    parameter = next(model.parameters(), None)
     if sample is None:
         first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
         if first is None:
             raise ValueError(f"cannot tell the feature width of {type(model).__name__}: give it an int "
                              f"attribute feature_dim, or pass sample= (a batch it accepts)")
-        parameter = next(model.parameters())
-        shape = (2, first.in_channels, _PROBE_SIZE, _PROBE_SIZE) if isinstance(first, nn.Conv2d) else (2, first.in_features)
-        sample = torch.zeros(shape, dtype=parameter.dtype, device=parameter.device)
+        if isinstance(first, nn.Conv2d):
+            sample = torch.zeros(2, first.in_channels, _PROBE_SIZE, _PROBE_SIZE)
+        else:
+            sample = torch.zeros(2, first.in_features)
+    if parameter is not None:
+        sample = sample.to(device=parameter.device, dtype=parameter.dtype)
     was_training = model.training
     try:
         with torch.no_grad():

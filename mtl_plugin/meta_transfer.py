@@ -271,7 +271,18 @@ class MetaTransferLearner(nn.Module):
         return AdaptedHead(2 * weighted, -(weighted * means).sum(dim=1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's flat features of a batch of images."""
+        """The encoder's flat features of a batch of images.
+
+        Args:
+            x: images ``(B, C, H, W)`` (moved to the learner's device).
+
+        Returns:
+            Features ``(B, feature_dim)``.
+
+        Example::
+
+            features = learner.features(support_x)
+        """
         return self.encoder(x.to(self.device))
 
     def adapt_features(
@@ -288,6 +299,19 @@ class MetaTransferLearner(nn.Module):
         and to the features: through the class means of the prototype init, and
         (second order) through the inner-loop gradients. Under ``torch.no_grad()``
         it is a plain, detached fine-tuning of the head.
+
+        Args:
+            features: support features ``(n, feature_dim)``.
+            labels: their task labels ``0..ways-1``.
+            steps: inner steps; default ``config.inner_steps``.
+            first_order: drop second-order terms; default ``config.first_order``.
+            ways: the task's classes; default as :meth:`initial_head`.
+
+        Returns:
+            The adapted head, callable on query features.
+
+        Raises:
+            ValueError: a label out of range or a class without support samples.
 
         Example::
 
@@ -371,6 +395,19 @@ class MetaTransferLearner(nn.Module):
     ) -> AdaptedHead:
         """Encode the support images once and adapt θ on them (see :meth:`adapt_features`).
 
+        Args:
+            support_x: support images.
+            support_y: their task labels.
+            steps: inner steps; default ``config.inner_steps``.
+            first_order: drop second-order terms; default ``config.first_order``.
+            ways: the task's classes.
+
+        Returns:
+            The adapted head.
+
+        Raises:
+            ValueError: as :meth:`adapt_features`.
+
         Example::
 
             head = learner.adapt(support_x, support_y)
@@ -384,6 +421,15 @@ class MetaTransferLearner(nn.Module):
         """Query loss after adapting on the support set, and the query logits.
 
         Support and query images go through the encoder in one batch, once.
+
+        Args:
+            support_x: support images.
+            support_y: their task labels.
+            query_x: query images.
+            query_y: their task labels.
+
+        Returns:
+            ``(loss, logits)``: the mean cross-entropy of the queries and their logits.
 
         Example::
 
@@ -424,6 +470,17 @@ class MetaTransferLearner(nn.Module):
         * after the update: a value of Φ or θ non-finite, or the norm of either grown by
           more than ``STEP_GROWTH_LIMIT`` x in the step (its lr), or a non-finite
           batch-norm statistic. The update is then already applied.
+
+        Args:
+            tasks: the meta-batch (any iterable of tasks, read once, in order).
+            on_task: called as ``on_task(task, query_logits, query_y)`` after each task.
+
+        Returns:
+            The meta-batch's mean query loss and accuracy, per task and normal/hard.
+
+        Raises:
+            NonFiniteLossError: as above.
+            ValueError: ``tasks`` is empty, or a task of another shape.
 
         Example::
 
@@ -472,6 +529,15 @@ class MetaTransferLearner(nn.Module):
         """Adapt the head on the support set for ``test_inner_steps`` and return query logits.
 
         The prototype init takes any ``ways``; a Kaiming head only its own.
+
+        Args:
+            support_x: support images.
+            support_y: their task labels.
+            query_x: query images.
+            ways: the task's classes.
+
+        Returns:
+            Query logits ``(queries, ways)``, without gradients.
 
         Example::
 

@@ -36,6 +36,7 @@ from mtl_plugin.backbones import build_backbone
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
+from mtl_plugin.heads import feature_width
 from mtl_plugin.progress import progress_bar
 from mtl_plugin.run_log import (
     DIVERGENCE_FACTOR,
@@ -170,6 +171,13 @@ def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], opti
 def load_pretrained(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
     """The feature extractor saved in a pretrain ``best.pt``.
 
+    Args:
+        path: the ``best.pt`` written by :func:`pretrain` (or ``mtl pretrain``).
+        map_location: where to load the weights.
+
+    Returns:
+        The backbone (no head), rebuilt by its recorded name, with the best epoch's weights.
+
     Raises:
         MissingDataError: no file at ``path``.
         DataError: an unreadable file, or not a pretrain ``best.pt``.
@@ -256,8 +264,11 @@ def pretrain(
     progress: bool = True,
     overwrite: bool = False,
     override: bool = False,
+    *,
+    backbone: Optional[nn.Module] = None,
 ) -> nn.Module:
-    """Pretrain ``config.backbone`` on ``benchmark.train_augmented`` and return its best feature extractor.
+    """Pretrain ``config.backbone`` (or the user's ``backbone``) on ``benchmark.train_augmented``
+    and return its best feature extractor.
 
     Deterministic given ``config.seed`` (the caller's global torch RNG is left as
     it was). With ``resume`` a finished run returns at once and a killed one
@@ -281,9 +292,14 @@ def pretrain(
         overwrite: delete the run in ``out_dir`` and train anew.
         override: with ``resume``, continue under the settings of ``config`` where they differ
             from the saved run's (schedule, epochs, weight decay, ...).
+        backbone: the user's own feature extractor (``(B, C, H, W) -> (B, width)``), trained in
+            place instead of building ``config.backbone`` by name; its width is read or measured
+            (:func:`~mtl_plugin.heads.feature_width`). Its checkpoints record the class name: load
+            ``best.pt``'s ``"backbone"`` state into the same class to use it again (or register a
+            builder with :func:`~mtl_plugin.backbones.register_backbone` to use it by name).
 
     Returns:
-        The backbone of the best epoch (``best.pt``), on ``device``.
+        The backbone of the best epoch (``best.pt``), on ``device``: ``backbone`` itself if given.
 
     Raises:
         UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
@@ -296,8 +312,10 @@ def pretrain(
     Example::
 
         backbone = pretrain(bench, PretrainConfig(backbone="conv4", epochs=3), "runs/pre")
+        mine = pretrain(bench, PretrainConfig(epochs=3), "runs/mine", backbone=MyFeatureNet())
     """
     config = config or PretrainConfig()
+    users = backbone
     device = torch.device(device)
     out_dir = Path(out_dir)
     ranks, main = distributed.world_size(), distributed.is_main()
@@ -312,7 +330,8 @@ def pretrain(
     if overwrite and main:
         for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
             path.unlink(missing_ok=True)
-    info = {"backbone": config.backbone, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
+    name = config.backbone if users is None else f"module:{type(users).__name__}"
+    info = {"backbone": name, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
             "data": benchmark_identity(benchmark)}
     if previous is not None:
         _check_resumable(previous, config, info, override, log.last_path)
@@ -325,8 +344,10 @@ def pretrain(
     # fork_rng: augmentation draws from torch's global generator; seed it for this run only.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        backbone = build_pretrained(info)
-        classifier = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, num_classes)).to(device)
+        backbone = build_pretrained(info) if users is None else users
+        # A user's module is measured on one (unaugmented: no random draw) training image.
+        width = backbone.feature_dim if users is None else feature_width(users, benchmark.train[0][0].unsqueeze(0))
+        classifier = nn.Sequential(backbone, nn.Linear(width, num_classes)).to(device)
         model, batch_size = classifier, config.batch_size // ranks
         if ranks > 1:
             # Same initial weights on every rank (DDP also broadcasts rank 0's); each rank its own augmentations.
@@ -416,7 +437,10 @@ def pretrain(
                              **({"torch_rngs": torch_rngs} if ranks > 1 else {})}, log.last_path)
             log.write(curve=("epoch", "val_accuracy"))
     distributed.barrier()
-    return load_pretrained(log.best_path, device)
+    if users is None:
+        return load_pretrained(log.best_path, device)
+    users.load_state_dict(read_checkpoint(log.best_path, "best.pt", device)["backbone"])
+    return users
 
 
 def _loader(train: Any, config: PretrainConfig, epoch: int, batch_size: int) -> torch.utils.data.DataLoader:

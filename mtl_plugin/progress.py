@@ -38,6 +38,16 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """A bar for logs: a new postfix or description waits for the next paced redraw."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_description(self, desc: Optional[str] = None, refresh: bool = True) -> None:
+        super().set_description(desc, refresh=False)
+
+
 def _is_terminal(stream: Any) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
@@ -63,4 +73,5 @@ def progress_bar(iterable: Optional[Iterable] = None, **options: Any) -> tqdm:
         options.setdefault("mininterval", LOG_INTERVAL_S)
         # A line is never rewritten in a log, so keep the last state of every bar.
         options["leave"] = True
+        return _LogBar(iterable, **options)
     return tqdm(iterable, **options)

@@ -2,7 +2,8 @@
 
 Every ``nn.Conv2d`` of a frozen backbone (or of the layers chosen with ``layers``)
 computes ``(W ⊙ Φ1) X + (b + Φ2)``, with a learnable scale Φ1 (initialised to 1)
-and shift Φ2 (initialised to 0).
+and shift Φ2 (initialised to 0). A fully-connected model (no conv) gets SS on its
+``nn.Linear`` layers instead: one scale and one shift per neuron.
 
 Example::
 
@@ -114,10 +115,17 @@ def last_block(model: nn.Module) -> str:
     return name
 
 
-def _scale_shape(conv: nn.Conv2d, granularity: str) -> tuple[int, ...]:
+def _scale_shape(layer: nn.Module, granularity: str) -> tuple[int, ...]:
+    if isinstance(layer, nn.Linear):
+        # A linear weight entry is a single number: the smallest unit worth a scale is the neuron.
+        return (layer.out_features, 1)
     if granularity == "kernel":
-        return (conv.out_channels, conv.in_channels // conv.groups, 1, 1)
-    return (conv.out_channels, 1, 1, 1)
+        return (layer.out_channels, layer.in_channels // layer.groups, 1, 1)
+    return (layer.out_channels, 1, 1, 1)
+
+
+def _outputs(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _key(prefix: str, name: str) -> str:
@@ -128,11 +136,14 @@ class SSAdapter(nn.Module):
     """Wrap a backbone so that only per-conv Scaling and Shifting parameters learn.
 
     Args:
-        backbone: any module with at least one ``nn.Conv2d`` (torchvision models,
-            :mod:`mtl_plugin.backbones`). Its parameters are set to
-            ``requires_grad=False`` in place and never copied.
+        backbone: any module with an ``nn.Conv2d`` (torchvision models,
+            :mod:`mtl_plugin.backbones`), or a fully-connected one with an
+            ``nn.Linear`` (SS then goes on its linear layers, one scale and shift per
+            neuron). Its parameters are set to ``requires_grad=False`` in place and
+            never copied.
         granularity: ``"kernel"`` (the paper: one scale per 2-D kernel, shape
-            ``(out, in/groups, 1, 1)``) or ``"channel"`` (one per output channel).
+            ``(out, in/groups, 1, 1)``) or ``"channel"`` (one per output channel);
+            linear layers always get one per neuron, shape ``(out, 1)``.
         bn: ``"frozen"`` keeps every BatchNorm in eval mode whatever ``train()`` is
             called with; ``"train"`` lets them use batch statistics in training mode.
         layers: which convs get Φ (the others stay frozen as they are): ``None``
@@ -142,8 +153,8 @@ class SSAdapter(nn.Module):
             ``(name, conv) -> bool``.
 
     Raises:
-        ValueError: for an unknown granularity or bn mode, a backbone without
-            convs or already adapted, or ``layers`` that select no conv.
+        ValueError: for an unknown granularity or bn mode, a backbone with neither
+            convs nor linear layers or already adapted, or ``layers`` that select none.
 
     Example::
 
@@ -167,13 +178,15 @@ class SSAdapter(nn.Module):
                 f"{type(backbone).__name__} is already wrapped in an SSAdapter; "
                 "adapt the original backbone once (or call .fold() first)"
             )
-        all_convs = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)]
+        # The paper's SS is on convolutions; a model without any gets it on its linear layers.
+        kind = nn.Conv2d if any(isinstance(m, nn.Conv2d) for m in backbone.modules()) else nn.Linear
+        all_convs = [(name, m) for name, m in backbone.named_modules() if isinstance(m, kind)]
         if not all_convs:
             raise ValueError(
-                f"{type(backbone).__name__} has no nn.Conv2d layer: SSAdapter scales and shifts "
-                "convolution weights, so pass a convolutional backbone"
+                f"{type(backbone).__name__} has no nn.Conv2d or nn.Linear layer: SSAdapter scales and "
+                "shifts their weights, so pass a convolutional or fully-connected backbone"
             )
-        convs = select_modules(backbone, layers)
+        convs = select_modules(backbone, layers, kind)
         self.granularity = granularity
         self.bn = bn
         self.layers = "<predicate>" if callable(layers) else layers
@@ -191,7 +204,7 @@ class SSAdapter(nn.Module):
             for c in self._convs
         )
         self.shifts = nn.ParameterList(
-            nn.Parameter(torch.zeros(c.out_channels, dtype=c.weight.dtype, device=c.weight.device))
+            nn.Parameter(torch.zeros(_outputs(c), dtype=c.weight.dtype, device=c.weight.device))
             for c in self._convs
         )
         self.train(self.training)
@@ -232,7 +245,18 @@ class SSAdapter(nn.Module):
         return OrderedDict((name, p.detach().clone()) for name, p in self.named_ss_parameters())
 
     def load_ss_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load what :meth:`ss_state_dict` saved; raise naming the first layer that does not fit."""
+        """Load what :meth:`ss_state_dict` saved.
+
+        Args:
+            state: SS tensors by name, as :meth:`ss_state_dict` returns them.
+
+        Raises:
+            ValueError: naming the first layer that does not fit (another architecture or granularity).
+
+        Example::
+
+            adapter.load_ss_state_dict(torch.load("ss.pt", weights_only=True))
+        """
         expected = OrderedDict(self.named_ss_parameters())
         for key, parameter in expected.items():
             layer = key.rpartition(".")[0] or "<root conv>"
@@ -278,16 +302,17 @@ class SSAdapter(nn.Module):
         rows = []
         for name, conv in self._all_convs:
             frozen = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
+            linear = isinstance(conv, nn.Linear)
             rows.append(
                 {
                     "layer": name or "<root>",
-                    "kernel": "x".join(map(str, conv.kernel_size)),
-                    "in_per_group": conv.in_channels // conv.groups,
-                    "out": conv.out_channels,
+                    "kernel": "linear" if linear else "x".join(map(str, conv.kernel_size)),
+                    "in_per_group": conv.in_features if linear else conv.in_channels // conv.groups,
+                    "out": _outputs(conv),
                     "adapted": name in ss,
                     "frozen": frozen,
                     "ss": ss.get(name, 0),
-                    "_neuron": conv.weight.numel() + conv.out_channels,
+                    "_neuron": conv.weight.numel() + _outputs(conv),
                 }
             )
         frame = pd.DataFrame(rows)

@@ -319,3 +319,18 @@ def test_scratch_learner_trains_every_weight():
     learner.meta_train_step(fixed_tasks(tiny_benchmark().train, config, count=2))
     changed = [n for n, p in backbone.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
+
+
+def test_pretrain_trains_the_users_own_module(tmp_path):
+    from mtl_plugin.pretrain import PretrainConfig, pretrain
+
+    torch.manual_seed(0)
+    # No feature_dim attribute and not in the registry: pretrain measures its width and trains it in place.
+    mine = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    before = mine[0].weight.detach().clone()
+    config = PretrainConfig(epochs=2, batch_size=16, val_tasks=2, val_ways=3, val_queries=3)
+    trained = pretrain(tiny_benchmark(), config, tmp_path / "pre", progress=False, backbone=mine)
+    assert trained is mine and not torch.equal(mine[0].weight, before)
+    best = torch.load(tmp_path / "pre" / "best.pt", weights_only=True)
+    assert best["model"]["backbone"] == "module:Sequential"
+    assert all(torch.equal(best["backbone"][k], v) for k, v in mine.state_dict().items())

@@ -160,8 +160,8 @@ def test_loading_another_architecture_names_the_layer():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="Sequential"):
-        SSAdapter(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="Sequential has no nn.Conv2d or nn.Linear"):
+        SSAdapter(nn.Sequential(nn.ReLU()))
     adapter = SSAdapter(conv4())
     with pytest.raises(ValueError, match="already wrapped"):
         SSAdapter(adapter)
@@ -317,3 +317,25 @@ def test_build_backbone_feature_dims():
     assert build_backbone("conv4", num_classes=5, image_size=28, in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (2, 5)
     with pytest.raises(ValueError, match="unknown torchvision architecture"):
         build_backbone("resnet9000")
+
+
+def test_a_fully_connected_model_gets_ss_per_neuron():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    x = torch.randn(5, 3, 2, 2)
+    expected = mlp(x)
+    adapter = SSAdapter(mlp)
+    assert [tuple(p.shape) for p in adapter.ss_parameters()] == [(8, 1), (8,), (4, 1), (4,)]
+    assert torch.allclose(adapter(x), expected)          # Φ1 = 1, Φ2 = 0: the model unchanged
+    with torch.no_grad():
+        for parameter in adapter.ss_parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    adapted = adapter(x)
+    assert torch.allclose(adapter.fold()(x), adapted, atol=1e-6)
+    report = adapter.parameter_report()
+    assert list(report["kernel"][:2]) == ["linear", "linear"] and report["ss"].iloc[-1] == 24
+    adapted.sum().backward()
+    assert all(p.grad is not None for p in adapter.ss_parameters())
+    assert not any(p.requires_grad for p in mlp.parameters())
+    # A CNN keeps SS on its convs only: its classifier is left as it is.
+    assert all("fc" not in name for name in SSAdapter(torchvision.models.resnet18()).conv_names)
