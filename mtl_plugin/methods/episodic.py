@@ -209,6 +209,40 @@ class EpisodicMethod(FewShotMethod):
         self.device = torch.device("cpu")
         self.losses: list[float] = []
 
+    def build_model(self, context: Any) -> nn.Module:
+        """The untrained model for ``context`` (built under the context's seed)."""
+        raise NotImplementedError(f"{type(self).__name__} trains its own way: override fit or build_model")
+
+    def episode_loss(self, output: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one episode from the model's query output."""
+        return nn.functional.cross_entropy(output, query_y)
+
+    def fit(self, context: Any) -> None:
+        """Train ``build_model(context)`` with Adam at ``config.lr`` on ``config.max_episodes`` episodes
+        of ``config.train_queries`` queries (gradient norm clipped at ``config.gradient_clip`` if set)."""
+        config = self.config
+        self.device = context.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed)
+            model = self.build_model(context)
+        model.to(context.device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        clip = getattr(config, "gradient_clip", None)
+
+        def step(tasks) -> float:
+            support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
+            loss = self.episode_loss(model(support_x, support_y, query_x, context.ways), query_y)
+            optimizer.zero_grad()
+            loss.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            return loss.item()
+
+        self.losses = fit_episodically(self.name, context, config, step, {"model": model, "optimizer": optimizer},
+                                       ways=context.ways, queries=config.train_queries)
+        self.model = model.eval()
+
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
     ) -> torch.Tensor:

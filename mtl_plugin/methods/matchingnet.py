@@ -43,7 +43,7 @@ from torch import nn
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.episodic import EpisodicMethod, fit_episodically, sample_episode
+from mtl_plugin.methods.episodic import EpisodicMethod
 
 __all__ = ["MatchingNet", "MatchingNetConfig", "MatchingNetModel"]
 
@@ -155,26 +155,10 @@ class MatchingNet(EpisodicMethod):
         super().__init__()
         self.backbone_label = f"conv4-{self.config.hidden}" + (" + FCE" if self.config.fce else "")
 
-    def fit(self, context: BenchContext) -> None:
-        config, benchmark = self.config, context.benchmark
-        self.device = context.device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed)
-            model = MatchingNetModel(benchmark.channels, benchmark.image_size, config)
-        model.to(context.device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    def build_model(self, context: BenchContext) -> MatchingNetModel:
+        return MatchingNetModel(context.benchmark.channels, context.benchmark.image_size, self.config)
 
-        def step(tasks) -> float:
-            support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
-            loss = F.nll_loss(model(support_x, support_y, query_x, context.ways), query_y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return loss.item()
-
-        self.losses = fit_episodically(
-            self.name, context, config, step, {"model": model, "optimizer": optimizer},
-            ways=context.ways, queries=config.train_queries,
-        )
-        self.model = model.eval()
+    def episode_loss(self, output: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        # The model returns log-probabilities: the attention's softmax is part of the method.
+        return F.nll_loss(output, query_y)
 

@@ -67,7 +67,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.episodic import EpisodicMethod, fit_episodically, sample_episode
+from mtl_plugin.methods.episodic import EpisodicMethod
 
 __all__ = [
     "MetaNet",
@@ -511,32 +511,11 @@ class MetaNet(EpisodicMethod):
         super().__init__()
         self.backbone_label = f"conv{self.config.conv_layers}-{self.config.filters} (b, u)"
 
-    def fit(self, context: BenchContext) -> None:
-        config, benchmark = self.config, context.benchmark
-        if context.ways > config.max_ways:
+    def build_model(self, context: BenchContext) -> MetaNetModel:
+        if context.ways > self.config.max_ways:
             raise ValueError(
-                f"ways={context.ways} exceeds MetaNetConfig.max_ways={config.max_ways}; "
+                f"ways={context.ways} exceeds MetaNetConfig.max_ways={self.config.max_ways}; "
                 f"raise max_ways to at least {context.ways}"
             )
-        self.device = context.device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed)
-            model = MetaNetModel(benchmark.channels, benchmark.image_size, config)
-        model.to(context.device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-
-        def step(tasks) -> float:
-            support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
-            loss = F.cross_entropy(model(support_x, support_y, query_x, context.ways), query_y)
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
-            optimizer.step()
-            return loss.item()
-
-        self.losses = fit_episodically(
-            self.name, context, config, step, {"model": model, "optimizer": optimizer},
-            ways=context.ways, queries=config.train_queries,
-        )
-        self.model = model.eval()
+        return MetaNetModel(context.benchmark.channels, context.benchmark.image_size, self.config)
 
