@@ -394,9 +394,13 @@ def pretrain(
                 logits = model(images)
                 loss = F.cross_entropy(logits, labels)
                 value = loss.item()
+                diverged = None
                 if not math.isfinite(value) or value > diverged_loss:
-                    raise _diverged(f"the loss is {value:.3g}", epoch, step + 1, optimizer.param_groups[0]["lr"],
-                                    log, start)
+                    diverged = _diverged(f"the loss is {value:.3g}", epoch, step + 1,
+                                         optimizer.param_groups[0]["lr"], log, start)
+                # Under torchrun every rank stops together: one stopping alone would leave the
+                # others waiting in the gradients' all-reduce.
+                distributed.raise_if_any(diverged)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -20,7 +20,7 @@ from PIL import Image
 from test_pipeline import fixed_tasks, tiny_backbone, tiny_benchmark, tiny_config
 
 from mtl_plugin import distributed, pipeline_cli
-from mtl_plugin.errors import UsageError
+from mtl_plugin.errors import NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.meta_training import _TaskStream
 from mtl_plugin.meta_transfer import MetaTransferLearner
@@ -56,6 +56,25 @@ def _hard_tasks(rank: int) -> dict:
     return {"normal": normal, "hard": hard, "failures": stream.tracker.failure_classes}
 
 
+def _diverge_on_rank_1(rank: int, config: PretrainConfig, out: Path) -> str:
+    """Pretrain with a loss that turns infinite on rank 1 alone at its second step; return the error."""
+    real, calls = torch.nn.functional.cross_entropy, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        return value * float("inf") if rank == 1 and len(calls) == 2 else value
+
+    torch.nn.functional.cross_entropy = loss
+    try:
+        pretrain(tiny_benchmark(), config, out, progress=False)
+    except NonFiniteLossError as error:
+        return str(error)
+    finally:
+        torch.nn.functional.cross_entropy = real
+    return ""
+
+
 def _job(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -73,6 +92,7 @@ def _job(rank: int, world: int, store: str, out: str) -> None:
                                 val_queries=3)
         backbone = pretrain(tiny_benchmark(), config, Path(out) / "pre", progress=False)
         results["pretrained"] = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
+        results["diverged"] = _diverge_on_rank_1(rank, config, Path(out) / "diverging")
         try:
             _TaskStream(tiny_benchmark().train, tiny_config(meta_batch=3))
         except UsageError as error:
@@ -131,6 +151,12 @@ def test_pretraining_on_two_ranks_keeps_them_equal_and_saves_both_generators(two
     assert state["epoch"] == 2 and state["world_size"] == 2 and len(state["torch_rngs"]) == 2
     assert not torch.equal(*state["torch_rngs"]), "two ranks drew the same augmentations"
     assert [row["epoch"] for row in state["metrics"]] == [1, 2]
+
+
+def test_pretraining_that_diverges_on_one_rank_stops_every_rank(two_ranks):
+    # Rank 0's own loss was finite, yet it stops with rank 1's error instead of waiting in the all-reduce.
+    assert two_ranks[0]["diverged"] == two_ranks[1]["diverged"]
+    assert "pretraining diverged at epoch 1, step 2: the loss is inf" in two_ranks[0]["diverged"]
 
 
 def test_a_meta_batch_must_divide_among_the_ranks(two_ranks):
