@@ -5,7 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tiny_data import TinyBenchmark, pattern_split
+from tiny_data import TinyBenchmark, pattern_split, raising_at_call
 import torch
 import torch.nn.functional as F
 
@@ -226,15 +226,8 @@ def test_resumed_fit_gives_the_uninterrupted_weights(key, benchmark, tmp_path, m
     whole.fit(make_context(benchmark, tmp_path / "whole"))
 
     build = episodic.build_taskset
-    calls = []
-
-    def killed_at_episode_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Killed
-        return build(*args, **kwargs)
-
-    monkeypatch.setattr(episodic, "build_taskset", killed_at_episode_two)
+    # Killed at episode two: its tasks are the third built.
+    monkeypatch.setattr(episodic, "build_taskset", raising_at_call(build, 3, Killed))
     with pytest.raises(Killed):
         method_class(config).fit(make_context(benchmark, tmp_path / "killed"))
     monkeypatch.setattr(episodic, "build_taskset", build)

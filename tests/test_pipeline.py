@@ -5,7 +5,7 @@ import math
 
 import pandas as pd
 import pytest
-from tiny_data import TinyBenchmark, pattern_split
+from tiny_data import TinyBenchmark, pattern_split, raising_at_call
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -189,18 +189,6 @@ def test_bad_task_shapes_are_named():
         meta_train(learner, bench, "unused", progress=False)
 
 
-def interrupt_at_call(learner, call: int) -> None:
-    original_step, calls = learner.meta_train_step, []
-
-    def step(tasks, on_task=None):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return original_step(tasks, on_task)
-
-    learner.meta_train_step = step
-
-
 def run(tmp_path, name, **overrides):
     config = tiny_config(**overrides)
     learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
@@ -214,7 +202,7 @@ def test_resumed_run_ends_in_the_uninterrupted_state(tmp_path, hard_tasks):
     config = tiny_config(hard_tasks=hard_tasks)
     # Killed during iteration 6: iteration 5 is lost (checkpoints every 2), as after kill -9.
     killed = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
-    interrupt_at_call(killed, 6)
+    killed.meta_train_step = raising_at_call(killed.meta_train_step, 6)
     with pytest.raises(KeyboardInterrupt):
         meta_train(killed, tiny_benchmark(), tmp_path / "killed", progress=False)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["iteration"] == 4
@@ -269,7 +257,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     learner.meta_train_step = poisoned
     with pytest.raises(NonFiniteLossError, match="iteration 3.*last.pt \\(iteration 2\\)"):
         meta_train(learner, tiny_benchmark(), tmp_path / "nan", progress=False)
-    state = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
     assert state["iteration"] == 2
     assert all(torch.isfinite(t).all() for t in state["learner"].values() if t.is_floating_point())
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tiny_data import raising_at_call
 
 from mtl_plugin import pipeline_cli
 from mtl_plugin.cli import main
@@ -169,15 +170,9 @@ def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     config = PretrainConfig(backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=3, val_tasks=2,
                             val_ways=3, val_queries=2, schedule="cosine", lr=0.05)
     full = pretrain(bench, config, tmp_path / "full", progress=False)
-    real, calls = module.evaluate, []
-
-    def killed_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "evaluate", killed_in_epoch_2)
+    real = module.evaluate
+    # Killed in epoch 2, at its validation.
+    monkeypatch.setattr(module, "evaluate", raising_at_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         pretrain(bench, config, tmp_path / "cut", progress=False)
     monkeypatch.setattr(module, "evaluate", real)

@@ -41,3 +41,16 @@ class TinyBenchmark:
     channels: int = 1
     image_size: int = 16
     standard: bool = False
+
+
+def raising_at_call(function, call: int, error=KeyboardInterrupt):
+    """``function``, wrapped to raise ``error`` at its ``call``-th call instead: a kill at a chosen point."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return function(*args, **kwargs)
+
+    return wrapper
