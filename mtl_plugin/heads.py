@@ -21,10 +21,24 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["feature_width", "new_head"]
+__all__ = ["declared_width", "feature_width", "new_head"]
 
 # Large enough for every stem and pooling of the usual backbones (ResNets need 32 px or more).
 _PROBE_SIZE = 84
+
+
+def declared_width(model: nn.Module) -> Optional[int]:
+    """The int ``feature_dim`` of ``model``, or of the ``backbone`` it wraps (as
+    :class:`~mtl_plugin.ss.SSAdapter` does); ``None`` if neither declares one.
+
+    Example::
+
+        declared_width(SSAdapter(conv4(in_channels=1, image_size=28)))   # 64
+    """
+    for module in (model, getattr(model, "backbone", None)):
+        if module is not None and isinstance(getattr(module, "feature_dim", None), int):
+            return module.feature_dim
+    return None
 
 
 def feature_width(model: nn.Module, sample: Optional[torch.Tensor] = None) -> int:
@@ -51,9 +65,9 @@ def feature_width(model: nn.Module, sample: Optional[torch.Tensor] = None) -> in
 
         width = feature_width(torchvision.models.resnet18())     # 1000: its classifier's outputs
     """
-    for module in (model, getattr(model, "backbone", None)):
-        if module is not None and isinstance(getattr(module, "feature_dim", None), int):
-            return module.feature_dim
+    declared = declared_width(model)
+    if declared is not None:
+        return declared
     parameter = next(model.parameters(), None)
     if sample is None:
         first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugin import distributed
+from mtl_plugin.heads import declared_width
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.run_log import DIVERGENCE_FACTOR, NonFiniteLossError, all_finite, fast_forward
@@ -109,13 +110,6 @@ def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _feature_dim(encoder: nn.Module) -> Optional[int]:
-    for module in (encoder, getattr(encoder, "backbone", None)):
-        if module is not None and isinstance(getattr(module, "feature_dim", None), int):
-            return module.feature_dim
-    return None
-
-
 def _support_query(task: Any, shots: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accept a ``SampledTask``, a learn2learn ``(data, labels)`` task or ``(sx, sy, qx, qy)``."""
     if hasattr(task, "data") and hasattr(task, "labels"):
@@ -160,7 +154,7 @@ class MetaTransferLearner(nn.Module):
     ):
         super().__init__()
         self.config = config or MetaTrainConfig(ways=ways)
-        feature_dim = feature_dim or _feature_dim(encoder)
+        feature_dim = feature_dim or declared_width(encoder)
         if feature_dim is None:
             raise ValueError(
                 f"cannot tell the feature width of {type(encoder).__name__}: give it an int attribute "
