@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin import distributed
 from mtl_plugin.heads import declared_width
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.run_log import DIVERGENCE_FACTOR, NonFiniteLossError, all_finite, fast_forward
+from mtl_plugin.speedups import EncoderRunner, Speedups
 from mtl_plugin.tasks import split_support_query
 
 __all__ = [
@@ -125,6 +127,22 @@ def _support_query(task: Any, shots: int) -> Tuple[torch.Tensor, torch.Tensor, t
     )
 
 
+def _task_groups(tasks: Iterable, together: bool) -> Iterator[list]:
+    """The meta-batch in the groups that may be encoded together, read in order.
+
+    A hard-task meta-batch (``groups()``) gives its normal tasks, then its hard ones,
+    which it draws only once the normal ones are recorded; a list or tuple is one group;
+    any other iterable is read one task at a time, as it may depend on ``on_task``.
+    """
+    if together and callable(getattr(tasks, "groups", None)):
+        yield from (list(group) for group in tasks.groups() if len(group))
+    elif together and isinstance(tasks, Sequence):
+        if len(tasks):
+            yield list(tasks)
+    else:
+        yield from ([task] for task in tasks)
+
+
 class MetaTransferLearner(nn.Module):
     """An encoder whose trainable parameters (Φ) are meta-learned with a meta-learned linear head θ.
 
@@ -133,6 +151,8 @@ class MetaTransferLearner(nn.Module):
     θ is ``head_metric`` (d) with ``config.head_init="prototype"``, from which each
     task's head starts at its support set's class means (any number of classes),
     or ``head_weight`` and ``head_bias`` with ``"kaiming"`` (a ``ways``-way head).
+    ``speedups`` (:class:`~mtl_plugin.speedups.Speedups`, keyword-only) choose how the
+    encoder runs; none changes what is learned beyond float tolerance, except autocast.
     The learner owns its Adam optimiser and step schedule (``optimizer``,
     ``scheduler``) so that :meth:`meta_train_step` is one call in any loop; use
     :meth:`task_loss` with ``meta_parameters()`` to drive your own optimiser.
@@ -151,9 +171,12 @@ class MetaTransferLearner(nn.Module):
         ways: int,
         config: Optional[MetaTrainConfig] = None,
         feature_dim: Optional[int] = None,
+        *,
+        speedups: Optional[Speedups] = None,
     ):
         super().__init__()
         self.config = config or MetaTrainConfig(ways=ways)
+        self.speedups = Speedups() if speedups is None else speedups
         feature_dim = feature_dim or declared_width(encoder)
         if feature_dim is None:
             raise ValueError(
@@ -161,6 +184,7 @@ class MetaTransferLearner(nn.Module):
                 f"feature_dim or pass feature_dim="
             )
         self.encoder = encoder
+        self._run_encoder = EncoderRunner(encoder, self.speedups)
         self.ways = ways
         if self.config.head_init == "prototype":
             self.head_metric = nn.Parameter(torch.ones(feature_dim))
@@ -277,7 +301,7 @@ class MetaTransferLearner(nn.Module):
 
             features = learner.features(support_x)
         """
-        return self.encoder(x.to(self.device))
+        return self._run_encoder(x.to(self.device))
 
     def adapt_features(
         self,
@@ -414,7 +438,8 @@ class MetaTransferLearner(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Query loss after adapting on the support set, and the query logits.
 
-        Support and query images go through the encoder in one batch, once.
+        Support and query images go through the encoder in one batch, once; the support
+        alone under ``torch.no_grad()`` where ``Speedups.support_without_graph`` applies.
 
         Args:
             support_x: support images.
@@ -430,11 +455,30 @@ class MetaTransferLearner(nn.Module):
             loss, logits = learner.task_loss(sx, sy, qx, qy)
             loss.backward()   # gradients on learner.meta_parameters()
         """
-        features = self.features(torch.cat([support_x, query_x]))
-        support, query = features[: len(support_x)], features[len(support_x):]
-        head = self.adapt_features(support, support_y)
-        logits = head(query)
-        return F.cross_entropy(logits, query_y.to(self.device).long()), logits
+        return self._task_losses([(support_x, support_y, query_x, query_y)])[0]
+
+    def _bn_trains(self) -> bool:
+        return any(isinstance(module, _BatchNorm) and module.training for module in self.encoder.modules())
+
+    def _task_losses(self, tasks: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(query loss, query logits)`` of each ``(sx, sy, qx, qy)`` of ``tasks``, encoded in one pass."""
+        supports, queries = [task[0] for task in tasks], [task[2] for task in tasks]
+        if (self.speedups.support_without_graph and self.config.first_order and self.config.head_init == "kaiming"
+                and torch.is_grad_enabled() and not self._bn_trains()):
+            # First order drops the inner loop's path to Φ and the Kaiming start ignores the support
+            # features: their graph would never be used. (BN in training would tie them to the queries.)
+            with torch.no_grad():
+                support_features = self.features(torch.cat(supports)).split([len(x) for x in supports])
+            query_features = self.features(torch.cat(queries)).split([len(x) for x in queries])
+        else:
+            images = [x for task in tasks for x in (task[0], task[2])]
+            encoded = self.features(torch.cat(images)).split([len(x) for x in images])
+            support_features, query_features = encoded[0::2], encoded[1::2]
+        results = []
+        for (_, support_y, _, query_y), support, query in zip(tasks, support_features, query_features):
+            logits = self.adapt_features(support, support_y)(query)
+            results.append((F.cross_entropy(logits, query_y.to(self.device).long()), logits))
+        return results
 
     def meta_train_step(
         self,
@@ -484,22 +528,26 @@ class MetaTransferLearner(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         losses, accuracies, hard = [], [], []
         stopped = None
+        # Tasks share a pass only where BN is frozen: batch statistics would mix them.
+        together = self.speedups.batch_tasks and not self._bn_trains()
         try:
-            for task in tasks:
-                support_x, support_y, query_x, query_y = _support_query(task, self.config.shots)
-                loss, logits = self.task_loss(support_x, support_y, query_x, query_y)
-                value = loss.item()
-                if not math.isfinite(value) or value > DIVERGENCE_FACTOR * math.log(logits.shape[1]):
-                    raise NonFiniteLossError(f"the query loss of task {len(losses) + 1} of the meta-batch is "
-                                             f"{value:.3g}", settings=self._blame(("inner_lr",)))
-                # One backward per task frees its graph before the next task is encoded.
-                loss.backward()
-                query_y = query_y.to(self.device)
-                losses.append(value)
-                accuracies.append(100.0 * (logits.argmax(dim=1) == query_y).float().mean().item())
-                hard.append(bool(getattr(task, "hard", False)))
-                if on_task is not None:
-                    on_task(task, logits.detach(), query_y)
+            for group in _task_groups(tasks, together):
+                parsed = [_support_query(task, self.config.shots) for task in group]
+                results = self._task_losses(parsed)
+                values = [loss.item() for loss, _ in results]
+                for number, (value, (_, logits)) in enumerate(zip(values, results), start=len(losses) + 1):
+                    if not math.isfinite(value) or value > DIVERGENCE_FACTOR * math.log(logits.shape[1]):
+                        raise NonFiniteLossError(f"the query loss of task {number} of the meta-batch is "
+                                                 f"{value:.3g}", settings=self._blame(("inner_lr",)))
+                # One backward per group frees its graph before the next group is encoded.
+                sum(loss for loss, _ in results).backward()
+                for task, (_, _, _, query_y), value, (_, logits) in zip(group, parsed, values, results):
+                    query_y = query_y.to(self.device)
+                    losses.append(value)
+                    accuracies.append(100.0 * (logits.argmax(dim=1) == query_y).float().mean().item())
+                    hard.append(bool(getattr(task, "hard", False)))
+                    if on_task is not None:
+                        on_task(task, logits.detach(), query_y)
         except NonFiniteLossError as error:
             self.optimizer.zero_grad(set_to_none=True)
             stopped = error

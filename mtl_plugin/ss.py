@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from functools import partial
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import pandas as pd
@@ -132,6 +133,13 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _scale_output(scale: torch.Tensor, shift: torch.Tensor, conv: nn.Conv2d, inputs, output: torch.Tensor):
+    # conv(x, W ⊙ s) + b + Φ2 = s ⊙ conv(x, W) + (1 - s) ⊙ b + Φ2 for one scale s per output channel.
+    shape = (1, -1) + (1,) * (output.dim() - 2)
+    bias = shift if conv.bias is None else shift + (1 - scale.flatten()) * conv.bias
+    return output * scale.view(shape) + bias.view(shape)
+
+
 class SSAdapter(nn.Module):
     """Wrap a backbone so that only per-conv Scaling and Shifting parameters learn.
 
@@ -151,10 +159,15 @@ class SSAdapter(nn.Module):
             ``backbone.named_modules()`` spells them (``["layer4"]``, or
             ``[last_block(backbone)]`` for SS [Θ4; θ]) or a predicate
             ``(name, conv) -> bool``.
+        output_scaling: with ``"channel"`` granularity, scale each conv's output
+            instead of its weight (the same function): the backward then forms no
+            weight-sized gradient, at the cost of an elementwise pass over the
+            activations. ``benchmarks/throughput.py`` measures which is faster.
 
     Raises:
         ValueError: for an unknown granularity or bn mode, a backbone with neither
-            convs nor linear layers or already adapted, or ``layers`` that select none.
+            convs nor linear layers or already adapted, ``layers`` that select none,
+            or ``output_scaling`` with ``"kernel"`` granularity.
 
     Example::
 
@@ -165,10 +178,13 @@ class SSAdapter(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, granularity: str = "kernel", bn: str = "frozen",
-                 layers: LayerSelection = None):
+                 layers: LayerSelection = None, *, output_scaling: bool = False):
         super().__init__()
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
+        if output_scaling and granularity != "channel":
+            raise ValueError("output_scaling=True needs granularity='channel': a scale per kernel mixes input "
+                             "channels, so it cannot move to the conv's output")
         if bn not in BN_MODES:
             raise ValueError(f"unknown bn mode {bn!r}; valid: {', '.join(BN_MODES)}")
         if not isinstance(backbone, nn.Module):
@@ -188,6 +204,7 @@ class SSAdapter(nn.Module):
             )
         convs = select_modules(backbone, layers, kind)
         self.granularity = granularity
+        self.output_scaling = output_scaling
         self.bn = bn
         self.layers = "<predicate>" if callable(layers) else layers
         # Every conv, adapted or not, for the parameter report.
@@ -209,17 +226,28 @@ class SSAdapter(nn.Module):
         )
         self.train(self.training)
 
+    def _scales_output(self, conv: nn.Module) -> bool:
+        return self.output_scaling and isinstance(conv, nn.Conv2d)
+
     def _ss_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for name, conv, scale, shift in zip(self.conv_names, self._convs, self.scales, self.shifts):
-            tensors[_key(name, "weight")] = conv.weight * scale
-            tensors[_key(name, "bias")] = shift if conv.bias is None else conv.bias + shift
+            if not self._scales_output(conv):
+                tensors[_key(name, "weight")] = conv.weight * scale
+                tensors[_key(name, "bias")] = shift if conv.bias is None else conv.bias + shift
         return tensors
 
     def forward(self, *args, **kwargs):
         # functional_call swaps the scaled weights in for this call only: the backbone's own
-        # tensors stay untouched, so nothing frozen is copied and autograd reaches Φ.
-        return functional_call(self.backbone, self._ss_tensors(), args, kwargs)
+        # tensors stay untouched, so nothing frozen is copied and autograd reaches Φ. Output
+        # scaling hooks the convs for this call only, for the same reason.
+        hooks = [conv.register_forward_hook(partial(_scale_output, scale, shift))
+                 for conv, scale, shift in zip(self._convs, self.scales, self.shifts) if self._scales_output(conv)]
+        try:
+            return functional_call(self.backbone, self._ss_tensors(), args, kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def train(self, mode: bool = True) -> "SSAdapter":
         super().train(mode)
@@ -350,5 +378,6 @@ class SSAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         layers = "" if self.layers is None else f", layers={self.layers!r}"
-        return (f"granularity={self.granularity!r}, bn={self.bn!r}{layers}, "
+        scaling = ", output_scaling=True" if self.output_scaling else ""
+        return (f"granularity={self.granularity!r}{scaling}, bn={self.bn!r}{layers}, "
                 f"convs={len(self.conv_names)} of {len(self._all_convs)}")

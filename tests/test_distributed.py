@@ -25,6 +25,7 @@ from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.meta_training import _TaskStream
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.pretrain import PretrainConfig, pretrain
+from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import split_support_query
 
@@ -34,8 +35,9 @@ STEPS = 3
 EVALUATION = EvaluationConfig(ways=3, shots=1, queries=3, tasks=7, seed=3)
 
 
-def _learner(meta_batch: int) -> MetaTransferLearner:
-    return MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(meta_batch=meta_batch))
+def _learner(meta_batch: int, speedups: Speedups | None = None) -> MetaTransferLearner:
+    return MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(meta_batch=meta_batch),
+                               speedups=speedups)
 
 
 def _hard_tasks(rank: int) -> dict:
@@ -111,7 +113,9 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
 
 def test_two_ranks_of_one_task_follow_one_process_of_two(two_ranks):
-    learner = _learner(meta_batch=2)
+    # Task by task, as the ranks do: a batched pass rounds differently, and Adam turns rounding
+    # in a near-zero gradient into a whole step (tests/test_speedups.py compares gradients instead).
+    learner = _learner(meta_batch=2, speedups=Speedups(batch_tasks=False))
     tasks = fixed_tasks(tiny_benchmark().train, learner.config, count=2 * STEPS)
     steps = [learner.meta_train_step(tasks[2 * step: 2 * step + 2]) for step in range(STEPS)]
     for name, tensor in learner.state_dict().items():

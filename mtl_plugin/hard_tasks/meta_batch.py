@@ -123,6 +123,11 @@ class MetaBatch:
         yield from self.normal
         yield from self.hard()
 
+    def groups(self) -> Iterator[list]:
+        """The normal tasks, then the hard ones (drawn on reaching them): what a learner may encode together."""
+        yield self.normal
+        yield self.hard()
+
 
 class HardTaskMetaBatch:
     """Meta-batches of ``k`` normal tasks followed by ``k_hard`` hard tasks (Algorithm 2).

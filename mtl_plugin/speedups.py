@@ -1,0 +1,131 @@
+"""How a meta-train step spends the backbone's forward and backward: :class:`Speedups`.
+
+A meta-train step of MTL is almost all backbone: the inner loop adapts only the
+head on cached features. These switches change how the encoder is run, never what
+is learned, except ``autocast`` (lower precision, off by default). Each is on by
+default only where ``benchmarks/throughput.py`` measured a gain on CPU.
+
+Example::
+
+    from mtl_plugin import MetaTransferLearner, SSAdapter
+    from mtl_plugin.speedups import Speedups
+    learner = MetaTransferLearner(SSAdapter(backbone), ways=5,
+                                  speedups=Speedups(compile=True, autocast="bf16"))
+    features = learner.features(images)      # channels_last, compiled, bf16 matmuls
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mtl_plugin.errors import UsageError
+
+__all__ = ["AUTOCAST_DTYPES", "EncoderRunner", "Speedups"]
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Switches for the encoder's forward and backward in a meta-train step.
+
+    * ``support_without_graph``: with ``first_order`` and the Kaiming head (the
+      official code's θ, which does not depend on the support features) and frozen
+      BN, the support set is encoded under ``torch.no_grad()``: first order drops
+      the inner loop's path to Φ, so the support features' graph would never be
+      used. With the prototype head the support features carry the gradient
+      (through the class means), and with BN training they share the query's batch
+      statistics, so there the support and query keep their one joint pass.
+    * ``batch_tasks``: the tasks of a meta-batch go through the backbone as one
+      batch and one backward, when BN is frozen (its statistics do not depend on
+      the batch). With BN training each task keeps its own pass and statistics.
+      Hard tasks still come after the normal ones have been recorded.
+    * ``channels_last``: images enter the encoder in channels-last memory format,
+      which oneDNN (CPU) and cuDNN convolutions run faster.
+    * ``compile``: ``torch.compile`` the encoder; where the installed torch or the
+      machine cannot compile (no C++ compiler, an unsupported Python), it warns once
+      and runs eagerly. Each new input shape or grad mode compiles again.
+    * ``autocast``: ``"bf16"`` or ``"fp16"`` runs the encoder under
+      ``torch.autocast`` (bf16 on CPUs that support it); the head and inner loop
+      stay in float32. It changes results at the precision of the dtype, so it is
+      off by default.
+
+    Raises:
+        UsageError: an unknown ``autocast`` dtype.
+
+    Example::
+
+        Speedups()                      # the measured defaults
+        Speedups.none()                 # the plain eager path (what every switch is compared with)
+        dataclasses.replace(Speedups(), compile=True)
+    """
+
+    support_without_graph: bool = True
+    batch_tasks: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    autocast: Optional[str] = None
+
+    def __post_init__(self):
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise UsageError(f"autocast={self.autocast!r} is unknown; use one of {', '.join(AUTOCAST_DTYPES)} "
+                             f"or None (float32)")
+
+    @classmethod
+    def none(cls) -> "Speedups":
+        """Every switch off: one eager float32 pass per task, support and query together."""
+        return cls(support_without_graph=False, batch_tasks=False, channels_last=False, compile=False, autocast=None)
+
+
+class EncoderRunner:
+    """Calls an encoder as :class:`Speedups` say: memory format, ``torch.compile`` and autocast.
+
+    Not an ``nn.Module``: it holds no weights of its own (the compiled wrapper shares
+    the encoder's), so it adds nothing to a learner's ``state_dict``.
+
+    Args:
+        encoder: the module to run.
+        speedups: which switches apply.
+
+    Example::
+
+        run = EncoderRunner(SSAdapter(backbone), Speedups(channels_last=True))
+        features = run(images)
+    """
+
+    def __init__(self, encoder: nn.Module, speedups: Speedups):
+        self.encoder = encoder
+        self.speedups = speedups
+        # None: not compiled yet; False: compiling failed, run eagerly from now on.
+        self._compiled: Optional[nn.Module] | bool = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.speedups.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = AUTOCAST_DTYPES.get(self.speedups.autocast)
+        precision = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with precision:
+            features = self._forward(x)
+        return features.float() if dtype else features
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.speedups.compile or self._compiled is False:
+            return self.encoder(x)
+        if self._compiled is not None:
+            return self._compiled(x)
+        compiled = torch.compile(self.encoder)
+        try:
+            features = compiled(x)
+        except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
+            warnings.warn(f"torch.compile of {type(self.encoder).__name__} failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self._compiled = False
+            return self.encoder(x)
+        self._compiled = compiled
+        return features
