@@ -34,14 +34,13 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin import distributed
 from mtl_plugin.heads import declared_width
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.run_log import DIVERGENCE_FACTOR, NonFiniteLossError, all_finite, fast_forward
-from mtl_plugin.speedups import EncoderRunner, Speedups
+from mtl_plugin.speedups import EncoderRunner, Speedups, uses_batch_statistics
 from mtl_plugin.tasks import split_support_query
 
 __all__ = [
@@ -457,14 +456,11 @@ class MetaTransferLearner(nn.Module):
         """
         return self._task_losses([(support_x, support_y, query_x, query_y)])[0]
 
-    def _bn_trains(self) -> bool:
-        return any(isinstance(module, _BatchNorm) and module.training for module in self.encoder.modules())
-
     def _task_losses(self, tasks: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(query loss, query logits)`` of each ``(sx, sy, qx, qy)`` of ``tasks``, encoded in one pass."""
         supports, queries = [task[0] for task in tasks], [task[2] for task in tasks]
         if (self.speedups.support_without_graph and self.config.first_order and self.config.head_init == "kaiming"
-                and torch.is_grad_enabled() and not self._bn_trains()):
+                and torch.is_grad_enabled() and not uses_batch_statistics(self.encoder)):
             # First order drops the inner loop's path to Φ and the Kaiming start ignores the support
             # features: their graph would never be used. (BN in training would tie them to the queries.)
             with torch.no_grad():
@@ -529,7 +525,7 @@ class MetaTransferLearner(nn.Module):
         losses, accuracies, hard = [], [], []
         stopped = None
         # Tasks share a pass only where BN is frozen: batch statistics would mix them.
-        together = self.speedups.batch_tasks and not self._bn_trains()
+        together = self.speedups.batch_tasks and not uses_batch_statistics(self.encoder)
         try:
             for group in _task_groups(tasks, together):
                 parsed = [_support_query(task, self.config.shots) for task in group]

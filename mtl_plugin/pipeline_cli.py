@@ -45,6 +45,7 @@ from mtl_plugin.pretrain import (
     run_config,
 )
 from mtl_plugin.run_log import previous_run
+from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import SSAdapter
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
@@ -75,13 +76,15 @@ def _default(config_class, name: str) -> str:
 
 
 def _config_options(config_class, table: list[tuple]):
-    """One ``--flag`` per ``(field, type, help)`` of ``table``: default ``None`` (the config's, or
-    on ``--resume`` the saved run's), the config's default stated in the help."""
+    """One ``--flag`` per ``(field, type, help)`` of ``table`` (``--flag/--no-flag`` for a bool):
+    default ``None`` (the config's, or on ``--resume`` the saved run's), the config's default
+    stated in the help."""
     def decorate(command):
         for name, kind, text in reversed(table):
-            flag = {"is_flag": True} if kind is bool else {"type": kind}
-            command = click.option(f"--{name.replace('_', '-')}", default=None,
-                                   help=f"{text} {_default(config_class, name)}", **flag)(command)
+            flag = name.replace("_", "-")
+            declaration = f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}"
+            command = click.option(declaration, default=None, help=f"{text} {_default(config_class, name)}",
+                                   **({} if kind is bool else {"type": kind}))(command)
         return command
 
     return decorate
@@ -125,6 +128,16 @@ _META_TRAIN_OPTIONS = [
     ("val_tasks", _POSITIVE, "Tasks per validation."),
     ("checkpoint_every", _POSITIVE, "Iterations between last.pt saves."),
     ("seed", int, "Seed of the tasks and the head."),
+]
+# How the encoder runs (mtl_plugin.speedups): nothing here changes what is learned, but --autocast.
+_SPEEDUP_OPTIONS = [
+    ("support_without_graph", bool, "First order with the kaiming head and frozen BN: encode the support "
+                                    "without a graph."),
+    ("batch_tasks", bool, "A meta-batch's tasks through the backbone in one pass (frozen BN)."),
+    ("images_per_pass", _POSITIVE, "At most this many images per encoder pass (frozen BN)."),
+    ("channels_last", bool, "Images in channels-last memory format."),
+    ("compile", bool, "torch.compile the encoder (eager if it cannot)."),
+    ("autocast", click.Choice(list(AUTOCAST_DTYPES)), "Run the encoder in this precision (changes results)."),
 ]
 
 
@@ -196,6 +209,7 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 @click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True,
               help="SS scale per kernel (the paper's) or per output channel.")
 @_config_options(MetaTrainConfig, _META_TRAIN_OPTIONS)
+@_config_options(Speedups, _SPEEDUP_OPTIONS)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True,
               help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
 @_run_options
@@ -208,6 +222,7 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
     # With --resume, flags not given keep the saved run's values.
     previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
     config = MetaTrainConfig(**{**(previous["config"] if previous else {}), **_overrides(MetaTrainConfig, values)})
+    speedups = Speedups(**_overrides(Speedups, values))
     if pretrained:
         state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained, "--pretrained")
         # The backbone only fits images of the size it was trained on: that is the default.
@@ -229,7 +244,7 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             encoder = build_pretrained(info)
-    learner = MetaTransferLearner(encoder, config.ways, config).to(device)
+    learner = MetaTransferLearner(encoder, config.ways, config, speedups=speedups).to(device)
     result = meta_train(learner, bench, out, resume=resume, overwrite=overwrite, override=override,
                         progress=not quiet, model_info=info)
     if distributed.is_main():

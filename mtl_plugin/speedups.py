@@ -22,10 +22,11 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin.errors import UsageError
 
-__all__ = ["AUTOCAST_DTYPES", "EncoderRunner", "Speedups"]
+__all__ = ["AUTOCAST_DTYPES", "EncoderRunner", "Speedups", "uses_batch_statistics"]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +46,10 @@ class Speedups:
       batch and one backward, when BN is frozen (its statistics do not depend on
       the batch). With BN training each task keeps its own pass and statistics.
       Hard tasks still come after the normal ones have been recorded.
+    * ``images_per_pass``: the encoder runs on at most this many images at a
+      time, each slice with its own graph, when BN is frozen (each image's features
+      are then independent of the others'). On CPU smaller passes keep activations
+      in cache, forward and backward; None: the whole batch at once.
     * ``channels_last``: images enter the encoder in channels-last memory format,
       which oneDNN (CPU) and cuDNN convolutions run faster.
     * ``compile``: ``torch.compile`` the encoder; where the installed torch or the
@@ -56,7 +61,7 @@ class Speedups:
       off by default.
 
     Raises:
-        UsageError: an unknown ``autocast`` dtype.
+        UsageError: an unknown ``autocast`` dtype or ``images_per_pass`` below 1.
 
     Example::
 
@@ -66,12 +71,15 @@ class Speedups:
     """
 
     support_without_graph: bool = True
-    batch_tasks: bool = True
+    batch_tasks: bool = False
+    images_per_pass: Optional[int] = None
     channels_last: bool = True
     compile: bool = False
     autocast: Optional[str] = None
 
     def __post_init__(self):
+        if self.images_per_pass is not None and self.images_per_pass < 1:
+            raise UsageError(f"images_per_pass={self.images_per_pass} must be >= 1, or None for whole batches")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise UsageError(f"autocast={self.autocast!r} is unknown; use one of {', '.join(AUTOCAST_DTYPES)} "
                              f"or None (float32)")
@@ -79,7 +87,18 @@ class Speedups:
     @classmethod
     def none(cls) -> "Speedups":
         """Every switch off: one eager float32 pass per task, support and query together."""
-        return cls(support_without_graph=False, batch_tasks=False, channels_last=False, compile=False, autocast=None)
+        return cls(support_without_graph=False, batch_tasks=False, images_per_pass=None, channels_last=False,
+                   compile=False, autocast=None)
+
+
+def uses_batch_statistics(encoder: nn.Module) -> bool:
+    """Whether a BatchNorm of ``encoder`` normalises with its batch's statistics (is training).
+
+    Example::
+
+        uses_batch_statistics(SSAdapter(backbone).train())   # False: SS keeps BN frozen
+    """
+    return any(isinstance(module, _BatchNorm) and module.training for module in encoder.modules())
 
 
 class EncoderRunner:
@@ -109,8 +128,12 @@ class EncoderRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = AUTOCAST_DTYPES.get(self.speedups.autocast)
         precision = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        size = self.speedups.images_per_pass
         with precision:
-            features = self._forward(x)
+            if size and len(x) > size and not uses_batch_statistics(self.encoder):
+                features = torch.cat([self._forward(part) for part in x.split(size)])
+            else:
+                features = self._forward(x)
         return features.float() if dtype else features
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from mtl_plugin.ss import SSAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXACT = ("support_without_graph", "batch_tasks", "channels_last")
+# Each exact switch, turned on alone from Speedups.none().
+EXACT = {"support_without_graph": True, "batch_tasks": True, "images_per_pass": 2, "channels_last": True}
 
 
 def learner_for(speedups: Speedups, bn: str = "frozen", **config) -> MetaTransferLearner:
@@ -51,15 +52,27 @@ def assert_same_step(plain: tuple, fast: tuple) -> None:
 ])
 def test_each_exact_switch_gives_the_plain_paths_weights(switch, head_init, first_order, bn):
     plain = meta_gradient(Speedups.none(), bn=bn, head_init=head_init, first_order=first_order)
-    fast = meta_gradient(dataclasses.replace(Speedups.none(), **{switch: True}), bn=bn, head_init=head_init,
+    fast = meta_gradient(dataclasses.replace(Speedups.none(), **{switch: EXACT[switch]}), bn=bn, head_init=head_init,
                          first_order=first_order)
     assert_same_step(plain, fast)
 
 
 def test_every_exact_switch_together_gives_the_plain_paths_weights():
     plain = meta_gradient(Speedups.none(), head_init="kaiming", first_order=True)
-    fast = meta_gradient(Speedups(), head_init="kaiming", first_order=True)
+    fast = meta_gradient(Speedups(**EXACT), head_init="kaiming", first_order=True)
     assert_same_step(plain, fast)
+
+
+def test_images_per_pass_splits_the_encoder_batch_only_with_frozen_bn():
+    def passes(bn):
+        runner = EncoderRunner(SSAdapter(tiny_backbone(), bn=bn).train(), Speedups(images_per_pass=4))
+        sizes = []
+        runner.encoder.backbone.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+        runner(torch.randn(10, 1, 16, 16))
+        return sizes
+
+    assert passes("frozen") == [4, 4, 2]
+    assert passes("train") == [10]   # batch statistics over the whole batch, as without the switch
 
 
 def test_support_without_graph_encodes_the_support_under_no_grad_only_where_it_applies():
@@ -67,7 +80,7 @@ def test_support_without_graph_encodes_the_support_under_no_grad_only_where_it_a
         learner = learner_for(Speedups(), **config)
         modes = []
         learner.encoder.backbone.register_forward_hook(lambda *args: modes.append(torch.is_grad_enabled()))
-        learner.meta_train_step(fixed_tasks(tiny_benchmark().train, learner.config, count=2))
+        learner.meta_train_step(fixed_tasks(tiny_benchmark().train, learner.config, count=1))
         return modes
 
     assert grad_modes(head_init="kaiming", first_order=True) == [False, True]   # support, then query
@@ -83,9 +96,9 @@ def test_batched_tasks_are_one_pass_only_with_frozen_bn():
         learner.meta_train_step(fixed_tasks(tiny_benchmark().train, learner.config, count=3))
         return len(calls)
 
-    assert passes(Speedups(), "frozen") == 1
+    assert passes(Speedups(batch_tasks=True), "frozen") == 1
     assert passes(Speedups(batch_tasks=False), "frozen") == 3
-    assert passes(Speedups(), "train") == 3
+    assert passes(Speedups(batch_tasks=True), "train") == 3
 
 
 def test_a_hard_task_group_is_drawn_only_after_the_normal_tasks_are_recorded():
@@ -99,7 +112,8 @@ def test_a_hard_task_group_is_drawn_only_after_the_normal_tasks_are_recorded():
             assert len(recorded) == 2, "the hard tasks were drawn before the normal ones were recorded"
             yield tasks[2:]
 
-    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config, speedups=Speedups())
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config,
+                                  speedups=Speedups(batch_tasks=True))
     result = learner.meta_train_step(MetaBatchLike(), on_task=lambda task, logits, y: recorded.append(task))
     assert result.tasks == 4 and recorded == tasks
 
@@ -109,7 +123,8 @@ def test_a_diverging_task_in_a_batch_is_named_by_its_place():
     tasks = fixed_tasks(tiny_benchmark().train, config, count=3)
     sx, sy, qx, qy = tasks[1]
     tasks[1] = (sx, sy, qx * float("nan"), qy)
-    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config, speedups=Speedups())
+    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config,
+                                  speedups=Speedups(batch_tasks=True))
     with pytest.raises(NonFiniteLossError, match="task 2 of the meta-batch"):
         learner.meta_train_step(tasks)
     assert all(p.grad is None for p in learner.meta_parameters())
@@ -149,9 +164,11 @@ def test_autocast_bf16_keeps_float32_features_close_to_float32():
     torch.testing.assert_close(low, exact, rtol=5e-2, atol=5e-2)
 
 
-def test_unknown_autocast_dtype_is_refused():
+def test_bad_speedups_are_refused():
     with pytest.raises(UsageError, match="autocast='int8'"):
         Speedups(autocast="int8")
+    with pytest.raises(UsageError, match="images_per_pass=0"):
+        Speedups(images_per_pass=0)
 
 
 def test_compile_that_fails_warns_and_runs_eagerly(monkeypatch):

@@ -29,6 +29,7 @@ from mtl_plugin.backbones import build_backbone
 from mtl_plugin.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import BN_MODES, GRANULARITIES, SSAdapter
 
 __all__ = ["MTL", "MTLConfig", "MTLHardTasks", "Scratch"]
@@ -42,7 +43,9 @@ class MTLConfig:
     ``shots``, ``queries`` and ``seed`` are taken from the bench context (its
     queries fit the data set's smallest class). ``layers`` picks the convs that
     get Φ (module names as ``named_modules()`` spells them; ``None``: every conv,
-    the paper's SS [Θ; θ]).
+    the paper's SS [Θ; θ]). ``speedups`` choose how the encoder runs
+    (:class:`~mtl_plugin.speedups.Speedups`); they change no result beyond float
+    tolerance unless they set ``autocast``.
 
     Example::
 
@@ -59,6 +62,7 @@ class MTLConfig:
     # The outer lr of the FT ablation rows, which meta-learn pretrained weights themselves
     # (None: Φ's; the paper gives no other).
     finetune_encoder_lr: Optional[float] = None
+    speedups: Speedups = field(default_factory=Speedups)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -133,7 +137,8 @@ class MTL(FewShotMethod):
 
     def build_learner(self, context: BenchContext) -> MetaTransferLearner:
         """The encoder and θ of this row, before meta-training."""
-        return MetaTransferLearner(self.encoder(context), context.ways, self.meta_config(context))
+        return MetaTransferLearner(self.encoder(context), context.ways, self.meta_config(context),
+                                   speedups=self.config.speedups)
 
     def learned_parameters(self, context: BenchContext) -> int:
         """How many parameters the outer loop updates (the encoder's trainable ones and θ).
