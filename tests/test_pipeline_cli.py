@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 
 from mtl_plugin import pipeline_cli
 from mtl_plugin.pretrain import PretrainConfig, load_pretrained, pretrain
+from mtl_plugin.speedups import Speedups
 from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,6 +67,23 @@ def test_kaiming_head_and_checkpoints_from_before_head_init(tmp_path, tiny_data)
     result = CliRunner().invoke(pipeline_cli.evaluate_command,
                                 ["--checkpoint", str(tmp_path / "old.pt"), "--ways", "4", "--queries", "3", "--quiet"])
     assert result.exit_code != 0 and "--ways 3" in result.output
+
+
+def test_speedup_flags_reach_the_learner(tmp_path, tiny_data, monkeypatch):
+    seen = []
+
+    def meta_train(learner, *args, **kwargs):
+        seen.append(learner.speedups)
+        return SimpleNamespace(best_accuracy=0.0, best_iteration=0, best_checkpoint=tmp_path / "best.pt")
+
+    monkeypatch.setattr(pipeline_cli, "meta_train", meta_train)
+    base = ["--backbone", "conv4", "--ways", "3", "--queries", "3", "--quiet"]
+    invoke(pipeline_cli.meta_train_command, [*base, "--out", str(tmp_path / "a")])
+    invoke(pipeline_cli.meta_train_command,
+           [*base, "--no-channels-last", "--images-per-pass", "8", "--batch-tasks", "--compile", "--autocast", "bf16",
+            "--no-support-without-graph", "--out", str(tmp_path / "b")])
+    assert seen == [Speedups(), Speedups(support_without_graph=False, batch_tasks=True, images_per_pass=8,
+                                         channels_last=False, compile=True, autocast="bf16")]
 
 
 def test_bad_input_gives_clear_errors(tmp_path, tiny_data):
