@@ -49,6 +49,7 @@ _EXPORTS = {
     "KNOWN_BENCHMARKS": "data",
     "MetaTransferLearner": "meta_transfer",
     "MetaTrainConfig": "meta_config",
+    "Speedups": "speedups",
     "meta_train": "meta_training",
     "PretrainConfig": "pretrain",
     "pretrain": "pretrain",
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
     from .meta_training import meta_train
     from .meta_transfer import MetaTransferLearner
     from .pretrain import PretrainConfig, load_pretrained, pretrain
+    from .speedups import Speedups
     from .ss import SSAdapter
 
 

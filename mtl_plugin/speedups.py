@@ -7,8 +7,7 @@ default only where ``benchmarks/throughput.py`` measured a gain on CPU.
 
 Example::
 
-    from mtl_plugin import MetaTransferLearner, SSAdapter
-    from mtl_plugin.speedups import Speedups
+    from mtl_plugin import MetaTransferLearner, SSAdapter, Speedups
     learner = MetaTransferLearner(SSAdapter(backbone), ways=5,
                                   speedups=Speedups(compile=True, autocast="bf16"))
     features = learner.features(images)      # channels_last, compiled, bf16 matmuls
