@@ -57,7 +57,8 @@ class Speedups:
     * ``autocast``: ``"bf16"`` or ``"fp16"`` runs the encoder under
       ``torch.autocast`` (bf16 on CPUs that support it); the head and inner loop
       stay in float32. It changes results at the precision of the dtype, so it is
-      off by default.
+      off by default. fp16 runs without loss scaling here, so small gradients of Φ
+      may underflow: prefer bf16 where the device has it.
 
     Raises:
         UsageError: an unknown ``autocast`` dtype or ``images_per_pass`` below 1.
