@@ -404,8 +404,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="SS granularity; output_scaling is toggled only at channel")
     parser.add_argument("--levers", nargs="*", choices=LEVERS, default=list(LEVERS),
                         help="switches toggled one at a time from the defaults (default: all)")
-    parser.add_argument("--images-per-pass", nargs="+", type=int, default=[16],
-                        help="settings of the images_per_pass lever; all exact takes the first (default: 16)")
+    parser.add_argument("--images-per-pass", nargs="+", type=int, default=[40],
+                        help="settings of the images_per_pass lever; all exact takes the first (default: 40)")
     parser.add_argument("--autocast", choices=("bf16", "fp16"), default="bf16", help="dtype of the autocast lever")
     parser.add_argument("--inner-steps", type=int, default=100, help="inner steps of every row (default: 100)")
     parser.add_argument("--repeats", type=int, default=3, help="timed turns; figures are medians (default: 3)")
