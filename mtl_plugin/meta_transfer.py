@@ -287,11 +287,13 @@ class MetaTransferLearner(nn.Module):
         weighted = self.head_metric * means / spread
         return AdaptedHead(2 * weighted, -(weighted * means).sum(dim=1))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, slices: Optional[Sequence[int]] = None) -> torch.Tensor:
         """The encoder's flat features of a batch of images.
 
         Args:
             x: images ``(B, C, H, W)`` (moved to the learner's device).
+            slices: sample counts of consecutive separate tasks in ``x``: a BatchNorm in
+                training normalises each with its own statistics, as one pass each would.
 
         Returns:
             Features ``(B, feature_dim)``.
@@ -300,7 +302,7 @@ class MetaTransferLearner(nn.Module):
 
             features = learner.features(support_x)
         """
-        return self._run_encoder(x.to(self.device))
+        return self._run_encoder(x.to(self.device), slices)
 
     def adapt_features(
         self,
@@ -468,7 +470,8 @@ class MetaTransferLearner(nn.Module):
             query_features = self.features(torch.cat(queries)).split([len(x) for x in queries])
         else:
             images = [x for task in tasks for x in (task[0], task[2])]
-            encoded = self.features(torch.cat(images)).split([len(x) for x in images])
+            slices = [len(task[0]) + len(task[2]) for task in tasks]
+            encoded = self.features(torch.cat(images), slices).split([len(x) for x in images])
             support_features, query_features = encoded[0::2], encoded[1::2]
         results = []
         for (_, support_y, _, query_y), support, query in zip(tasks, support_features, query_features):
@@ -524,10 +527,8 @@ class MetaTransferLearner(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         losses, accuracies, hard = [], [], []
         stopped = None
-        # Tasks share a pass only where BN is frozen: batch statistics would mix them.
-        together = self.speedups.batch_tasks and not uses_batch_statistics(self.encoder)
         try:
-            for group in _task_groups(tasks, together):
+            for group in _task_groups(tasks, self.speedups.batch_tasks):
                 parsed = [_support_query(task, self.config.shots) for task in group]
                 results = self._task_losses(parsed)
                 values = [loss.item() for loss, _ in results]

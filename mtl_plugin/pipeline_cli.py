@@ -133,7 +133,7 @@ _META_TRAIN_OPTIONS = [
 _SPEEDUP_OPTIONS = [
     ("support_without_graph", bool, "First order with the kaiming head and frozen BN: encode the support "
                                     "without a graph."),
-    ("batch_tasks", bool, "A meta-batch's tasks through the backbone in one pass (frozen BN)."),
+    ("batch_tasks", bool, "A meta-batch's tasks through the backbone in one pass (BN statistics per task)."),
     ("images_per_pass", _POSITIVE, "At most this many images per encoder pass (frozen BN)."),
     ("channels_last", bool, "Images in channels-last memory format."),
     ("compile", bool, "torch.compile the encoder (eager if it cannot)."),

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from functools import partial
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin.errors import UsageError
 
-__all__ = ["AUTOCAST_DTYPES", "EncoderRunner", "Speedups", "uses_batch_statistics"]
+__all__ = ["AUTOCAST_DTYPES", "EncoderRunner", "Speedups", "per_slice_batch_statistics", "uses_batch_statistics"]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,9 +43,10 @@ class Speedups:
       (through the class means), and with BN training they share the query's batch
       statistics, so there the support and query keep their one joint pass.
     * ``batch_tasks``: the tasks of a meta-batch go through the backbone as one
-      batch and one backward, when BN is frozen (its statistics do not depend on
-      the batch). With BN training each task keeps its own pass and statistics.
-      Hard tasks still come after the normal ones have been recorded.
+      batch and one backward. A BatchNorm in training normalises each task's slice
+      with that task's own statistics (and updates its running statistics task by
+      task), as separate passes would. Hard tasks still come after the normal ones
+      have been recorded.
     * ``images_per_pass``: the encoder runs on at most this many images at a
       time, each slice with its own graph, when BN is frozen (each image's features
       are then independent of the others'). On CPU smaller passes keep activations
@@ -101,6 +103,43 @@ def uses_batch_statistics(encoder: nn.Module) -> bool:
     return any(isinstance(module, _BatchNorm) and module.training for module in encoder.modules())
 
 
+def _sliced_batch_norm(module: _BatchNorm, sizes: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    # The class's own forward on each slice: statistics, momentum and num_batches_tracked exactly
+    # as in one pass per slice (each layer's running statistics only see its own inputs).
+    return torch.cat([type(module).forward(module, part) for part in x.split(list(sizes))])
+
+
+@contextlib.contextmanager
+def per_slice_batch_statistics(encoder: nn.Module, sizes: Sequence[int]) -> Iterator[None]:
+    """Within, each BatchNorm of ``encoder`` in training normalises consecutive slices of ``sizes`` samples apart.
+
+    The slices (e.g. the tasks of a meta-batch) then go through the convolutions as one batch
+    but get the batch-norm outputs and running statistics of one pass each, in order.
+
+    Args:
+        encoder: the module whose training BatchNorms are sliced (others are untouched).
+        sizes: the slices' sample counts, summing to the batch size.
+
+    Example::
+
+        with per_slice_batch_statistics(encoder, [len(task_a), len(task_b)]):
+            features = encoder(torch.cat([task_a, task_b]))
+    """
+    modules = [m for m in encoder.modules() if isinstance(m, _BatchNorm) and m.training]
+    # An instance attribute shadows the class's forward for this block only.
+    own = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = partial(_sliced_batch_norm, module, tuple(sizes))
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, own):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
 class EncoderRunner:
     """Calls an encoder as :class:`Speedups` say: memory format, ``torch.compile`` and autocast.
 
@@ -123,7 +162,12 @@ class EncoderRunner:
         # None: not compiled yet; False: compiling failed, run eagerly from now on.
         self._compiled: Optional[nn.Module] | bool = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, slices: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The encoder's output on ``x``; ``slices``: sample counts of consecutive separate
+        tasks, which a BatchNorm in training normalises apart (see :func:`per_slice_batch_statistics`)."""
+        if slices is not None and len(slices) > 1 and uses_batch_statistics(self.encoder):
+            with per_slice_batch_statistics(self.encoder, slices):
+                return self(x)
         if self.speedups.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = AUTOCAST_DTYPES.get(self.speedups.autocast)

@@ -10,7 +10,7 @@ import torch
 from mtl_plugin.errors import UsageError
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.run_log import NonFiniteLossError
-from mtl_plugin.speedups import EncoderRunner, Speedups
+from mtl_plugin.speedups import EncoderRunner, Speedups, per_slice_batch_statistics
 from mtl_plugin.ss import SSAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +88,7 @@ def test_support_without_graph_encodes_the_support_under_no_grad_only_where_it_a
     assert grad_modes(head_init="kaiming", first_order=False) == [True]
 
 
-def test_batched_tasks_are_one_pass_only_with_frozen_bn():
+def test_batched_tasks_are_one_pass():
     def passes(speedups, bn):
         learner = learner_for(speedups, bn)
         calls = []
@@ -98,7 +98,21 @@ def test_batched_tasks_are_one_pass_only_with_frozen_bn():
 
     assert passes(Speedups(batch_tasks=True), "frozen") == 1
     assert passes(Speedups(batch_tasks=False), "frozen") == 3
-    assert passes(Speedups(batch_tasks=True), "train") == 3
+    assert passes(Speedups(batch_tasks=True), "train") == 1
+
+
+def test_sliced_batch_statistics_equal_one_pass_per_slice():
+    torch.manual_seed(0)
+    images = torch.randn(9, 1, 16, 16)
+    apart, together = tiny_backbone().train(), tiny_backbone().train()
+    expected = torch.cat([apart(images[:4]), apart(images[4:])])
+    with per_slice_batch_statistics(together, [4, 5]):
+        output = together(images)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    for name, buffer in apart.named_buffers():   # running statistics updated slice by slice
+        torch.testing.assert_close(dict(together.named_buffers())[name], buffer, rtol=1e-5, atol=1e-6)
+    together(images)   # outside the block: one pass, one set of statistics again
+    assert not any("forward" in module.__dict__ for module in together.modules())
 
 
 def test_a_hard_task_group_is_drawn_only_after_the_normal_tasks_are_recorded():
