@@ -208,17 +208,22 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 @click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
 @click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True,
               help="SS scale per kernel (the paper's) or per output channel.")
+@click.option("--output-scaling", is_flag=True,
+              help="With --granularity channel: scale each conv's output, not its weight (the same function).")
 @_config_options(MetaTrainConfig, _META_TRAIN_OPTIONS)
 @_config_options(Speedups, _SPEEDUP_OPTIONS)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True,
               help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
 @_run_options
 def meta_train_command(data, root, image_size, data_seed, device, pretrained, backbone, granularity,
-                       out, resume, overwrite, override, quiet, **values) -> None:
+                       output_scaling, out, resume, overwrite, override, quiet, **values) -> None:
     """Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."""
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device))
     _check_override(resume, override)
+    if output_scaling and (granularity != "channel" or not pretrained):
+        raise UsageError("--output-scaling needs --granularity channel and --pretrained: it moves SS's one scale per "
+                         "output channel from the weight to the output")
     # With --resume, flags not given keep the saved run's values.
     previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
     config = MetaTrainConfig(**{**(previous["config"] if previous else {}), **_overrides(MetaTrainConfig, values)})
@@ -237,7 +242,7 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
         info = dict(state["model"], encoder="ss", granularity=granularity, bn="frozen")
         model = build_pretrained(info)
         model.load_state_dict(state["backbone"])
-        encoder = SSAdapter(model, granularity=granularity)
+        encoder = SSAdapter(model, granularity=granularity, output_scaling=output_scaling)
     else:
         info = {"backbone": backbone, "in_channels": bench.channels, "image_size": bench.image_size,
                 "data": benchmark_identity(bench), "encoder": "scratch"}

@@ -36,7 +36,8 @@ def test_pretrain_meta_train_evaluate(tmp_path, tiny_data):
     invoke(pipeline_cli.meta_train_command,
            ["--pretrained", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--shots", "1", "--queries", "3",
             "--iterations", "2", "--inner-steps", "2", "--val-every", "2", "--val-tasks", "3",
-            "--hard-tasks", "--out", str(tmp_path / "meta"), "--quiet"])
+            "--hard-tasks", "--granularity", "channel", "--output-scaling", "--out", str(tmp_path / "meta"),
+            "--quiet"])
     results = []
     for name in ("a.json", "b.json"):
         invoke(pipeline_cli.evaluate_command,
@@ -84,6 +85,8 @@ def test_speedup_flags_reach_the_learner(tmp_path, tiny_data, monkeypatch):
             "--no-support-without-graph", "--out", str(tmp_path / "b")])
     assert seen == [Speedups(), Speedups(support_without_graph=False, batch_tasks=True, images_per_pass=8,
                                          channels_last=False, compile=True, autocast="bf16")]
+    refused = CliRunner().invoke(pipeline_cli.meta_train_command, [*base, "--output-scaling", "--out", str(tmp_path / "c")])
+    assert refused.exit_code == 2 and "--output-scaling needs --granularity channel" in refused.output
 
 
 def test_bad_input_gives_clear_errors(tmp_path, tiny_data):
