@@ -5,7 +5,9 @@
 * :func:`paired_comparisons`: the ablation's claims (SS against FT, every layer
   against the last block, HT against plain meta-batches, pretrained against
   scratch) as paired differences over the very same test tasks, each with its
-  95% CI and whether the claim holds, is reversed, or is within the CI;
+  95% CI and whether the claim holds, is reversed, or is within the CI
+  (:func:`paired_difference` and :func:`paired_verdict`, for any two lists of
+  per-task accuracies over the same tasks);
 * :func:`plot_accuracy_vs_parameters`: accuracy against learned parameters
   (log scale), one marker per shot setting.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -29,7 +31,8 @@ from mtl_plugin.io import atomic_save_figure
 from mtl_plugin.methods import build_method
 from mtl_plugin.methods.base import BenchContext
 
-__all__ = ["CLAIMS", "ablation_note", "learned_parameter_counts", "paired_comparisons", "plot_accuracy_vs_parameters"]
+__all__ = ["CLAIMS", "COMPARISON_CLAIMS", "ablation_note", "learned_parameter_counts", "paired_comparisons",
+           "paired_difference", "paired_verdict", "plot_accuracy_vs_parameters"]
 
 # (claim as the paper makes it, the row it says is better, the row it says is worse)
 CLAIMS: tuple[tuple[str, str, str], ...] = (
@@ -40,6 +43,17 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("the hard-task meta-batch helps (resample)", "mtl-ht", "mtl"),
     ("the hard-task meta-batch helps (reuse)", "mtl-ht-reuse", "mtl"),
     ("meta-transfer beats training from scratch", "mtl", "scratch"),
+)
+# The comparison suite's claims: the paper's main table, and the baselines later work measured MTL
+# against (a nearest-class-mean or a linear probe on the same pretrained embedding).
+COMPARISON_CLAIMS: tuple[tuple[str, str, str], ...] = (
+    ("meta-transfer beats fine-tuning the pretrained model", "mtl", "finetune"),
+    ("meta-transfer beats nearest-class-mean on its own embedding", "mtl", "protonet"),
+    ("meta-transfer beats a linear probe on its own embedding (RFS-simple)", "mtl", "linear-probe"),
+    ("meta-transfer beats episodic ProtoNets", "mtl", "protonet-conv4"),
+    ("meta-transfer beats MAML", "mtl", "maml"),
+    ("meta-transfer beats training from scratch", "mtl", "scratch"),
+    ("the hard-task meta-batch helps (resample)", "mtl-ht", "mtl"),
 )
 
 
@@ -75,6 +89,31 @@ def learned_parameter_counts(config, benchmark, methods: Iterable[str]) -> dict[
     return counts
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``a - b`` over the same tasks (in order) and its 95% CI, 1.96·std/√n of the differences.
+
+    The std is the sample one (n - 1); one task gives an infinite CI.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length (not the same tasks) or are empty.
+
+    Example::
+
+        mean, ci95 = paired_difference([60.0, 40.0], [50.0, 40.0])   # 5.0, 9.8
+    """
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"paired differences need the same tasks on both sides: {len(a)} against {len(b)}")
+    differences = torch.tensor(list(a), dtype=torch.float64) - torch.tensor(list(b), dtype=torch.float64)
+    mean = differences.mean().item()
+    ci = 1.96 * differences.std().item() / math.sqrt(len(differences)) if len(differences) > 1 else math.inf
+    return mean, ci
+
+
+def paired_verdict(difference: float, ci95: float) -> str:
+    """"holds" when the CI of a paired difference is above 0, "reversed" below 0, else "within CI"."""
+    return "holds" if difference - ci95 > 0 else "reversed" if difference + ci95 < 0 else "within CI"
+
+
 def paired_comparisons(accuracies: dict[tuple[str, int], list[float]], shots: Iterable[int],
                        pairs: Iterable[tuple[str, str, str]] = CLAIMS) -> pd.DataFrame:
     """Claims tested on the per-task accuracies of the same seeded test tasks.
@@ -104,12 +143,9 @@ def paired_comparisons(accuracies: dict[tuple[str, int], list[float]], shots: It
                 continue
             if len(a) != len(b):
                 raise ValueError(f"{better} and {worse} ({shot}-shot) were not evaluated on the same tasks")
-            differences = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-            mean = differences.mean().item()
-            ci = 1.96 * differences.std().item() / math.sqrt(len(differences)) if len(differences) > 1 else math.inf
-            verdict = "holds" if mean - ci > 0 else "reversed" if mean + ci < 0 else "within CI"
+            mean, ci = paired_difference(a, b)
             rows.append({"claim": claim, "shots": shot, "better": better, "worse": worse,
-                         "difference": round(mean, 2), "ci95": round(ci, 2), "verdict": verdict})
+                         "difference": round(mean, 2), "ci95": round(ci, 2), "verdict": paired_verdict(mean, ci)})
     return pd.DataFrame(rows, columns=["claim", "shots", "better", "worse", "difference", "ci95", "verdict"])
 
 
@@ -166,14 +202,17 @@ def _signed(row) -> str:
 
 
 def ablation_note(accuracies: dict[tuple[str, int], list[float]], shots: Iterable[int],
-                  counts: dict[str, Optional[int]], reference: str = "mtl") -> tuple[pd.DataFrame, str]:
-    """The closing note of the ablation table: which rows differ, and which of the paper's claims hold.
+                  counts: Optional[dict[str, Optional[int]]] = None, reference: str = "mtl",
+                  claims: Iterable[tuple[str, str, str]] = CLAIMS) -> tuple[pd.DataFrame, str]:
+    """The closing note of a bench table: which rows differ from ``reference``, and which claims hold.
 
     Args:
         accuracies: per-task accuracies as for :func:`paired_comparisons`.
         shots: the shot settings.
-        counts: :func:`learned_parameter_counts` of the rows.
+        counts: :func:`learned_parameter_counts` of the rows (the ablation suite), or ``None``.
         reference: the row every other row is compared with (SS [Θ; θ]).
+        claims: ``(claim, better, worse)`` triples; those whose rows did not run are left out
+            (:data:`CLAIMS` for the ablation, :data:`COMPARISON_CLAIMS` for the comparison).
 
     Returns:
         The comparisons (the claims, then every row against ``reference``) as a
@@ -185,7 +224,7 @@ def ablation_note(accuracies: dict[tuple[str, int], list[float]], shots: Iterabl
         print(note)
     """
     shots = tuple(shots)
-    claims = paired_comparisons(accuracies, shots)
+    claims = paired_comparisons(accuracies, shots, claims)
     rows = sorted({method for method, _ in accuracies} - {reference})
     against = paired_comparisons(accuracies, shots, [(f"{m} vs {reference}", m, reference) for m in rows])
     lines = ["", "Closing note: paired differences over the same test tasks, in points, ± 95% CI "
@@ -200,7 +239,7 @@ def ablation_note(accuracies: dict[tuple[str, int], list[float]], shots: Iterabl
     for _, r in claims.iterrows():
         lines.append(f"- {r['claim']} ({r['better']} − {r['worse']}), {r['shots']}-shot: "
                      f"{_signed(r)}: {r['verdict']}.")
-    ss, ft = counts.get(reference), counts.get("ft-all")
+    ss, ft = (counts or {}).get(reference), (counts or {}).get("ft-all")
     if ss and ft:
         lines.append(f"- SS learns far fewer parameters than FT: {reference} {ss:,} against ft-all {ft:,} "
                      f"({100 * ss / ft:.1f}%).")

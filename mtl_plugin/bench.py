@@ -35,7 +35,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mtl_plugin.ablation_report import ablation_note, learned_parameter_counts, plot_accuracy_vs_parameters
+from mtl_plugin.ablation_report import (
+    CLAIMS,
+    COMPARISON_CLAIMS,
+    ablation_note,
+    learned_parameter_counts,
+    plot_accuracy_vs_parameters,
+)
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
@@ -379,10 +385,12 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
     atomic_write_text(files["timings"], cells[["method", "shots", "fit_seconds", "eval_seconds"]]
                       .to_csv(index=False, float_format="%.1f"))
     closing = ""
-    if ablation:
+    if "mtl" in config.rows:
         files["claims"] = config.out / f"{stem}-claims.csv"
-        comparisons, closing = ablation_note(accuracies, config.shots, counts)
+        comparisons, closing = ablation_note(accuracies, config.shots, counts,
+                                             claims=CLAIMS if ablation else COMPARISON_CLAIMS)
         atomic_write_text(files["claims"], comparisons.to_csv(index=False))
+    if ablation:
         files["parameters"] = config.out / f"{stem}-parameters.png"
         if not plot_accuracy_vs_parameters(cells, counts, files["parameters"],
                                            title=f"{benchmark.name}: what to adapt after pretraining"):

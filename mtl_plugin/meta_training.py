@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import asdict, dataclass, fields
@@ -30,7 +31,7 @@ from mtl_plugin import distributed
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.io import atomic_save_figure
+from mtl_plugin.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.progress import progress_bar
@@ -46,9 +47,12 @@ from mtl_plugin.run_log import (
 )
 from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
 
-__all__ = ["CHECKPOINT_KIND", "MetaTrainResult", "meta_train", "plot_meta_curves"]
+__all__ = ["CHECKPOINT_KIND", "VALIDATION_FILE", "MetaTrainResult", "meta_train", "plot_meta_curves"]
 
 CHECKPOINT_KIND = "meta-transfer"
+# Per-task validation accuracies (iteration, task, accuracy): every validation uses the same seeded
+# tasks, so two iterations (or two runs) compare task by task, as paired differences.
+VALIDATION_FILE = "validation.csv"
 # What a resumed run may change without override: lower lrs rescue a diverged run, and neither
 # the step schedule nor the tasks depend on the total number of iterations.
 _MAY_CHANGE_ON_RESUME = ("inner_lr", "encoder_lr", "head_lr", "iterations", "checkpoint_every")
@@ -154,17 +158,17 @@ def _lower(config: MetaTrainConfig, name: str) -> float:
 
 
 def _stopped(error: NonFiniteLossError, iteration: int, config: MetaTrainConfig, log: RunLog,
-             saved: int) -> NonFiniteLossError:
+             saved: Optional[int]) -> NonFiniteLossError:
     """The message of a diverged run: where, the likely lr and what to run next."""
     lrs = " or ".join(f"{name} {getattr(config, name):.3g}" for name in error.settings)
     flags = " ".join(f"--{name.replace('_', '-')} {_lower(config, name):.3g}" for name in error.settings)
     if error.settings:
         cause = f"Likely cause: {lrs} is too high"
-        remedy = f"with a lower lr, e.g. {'--resume ' if saved else ''}{flags}"
+        remedy = f"with a lower lr, e.g. {'--resume ' if saved is not None else ''}{flags}"
     else:
         cause = "Check the data and the pretrained weights for NaN or infinite values"
         remedy = "once they are fixed"
-    if saved:
+    if saved is not None:
         kept = [str(path) for path in (log.last_path, log.best_path) if path.is_file()]
         kept[0] += f" (iteration {saved})"
         kept = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept as before; continue {remedy}"
@@ -175,7 +179,7 @@ def _stopped(error: NonFiniteLossError, iteration: int, config: MetaTrainConfig,
 
 
 def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, identity: dict, override: bool,
-            log: RunLog) -> Tuple[int, float, int]:
+            log: RunLog) -> Tuple[int, float, int, list]:
     """Load the run saved in ``state`` (its ``last.pt``) after checking that it is the same run."""
     config, path = learner.config, log.last_path
     saved_identity = dict(state["model"], **({"train_data": state["data"]} if "data" in state else {}))
@@ -198,7 +202,7 @@ def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, id
     # rebuilt under them and brought to the step the run had reached.
     learner.apply_learning_rates(state["scheduler"]["last_epoch"])
     log.rows = list(state["metrics"])
-    return state["iteration"], state["best_accuracy"], state["best_iteration"]
+    return state["iteration"], state["best_accuracy"], state["best_iteration"], list(state.get("validation", []))
 
 
 def meta_train(
@@ -215,7 +219,10 @@ def meta_train(
 
     Writes ``metrics.csv`` (one row per iteration: loss, accuracy, the accuracy
     of the normal and of the hard tasks (NaN without hard tasks), and validation
-    columns every ``val_every``), ``curve.png`` (:func:`plot_meta_curves`: the
+    columns every ``val_every``; a fresh run starts with a row for iteration 0,
+    validated before any meta-update), ``validation.csv`` (each validation's
+    per-task accuracies, the same seeded val tasks every time, for paired
+    comparisons), ``curve.png`` (:func:`plot_meta_curves`: the
     validation accuracy and the normal against the hard tasks' training
     accuracy), ``best.pt`` and ``last.pt`` (every ``checkpoint_every`` iterations
     and with every new ``best.pt``) into ``out_dir``. ``model_info`` (e.g. the
@@ -275,39 +282,48 @@ def meta_train(
     main = distributed.is_main()
     progress = progress and main
     distributed.barrier()
+    validation_path = log.run_dir / VALIDATION_FILE
     if overwrite and main:
-        for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
+        for path in (log.last_path, log.best_path, log.csv_path, log.curve_path, validation_path):
             path.unlink(missing_ok=True)
     model, data = dict(model_info or {}), benchmark_identity(benchmark)
-    start, best_accuracy, best_iteration = 0, -math.inf, 0
+    start, best_accuracy, best_iteration, validation = 0, -math.inf, 0, []
     if previous is not None:
         identity = dict(model, train_data=data)
-        start, best_accuracy, best_iteration = _resume(learner, stream, previous, identity, override, log)
-    saved = start
+        start, best_accuracy, best_iteration, validation = _resume(learner, stream, previous, identity, override, log)
+    # The last iteration checkpointed (None: nothing saved yet).
+    saved = start if previous is not None else None
     val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
     bar = progress_bar(range(start, config.iterations), initial=start, total=config.iterations,
                desc="meta-train", disable=not progress)
-    for index in bar:
+    # A fresh run is validated before its first meta-update too (iteration 0), so that the curve
+    # shows what meta-training adds to the pretrained model and the start can be kept as the best.
+    for index in itertools.chain([-1] if previous is None else [], bar):
         iteration = index + 1
-        tasks, on_task = stream.next_batch()
-        try:
-            step = learner.meta_train_step(tasks, on_task)
-        except NonFiniteLossError as error:
-            raise _stopped(error, iteration, config, log, saved) from error
-        learner.scheduler.step()
-        row = {"iteration": iteration, "loss": step.loss, "accuracy": step.accuracy,
-               "normal_accuracy": step.normal_accuracy, "hard_accuracy": step.hard_accuracy,
-               "encoder_lr": learner.optimizer.param_groups[0]["lr"],
-               "val_accuracy": math.nan, "val_ci95": math.nan}
+        if iteration:
+            tasks, on_task = stream.next_batch()
+            try:
+                step = learner.meta_train_step(tasks, on_task)
+            except NonFiniteLossError as error:
+                raise _stopped(error, iteration, config, log, saved) from error
+            learner.scheduler.step()
+            row = {"iteration": iteration, "loss": step.loss, "accuracy": step.accuracy,
+                   "normal_accuracy": step.normal_accuracy, "hard_accuracy": step.hard_accuracy}
+        else:
+            row = {"iteration": 0, "loss": math.nan, "accuracy": math.nan, "normal_accuracy": math.nan,
+                   "hard_accuracy": math.nan}
+        row.update(encoder_lr=learner.optimizer.param_groups[0]["lr"], val_accuracy=math.nan, val_ci95=math.nan)
         improved = False
         if iteration % config.val_every == 0 or iteration == config.iterations:
             result = evaluate(learner.predict, benchmark.val, val_config, progress=False)
             row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
+            validation += [{"iteration": iteration, "task": task, "accuracy": accuracy}
+                           for task, accuracy in enumerate(result.accuracies)]
             improved = result.mean > best_accuracy
         log.append(row)
         if improved:
             best_accuracy, best_iteration = result.mean, iteration
-        bar.set_postfix(loss=f"{step.loss:.3f}", acc=f"{step.accuracy:.1f}",
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}",
                         val=f"{best_accuracy:.1f}" if best_accuracy > -math.inf else "-")
         # A new best.pt comes with a last.pt, so that a run folder holding best.pt can always resume.
         if improved or iteration % config.checkpoint_every == 0 or iteration == config.iterations:
@@ -327,10 +343,12 @@ def meta_train(
             save_checkpoint(
                 dict(header, optimizer=learner.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
                      stream=streams[0], best_accuracy=best_accuracy, best_iteration=best_iteration,
-                     metrics=log.rows, **({"streams": streams} if len(streams) > 1 else {})),
+                     metrics=log.rows, validation=validation, **({"streams": streams} if len(streams) > 1 else {})),
                 log.last_path,
             )
             log.write()
+            atomic_write_text(validation_path, pd.DataFrame(validation, columns=["iteration", "task", "accuracy"])
+                              .to_csv(index=False))
             plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
     distributed.barrier()
     if log.best_path.is_file():

@@ -47,6 +47,7 @@ _MAML_TABLES = "MAML as reported in the MetaOptNet / TADAM tables"
 _METAOPT = "MetaOptNet (Lee et al. CVPR 2019), Table 2"
 _METANET = "Munkhdalai & Yu, ICML 2017"
 _DHILLON = "Dhillon et al. ICLR 2020 (transductive fine-tuning)"
+_RFS = "Tian et al. ECCV 2020 (RFS-simple)"
 
 
 def _rows() -> list[PublishedResult]:
@@ -118,6 +119,16 @@ def _rows() -> list[PublishedResult]:
     ):
         add(dataset, "cosine-finetune", 5, 1, one, 0.68 if dataset == "mini-imagenet" else None, "WRN-28-10", _DHILLON)
         add(dataset, "cosine-finetune", 5, 5, five, 0.52 if dataset == "mini-imagenet" else None, "WRN-28-10", _DHILLON)
+
+    # Logistic regression on pretrained features (RFS-simple, ResNet-12); tiered-ImageNet without a CI.
+    for dataset, cells in (
+        ("mini-imagenet", ((62.02, 0.63), (79.64, 0.44))),
+        ("tiered-imagenet", ((69.74, None), (84.41, None))),
+        ("cifarfs", ((71.5, 0.8), (86.0, 0.5))),
+        ("fc100", ((42.6, 0.7), (59.1, 0.6))),
+    ):
+        for shots, (acc, ci) in zip((1, 5), cells):
+            add(dataset, "linear-probe", 5, shots, acc, ci, "ResNet-12", _RFS)
     return rows
 
 

@@ -212,6 +212,19 @@ def test_ablation_suite_counts_claims_plot_and_reuses_comparison_cells(data_home
     assert result.files["csv"] != comparison.files["csv"] and comparison.files["csv"].exists()
 
 
+def test_comparison_checks_the_papers_claims_on_the_rows_it_ran(data_home, monkeypatch):
+    monkeypatch.setattr(bench_module, "build_method", _tiny_budgets(bench_module.build_method))
+    config = BenchConfig.quick(methods=("protonet", "linear-probe", "mtl"), out=data_home / "out", **TINY)
+    result = run_bench(config, echo=lambda line: None)
+    claims = pd.read_csv(result.files["claims"])
+    assert list(claims["claim"][:2]) == ["meta-transfer beats nearest-class-mean on its own embedding",
+                                         "meta-transfer beats a linear probe on its own embedding (RFS-simple)"]
+    # Claims about rows that did not run (finetune, scratch, ...) are left out, not reported empty.
+    assert not claims["claim"].str.contains("fine-tuning|scratch|MAML").any()
+    assert set(claims["verdict"]) <= {"holds", "reversed", "within CI"}
+    assert "Closing note" in result.files["md"].read_text()
+
+
 def test_suite_option():
     runner = CliRunner()
     result = runner.invoke(main, ["bench", "--profile", "quick", "--suite", "nope"])

@@ -223,17 +223,40 @@ def test_resumed_run_ends_in_the_uninterrupted_state(tmp_path, hard_tasks):
 
 
 def test_metrics_csv_has_a_row_per_iteration_and_validation_at_intervals(tmp_path):
-    run(tmp_path, "a", iterations=5)  # checkpoints at 2, 4 and 5 (the end)
+    run(tmp_path, "a", iterations=5)  # checkpoints at 0, 2, 4 and 5 (the end)
     rows = pd.read_csv(tmp_path / "a" / "metrics.csv")
-    assert list(rows["iteration"]) == [1, 2, 3, 4, 5]
-    assert rows["val_accuracy"].notna().sum() == 2  # at 3 and at the end
+    assert list(rows["iteration"]) == [0, 1, 2, 3, 4, 5]
+    # Iteration 0 is the pretrained model before any meta-update: validated, nothing trained.
+    assert list(rows.dropna(subset=["val_accuracy"])["iteration"]) == [0, 3, 5]
+    assert rows.loc[0, ["loss", "accuracy", "normal_accuracy"]].isna().all()
     assert rows["hard_accuracy"].isna().all()
-    assert rows["normal_accuracy"].tolist() == pytest.approx(rows["accuracy"].tolist())
+    trained = rows[rows["iteration"] > 0]
+    assert trained["normal_accuracy"].tolist() == pytest.approx(trained["accuracy"].tolist())
+
+
+def test_validation_csv_holds_the_same_tasks_at_every_validation(tmp_path):
+    run(tmp_path, "v", iterations=5)
+    tasks = pd.read_csv(tmp_path / "v" / "validation.csv")
+    metrics = pd.read_csv(tmp_path / "v" / "metrics.csv").dropna(subset=["val_accuracy"])
+    assert sorted(tasks["iteration"].unique()) == [0, 3, 5]
+    for iteration, group in tasks.groupby("iteration"):
+        assert list(group["task"]) == [0, 1, 2, 3]  # val_tasks=4, in task order
+        mean = metrics.loc[metrics["iteration"] == iteration, "val_accuracy"].item()
+        assert group["accuracy"].mean() == pytest.approx(mean)
+
+
+def test_iteration_zero_can_be_the_best_checkpoint(tmp_path):
+    # An outer lr of ~0 leaves the learner where it started: iteration 0 is never beaten, and
+    # best.pt holds the pretrained start rather than a later, equal model.
+    learner, result = run(tmp_path, "z", iterations=3, encoder_lr=1e-12, head_lr=1e-12)
+    assert result.best_iteration == 0
+    best = torch.load(tmp_path / "z" / "best.pt", weights_only=True)
+    assert best["iteration"] == 0
 
 
 def test_metrics_csv_separates_normal_and_hard_task_accuracy(tmp_path):
     run(tmp_path, "h", iterations=4, hard_tasks=True, meta_batch=2, hard_meta_batch=2)
-    rows = pd.read_csv(tmp_path / "h" / "metrics.csv")
+    rows = pd.read_csv(tmp_path / "h" / "metrics.csv").query("iteration > 0")
     assert rows["normal_accuracy"].notna().all() and rows["hard_accuracy"].notna().all()
     # Two normal and two hard tasks per iteration: the overall accuracy is the mean of the two.
     both = (rows["normal_accuracy"] + rows["hard_accuracy"]) / 2

@@ -148,18 +148,21 @@ def test_meta_train_divergence_names_the_lr_and_keeps_the_checkpoints(tmp_path, 
     assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
     succeeds(meta + ["--resume", "--iterations", "4", "--encoder-lr", "1e-5", "--out", out])
     lrs = np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=5)
-    assert lrs.tolist() == [1e-4, 1e-4, 1e-5, 1e-5]
+    assert lrs.tolist() == [1e-4, 1e-4, 1e-4, 1e-5, 1e-5]  # iteration 0 (validation only), then 1-4
 
 
 @pytest.mark.parametrize("flag, phrase", [("--inner-lr", "the inner loop diverged: the support loss went from"),
                                           ("--head-lr", "the norm of θ")])
-def test_meta_train_divergence_before_any_checkpoint(tmp_path, pretrained, flag, phrase):
+def test_meta_train_divergence_at_the_first_update(tmp_path, pretrained, flag, phrase):
     out = tmp_path / "meta"
     suggested = {"--inner-lr": "--inner-lr 0.01", "--head-lr": "--head-lr 0.001"}[flag]
+    # Iteration 0 (the pretrained start, validated before any update) is checkpointed: the run
+    # continues from there with a lower lr.
     fails(1, META + ["--pretrained", pretrained / "best.pt", flag, "1e6", "--out", out],
-          "diverged at iteration 1", phrase, f"{flag[2:].replace('-', '_')} 1e+06", "no checkpoint was written yet",
-          suggested)
-    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+          "diverged at iteration 1", phrase, f"{flag[2:].replace('-', '_')} 1e+06", "last.pt (iteration 0)",
+          "best.pt are kept", f"--resume {suggested}")
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["iteration"] == 0 and [row["iteration"] for row in state["metrics"]] == [0]
 
 
 def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):

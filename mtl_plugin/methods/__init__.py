@@ -12,6 +12,7 @@ from __future__ import annotations
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
 from mtl_plugin.methods.cosine_finetune import CosineFinetune, CosineFinetuneConfig
 from mtl_plugin.methods.finetune import Finetune, FinetuneConfig
+from mtl_plugin.methods.linear_probe import LinearProbe, LinearProbeConfig, fit_logistic_regression
 from mtl_plugin.methods.maml import MAML, MAMLConfig
 from mtl_plugin.methods.metanet import MetaNet, MetaNetConfig
 from mtl_plugin.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
@@ -31,6 +32,7 @@ METHODS = {
     "finetune": (Finetune, FinetuneConfig),
     "cosine-finetune": (CosineFinetune, CosineFinetuneConfig),
     "protonet": (ProtoNet, ProtoNetConfig),
+    "linear-probe": (LinearProbe, LinearProbeConfig),
     "protonet-conv4": (ProtoNetConv4, ProtoNetConv4Config),
     "maml": (MAML, MAMLConfig),
     "metanet": (MetaNet, MetaNetConfig),
