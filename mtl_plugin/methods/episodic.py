@@ -1,7 +1,7 @@
 """Episodic training shared by the methods trained from scratch (protonet-conv4, maml, metanet).
 
-Bounded by a number of episodes (never by seconds, so that a seed gives the same model on
-any machine), checkpointed atomically in the method's work folder, and resumable: a killed
+Bounded by a number of episodes (never by seconds, so that a seed gives the same model on one
+machine and thread count, and one within float rounding on another), checkpointed atomically in the method's work folder, and resumable: a killed
 bench continues, a finished fit is reused.
 
 Example::
