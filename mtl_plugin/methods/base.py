@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -62,3 +62,38 @@ class FewShotMethod(abc.ABC):
     def describe_backbone(self) -> str:
         """The backbone as the results table names it."""
         return getattr(self, "backbone_label", "")
+
+
+class TestTimeMethod(FewShotMethod):
+    """A method that trains nothing: it adapts to each task on a frozen copy of the bench's
+    pretrained backbone (``finetune``, ``cosine-finetune``, ``linear-probe``).
+
+    Example::
+
+        class MyProbe(TestTimeMethod):
+            name = "my-probe"
+            def predict(self, support_x, support_y, query_x, ways):
+                features = self.frozen_backbone()(support_x)
+                ...
+    """
+
+    uses_pretraining: ClassVar[bool] = True
+
+    def __init__(self):
+        self.backbone: Optional[nn.Module] = None
+        self.backbone_label = ""
+
+    def fit(self, context: BenchContext) -> None:
+        """Take a copy of the bench's pretrained backbone, in eval mode; nothing is trained."""
+        self.backbone = context.pretrained_backbone().to(context.device).eval()
+        self.backbone_label = context.backbone_name
+
+    def frozen_backbone(self) -> nn.Module:
+        """The backbone taken by :meth:`fit`.
+
+        Raises:
+            RuntimeError: :meth:`fit` was not called yet.
+        """
+        if self.backbone is None:
+            raise RuntimeError(f"{type(self).__name__}.predict called before fit(context)")
+        return self.backbone

@@ -143,11 +143,9 @@ class CosineFinetune(Finetune):
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
     ) -> torch.Tensor:
-        if self.backbone is None:
-            raise RuntimeError(f"{type(self).__name__}.predict called before fit(context)")
         config = self.config
         logits = finetune_on_support(
-            self.backbone,
+            self.frozen_backbone(),
             partial(CosineClassifier.from_support, scale=config.scale),
             support_x, support_y, query_x, ways, config,
             loss_fn=partial(transductive_loss, entropy_weight=config.entropy_weight),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_plugin.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.methods.base import TestTimeMethod
 from mtl_plugin.prototypes import device_of, embed
 
 __all__ = [
@@ -152,7 +152,7 @@ def finetune_on_support(
         return head(encoder(query_in))
 
 
-class Finetune(FewShotMethod):
+class Finetune(TestTimeMethod):
     """The pretrained backbone fine-tuned on each support set with a new linear head.
 
     Example::
@@ -163,23 +163,15 @@ class Finetune(FewShotMethod):
     """
 
     name: ClassVar[str] = "finetune"
-    uses_pretraining: ClassVar[bool] = True
 
     def __init__(self, config: Optional[FinetuneConfig] = None):
+        super().__init__()
         self.config = config or FinetuneConfig()
-        self.backbone: Optional[nn.Module] = None
-        self.backbone_label = ""
-
-    def fit(self, context: BenchContext) -> None:
-        self.backbone = context.pretrained_backbone().to(context.device).eval()
-        self.backbone_label = context.backbone_name
 
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
     ) -> torch.Tensor:
-        if self.backbone is None:
-            raise RuntimeError(f"{type(self).__name__}.predict called before fit(context)")
         logits = finetune_on_support(
-            self.backbone, zero_linear_head, support_x, support_y, query_x, ways, self.config
+            self.frozen_backbone(), zero_linear_head, support_x, support_y, query_x, ways, self.config
         )
         return logits.to(query_x.device)

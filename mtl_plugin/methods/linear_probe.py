@@ -28,9 +28,8 @@ from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mtl_plugin.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.methods.base import TestTimeMethod
 from mtl_plugin.prototypes import embed
 
 __all__ = ["LinearProbe", "LinearProbeConfig", "fit_logistic_regression", "logistic_regression_objective"]
@@ -179,7 +178,7 @@ def fit_logistic_regression(
     return weight.detach().to(features.dtype), bias.detach().to(features.dtype)
 
 
-class LinearProbe(FewShotMethod):
+class LinearProbe(TestTimeMethod):
     """A logistic regression on the L2-normalised pretrained features of each support set.
 
     Inductive: each query's logits depend on the support set and that query alone.
@@ -195,18 +194,10 @@ class LinearProbe(FewShotMethod):
     """
 
     name: ClassVar[str] = "linear-probe"
-    uses_pretraining: ClassVar[bool] = True
-    transductive: ClassVar[bool] = False
 
     def __init__(self, config: Optional[LinearProbeConfig] = None):
+        super().__init__()
         self.config = config or LinearProbeConfig()
-        self.backbone: Optional[nn.Module] = None
-        self.backbone_label = ""
-
-    def fit(self, context: BenchContext) -> None:
-        """Take a copy of the bench's pretrained backbone, in eval mode; nothing is trained."""
-        self.backbone = context.pretrained_backbone().to(context.device).eval()
-        self.backbone_label = context.backbone_name
 
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
@@ -226,11 +217,9 @@ class LinearProbe(FewShotMethod):
             RuntimeError: called before :meth:`fit`.
             ValueError: ``support_y`` misses a class of 0..ways-1.
         """
-        if self.backbone is None:
-            raise RuntimeError(f"{type(self).__name__}.predict called before fit(context)")
-        config = self.config
-        support = F.normalize(embed(self.backbone, support_x).flatten(1), dim=1)
-        query = F.normalize(embed(self.backbone, query_x).flatten(1), dim=1)
+        backbone, config = self.frozen_backbone(), self.config
+        support = F.normalize(embed(backbone, support_x).flatten(1), dim=1)
+        query = F.normalize(embed(backbone, query_x).flatten(1), dim=1)
         weight, bias = fit_logistic_regression(support, support_y, ways, config.C, config.max_iter,
                                                config.tolerance)
         return (query @ weight.T + bias).to(query_x.device)
