@@ -47,6 +47,9 @@ def test_ablation_rows_meta_train_only_what_they_name(tmp_path, name):
     method.fit(ctx)
     (sx, sy), (qx, qy) = split_support_query(*build_taskset(ctx.benchmark.test, 3, 1, 3, 1, seed=0)[0], 1)
     assert method.predict(sx, sy, qx, ways=3).shape == (len(qx), 3)
+    # What the outer loop updated is in the run's last state: the best one fit() leaves in the
+    # learner may be iteration 0, the pretrained start itself.
+    method.learner.load_state_dict(torch.load(ctx.work_dir / "last.pt", weights_only=True)["learner"])
     backbone = method.learner.encoder.backbone
     changed = {key for key, value in backbone.state_dict().items()
                if key.endswith("weight") and not torch.equal(value, pretrained[key])}

@@ -241,7 +241,7 @@ def test_torchrun_meta_train_killed_rank_stops_the_job_and_resume_continues(tmp_
     assert resumed.stdout.count("best val accuracy") == 1  # rank 0 alone reports
     state = torch.load(tmp_path / "meta" / "last.pt", weights_only=True)
     assert state["iteration"] == 12 and state["world_size"] == 2 and len(state["streams"]) == 2
-    assert [row["iteration"] for row in state["metrics"]] == list(range(1, 13))
+    assert [row["iteration"] for row in state["metrics"]] == list(range(0, 13))  # iteration 0: validated before any update
 
     # One process cannot continue a job of two: each rank's task generators are in last.pt.
     alone = CliRunner().invoke(pipeline_cli.meta_train_command, meta[meta.index("meta-train") + 1:] + ["--resume"])
