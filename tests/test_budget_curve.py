@@ -1,14 +1,13 @@
 """benchmarks/budget_curve.py on a tiny bench: the curve's points, its paired columns, extension, summary, bad flags."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from benchmark_scripts import loaded_script
 
 from mtl_plugin.bench import BenchConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner
@@ -17,7 +16,6 @@ from mtl_plugin.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "budget_curve.py"
 TINY_BENCH = dict(
     dataset="kanji", dataset_options={"num_classes": 30, "instances": 6}, queries=3, backbone="conv4",
     pretrain=PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_queries=3),
@@ -31,12 +29,7 @@ def tiny_mtl() -> MTLConfig:
 
 @pytest.fixture(scope="module")
 def curve():
-    spec = importlib.util.spec_from_file_location("benchmark_budget_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from loaded_script("budget_curve.py")
 
 
 @pytest.fixture()

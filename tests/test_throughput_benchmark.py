@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from benchmark_scripts import loaded_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 COLUMNS = ["backbone", "px", "shots", "order", "head_init", "meta_batch", "bn", "granularity", "config",
            "support_without_graph", "batch_tasks", "output_scaling", "channels_last", "compile", "images_per_pass",
            "autocast", "tasks/s", "s/step", "warm-up s", "vs reference", "vs plain", "peak MB"]
@@ -19,13 +16,7 @@ COLUMNS = ["backbone", "px", "shots", "order", "head_init", "meta_batch", "bn", 
 
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("benchmark_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up by name while the script is executed.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from loaded_script("throughput.py")
 
 
 def test_tiniest_matrix_writes_every_column(throughput, tmp_path, capsys):
