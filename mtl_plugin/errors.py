@@ -40,10 +40,12 @@ __all__ = [
     "Command",
     "DataError",
     "Group",
+    "INTERRUPTED_EXIT_CODE",
     "MissingDataError",
     "NonFiniteLossError",
     "UsageError",
     "check_device",
+    "check_not_input",
     "check_run_folder",
     "check_output_dir",
     "check_output_file",
@@ -158,6 +160,38 @@ def check_output_file(path: PathLike, option: str = "--out") -> Path:
         raise UsageError(f"{option} {path}: is a folder; pass a file name, e.g. {path / 'result.json'}")
     _write_test(path.parent, option, path)
     return path
+
+
+def check_not_input(out: Optional[PathLike], inputs: dict, option: str = "--out") -> None:
+    """Refuse an output path that is, or is a folder holding, one of the command's inputs.
+
+    A run folder is replaced with ``--overwrite`` and a result file is written over whatever is
+    at its path, so an output that holds an input would destroy what the command reads.
+
+    Args:
+        out: the output file or folder (``None``: no output, nothing to check).
+        inputs: flag -> path of each input (``None`` values are skipped), e.g.
+            ``{"--checkpoint": "m/best.pt"}``.
+        option: the output's flag, for the message.
+
+    Raises:
+        UsageError: ``out`` is an input or holds one.
+
+    Example::
+
+        check_not_input("runs/pre", {"--pretrained": "runs/pre/best.pt"})   # UsageError
+    """
+    if out is None:
+        return
+    target = Path(out).expanduser().resolve()
+    for flag, given in inputs.items():
+        if given is None:
+            continue
+        source = Path(given).expanduser().resolve()
+        if source == target or target in source.parents:
+            what = "is" if source == target else "holds"
+            raise UsageError(f"{option} {out} {what} the input {flag} {given}: writing there would replace what "
+                             f"this command reads; pass another {option}")
 
 
 def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str = "run") -> Optional[Path]:
@@ -276,8 +310,30 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
     return state
 
 
+# The shell's exit status of a process stopped by SIGINT (128 + 2), which scripts test for.
+INTERRUPTED_EXIT_CODE = 130
+
+
+class _Interrupted(click.ClickException):
+    exit_code = INTERRUPTED_EXIT_CODE
+
+
+def _interrupted(ctx: click.Context) -> _Interrupted:
+    """The one line for a command stopped by Ctrl-C: what is kept and how to go on."""
+    command = " ".join(ctx.command_path.split()[1:]) or ctx.command_path
+    params = {param.name for param in ctx.command.params}
+    if "resume" in params:
+        hint = (f"the checkpoints already written in --out are kept; run the same mtl {command} command with "
+                f"--resume to continue from the last one")
+    elif command == "bench":
+        hint = "the finished cells in --out are kept; run the same mtl bench command again to continue"
+    else:
+        hint = f"no result was written; run mtl {command} again"
+    return _Interrupted(f"interrupted (Ctrl-C): {hint}")
+
+
 class _ShowsUserErrors:
-    """Turns the typed errors into click's: one ``Error: ...`` line and exit code 2 or 1."""
+    """Turns the typed errors into click's: one ``Error: ...`` line and exit code 2 or 1 (130 for Ctrl-C)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -287,6 +343,9 @@ class _ShowsUserErrors:
             raise click.UsageError(str(error)) from error
         except (DataError, NonFiniteLossError) as error:
             raise click.ClickException(str(error)) from error
+        except KeyboardInterrupt as error:
+            # Not click's bare "Aborted!" with exit 1, the code of bad data.
+            raise _interrupted(ctx) from error
 
 
 class Command(_ShowsUserErrors, click.Command):

@@ -41,6 +41,7 @@ from mtl_plugin.run_log import (
     all_finite,
     capture_rng_state,
     check_same_run,
+    hold_run_folder,
     previous_run,
     restore_rng_state,
     save_checkpoint,
@@ -246,7 +247,8 @@ def meta_train(
             ``encoder_lr``, ``head_lr`` and ``inner_lr`` replace the saved ones.
         progress: a progress bar.
         model_info: what ``mtl evaluate`` needs to rebuild the model.
-        overwrite: delete the run in ``out_dir`` and train anew.
+        overwrite: train anew in ``out_dir``; the run there is deleted when this one writes its
+            first checkpoint (a run that fails before that leaves it as it was).
         override: with ``resume``, continue under settings of the config that differ from
             the saved run's (other than the lrs and ``iterations``, which may always change).
 
@@ -255,7 +257,8 @@ def meta_train(
 
     Raises:
         UsageError: ``meta_batch`` (or ``hard_meta_batch``) is not a multiple of the processes;
-            a run resumed by another number of processes;
+            a run resumed by another number of processes; another process holds ``out_dir``
+            (:func:`~mtl_plugin.run_log.hold_run_folder`);
             ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
             the config differs from the run resumed without ``override``; a new lr for a
             finished run.
@@ -270,6 +273,14 @@ def meta_train(
         learner = MetaTransferLearner(SSAdapter(backbone), ways=5, config=MetaTrainConfig(iterations=2000))
         result = meta_train(learner, get_benchmark("kanji"), "runs/meta", resume=True)
     """
+    # Held from before the folder is read to the end, so that no second run can mix its files in.
+    with hold_run_folder(out_dir):
+        return _meta_train(learner, benchmark, out_dir, resume, progress, model_info, overwrite, override)
+
+
+def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str, Path], resume: bool,
+                progress: bool, model_info: Optional[dict], overwrite: bool, override: bool) -> MetaTrainResult:
+    """:func:`meta_train` in its held run folder."""
     config = learner.config
     if learner.ways != config.ways:
         raise ValueError(f"the learner is {learner.ways}-way but config.ways={config.ways}")
@@ -283,9 +294,9 @@ def meta_train(
     progress = progress and main
     distributed.barrier()
     validation_path = log.run_dir / VALIDATION_FILE
-    if overwrite and main:
-        for path in (log.last_path, log.best_path, log.csv_path, log.curve_path, validation_path):
-            path.unlink(missing_ok=True)
+    # With overwrite the old run stays until this one has a checkpoint to put in its place.
+    replaced = ([log.last_path, log.best_path, log.csv_path, log.curve_path, validation_path]
+                if overwrite and main else [])
     model, data = dict(model_info or {}), benchmark_identity(benchmark)
     start, best_accuracy, best_iteration, validation = 0, -math.inf, 0, []
     if previous is not None:
@@ -336,6 +347,10 @@ def meta_train(
             saved = iteration
             if not main:
                 continue
+            # last.pt first: from here no moment leaves a resumable mix of the old run and this one.
+            for path in replaced:
+                path.unlink(missing_ok=True)
+            replaced = []
             header = {"kind": CHECKPOINT_KIND, "model": model, "data": data, "config": asdict(config),
                       "iteration": iteration, "world_size": len(streams), "learner": learner.state_dict()}
             if improved:

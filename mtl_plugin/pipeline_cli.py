@@ -25,7 +25,7 @@ from mtl_plugin.errors import (
     DataError,
     UsageError,
     check_device,
-    check_output_dir,
+    check_not_input,
     check_output_file,
     read_checkpoint,
 )
@@ -44,7 +44,7 @@ from mtl_plugin.pretrain import (
     pretrain,
     run_config,
 )
-from mtl_plugin.run_log import previous_run
+from mtl_plugin.run_log import hold_run_folder, previous_run
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import SSAdapter
 
@@ -177,14 +177,16 @@ def pretrain_command(data, root, image_size, data_seed, device, out, resume, ove
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device))
     _check_override(resume, override)
-    # With --resume, flags not given keep the saved run's values.
-    config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
-    check_backbone(config.backbone, image_size_of(data, image_size))
-    check_output_dir(out)
-    bench = _benchmark(data, root, image_size, data_seed)
-    check_tasks(bench, config.val_ways, config.val_shots + config.val_queries, splits=("val",))
-    pretrain(bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override,
-             progress=not quiet)
+    check_not_input(out, {"--root": root})
+    # Held before the folder is read: a second run started at the same moment is refused.
+    with hold_run_folder(out):
+        # With --resume, flags not given keep the saved run's values.
+        config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
+        check_backbone(config.backbone, image_size_of(data, image_size))
+        bench = _benchmark(data, root, image_size, data_seed)
+        check_tasks(bench, config.val_ways, config.val_shots + config.val_queries, splits=("val",))
+        pretrain(bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override,
+                 progress=not quiet)
     if distributed.is_main():
         click.echo(f"best backbone: {Path(out) / 'best.pt'}")
 
@@ -224,34 +226,38 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
     if output_scaling and (granularity != "channel" or not pretrained):
         raise UsageError("--output-scaling needs --granularity channel and --pretrained: it moves SS's one scale per "
                          "output channel from the weight to the output")
-    # With --resume, flags not given keep the saved run's values.
-    previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
-    config = MetaTrainConfig(**{**(previous["config"] if previous else {}), **_overrides(MetaTrainConfig, values)})
-    speedups = Speedups(**_overrides(Speedups, values))
-    if pretrained:
-        state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained, "--pretrained")
-        # The backbone only fits images of the size it was trained on: that is the default.
-        image_size = state["model"]["image_size"] if image_size is None else image_size
-    else:
-        check_backbone(backbone, image_size_of(data, image_size))
-    check_output_dir(out)
-    bench = _benchmark(data, root, image_size, data_seed)
-    check_tasks(bench, config.ways, config.shots + config.queries, splits=("train", "val"))
-    if pretrained:
-        check_backbone_fits(state["model"], bench, pretrained, "--pretrained")
-        info = dict(state["model"], encoder="ss", granularity=granularity, bn="frozen")
-        model = build_pretrained(info)
-        model.load_state_dict(state["backbone"])
-        encoder = SSAdapter(model, granularity=granularity, output_scaling=output_scaling)
-    else:
-        info = {"backbone": backbone, "in_channels": bench.channels, "image_size": bench.image_size,
-                "data": benchmark_identity(bench), "encoder": "scratch"}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            encoder = build_pretrained(info)
-    learner = MetaTransferLearner(encoder, config.ways, config, speedups=speedups).to(device)
-    result = meta_train(learner, bench, out, resume=resume, overwrite=overwrite, override=override,
-                        progress=not quiet, model_info=info)
+    check_not_input(out, {"--pretrained": pretrained, "--root": root})
+    # Held before the folder is read: a second run started at the same moment is refused.
+    with hold_run_folder(out):
+        # With --resume, flags not given keep the saved run's values.
+        previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
+        saved = previous["config"] if previous else {}
+        config = MetaTrainConfig(**{**saved, **_overrides(MetaTrainConfig, values)})
+        speedups = Speedups(**_overrides(Speedups, values))
+        if pretrained:
+            state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained,
+                                              "--pretrained")
+            # The backbone only fits images of the size it was trained on: that is the default.
+            image_size = state["model"]["image_size"] if image_size is None else image_size
+        else:
+            check_backbone(backbone, image_size_of(data, image_size))
+        bench = _benchmark(data, root, image_size, data_seed)
+        check_tasks(bench, config.ways, config.shots + config.queries, splits=("train", "val"))
+        if pretrained:
+            check_backbone_fits(state["model"], bench, pretrained, "--pretrained")
+            info = dict(state["model"], encoder="ss", granularity=granularity, bn="frozen")
+            model = build_pretrained(info)
+            model.load_state_dict(state["backbone"])
+            encoder = SSAdapter(model, granularity=granularity, output_scaling=output_scaling)
+        else:
+            info = {"backbone": backbone, "in_channels": bench.channels, "image_size": bench.image_size,
+                    "data": benchmark_identity(bench), "encoder": "scratch"}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                encoder = build_pretrained(info)
+        learner = MetaTransferLearner(encoder, config.ways, config, speedups=speedups).to(device)
+        result = meta_train(learner, bench, out, resume=resume, overwrite=overwrite, override=override,
+                            progress=not quiet, model_info=info)
     if distributed.is_main():
         click.echo(f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
                    f"{result.best_checkpoint}")
@@ -282,6 +288,7 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device))
     if out:
+        check_not_input(out, {"--checkpoint": checkpoint, "--root": root})
         check_output_file(out)
     state = read_checkpoint(checkpoint)
     if state["kind"] == PRETRAIN_KIND:

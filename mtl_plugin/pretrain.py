@@ -45,6 +45,7 @@ from mtl_plugin.run_log import (
     all_finite,
     check_same_run,
     fast_forward,
+    hold_run_folder,
     previous_run,
     save_checkpoint,
 )
@@ -289,7 +290,8 @@ def pretrain(
         device: where to train.
         resume: continue the run in ``out_dir``; its saved lr is replaced by ``config.lr``.
         progress: progress bars and a line per epoch.
-        overwrite: delete the run in ``out_dir`` and train anew.
+        overwrite: train anew in ``out_dir``; the run there is deleted when this one writes its
+            first checkpoint (a run that fails before that leaves it as it was).
         override: with ``resume``, continue under the settings of ``config`` where they differ
             from the saved run's (schedule, epochs, weight decay, ...).
         backbone: the user's own feature extractor (``(B, C, H, W) -> (B, width)``), trained in
@@ -303,6 +305,7 @@ def pretrain(
 
     Raises:
         UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
+            another process holds ``out_dir`` (:func:`~mtl_plugin.run_log.hold_run_folder`);
             ``config`` differs from the run resumed without ``override``; ``batch_size`` is not a
             multiple of the processes, or the run was saved by another number of them.
         DataError: ``out_dir``'s run was trained on other data or another backbone.
@@ -314,10 +317,15 @@ def pretrain(
         backbone = pretrain(bench, PretrainConfig(backbone="conv4", epochs=3), "runs/pre")
         mine = pretrain(bench, PretrainConfig(epochs=3), "runs/mine", backbone=MyFeatureNet())
     """
-    config = config or PretrainConfig()
-    users = backbone
-    device = torch.device(device)
-    out_dir = Path(out_dir)
+    # Held from before the folder is read to the end, so that no second run can mix its files in.
+    with hold_run_folder(out_dir):
+        return _pretrain(benchmark, config or PretrainConfig(), Path(out_dir), torch.device(device), resume,
+                         progress, overwrite, override, backbone)
+
+
+def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: torch.device, resume: bool,
+              progress: bool, overwrite: bool, override: bool, users: Optional[nn.Module]) -> nn.Module:
+    """:func:`pretrain` in its held run folder."""
     ranks, main = distributed.world_size(), distributed.is_main()
     if config.batch_size % ranks:
         raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
@@ -327,9 +335,8 @@ def pretrain(
     # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bars).
     progress = progress and main
     distributed.barrier()
-    if overwrite and main:
-        for path in (log.last_path, log.best_path, log.csv_path, log.curve_path):
-            path.unlink(missing_ok=True)
+    # With overwrite the old run stays until this one has a checkpoint to put in its place.
+    replaced = [log.last_path, log.best_path, log.csv_path, log.curve_path] if overwrite and main else []
     name = config.backbone if users is None else f"module:{type(users).__name__}"
     info = {"backbone": name, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
             "data": benchmark_identity(benchmark)}
@@ -430,6 +437,10 @@ def pretrain(
             start = epoch
             if not main:
                 continue
+            # last.pt first: from here no moment leaves a resumable mix of the old run and this one.
+            for path in replaced:
+                path.unlink(missing_ok=True)
+            replaced = []
             if improved:
                 save_checkpoint({"kind": CHECKPOINT_KIND, "model": info, "config": asdict(config),
                                  "epoch": epoch, "val_accuracy": result.mean,

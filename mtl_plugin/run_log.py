@@ -13,7 +13,9 @@ Example::
     state = {"rng": capture_rng_state([task_rng]), "metrics": log.rows}
     save_checkpoint(state, log.last_path)
 
-The training commands share the rules of a run folder here: :func:`previous_run` (continue,
+A run folder is held by one process at a time (:func:`hold_run_folder`, an OS file lock that
+dies with its process). The training commands share the rules of a run folder here:
+:func:`previous_run` (continue,
 replace or refuse), :func:`check_same_run` (a resumed run keeps its data, model and
 experiment settings), :func:`fast_forward` (a schedule rebuilt under a new lr) and
 :func:`all_finite` with :data:`DIVERGENCE_FACTOR` (divergence checks).
@@ -23,12 +25,21 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError, check_run_folder, read_checkpoint
+from mtl_plugin import distributed
+from mtl_plugin.errors import (
+    DataError,
+    NonFiniteLossError,
+    UsageError,
+    check_output_dir,
+    check_run_folder,
+    read_checkpoint,
+)
 from mtl_plugin.io import atomic_save, atomic_save_figure, atomic_write_text
 
 PathLike = Union[str, os.PathLike]
@@ -40,7 +51,9 @@ __all__ = [
     "all_finite",
     "capture_rng_state",
     "check_same_run",
+    "LOCK_FILE",
     "fast_forward",
+    "hold_run_folder",
     "load_checkpoint",
     "previous_run",
     "restore_rng_state",
@@ -50,6 +63,10 @@ __all__ = [
 # Cross-entropy starts near ln(classes), chance level. A loss a hundred times that means logits
 # wrong by hundreds: the optimiser has diverged and no later step brings it back.
 DIVERGENCE_FACTOR = 100.0
+# The file a run folder's lock is taken on (hidden: it is not part of the run).
+LOCK_FILE = ".mtl-run.lock"
+# The run folders this process holds: resolved folder -> the descriptor of its lock file.
+_HELD: dict = {}
 
 
 def capture_rng_state(rngs: Sequence[random.Random] = ()) -> dict:
@@ -142,6 +159,98 @@ def fast_forward(scheduler: Any, steps: int) -> None:
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         for _ in range(steps):
             scheduler.step()
+
+
+def _lock(folder: Path, option: str) -> int:
+    """Take the lock of ``folder`` without waiting; return the descriptor that holds it."""
+    import fcntl
+
+    path = folder / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise UsageError(f"{option} {folder}: cannot write there ({error.strerror or error}); "
+                             f"pass a folder you can write to") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"{option} {folder} is in use by another mtl run (process {holder or 'unknown'}); "
+                             f"wait for it to end, or pass another {option}") from None
+        except OSError as error:
+            os.close(fd)
+            raise UsageError(f"{option} {folder}: cannot lock {path} ({error.strerror or error}), so another run "
+                             f"could write there at the same time; pass a folder on a local disk") from error
+        # The previous holder removes the file as it lets go: if it did so after our open, the lock is on a
+        # file no one else will find, so take it again on the file that is there now.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    # The temporary files of atomic writes (mtl_plugin.io.atomic_open: ".<name>.<random>.tmp") that a
+    # killed process left; with the folder held, no writer of this folder is alive.
+    for path in folder.glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def hold_run_folder(out_dir: PathLike, option: str = "--out") -> Iterator[Path]:
+    """Hold the run folder ``out_dir`` for the duration of the block: a second run there is refused at once.
+
+    The folder is created if needed and locked with ``flock`` on its :data:`LOCK_FILE`; the
+    operating system releases the lock when the process ends, however it ends (``kill -9``
+    included). Nested holds of the same folder in one process (the command line, then the
+    library function it calls) share the lock. On taking it, the temporary files of atomic
+    writes that a killed run left behind are removed. Under ``torchrun`` rank 0 holds the
+    folder for the job (the other ranks only read it).
+
+    Args:
+        out_dir: the run folder.
+        option: its flag, for the messages.
+
+    Returns:
+        The folder, as a ``Path``.
+
+    Raises:
+        UsageError: another process holds the folder, or it cannot be created, written or locked.
+
+    Example::
+
+        with hold_run_folder("runs/meta"):
+            meta_train(learner, bench, "runs/meta")
+    """
+    folder = Path(out_dir).expanduser()
+    if not distributed.is_main():
+        yield folder
+        return
+    check_output_dir(folder, option)
+    key = folder.resolve()
+    if key in _HELD:
+        # Held by an enclosing block of this process, which lets it go.
+        yield folder
+        return
+    fd = _lock(key, option)
+    _HELD[key] = fd
+    try:
+        _remove_leftovers(key)
+        yield folder
+    finally:
+        del _HELD[key]
+        # Removed while still locked (see _lock), so that a finished run leaves no lock file behind.
+        (key / LOCK_FILE).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, command: str,

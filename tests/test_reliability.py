@@ -444,3 +444,98 @@ def test_typed_errors_stay_value_and_file_errors_for_library_users(tmp_path):
     assert issubclass(MissingDataError, DataError) and issubclass(DataError, ValueError)
     with pytest.raises(ValueError, match="unknown data set"):
         get_benchmark("imagenet-21k")
+
+
+# Issue #22. 1. A run folder is never lost or mixed.
+
+def test_evaluate_out_may_not_be_its_checkpoint(tmp_path, pretrained):
+    model = tmp_path / "best.pt"
+    model.write_bytes((pretrained / "best.pt").read_bytes())
+    fails(2, EVALUATE + ["--checkpoint", model, "--out", model], "--out", "is the input --checkpoint")
+    assert model.read_bytes() == (pretrained / "best.pt").read_bytes()
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+def test_meta_train_out_may_not_hold_its_pretrained_checkpoint(tmp_path, pretrained, flags):
+    before = {path.name: path.read_bytes() for path in pretrained.iterdir()}
+    fails(2, META + ["--pretrained", pretrained / "best.pt", "--out", pretrained] + flags,
+          "holds the input --pretrained")
+    assert {path.name: path.read_bytes() for path in pretrained.iterdir()} == before
+
+
+def _hold_in_another_process(folder):
+    """A process holding ``folder`` as a run would; it has printed its pid once the lock is held."""
+    import subprocess
+
+    code = ("import sys, time; from mtl_plugin.run_log import hold_run_folder\n"
+            "with hold_run_folder(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_run_folder_is_held_for_the_whole_run(tmp_path, pretrained):
+    from mtl_plugin.run_log import LOCK_FILE
+
+    out = tmp_path / "run"
+    holder = _hold_in_another_process(out)
+    try:
+        fails(2, PRETRAIN + ["--out", out], f"--out {out} is in use by another mtl run",
+              f"process {holder.pid}", "another --out")
+        fails(2, META + ["--pretrained", pretrained / "best.pt", "--out", out], "in use by another mtl run")
+        bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+        with pytest.raises(UsageError, match="in use by another mtl run"):
+            pretrain(bench, PretrainConfig(backbone="conv4", epochs=1), out, progress=False)
+        assert sorted(path.name for path in out.iterdir()) == [LOCK_FILE]
+    finally:
+        # kill -9: the operating system lets the lock go with the process.
+        holder.kill()
+        holder.wait()
+    succeeds(PRETRAIN + ["--out", out])
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_killed_runs_temporary_files_are_removed(tmp_path):
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    # What kill -9 during an atomic write leaves (mtl_plugin.io.atomic_open's names).
+    for name in (".curve.png.k2j4_x.tmp", ".last.pt.a8f3.tmp", ".metrics.csv.zz.tmp"):
+        (out / name).write_bytes(b"half a file")
+    (out / "notes.tmp").write_text("the user's own file")
+    succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--out", out])
+    assert sorted(path.name for path in out.iterdir()) == ["best.pt", "curve.png", "last.pt", "metrics.csv",
+                                                           "notes.tmp"]
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, pretrained, monkeypatch):
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    fails(1, PRETRAIN + ["--overwrite", "--lr", "1e6", "--out", out], "diverged at epoch 1")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    succeeds(PRETRAIN + ["--overwrite", "--seed", "1", "--out", out])
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["seed"] == 1
+
+    meta, out = META + ["--pretrained", pretrained / "best.pt"], tmp_path / "meta"
+    succeeds(meta + ["--out", out])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    module = sys.modules["mtl_plugin.meta_training"]
+    # Stopped at its first validation, before it wrote anything.
+    monkeypatch.setattr(module, "evaluate", raising_at_call(module.evaluate, 1, RuntimeError("stopped")))
+    assert isinstance(mtl(*meta, "--overwrite", "--seed", "1", "--out", out).exception, RuntimeError)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+# Issue #22. 2. Ctrl-C.
+
+@pytest.mark.parametrize("command", ["pretrain", "meta-train"])
+def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, pretrained, monkeypatch, command):
+    module = sys.modules[{"pretrain": "mtl_plugin.pretrain", "meta-train": "mtl_plugin.meta_training"}[command]]
+    monkeypatch.setattr(module, "evaluate", raising_at_call(module.evaluate, 1))
+    args = PRETRAIN if command == "pretrain" else META + ["--pretrained", pretrained / "best.pt"]
+    fails(130, args + ["--out", tmp_path / "run"], "interrupted (Ctrl-C)", f"mtl {command}", "--resume")
+
+
+def test_ctrl_c_in_evaluate_exits_130(pretrained, monkeypatch):
+    monkeypatch.setattr(pipeline_cli, "evaluate", raising_at_call(pipeline_cli.evaluate, 1))
+    fails(130, EVALUATE + ["--checkpoint", pretrained / "best.pt"], "interrupted (Ctrl-C)", "mtl evaluate again")
