@@ -18,9 +18,10 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torchvision
@@ -357,6 +358,25 @@ def list_backbones() -> list[str]:
 BACKBONES = (*_REGISTRY, "resnet18-small", "<any torchvision.models name>")
 
 
+@functools.lru_cache(maxsize=None)
+def _torchvision_misfit(arch: str, image_size: int) -> Optional[str]:
+    """Why torchvision's ``arch`` cannot take ``image_size`` px images, or ``None``.
+
+    Built and run on the meta device: shapes only, no memory and no arithmetic (a fraction of a
+    second), so that a ViT's fixed input size or a pooling to nothing is found before data loads.
+    """
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None).eval()
+            model(torch.empty(1, 3, image_size, image_size))
+    except NotImplementedError:
+        # An operation without a meta kernel: the size cannot be checked before building.
+        return None
+    except (AssertionError, RuntimeError, ValueError) as error:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return None
+
+
 def check_backbone(name: str, image_size: int | None = None) -> None:
     """Check that ``name`` is a backbone :func:`build_backbone` knows and fits ``image_size`` px.
 
@@ -368,7 +388,8 @@ def check_backbone(name: str, image_size: int | None = None) -> None:
         image_size: the image side the backbone will see; ``None`` skips the size check.
 
     Raises:
-        UsageError: an unknown name, or images too small for the backbone's poolings.
+        UsageError: an unknown name, or images too small for the backbone's poolings, or of a
+            size a torchvision model does not take (a ViT's fixed size; checked on the meta device).
 
     Example::
 
@@ -388,6 +409,12 @@ def check_backbone(name: str, image_size: int | None = None) -> None:
             f"image size {image_size} px is too small for {name} (four 2x2 poolings): "
             f"use --image-size {minimum} or more"
         )
+    if image_size is not None and name not in _REGISTRY and base == name:
+        misfit = _torchvision_misfit(name, image_size)
+        if misfit is not None:
+            # torchvision's own reason names the size a ViT is built for ("Expected 224 but got 16").
+            raise UsageError(f"{name} does not take images of {image_size} px ({misfit}): pass an --image-size it "
+                             f"takes, or another --backbone")
 
 
 def build_backbone(

@@ -15,7 +15,7 @@ import pandas as pd
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
 from mtl_plugin.data.benchmark import image_size_of
-from mtl_plugin.errors import Command, check_device, check_output_dir
+from mtl_plugin.errors import SEED, Command, check_device, check_output_dir
 
 __all__ = ["bench"]
 
@@ -66,7 +66,7 @@ _PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
 @click.option("--backbone", default=None, help=f"Backbone of the pretrained methods. {_default('backbone')}")
 @click.option("--image-size", default=None, type=int,
               help=f"Image side in pixels, for every data set. {_default('image_size')}")
-@click.option("--seed", default=None, type=int, help=f"Seed of the test tasks and of every method. {_default('seed')}")
+@click.option("--seed", default=None, type=SEED, help=f"Seed of the test tasks and of every method. {_default('seed')}")
 @click.option("--out", default=None, type=click.Path(), help=f"Output folder, reused to resume. {_default('out')}")
 @click.option("--device", default=None, help=f"cpu, cuda or auto. {_default('device')}")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

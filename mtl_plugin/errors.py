@@ -7,7 +7,8 @@ Two kinds, both ``ValueError`` so that library code catching ``ValueError`` keep
   exits with 2, as click does for a malformed flag.
 * :class:`DataError`: the input files are missing, empty, damaged or of the wrong kind (a data
   set, a checkpoint). ``mtl`` prints one ``Error: ...`` line and exits with 1.
-  :class:`MissingDataError` is also a ``FileNotFoundError``.
+  :class:`MissingDataError` is also a ``FileNotFoundError``; :class:`OutputError` (an output
+  file that could not be written, e.g. on a full disk) is also an ``OSError``.
 
 A training run that diverges raises :class:`NonFiniteLossError` (also importable from
 :mod:`mtl_plugin.run_log`), shown the same way (exit 1). Anything else is a bug and keeps its
@@ -41,11 +42,15 @@ __all__ = [
     "DataError",
     "Group",
     "INTERRUPTED_EXIT_CODE",
+    "MAX_SEED",
+    "SEED",
     "MissingDataError",
     "NonFiniteLossError",
+    "OutputError",
     "UsageError",
     "check_device",
     "check_not_input",
+    "check_seed",
     "check_run_folder",
     "check_output_dir",
     "check_output_file",
@@ -53,6 +58,13 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
+
+
+# Seeds reach numpy's legacy seeding and learn2learn (below 2**32), and torch's generators after the
+# loops derive their own from them (seed * 100_003 + epoch, plus a stride per rank), below 2**64.
+MAX_SEED = 2**32 - 1
+# The click type of every --seed and --data-seed: one range for every command.
+SEED = click.IntRange(min=0, max=MAX_SEED)
 
 
 class UsageError(ValueError):
@@ -65,6 +77,11 @@ class DataError(ValueError):
 
 class MissingDataError(DataError, FileNotFoundError):
     """An input file or folder that is not there (also a ``FileNotFoundError``)."""
+
+
+class OutputError(DataError, OSError):
+    """An output file could not be written (a full disk, a quota, a read-only file system); the
+    version there before is kept (``mtl`` exit code 1; also an ``OSError``)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,6 +100,21 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, settings: tuple[str, ...] = ()):
         super().__init__(message)
         self.settings = tuple(settings)
+
+
+def check_seed(seed: Any, name: str = "seed") -> None:
+    """Check that ``seed`` is a seed every generator ``mtl`` feeds accepts: an integer in 0..:data:`MAX_SEED`.
+
+    Raises:
+        UsageError: another type, or out of range (``PretrainConfig(seed=10**20)`` failed deep in
+            torch with ``ValueError: Overflow``).
+
+    Example::
+
+        check_seed(config.seed)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{name}={seed!r}: a seed is an integer from 0 to {MAX_SEED}")
 
 
 def check_device(name: str, option: str = "--device") -> torch.device:
@@ -238,6 +270,26 @@ def _first_sentence(error: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0] if text else "no message"
 
 
+def _first_non_finite(value: Any, name: str = "") -> Optional[str]:
+    """The name of the first floating-point tensor in ``value`` (nested dicts, lists, tuples) that holds a
+    NaN or an infinity, or ``None``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not bool(value.isfinite().all()) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _first_non_finite(item, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: Any = "cpu",
                     require_kind: bool = True) -> dict:
     """Load a checkpoint written by ``mtl``, turning every way a file can be wrong into a :class:`DataError`.
@@ -260,7 +312,8 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
     Raises:
         MissingDataError: no file at ``path``.
         DataError: an empty, truncated or non-PyTorch file, a file refused by the safe loader,
-            or (with ``require_kind``) a PyTorch file that ``mtl`` did not write.
+            (with ``require_kind``) a PyTorch file that ``mtl`` did not write, or a floating-point
+            tensor holding a NaN or an infinity.
 
     Example::
 
@@ -307,6 +360,13 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
                 else f"it holds a {type(state).__name__}, not a dict")
         raise DataError(f"{option} {path}: a PyTorch file, but not a checkpoint written by mtl pretrain or "
                         f"mtl meta-train ({what})")
+    broken = _first_non_finite(state)
+    if broken is not None:
+        # Every number computed from such weights is NaN or chance level: refuse rather than report it.
+        remedy = ("pass --overwrite to train anew there, or another --out" if option == "--out"
+                  else "give the checkpoint of a run that did not diverge")
+        raise DataError(f"{option} {path}: {broken} holds NaN or infinite values (the weights of a diverged or "
+                        f"damaged run), so nothing computed from it is right; {remedy}")
     return state
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mtl_plugin import distributed
-from mtl_plugin.errors import UsageError
+from mtl_plugin.errors import UsageError, check_seed
 from mtl_plugin.progress import progress_bar
 from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
@@ -36,7 +36,8 @@ class EvaluationConfig:
     """The test protocol of MAML, Closer Look, RFS and MTL: 600 5-way tasks, 15 queries per class.
 
     Raises:
-        UsageError: ``ways`` < 2, or ``shots``, ``queries`` or ``tasks`` < 1.
+        UsageError: ``ways`` < 2, or ``shots``, ``queries`` or ``tasks`` < 1, or a ``seed`` outside
+            0..:data:`~mtl_plugin.errors.MAX_SEED`.
 
     Example::
 
@@ -56,6 +57,7 @@ class EvaluationConfig:
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise UsageError(f"{name}={getattr(self, name)}: a task needs {minimum} or more")
+        check_seed(self.seed)
 
 
 @dataclass

@@ -12,9 +12,11 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 import torch
+
+from mtl_plugin.errors import OutputError
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,7 +32,12 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename."""
+    """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename.
+
+    Raises:
+        OutputError: the file system refused the bytes (full disk, quota, read-only): ``path``
+            is left as it was and the temporary file removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target: os.replace is atomic only within one file system.
@@ -43,10 +50,27 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        reason = _write_failure(error)
+        if reason is None:
+            raise
+        raise OutputError(f"{path}: could not be written ({reason}); the version there before, if any, is kept: "
+                          f"free space on that disk (or write elsewhere) and run the command again (mtl pretrain "
+                          f"and meta-train with --resume)") from error
+
+
+def _write_failure(error: BaseException) -> Optional[str]:
+    """Why writing failed, if ``error`` says the file system refused the bytes (full, quota, read-only)."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    # torch.save's zip writer reports a short write as a RuntimeError ("[enforce fail at
+    # inline_container.cc:...] unexpected pos ..." or "PytorchStreamWriter failed writing file ...").
+    text = str(error)
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return "the checkpoint writer stopped short, e.g. on a full disk: " + text.strip().splitlines()[0]
+    return None
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from mtl_plugin.errors import UsageError
+from mtl_plugin.errors import UsageError, check_seed
 
 __all__ = ["HEAD_INITS", "MetaTrainConfig"]
 
@@ -108,3 +108,4 @@ class MetaTrainConfig:
             )
         if self.head_init not in HEAD_INITS:
             raise UsageError(f"head_init={self.head_init!r} is unknown; use one of {HEAD_INITS}")
+        check_seed(self.seed)

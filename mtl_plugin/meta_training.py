@@ -175,7 +175,8 @@ def _stopped(error: NonFiniteLossError, iteration: int, config: MetaTrainConfig,
         kept = f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept as before; continue {remedy}"
     else:
         kept = f"no checkpoint was written yet; start again {remedy}"
-    return NonFiniteLossError(f"meta-training diverged at iteration {iteration}: {error}. {cause}: {kept}",
+    where = f"{iteration}{' (its validation, before any update)' if iteration == 0 else ''}"
+    return NonFiniteLossError(f"meta-training diverged at iteration {where}: {error}. {cause}: {kept}",
                               settings=error.settings)
 
 
@@ -326,7 +327,11 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
         row.update(encoder_lr=learner.optimizer.param_groups[0]["lr"], val_accuracy=math.nan, val_ci95=math.nan)
         improved = False
         if iteration % config.val_every == 0 or iteration == config.iterations:
-            result = evaluate(learner.predict, benchmark.val, val_config, progress=False)
+            try:
+                result = evaluate(learner.predict, benchmark.val, val_config, progress=False)
+            except NonFiniteLossError as error:
+                # The validation tasks' adaptation diverged: their accuracy would be chance, not a result.
+                raise _stopped(error, iteration, config, log, saved) from error
             row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
             validation += [{"iteration": iteration, "task": task, "accuracy": accuracy}
                            for task, accuracy in enumerate(result.accuracies)]

@@ -365,8 +365,8 @@ class MetaTransferLearner(nn.Module):
             bias = bias - self.config.inner_lr * grad_b
             if not differentiable:
                 weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-        if differentiable and first_loss is not None:
-            # Training only: test-time adaptation (no_grad) reports no error, it just scores.
+        if first_loss is not None:
+            # Test-time adaptation too: a head adapted by a diverged loop scores at chance, a wrong number.
             with torch.no_grad():
                 last_loss = F.cross_entropy(F.linear(features, weight, bias), labels)
             self._check_inner_loop(*torch.stack([first_loss, last_loss]).tolist(), steps, weight.shape[0])
@@ -577,6 +577,11 @@ class MetaTransferLearner(nn.Module):
 
         Returns:
             Query logits ``(queries, ways)``, without gradients.
+
+        Raises:
+            NonFiniteLossError: the adaptation diverged: its support loss ended non-finite or above
+                ``INNER_DIVERGENCE_FACTOR`` x max(its start, ln(ways)), as in training
+                (``settings == ("inner_lr",)``); its scores would be chance level.
 
         Example::
 

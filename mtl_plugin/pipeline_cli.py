@@ -21,8 +21,10 @@ from mtl_plugin import distributed
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
 from mtl_plugin.errors import (
+    SEED,
     Command,
     DataError,
+    NonFiniteLossError,
     UsageError,
     check_device,
     check_not_input,
@@ -40,6 +42,7 @@ from mtl_plugin.pretrain import (
     PretrainConfig,
     build_pretrained,
     check_backbone_fits,
+    check_model_record,
     check_pretrain_checkpoint,
     pretrain,
     run_config,
@@ -61,7 +64,7 @@ def _data_options(command):
     command = click.option("--data", default="kanji", show_default=True, help="Data set name (see mtl data).")(command)
     command = click.option("--root", default=None, help="Folder with the data set's files.")(command)
     command = click.option("--image-size", type=int, default=None, help="Image side (default: the data set's).")(command)
-    command = click.option("--data-seed", type=int, default=0, show_default=True,
+    command = click.option("--data-seed", type=SEED, default=0, show_default=True,
                            help="Seed of the data set's own draws (kanji generation, splits).")(command)
     command = click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                            show_default=True, help="cpu, cuda or cuda:N (default: cuda if there is a GPU).")(command)
@@ -104,7 +107,7 @@ _PRETRAIN_OPTIONS = [
     ("val_ways", click.IntRange(min=2), "Classes per validation task."),
     ("val_shots", _POSITIVE, "Shots per validation task."),
     ("val_queries", _POSITIVE, "Queries per class of a validation task."),
-    ("seed", int, "Seed of the initialisation, batches and validation tasks."),
+    ("seed", SEED, "Seed of the initialisation, batches and validation tasks."),
 ]
 _META_TRAIN_OPTIONS = [
     ("ways", click.IntRange(min=2), "Classes per task."),
@@ -127,7 +130,7 @@ _META_TRAIN_OPTIONS = [
     ("val_every", _POSITIVE, "Iterations between validations."),
     ("val_tasks", _POSITIVE, "Tasks per validation."),
     ("checkpoint_every", _POSITIVE, "Iterations between last.pt saves."),
-    ("seed", int, "Seed of the tasks and the head."),
+    ("seed", SEED, "Seed of the tasks and the head."),
 ]
 # How the encoder runs (mtl_plugin.speedups): nothing here changes what is learned, but --autocast.
 _SPEEDUP_OPTIONS = [
@@ -277,13 +280,14 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
               help="Query images per class.")
 @click.option("--tasks", type=click.IntRange(min=1), default=EvaluationConfig.tasks, show_default=True,
               help="Test tasks.")
-@click.option("--seed", type=int, default=EvaluationConfig.seed, show_default=True,
+@click.option("--seed", type=SEED, default=EvaluationConfig.seed, show_default=True,
               help="Task seed: same seed, same tasks.")
-@click.option("--inner-steps", type=int, default=None, help="Adaptation steps (default: the checkpoint's).")
+@click.option("--inner-steps", type=_COUNT, default=None, help="Adaptation steps (default: the checkpoint's).")
+@click.option("--inner-lr", type=_RATE, default=None, help="Step size of the adaptation (default: the checkpoint's).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(data, root, image_size, data_seed, device, checkpoint, split, ways, shots, queries,
-                     tasks, seed, inner_steps, out, quiet) -> None:
+                     tasks, seed, inner_steps, inner_lr, out, quiet) -> None:
     """Mean accuracy ± 95% CI over seeded N-way K-shot tasks."""
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device))
@@ -300,6 +304,7 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
     if "backbone" not in info:
         raise DataError(f"--checkpoint {checkpoint} does not record its model (meta_train ran without "
                         f"model_info); rebuild the learner in Python and load it with load_learner_state")
+    check_model_record(info, checkpoint)
     # The backbone only fits images of the size it was trained on: that is the default.
     bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
     check_backbone_fits(info, bench, checkpoint)
@@ -319,8 +324,16 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
                                  param_hint="--ways")
     if inner_steps is not None:
         learner.config.test_inner_steps = inner_steps
+    if inner_lr is not None:
+        learner.config.inner_lr = inner_lr
     config = EvaluationConfig(ways, shots, queries, tasks, seed)
-    result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
+    try:
+        result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
+    except NonFiniteLossError as error:
+        remedy = (f"pass a lower --inner-lr, e.g. {learner.config.inner_lr / 10:.3g}, or fewer --inner-steps"
+                  if "inner_lr" in error.settings else "check the images for NaN or infinite values")
+        raise NonFiniteLossError(f"--checkpoint {checkpoint}: the test-time adaptation diverged, so its accuracy "
+                                 f"would be chance, not a result ({error}); {remedy}", settings=error.settings) from error
     if not distributed.is_main():
         return
     click.echo(f"{split} {ways}-way {shots}-shot: {result}")

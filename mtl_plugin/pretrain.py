@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from mtl_plugin import distributed
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.data.benchmark import benchmark_identity
-from mtl_plugin.errors import DataError, UsageError, read_checkpoint
+from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, benchmark_identity
+from mtl_plugin.errors import DataError, UsageError, check_seed, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
 from mtl_plugin.progress import progress_bar
@@ -54,6 +54,7 @@ __all__ = [
     "PretrainConfig",
     "build_pretrained",
     "check_backbone_fits",
+    "check_model_record",
     "check_pretrain_checkpoint",
     "load_pretrained",
     "pretrain",
@@ -76,7 +77,8 @@ class PretrainConfig:
     small budgets.
 
     Raises:
-        UsageError: an unknown schedule or a value out of range (e.g. ``lr <= 0``, ``epochs < 1``).
+        UsageError: an unknown schedule or a value out of range (e.g. ``lr <= 0``, ``epochs < 1``, a seed
+            outside 0..:data:`~mtl_plugin.errors.MAX_SEED`).
 
     Example::
 
@@ -113,6 +115,7 @@ class PretrainConfig:
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise UsageError(f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}: "
                              f"need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
+        check_seed(self.seed)
 
 
 def build_pretrained(info: dict) -> nn.Module:
@@ -125,6 +128,29 @@ def build_pretrained(info: dict) -> nn.Module:
     return build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"])
 
 
+def check_model_record(info: dict, path: Union[str, Path], option: str = "--checkpoint") -> dict:
+    """Check the ``model`` entry of a checkpoint before anything is built or loaded from it.
+
+    Returns:
+        ``info``.
+
+    Raises:
+        DataError: no backbone name, or an image size outside ``MIN_IMAGE_SIZE..MAX_IMAGE_SIZE`` or a
+            channel count below 1 (a damaged record: an image size of 100000 asked for 10 GB).
+
+    Example::
+
+        check_model_record(state["model"], "runs/pre/best.pt")
+    """
+    size, channels = info.get("image_size"), info.get("in_channels")
+    if (not isinstance(info.get("backbone"), str) or not isinstance(size, int)
+            or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE or not isinstance(channels, int) or channels < 1):
+        raise DataError(f"{option} {path}: its model record (backbone {info.get('backbone')!r}, image_size {size!r}, "
+                        f"in_channels {channels!r}) is not one of a model mtl trains (images of {MIN_IMAGE_SIZE} to "
+                        f"{MAX_IMAGE_SIZE} px, 1 or more channels); the file is damaged or was not written by mtl")
+    return info
+
+
 def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "--checkpoint") -> dict:
     """Check that ``state`` (from :func:`~mtl_plugin.errors.read_checkpoint`) is a pretrain ``best.pt``.
 
@@ -132,8 +158,8 @@ def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str =
         ``state``.
 
     Raises:
-        DataError: another kind of checkpoint, or the resumable ``last.pt``, which holds no
-            best backbone.
+        DataError: another kind of checkpoint, the resumable ``last.pt``, which holds no
+            best backbone, or a damaged model record (:func:`check_model_record`).
 
     Example::
 
@@ -145,6 +171,7 @@ def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str =
     if "backbone" not in state:
         raise DataError(f"{option} {path}: the resumable state of mtl pretrain (last.pt), which holds no "
                         f"best backbone; give best.pt from the same folder")
+    check_model_record(state["model"], path, option)
     return state
 
 
@@ -308,7 +335,8 @@ def pretrain(
             another process holds ``out_dir`` (:func:`~mtl_plugin.run_log.hold_run_folder`);
             ``config`` differs from the run resumed without ``override``; ``batch_size`` is not a
             multiple of the processes, or the run was saved by another number of them.
-        DataError: ``out_dir``'s run was trained on other data or another backbone.
+        DataError: ``out_dir``'s run was trained on other data or another backbone; the train
+            split has fewer than 2 classes.
         NonFiniteLossError: the loss or a weight diverged (NaN, infinite, or a loss
             :data:`DIVERGENCE_FACTOR` times chance level); the last checkpoints are kept.
 
@@ -326,6 +354,11 @@ def pretrain(
 def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: torch.device, resume: bool,
               progress: bool, overwrite: bool, override: bool, users: Optional[nn.Module]) -> nn.Module:
     """:func:`pretrain` in its held run folder."""
+    num_classes = len(benchmark.train_augmented.labels)
+    if num_classes < 2:
+        # One class: the loss is 0 from the first step and the accuracy 100 %, and nothing is learned.
+        raise DataError(f"the train split has {num_classes} class; pretraining learns to tell the train classes apart, "
+                        f"which takes at least 2: add classes to the train split")
     ranks, main = distributed.world_size(), distributed.is_main()
     if config.batch_size % ranks:
         raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
@@ -346,7 +379,6 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
     val_config = EvaluationConfig(config.val_ways, config.val_shots, config.val_queries, config.val_tasks,
                                   config.seed)
     train = benchmark.train_augmented
-    num_classes = len(train.labels)
     diverged_loss = DIVERGENCE_FACTOR * max(math.log(num_classes), 1.0)
     # fork_rng: augmentation draws from torch's global generator; seed it for this run only.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

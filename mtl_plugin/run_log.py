@@ -290,15 +290,19 @@ def _short(value: Any) -> str:
     return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 24 else repr(value)
 
 
-def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    shown = []
+def _differences(saved: dict, now: dict, prefix: str = "") -> tuple[list[str], list[str]]:
+    """The entries that differ (shown as ``key old (now new)``), and those ``saved`` does not record."""
+    shown, unrecorded = [], []
     for key in sorted(set(saved) | set(now)):
         old, new = saved.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            shown += _differences(old, new, f"{prefix}{key}.")
+        if key not in saved:
+            unrecorded.append(f"{prefix}{key}")
+        elif isinstance(old, dict) and isinstance(new, dict):
+            inner = _differences(old, new, f"{prefix}{key}.")
+            shown, unrecorded = shown + inner[0], unrecorded + inner[1]
         elif old != new:
             shown.append(f"{prefix}{key} {_short(old)} (now {_short(new)})")
-    return shown
+    return shown, unrecorded
 
 
 def check_same_run(path: PathLike, saved_identity: dict, identity: dict, saved_config: dict, config: dict,
@@ -316,15 +320,15 @@ def check_same_run(path: PathLike, saved_identity: dict, identity: dict, saved_c
 
     Raises:
         DataError: other data or another model; or a checkpoint of an older ``mtl`` that did
-            not record part of ``identity`` (allowed with ``override``).
+            not record part of ``identity``, at any depth (e.g. ``data.content``; allowed with
+            ``override``).
         UsageError: a setting outside ``may_change`` differs and ``override`` is off.
 
     Example::
 
         check_same_run(last, state["model"], info, state["config"], asdict(config), ("lr",), override=False)
     """
-    unrecorded = sorted(set(identity) - set(saved_identity))
-    different = _differences(saved_identity, {k: v for k, v in identity.items() if k not in unrecorded})
+    different, unrecorded = _differences(saved_identity, identity)
     if different:
         raise DataError(f"{path} was written for other data or another model: {', '.join(different)}; give "
                         f"the data and model flags of that run, --overwrite to train anew, or another --out")

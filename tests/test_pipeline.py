@@ -285,17 +285,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in state["learner"].values() if t.is_floating_point())
 
 
-def test_a_diverging_inner_loop_is_named_in_training_only():
+def test_a_diverging_inner_loop_is_named_in_training_and_at_test_time():
     config = tiny_config(inner_lr=1e6)
     learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
     support_x, support_y, query_x, query_y = fixed_tasks(tiny_benchmark().train, config, count=1)[0]
     with pytest.raises(NonFiniteLossError, match="inner loop diverged.*inner_lr 1e\\+06") as caught:
         learner.task_loss(support_x, support_y, query_x, query_y)
     assert caught.value.settings == ("inner_lr",)
-    with torch.no_grad():  # test-time adaptation scores, it does not stop
-        learner.adapt(support_x, support_y)
+    # Issue #22: test-time adaptation that diverges would score at chance; it stops too.
+    with pytest.raises(NonFiniteLossError, match="inner loop diverged") as caught:
+        learner.predict(support_x, support_y, query_x, ways=3)
+    assert caught.value.settings == ("inner_lr",)
     learner.config.inner_lr = 0.01
     learner.task_loss(support_x, support_y, query_x, query_y)
+    learner.predict(support_x, support_y, query_x, ways=3)
 
 
 def test_an_exploding_outer_step_names_its_lr():

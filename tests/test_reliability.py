@@ -151,18 +151,26 @@ def test_meta_train_divergence_names_the_lr_and_keeps_the_checkpoints(tmp_path, 
     assert lrs.tolist() == [1e-4, 1e-4, 1e-4, 1e-5, 1e-5]  # iteration 0 (validation only), then 1-4
 
 
-@pytest.mark.parametrize("flag, phrase", [("--inner-lr", "the inner loop diverged: the support loss went from"),
-                                          ("--head-lr", "the norm of θ")])
-def test_meta_train_divergence_at_the_first_update(tmp_path, pretrained, flag, phrase):
+def test_meta_train_divergence_at_the_first_update(tmp_path, pretrained):
     out = tmp_path / "meta"
-    suggested = {"--inner-lr": "--inner-lr 0.01", "--head-lr": "--head-lr 0.001"}[flag]
     # Iteration 0 (the pretrained start, validated before any update) is checkpointed: the run
     # continues from there with a lower lr.
-    fails(1, META + ["--pretrained", pretrained / "best.pt", flag, "1e6", "--out", out],
-          "diverged at iteration 1", phrase, f"{flag[2:].replace('-', '_')} 1e+06", "last.pt (iteration 0)",
-          "best.pt are kept", f"--resume {suggested}")
+    fails(1, META + ["--pretrained", pretrained / "best.pt", "--head-lr", "1e6", "--out", out],
+          "diverged at iteration 1", "the norm of θ", "head_lr 1e+06", "last.pt (iteration 0)",
+          "best.pt are kept", "--resume --head-lr 0.001")
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["iteration"] == 0 and [row["iteration"] for row in state["metrics"]] == [0]
+
+
+def test_meta_train_inner_divergence_at_the_first_validation(tmp_path, pretrained):
+    # Issue #22: the validation of iteration 0 adapts with the same inner lr and now checks it
+    # (its accuracy would be chance): the run stops there, before a checkpoint of that chance score.
+    out = tmp_path / "meta"
+    fails(1, META + ["--pretrained", pretrained / "best.pt", "--inner-lr", "1e6", "--out", out],
+          "diverged at iteration 0 (its validation, before any update)",
+          "the inner loop diverged: the support loss went from", "inner_lr 1e+06", "no checkpoint was written yet",
+          "--inner-lr 0.01")
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
 
 def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):
@@ -539,3 +547,189 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, pretrained, monkeypatch, 
 def test_ctrl_c_in_evaluate_exits_130(pretrained, monkeypatch):
     monkeypatch.setattr(pipeline_cli, "evaluate", raising_at_call(pipeline_cli.evaluate, 1))
     fails(130, EVALUATE + ["--checkpoint", pretrained / "best.pt"], "interrupted (Ctrl-C)", "mtl evaluate again")
+
+
+# Issue #22. 3. No wrong result with exit 0.
+
+def _nan_copy(source, target, entry):
+    """``source`` saved to ``target`` with the first floating-point tensor of ``state[entry]`` set to NaN."""
+    state = torch.load(source, weights_only=True)
+    weights = state[entry]
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+    return name
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_at_load(tmp_path, pretrained):
+    name = _nan_copy(pretrained / "best.pt", tmp_path / "nan" / "best.pt", "backbone")
+    fails(1, EVALUATE + ["--checkpoint", tmp_path / "nan" / "best.pt"], f"backbone.{name} holds NaN or infinite",
+          "a run that did not diverge")
+    fails(1, META + ["--pretrained", tmp_path / "nan" / "best.pt", "--out", tmp_path / "meta"], "--pretrained",
+          "NaN or infinite")
+    meta = tmp_path / "good-meta"
+    succeeds(META + ["--pretrained", pretrained / "best.pt", "--out", meta])
+    _nan_copy(meta / "best.pt", tmp_path / "nan-meta" / "best.pt", "learner")
+    fails(1, EVALUATE + ["--checkpoint", tmp_path / "nan-meta" / "best.pt"], "learner.", "NaN or infinite")
+    # A last.pt of broken weights: refused with the way on (was: an endless "lower the lr" loop).
+    run = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", run])
+    _nan_copy(run / "last.pt", run / "last.pt", "classifier")
+    fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--out", run], "last.pt", "NaN or infinite", "--overwrite")
+
+
+def _image_folder(root, classes=(4, 4, 4), images=4, side=16, seed=0, mode="L"):
+    """``root/{train,val,test}/c<k>/<i>.png``: ``classes`` per split, seeded noise images."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "val", "test"), classes):
+        for c in range(count):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(images):
+                pixels = rng.integers(0, 256, (side, side), dtype=np.uint8)
+                Image.fromarray(pixels).convert(mode).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+FOLDER = ["--data", "folder", "--image-size", "16"]
+
+
+def test_resume_on_another_or_changed_image_folder_is_refused(tmp_path):
+    data, out = _image_folder(tmp_path / "data"), tmp_path / "run"
+    succeeds(PRETRAIN + FOLDER + ["--root", data, "--out", out])
+    # Another folder with as many classes (was: resumed on it, exit 0).
+    other = _image_folder(tmp_path / "other", seed=1)
+    fails(1, PRETRAIN + FOLDER + ["--root", other, "--resume", "--epochs", "2", "--out", out], "other data",
+          "data.content")
+    # The same folder, one training image replaced in place.
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / "train" / "c0" / "0.png")
+    fails(1, PRETRAIN + FOLDER + ["--root", data, "--resume", "--epochs", "2", "--out", out], "data.content")
+    # A copy of the folder elsewhere is the same data.
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(other, copy)
+    assert get_benchmark("folder", root=copy).content == get_benchmark("folder", root=other).content
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    data = _image_folder(tmp_path / "data")
+    for split in ("train", "val", "test"):
+        for hidden in (".ipynb_checkpoints", ".cache"):
+            (data / split / hidden).mkdir()
+            Image.new("L", (16, 16)).save(data / split / hidden / "0.png")
+        Image.new("L", (16, 16)).save(data / split / "c0" / "._0.png")  # what macOS leaves on other disks
+    bench = get_benchmark("folder", root=data)
+    assert [len(getattr(bench, split).labels) for split in ("train", "val", "test")] == [4, 4, 4]
+    assert len(bench.train) == 16
+    fails(2, PRETRAIN + FOLDER + ["--root", data, "--val-ways", "5", "--out", tmp_path / "run"], "val split",
+          "ways=5", "(4)")
+
+
+def test_sixteen_bit_grayscale_images_are_scaled_not_white(tmp_path):
+    from mtl_plugin.data.images import FileSource
+
+    pixels = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 0 .. 65535
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = FileSource([tmp_path / "wide.png"])[0]
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), np.arange(256).reshape(16, 16))
+    assert np.asarray(image.convert("RGB"))[..., 0].tolist() == np.arange(256).reshape(16, 16).tolist()
+
+
+def test_pretraining_on_one_train_class_is_refused(tmp_path):
+    data = _image_folder(tmp_path / "data", classes=(1, 4, 4))
+    fails(1, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "the train split has 1 class",
+          "at least 2")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_diverging_test_time_adaptation_is_an_error_not_chance(tmp_path, pretrained):
+    # Features a hundred times larger (a ResNet-12 pretrained long gives norms of thousands): the
+    # default inner lr then overshoots on every step and the head ends at chance level.
+    state = torch.load(pretrained / "best.pt", weights_only=True)
+    weights = state["backbone"]
+    last_bn = [name for name, value in weights.items() if name.endswith(".weight") and value.dim() == 1][-1]
+    for name in (last_bn, last_bn.replace("weight", "bias")):
+        weights[name] = weights[name] * 100
+    torch.save(state, tmp_path / "large.pt")
+    args = EVALUATE + ["--checkpoint", tmp_path / "large.pt", "--shots", "4"]
+    fails(1, args, "test-time adaptation diverged", "the support loss went from", "inner_lr 0.01",
+          "--inner-lr, e.g. 0.001")
+    assert "test 3-way 4-shot" in succeeds(args + ["--inner-lr", "1e-6"])
+
+
+# Issue #22. 4. Tracebacks for bad input or a full disk.
+
+@pytest.mark.parametrize("failure", ["OSError", "RuntimeError"])
+def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_checkpoints(tmp_path, monkeypatch, failure):
+    import errno
+
+    from mtl_plugin import io as atomic_io
+
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def full(*args, **kwargs):
+        if failure == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        # What torch.save's zip writer raises when the disk fills under it.
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    if failure == "OSError":
+        monkeypatch.setattr(atomic_io.os, "fsync", full)
+    else:
+        monkeypatch.setattr(atomic_io.torch, "save", full)
+    fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--out", out], "could not be written",
+          "No space left on device" if failure == "OSError" else "unexpected pos", "is kept", "--resume")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("command", ["pretrain", "meta-train", "evaluate", "bench", "data"])
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
+def test_seeds_out_of_range_are_exit_2_in_every_command(tmp_path, command, seed):
+    args = {"pretrain": PRETRAIN + ["--seed", seed], "meta-train": META + ["--seed", seed],
+            "evaluate": EVALUATE + ["--checkpoint", tmp_path / "x.pt", "--seed", seed],
+            "bench": ["bench", "--profile", "quick", "--seed", seed],
+            "data": ["data", "kanji", "--seed", seed]}[command]
+    fails(2, args + (["--cache-dir", tmp_path] if command == "data" else ["--out", tmp_path / "out"]), "--seed",
+          "0<=x<=4294967295")
+    fails(2, PRETRAIN + ["--data-seed", seed, "--out", tmp_path / "out"], "--data-seed")
+    with pytest.raises(UsageError, match="a seed is an integer from 0 to"):
+        PretrainConfig(seed=int(seed))
+
+
+@pytest.mark.parametrize("channels", ["-3", "0"])
+def test_ss_report_needs_one_or_more_input_channels(channels):
+    fails(2, ["ss-report", "resnet18", "--in-channels", channels], "--in-channels", "x>=1")
+
+
+def test_a_backbone_that_does_not_take_the_image_size_is_refused_before_the_data(tmp_path):
+    # The data folder does not exist: the backbone is checked first.
+    fails(2, PRETRAIN + ["--backbone", "vit_b_16", "--image-size", "16", "--data", "folder", "--root",
+                         tmp_path / "none", "--out", tmp_path / "run"],
+          "vit_b_16 does not take images of 16 px", "Expected 224 but got 16", "--image-size")
+    fails(2, PRETRAIN + ["--image-size", "100000", "--out", tmp_path / "run"], "--image-size 2048 or less")
+
+
+def test_a_checkpoint_with_an_absurd_image_size_is_refused_before_building(tmp_path, pretrained):
+    state = torch.load(pretrained / "best.pt", weights_only=True)
+    state["model"]["image_size"] = 100000
+    torch.save(state, tmp_path / "best.pt")
+    fails(1, EVALUATE + ["--checkpoint", tmp_path / "best.pt"], "image_size 100000", "damaged")
+    fails(1, META + ["--pretrained", tmp_path / "best.pt", "--out", tmp_path / "meta"], "--pretrained",
+          "image_size 100000")
+
+
+@pytest.mark.parametrize("class_dict, phrase", [
+    ({"a": [0, 1], "b": [2, 9]}, "class 'b' of 'class_dict' lists image 9, but the file holds images 0 to 3"),
+    ({"a": [0, 1], "b": [-1, 2]}, "lists image -1"),
+    ({"a": [0, 1, 2, 3], "b": []}, "class 'b' of 'class_dict' lists no image"),
+])
+def test_a_mini_imagenet_pickle_with_a_bad_class_dict_is_exit_1(tmp_path, class_dict, phrase):
+    root = tmp_path / "data"
+    root.mkdir()
+    archive = {"image_data": np.zeros((4, 84, 84, 3), np.uint8), "class_dict": class_dict}
+    (root / "mini-imagenet-cache-train.pkl").write_bytes(pickle.dumps(archive))
+    fails(1, PRETRAIN + ["--data", "mini-imagenet", "--root", root, "--out", tmp_path / "out"],
+          "mini-imagenet-cache-train.pkl", phrase)

@@ -20,7 +20,7 @@ import learn2learn as l2l
 import numpy as np
 
 from mtl_plugin.data.cache import data_home
-from mtl_plugin.data.folders import image_folder_split
+from mtl_plugin.data.folders import folder_content, image_folder_split
 from mtl_plugin.data.images import ArraySource, ImageClassDataset, as_meta_dataset, drop_small_classes
 from mtl_plugin.data.kanji import KanjiConfig, load_kanji
 from mtl_plugin.data.standard import read_split
@@ -44,6 +44,9 @@ _HOW_LOADED = {"cache_dir", "workers", "progress"}
 # The data sets whose contents depend on get_benchmark's seed.
 _SEEDED = ("kanji", "omniglot")
 MIN_IMAGE_SIZE = 8
+# Far above any few-shot benchmark's (84 px; ImageNet models 224-518): larger is a typo or a damaged record,
+# and resizing every image to it would exhaust memory first.
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass
@@ -57,7 +60,8 @@ class FewShotBenchmark:
     ``settings`` holds what was asked of :func:`get_benchmark` that changes the
     data beyond its name and image size (seed, kanji options, ``min_per_class``).
     ``content`` is a checksum of the images where the loader has one (the generated
-    kanji's), so that results cached for older images are not taken for these.
+    kanji's; an image folder's, :func:`~mtl_plugin.data.folders.folder_content`), so that
+    results cached, or runs resumed, for other images are not taken for these.
 
     Example::
 
@@ -139,7 +143,7 @@ def image_size_of(name: str, image_size: Optional[int] = None) -> int:
     Cheap (no file is read), so command lines can check a backbone against it first.
 
     Raises:
-        UsageError: an unknown data set, or ``image_size`` below 8 px.
+        UsageError: an unknown data set, or ``image_size`` outside 8..:data:`MAX_IMAGE_SIZE` px.
 
     Example::
 
@@ -148,6 +152,8 @@ def image_size_of(name: str, image_size: Optional[int] = None) -> int:
     size = RECIPES[_canonical(name)].native_size if image_size is None else int(image_size)
     if size < MIN_IMAGE_SIZE:
         raise UsageError(f"image size {size} px: use --image-size {MIN_IMAGE_SIZE} or more")
+    if size > MAX_IMAGE_SIZE:
+        raise UsageError(f"image size {size} px: use --image-size {MAX_IMAGE_SIZE} or less")
     return size
 
 
@@ -276,6 +282,7 @@ def get_benchmark(
         folder = Path(root).expanduser() if root is not None else data_home() / key
         if key == "folder":
             splits = {s: image_folder_split(folder, s) for s in ("train", "val", "test")}
+            content = folder_content(folder, splits)
         else:
             extra = dict(options, seed=seed) if key == "omniglot" else {}
             splits = {s: read_split(key, folder, s, **extra) for s in ("train", "val", "test")}

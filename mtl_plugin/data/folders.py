@@ -2,7 +2,10 @@
 
 Bring your own data by laying it out this way and calling
 ``get_benchmark("folder", root=...)``. Classes are numbered in sorted folder-name
-order; files in sorted name order.
+order; files in sorted name order. Hidden folders and files (names starting with
+``.``, e.g. ``.ipynb_checkpoints``, ``.cache``, macOS's ``._x.png``) are not data.
+:func:`folder_content` is the digest a run records, so that resuming on other or
+changed images is refused.
 
 Example::
 
@@ -12,21 +15,27 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Mapping, Tuple
 
 from mtl_plugin.data.images import FileSource, ImageClassDataset
 from mtl_plugin.errors import DataError, MissingDataError, UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "image_folder_split", "class_folders_dataset"]
+__all__ = ["IMAGE_SUFFIXES", "class_folders_dataset", "folder_content", "image_folder_split"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FOLDER_SPLITS = ("train", "val", "test")
 
 
+def _visible(path: Path) -> bool:
+    # Tools keep their own files in hidden entries (.ipynb_checkpoints, .cache, macOS's ._x.png).
+    return not path.name.startswith(".")
+
+
 def _images_in(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def class_folders_dataset(folders: Iterable[Tuple[str, Path]]) -> ImageClassDataset:
@@ -74,7 +83,31 @@ def image_folder_split(root: os.PathLike, split: str) -> ImageClassDataset:
             f"image folder data set: expected the folder {folder} holding one sub-folder per class "
             f"with {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images (layout root/{{train,val,test}}/<class>/<image>)"
         )
-    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
     if not classes:
         raise MissingDataError(f"image folder data set: {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
     return class_folders_dataset((p.name, p) for p in classes)
+
+
+def folder_content(root: os.PathLike, splits: Mapping[str, ImageClassDataset]) -> str:
+    """A SHA-256 digest of the image-folder data set ``splits`` read from ``root``: every image's
+    split, class, file name and bytes.
+
+    Recorded in checkpoints (:func:`~mtl_plugin.data.benchmark.benchmark_identity`), so that a
+    run resumed on another folder with as many classes, or on images replaced in place, is
+    refused. It reads every file once (as the first epoch does); a copy of the same folder
+    elsewhere gives the same digest.
+
+    Example::
+
+        splits = {s: image_folder_split("my_data", s) for s in ("train", "val", "test")}
+        folder_content("my_data", splits)   # '5f0c...'
+    """
+    root = Path(root).expanduser()
+    digest = hashlib.sha256()
+    for split, dataset in splits.items():
+        for path in dataset.source.paths:
+            # Relative: the name of a split, a class and a file, not where the folder lives.
+            digest.update(f"{split}\0{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

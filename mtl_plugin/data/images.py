@@ -37,6 +37,18 @@ __all__ = [
     "drop_small_classes",
 ]
 
+# Integer grayscale modes PIL opens 16-bit PNGs (and TIFFs) in. Its convert("L") clips them at 255
+# instead of scaling, which turns every pixel above 255 of 65535 white.
+_WIDE_GRAYSCALE = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` with a 16-bit grayscale range scaled down to 8 bits (``0..65535 -> 0..255``); other modes as they are."""
+    if image.mode not in _WIDE_GRAYSCALE:
+        return image
+    pixels = np.asarray(image, dtype=np.float64) / 257.0
+    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "L")
+
 
 class ArraySource:
     """Images held in a ``uint8`` array of shape (N, H, W) or (N, H, W, C).
@@ -88,7 +100,7 @@ class EncodedSource:
             image.load()
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise DataError(f"corrupt image {self.describe(index)}: {error}; replace the file") from error
-        return image
+        return _eight_bit(image)
 
     def describe(self, index: int) -> str:
         return f"{self.origin}[{index}]"
@@ -114,7 +126,7 @@ class FileSource:
         try:
             with Image.open(path) as image:
                 image.load()
-                return image.copy()
+                return _eight_bit(image.copy())
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise DataError(f"corrupt or unreadable image {path}: {error}; remove or replace it") from error
 

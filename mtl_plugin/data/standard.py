@@ -106,7 +106,22 @@ def _read_mini_imagenet(root: Path, split: str) -> ImageClassDataset:
     names = sorted(archive["class_dict"])
     labels = np.full(len(pixels), -1, dtype=np.int64)
     for label, name in enumerate(names):
-        labels[np.asarray(archive["class_dict"][name], dtype=np.int64)] = label
+        try:
+            indices = np.asarray(archive["class_dict"][name], dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{path}: class {name!r} of 'class_dict' is not a list of image indices ({error}); "
+                            f"replace it with a complete copy of the mini-ImageNet file") from error
+        if not indices.size:
+            # An empty class fails only deep inside training, when a task draws it.
+            raise DataError(f"{path}: class {name!r} of 'class_dict' lists no image; replace it with a complete "
+                            f"copy of the mini-ImageNet file")
+        # A negative index would wrap around to another image instead of failing.
+        outside = indices[(indices < 0) | (indices >= len(pixels))]
+        if outside.size:
+            raise DataError(f"{path}: class {name!r} of 'class_dict' lists image {int(outside[0])}, but the file "
+                            f"holds images 0 to {len(pixels) - 1}; replace it with a complete copy of the "
+                            f"mini-ImageNet file")
+        labels[indices] = label
     if (labels < 0).any():
         raise DataError(f"{path}: image {int(np.argmax(labels < 0))} belongs to no class in 'class_dict'")
     return ImageClassDataset(ArraySource(pixels, origin=str(path)), labels.tolist(), names)
