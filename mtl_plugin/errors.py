@@ -243,8 +243,8 @@ def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str 
         The ``last.pt`` to resume from, or ``None`` to start a new run.
 
     Raises:
-        UsageError: both flags; a run in ``out_dir`` and neither flag; ``resume`` with a
-            ``best.pt`` but no ``last.pt``.
+        UsageError: both flags; a run in ``out_dir`` and neither flag; a ``best.pt`` but no
+            ``last.pt`` without ``overwrite``.
 
     Example::
 
@@ -256,12 +256,13 @@ def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str 
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     if overwrite or not (last.is_file() or best.is_file()):
         return None
+    if not last.is_file():
+        # Said whether or not --resume was given: "pass --resume" would only lead here.
+        raise UsageError(f"--out {out_dir} holds best.pt but no last.pt, so its run cannot be resumed: pass "
+                         f"--overwrite to train anew there, or another --out")
     if not resume:
         raise UsageError(f"--out {out_dir} already holds a {run}: pass --resume to continue it (a finished one "
                          f"is reused), --overwrite to replace it, or another --out")
-    if not last.is_file():
-        raise UsageError(f"--out {out_dir} holds best.pt but no last.pt to resume from: pass --overwrite to "
-                         f"train anew there, or another --out")
     return last
 
 
@@ -323,12 +324,14 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
     import torch
 
     path = Path(path).expanduser()
+    # A run folder's last.pt (resumed through --out) is not replaced by giving another file.
+    complete = ("pass --overwrite to train anew there, or another --out" if option == "--out"
+                else "give a complete best.pt written by mtl")
     if not path.is_file():
         raise MissingDataError(f"{option} {path}: no checkpoint there (no such file); give the best.pt "
                                f"written by mtl pretrain or mtl meta-train")
     if path.stat().st_size == 0:
-        raise DataError(f"{option} {path}: the file is empty (0 bytes), e.g. a copy that failed; "
-                        f"give a complete best.pt")
+        raise DataError(f"{option} {path}: the file is empty (0 bytes), e.g. a copy that failed; {complete}")
     with open(path, "rb") as handle:
         start = handle.read(4)
     # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle); anything else is another
@@ -353,8 +356,7 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
     except (EOFError, RuntimeError, KeyError, IndexError, ValueError) as error:
         # What torch.load raises on a truncated archive or damaged bytes.
         raise DataError(f"{option} {path}: not a readable PyTorch checkpoint, truncated or another kind of "
-                        f"file ({type(error).__name__}: {_first_sentence(error)}); "
-                        f"give a complete best.pt written by mtl") from error
+                        f"file ({type(error).__name__}: {_first_sentence(error)}); {complete}") from error
     if not isinstance(state, dict) or (require_kind and "kind" not in state):
         what = ("it has no 'kind' entry" if isinstance(state, dict)
                 else f"it holds a {type(state).__name__}, not a dict")

@@ -91,6 +91,9 @@ class EvaluationResult:
         return {"accuracy": self.mean, "ci95": self.ci95, "std": self.std, "tasks": len(self.accuracies)}
 
     def __str__(self) -> str:
+        if len(self.accuracies) == 1:
+            # "± 0.00" would claim a certainty that one task cannot give.
+            return f"{self.mean:.2f} % (1 task: no confidence interval)"
         return f"{self.mean:.2f} ± {self.ci95:.2f} % ({len(self.accuracies)} tasks)"
 
 

@@ -10,6 +10,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,8 +99,9 @@ class MetaTrainConfig:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("inner_lr", "encoder_lr", "head_lr", "lr_gamma"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"{name}={getattr(self, name)} must be > 0")
+            # Written so that NaN fails too.
+            if not 0 < getattr(self, name) < math.inf:
+                raise UsageError(f"{name}={getattr(self, name)} must be a finite number > 0")
         if self.hard_task_mode not in ("resample", "reuse"):
             raise UsageError(f"hard_task_mode={self.hard_task_mode!r} must be 'resample' or 'reuse'")
         if self.hard_history_decay is not None and not 0.0 <= self.hard_history_decay < 1.0:

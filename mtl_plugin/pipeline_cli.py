@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional
@@ -93,13 +94,24 @@ def _config_options(config_class, table: list[tuple]):
     return decorate
 
 
-_POSITIVE, _COUNT, _RATE = click.IntRange(min=1), click.IntRange(min=0), click.FloatRange(min=0, min_open=True)
+class _FiniteRange(click.FloatRange):
+    """A ``FloatRange`` that refuses ``nan`` and ``inf``: a NaN passes every comparison of a range and
+    an infinity every lower bound, and both end a run at its first step (blaming the wrong flag)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+_POSITIVE, _COUNT, _RATE = click.IntRange(min=1), click.IntRange(min=0), _FiniteRange(min=0, min_open=True)
 _PRETRAIN_OPTIONS = [
     ("backbone", str, "resnet12, conv4, <torchvision resnet>-small, a torchvision or registered name."),
     ("epochs", _POSITIVE, "Training epochs (the official code's)."),
     ("batch_size", _POSITIVE, "Images per step."),
     ("lr", _RATE, "SGD (Nesterov) learning rate."),
-    ("weight_decay", click.FloatRange(min=0), "L2 weight decay."),
+    ("weight_decay", _FiniteRange(min=0), "L2 weight decay."),
     ("schedule", click.Choice(["step", "cosine"]),
      f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0."),
     ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),
@@ -278,8 +290,8 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
               help="Support images per class.")
 @click.option("--queries", type=click.IntRange(min=1), default=EvaluationConfig.queries, show_default=True,
               help="Query images per class.")
-@click.option("--tasks", type=click.IntRange(min=1), default=EvaluationConfig.tasks, show_default=True,
-              help="Test tasks.")
+@click.option("--tasks", type=click.IntRange(min=2), default=EvaluationConfig.tasks, show_default=True,
+              help="Test tasks (2 or more: one task has no confidence interval).")
 @click.option("--seed", type=SEED, default=EvaluationConfig.seed, show_default=True,
               help="Task seed: same seed, same tasks.")
 @click.option("--inner-steps", type=_COUNT, default=None, help="Adaptation steps (default: the checkpoint's).")

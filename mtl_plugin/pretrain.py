@@ -112,9 +112,9 @@ class PretrainConfig:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= {minimum}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise UsageError(f"steps_per_epoch={self.steps_per_epoch} must be >= 1 or None")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+        if not 0 < self.lr < math.inf or not 0 <= self.weight_decay < math.inf or not 0 <= self.momentum < 1:
             raise UsageError(f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}: "
-                             f"need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
+                             f"need a finite lr > 0, a finite weight_decay >= 0 and 0 <= momentum < 1")
         check_seed(self.seed)
 
 

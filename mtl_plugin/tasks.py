@@ -59,6 +59,10 @@ def check_task_shape(dataset, ways: int, samples_per_class: int) -> None:
     labels = list(dataset.labels)
     if ways < 1 or samples_per_class < 1:
         raise ValueError(f"ways ({ways}) and samples per class ({samples_per_class}) must be >= 1")
+    if ways > len(labels) and len(labels) < 2:
+        # "use at most 1 ways" would name a task no few-shot method takes.
+        raise ValueError(f"the data set holds {len(labels)} class, but a task tells {ways} classes apart (2 or "
+                         f"more): add classes to it")
     if ways > len(labels):
         raise ValueError(
             f"ways={ways} is larger than the number of classes in the data set ({len(labels)}); "

@@ -733,3 +733,53 @@ def test_a_mini_imagenet_pickle_with_a_bad_class_dict_is_exit_1(tmp_path, class_
     (root / "mini-imagenet-cache-train.pkl").write_bytes(pickle.dumps(archive))
     fails(1, PRETRAIN + ["--data", "mini-imagenet", "--root", root, "--out", tmp_path / "out"],
           "mini-imagenet-cache-train.pkl", phrase)
+
+
+# Issue #22. 5. Messages that misled, values accepted that should not be.
+
+@pytest.mark.parametrize("args", [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "nan"]])
+def test_non_finite_pretrain_rates_are_exit_2(tmp_path, args):
+    fails(2, PRETRAIN + args + ["--out", tmp_path / "run"], args[0], "is not a finite number")
+    with pytest.raises(UsageError, match="finite"):
+        PretrainConfig(**{args[0][2:].replace("-", "_"): float(args[1])})
+
+
+@pytest.mark.parametrize("command, args", [("meta-train", ["--encoder-lr", "inf"]), ("meta-train", ["--inner-lr", "nan"]),
+                                           ("evaluate", ["--inner-lr", "inf"]), ("evaluate", ["--inner-steps", "-5"]),
+                                           ("evaluate", ["--tasks", "1"])])
+def test_meta_train_and_evaluate_refuse_values_that_would_mislead(tmp_path, pretrained, command, args):
+    base = META if command == "meta-train" else EVALUATE + ["--checkpoint", pretrained / "best.pt"]
+    fails(2, base + args + ["--out", tmp_path / "out"], args[0])
+
+
+def test_one_task_shows_no_confidence_interval():
+    from mtl_plugin.evaluation import EvaluationResult
+
+    assert str(EvaluationResult([40.0])) == "40.00 % (1 task: no confidence interval)"
+    assert "±" in str(EvaluationResult([40.0, 60.0]))
+
+
+def test_a_truncated_last_pt_advises_overwrite_not_a_best_pt(tmp_path):
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    error = fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--out", out], "last.pt", "truncated", "--overwrite")
+    assert "best.pt" not in error
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"]])
+def test_best_pt_without_last_pt_points_to_overwrite_only(tmp_path, flags):
+    out = tmp_path / "run"
+    succeeds(PRETRAIN + ["--out", out])
+    (out / "last.pt").unlink()
+    error = fails(2, PRETRAIN + flags + ["--out", out], "holds best.pt but no last.pt", "cannot be resumed",
+                  "--overwrite")
+    assert "pass --resume" not in error
+
+
+def test_a_split_of_one_class_does_not_suggest_one_way(tmp_path):
+    data = _image_folder(tmp_path / "data", classes=(4, 1, 4))
+    error = fails(2, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "val split",
+                  "holds 1 class", "add classes")
+    assert "at most 1" not in error
