@@ -40,7 +40,12 @@ def assert_same_step(plain: tuple, fast: tuple) -> None:
     assert fast[0].loss == pytest.approx(plain[0].loss, rel=1e-5)
     assert fast[0].task_accuracies == plain[0].task_accuracies
     for x, y in zip(plain[1] + plain[2], fast[1] + fast[2]):
-        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+        # Another order of the same float sums (a compiled kernel, a batched pass, another CPU's
+        # vector width) moves every entry by about float32's epsilon times the tensor's magnitude,
+        # not its own: an entry near zero needs the absolute tolerance of the tensor's norm
+        # (one Xeon missed atol=1e-5 by 3 % on an entry of 1.6e-6 in a gradient of norm ~1-3).
+        atol = 1e-5 * max(float(x.double().norm()), 1.0)
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("switch", EXACT)
