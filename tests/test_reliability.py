@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -783,3 +784,16 @@ def test_a_split_of_one_class_does_not_suggest_one_way(tmp_path):
     error = fails(2, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "val split",
                   "holds 1 class", "add classes")
     assert "at most 1" not in error
+
+
+def test_the_same_images_in_two_splits_are_warned_about(tmp_path):
+    import shutil
+
+    data = _image_folder(tmp_path / "data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_benchmark("folder", root=data)  # disjoint splits: no warning
+    shutil.copy(data / "test" / "c1" / "2.png", data / "train" / "c3" / "copy.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) of the test split are also in the train split .*"
+                                         r"test/c1/2.png = train/c3/copy.png"):
+        get_benchmark("folder", root=data)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, List, Mapping, Tuple
 
@@ -91,12 +92,17 @@ def image_folder_split(root: os.PathLike, split: str) -> ImageClassDataset:
 
 def folder_content(root: os.PathLike, splits: Mapping[str, ImageClassDataset]) -> str:
     """A SHA-256 digest of the image-folder data set ``splits`` read from ``root``: every image's
-    split, class, file name and bytes.
+    split, class, file name and bytes; and a warning if one image is in two splits.
 
     Recorded in checkpoints (:func:`~mtl_plugin.data.benchmark.benchmark_identity`), so that a
     run resumed on another folder with as many classes, or on images replaced in place, is
     refused. It reads every file once (as the first epoch does); a copy of the same folder
     elsewhere gives the same digest.
+
+    Warns:
+        UserWarning: the same bytes are an image of two splits (e.g. test images copied into
+            train), once per pair of splits: accuracy on images seen in training is not few-shot
+            accuracy.
 
     Example::
 
@@ -105,9 +111,19 @@ def folder_content(root: os.PathLike, splits: Mapping[str, ImageClassDataset]) -
     """
     root = Path(root).expanduser()
     digest = hashlib.sha256()
+    first_seen: dict = {}
+    shared: dict = {}
     for split, dataset in splits.items():
         for path in dataset.source.paths:
             # Relative: the name of a split, a class and a file, not where the folder lives.
-            digest.update(f"{split}\0{path.relative_to(root).as_posix()}\0".encode())
-            digest.update(path.read_bytes())
+            name = path.relative_to(root).as_posix()
+            image = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest.update(f"{split}\0{name}\0{image}\0".encode())
+            earlier = first_seen.setdefault(image, (split, name))
+            if earlier[0] != split:
+                shared.setdefault((earlier[0], split), []).append((earlier[1], name))
+    for (one, other), pairs in shared.items():
+        warnings.warn(f"image folder data set {root}: {len(pairs)} image(s) of the {other} split are also in the "
+                      f"{one} split (same bytes, e.g. {pairs[0][1]} = {pairs[0][0]}); a result on images seen in "
+                      f"another split is not a few-shot result: keep each image in one split", stacklevel=2)
     return digest.hexdigest()
