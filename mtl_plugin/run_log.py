@@ -161,8 +161,9 @@ def fast_forward(scheduler: Any, steps: int) -> None:
             scheduler.step()
 
 
-def _lock(folder: Path, option: str) -> int:
-    """Take the lock of ``folder`` without waiting; return the descriptor that holds it."""
+def _lock(folder: Path, option: str) -> Optional[int]:
+    """Take the lock of ``folder`` without waiting; return the descriptor that holds it, or ``None``
+    (with a warning) where the file system has no locks."""
     import fcntl
 
     path = folder / LOCK_FILE
@@ -181,8 +182,12 @@ def _lock(folder: Path, option: str) -> int:
                              f"wait for it to end, or pass another {option}") from None
         except OSError as error:
             os.close(fd)
-            raise UsageError(f"{option} {folder}: cannot lock {path} ({error.strerror or error}), so another run "
-                             f"could write there at the same time; pass a folder on a local disk") from error
+            # Some network and cluster file systems refuse flock (e.g. Lustre mounted noflock): refusing
+            # to run there at all would cost more than the race the lock guards against.
+            warnings.warn(f"{option} {folder}: cannot lock {path} ({error.strerror or error}), so nothing stops "
+                          f"another run from writing there at the same time; start one run per folder",
+                          stacklevel=4)
+            return None
         # The previous holder removes the file as it lets go: if it did so after our open, the lock is on a
         # file no one else will find, so take it again on the file that is there now.
         try:
@@ -214,7 +219,8 @@ def hold_run_folder(out_dir: PathLike, option: str = "--out") -> Iterator[Path]:
     included). Nested holds of the same folder in one process (the command line, then the
     library function it calls) share the lock. On taking it, the temporary files of atomic
     writes that a killed run left behind are removed. Under ``torchrun`` rank 0 holds the
-    folder for the job (the other ranks only read it).
+    folder for the job (the other ranks only read it). On a file system without locks the
+    run goes on unheld, with a warning.
 
     Args:
         out_dir: the run folder.
@@ -224,7 +230,10 @@ def hold_run_folder(out_dir: PathLike, option: str = "--out") -> Iterator[Path]:
         The folder, as a ``Path``.
 
     Raises:
-        UsageError: another process holds the folder, or it cannot be created, written or locked.
+        UsageError: another process holds the folder, or it cannot be created or written.
+
+    Warns:
+        UserWarning: the file system refuses the lock.
 
     Example::
 
@@ -244,13 +253,15 @@ def hold_run_folder(out_dir: PathLike, option: str = "--out") -> Iterator[Path]:
     fd = _lock(key, option)
     _HELD[key] = fd
     try:
-        _remove_leftovers(key)
+        if fd is not None:
+            _remove_leftovers(key)
         yield folder
     finally:
         del _HELD[key]
-        # Removed while still locked (see _lock), so that a finished run leaves no lock file behind.
-        (key / LOCK_FILE).unlink(missing_ok=True)
-        os.close(fd)
+        if fd is not None:
+            # Removed while still locked (see _lock), so that a finished run leaves no lock file behind.
+            (key / LOCK_FILE).unlink(missing_ok=True)
+            os.close(fd)
 
 
 def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, command: str,

@@ -504,6 +504,19 @@ def test_a_run_folder_is_held_for_the_whole_run(tmp_path, pretrained):
     assert not (out / LOCK_FILE).exists()
 
 
+def test_a_file_system_without_locks_runs_unheld_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def refused(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available.*one run per folder"):
+        succeeds(PRETRAIN + ["--out", tmp_path / "run"])
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_a_killed_runs_temporary_files_are_removed(tmp_path):
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
