@@ -277,7 +277,8 @@ def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, co
         run: what its folder holds, for the messages (``"meta-training run"``).
 
     Raises:
-        UsageError: as :func:`~mtl_plugin.errors.check_run_folder`.
+        UsageError: as :func:`~mtl_plugin.errors.check_run_folder`; without ``overwrite``, a
+            ``last.pt`` of another command.
         DataError: ``last.pt`` is unreadable, or not the resumable state of ``command``.
 
     Example::
@@ -285,12 +286,17 @@ def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, co
         state = previous_run("runs/meta", resume=True, overwrite=False, kind="meta-transfer",
                              command="mtl meta-train", run="meta-training run")
     """
+    last_path = Path(out_dir) / "last.pt"
+    state = read_checkpoint(last_path, "--out") if last_path.is_file() and not overwrite else None
+    if state is not None and state["kind"] != kind:
+        # Said first: "pass --resume" would only lead to "not the resumable state of" this command.
+        raise UsageError(f"--out {out_dir} holds a run of another command ({state['kind']!r} checkpoints), not a "
+                         f"{run}: pass another --out, or --overwrite to replace it")
     last = check_run_folder(out_dir, resume, overwrite, run=run)
     if last is None:
         return None
-    state = read_checkpoint(last, "--out")
     # best.pt holds weights only; the resumable state also holds the optimiser's.
-    if state["kind"] != kind or "optimizer" not in state:
+    if "optimizer" not in state:
         raise DataError(f"--out {out_dir}: its last.pt is not the resumable state of {command}; "
                         f"pass --overwrite to train anew there, or another --out")
     return state

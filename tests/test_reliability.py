@@ -810,3 +810,14 @@ def test_the_same_images_in_two_splits_are_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"1 image\(s\) of the test split are also in the train split .*"
                                          r"test/c1/2.png = train/c3/copy.png"):
         get_benchmark("folder", root=data)
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"]])
+def test_a_run_of_another_command_in_out_is_named(tmp_path, pretrained, flags):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(pretrained, out)
+    error = fails(2, META + ["--pretrained", pretrained / "best.pt", "--out", out] + flags,
+                  "holds a run of another command ('pretrain' checkpoints), not a meta-training run", "--overwrite")
+    assert "pass --resume" not in error
