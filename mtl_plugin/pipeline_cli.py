@@ -345,7 +345,8 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
         remedy = (f"pass a lower --inner-lr, e.g. {learner.config.inner_lr / 10:.3g}, or fewer --inner-steps"
                   if "inner_lr" in error.settings else "check the images for NaN or infinite values")
         raise NonFiniteLossError(f"--checkpoint {checkpoint}: the test-time adaptation diverged, so its accuracy "
-                                 f"would be chance, not a result ({error}); {remedy}", settings=error.settings) from error
+                                 f"would be chance, not a result ({error}); {remedy}",
+                                 settings=error.settings) from error
     if not distributed.is_main():
         return
     click.echo(f"{split} {ways}-way {shots}-shot: {result}")

@@ -20,7 +20,8 @@ __all__ = ["ss_report"]
 @click.argument("backbone", default="resnet18")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="kernel", show_default=True,
               help="One scale per kernel (the paper's) or per output channel.")
-@click.option("--in-channels", type=click.IntRange(min=1), default=3, show_default=True, help="Image channels the backbone takes.")
+@click.option("--in-channels", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Image channels the backbone takes.")
 @click.option("--all-layers/--summary", default=False, help="Print every conv, not only the first and last.")
 def ss_report(backbone: str, granularity: str, in_channels: int, all_layers: bool) -> None:
     """How many parameters SS learns for BACKBONE (resnet12, conv4, resnet18-small, any torchvision model)."""

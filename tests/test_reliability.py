@@ -758,9 +758,10 @@ def test_non_finite_pretrain_rates_are_exit_2(tmp_path, args):
         PretrainConfig(**{args[0][2:].replace("-", "_"): float(args[1])})
 
 
-@pytest.mark.parametrize("command, args", [("meta-train", ["--encoder-lr", "inf"]), ("meta-train", ["--inner-lr", "nan"]),
-                                           ("evaluate", ["--inner-lr", "inf"]), ("evaluate", ["--inner-steps", "-5"]),
-                                           ("evaluate", ["--tasks", "1"])])
+@pytest.mark.parametrize("command, args", [
+    ("meta-train", ["--encoder-lr", "inf"]), ("meta-train", ["--inner-lr", "nan"]), ("evaluate", ["--inner-lr", "inf"]),
+    ("evaluate", ["--inner-steps", "-5"]), ("evaluate", ["--tasks", "1"]),
+])
 def test_meta_train_and_evaluate_refuse_values_that_would_mislead(tmp_path, pretrained, command, args):
     base = META if command == "meta-train" else EVALUATE + ["--checkpoint", pretrained / "best.pt"]
     fails(2, base + args + ["--out", tmp_path / "out"], args[0])

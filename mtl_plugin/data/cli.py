@@ -51,7 +51,8 @@ def data() -> None:
 @click.option("--num-classes", default=_DEFAULTS.num_classes, show_default=True, help="Kanji (classes) to draw.")
 @click.option("--instances", default=_DEFAULTS.instances, show_default=True, help="Simulated writers per kanji.")
 @click.option("--image-size", default=_DEFAULTS.image_size, show_default=True, help="Pixels per side (28, 32 or 84).")
-@click.option("--seed", type=SEED, default=_DEFAULTS.seed, show_default=True, help="Fixes the kanji, their split and the writers.")
+@click.option("--seed", type=SEED, default=_DEFAULTS.seed, show_default=True,
+              help="Fixes the kanji, their split and the writers.")
 @click.option("--style", type=click.Choice(sorted(STYLES)), default=_DEFAULTS.style, show_default=True,
               help="wild: pose, pen, dropped strokes, contrast, noise and clutter; clean: mild variation only.")
 @click.option("--workers", type=int, default=None, help="Processes to draw with [default: all usable cores].")

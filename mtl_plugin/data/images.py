@@ -43,7 +43,7 @@ _WIDE_GRAYSCALE = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
-    """``image`` with a 16-bit grayscale range scaled down to 8 bits (``0..65535 -> 0..255``); other modes as they are."""
+    """``image`` with a 16-bit grayscale range scaled to 8 bits (``0..65535 -> 0..255``); others as they are."""
     if image.mode not in _WIDE_GRAYSCALE:
         return image
     pixels = np.asarray(image, dtype=np.float64) / 257.0
