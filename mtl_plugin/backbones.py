@@ -50,6 +50,14 @@ def _head(feature_dim: int, num_classes: int) -> nn.Module:
     return nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    # Conv4 and ResNet-12 keep their conv weights and activations channels-last: oneDNN's
+    # convolutions, batch norm and max-pooling run faster so on CPU, and cuDNN's on GPU
+    # (benchmarks/memory_format.py; NCHW max-pooling alone took 38 % of a Conv4 forward at 28 px).
+    # Only the memory layout changes: the same values, up to float rounding.
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 class _ResNet12Block(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -95,9 +103,10 @@ class ResNet12(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.layers(x)).flatten(1))
+        return self.head(self.pool(self.layers(_channels_last(x))).flatten(1))
 
 
 class Conv4(nn.Module):
@@ -123,9 +132,10 @@ class Conv4(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.feature_dim = hidden * side * side
         self.head = _head(self.feature_dim, num_classes)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layers(x).flatten(1))
+        return self.head(self.layers(_channels_last(x)).flatten(1))
 
 
 def resnet12(*, in_channels: int = 3, num_classes: int = 0, weights: Weights = None) -> ResNet12:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from mtl_plugin.data import KNOWN_BENCHMARKS, get_benchmark
+from mtl_plugin.data import benchmark as benchmark_module
 from mtl_plugin.data.transforms import RECIPES
 
 SPLIT_CLASSES = {"train": [0, 1, 2, 3, 4, 5], "val": [6, 7, 8, 9, 10], "test": [11, 12, 13, 14, 15]}
@@ -126,6 +127,20 @@ def test_format_loads_and_tasks_stay_inside_their_split(name, tmp_path):
                 levels.setdefault(label, set()).add(level)
             # One class per task label.
             assert all(len(v) == 1 for v in levels.values()) and len(levels) == 3
+
+
+def test_small_splits_keep_their_transformed_images_and_augmentation_stays_random(tmp_path, monkeypatch):
+    WRITERS["folder"](tmp_path)
+    bench = get_benchmark("folder", root=tmp_path)
+    train = bench.train.dataset
+    first, label = train[0]
+    assert train.memoised and train[0][0] is first
+    fresh = train.with_transform(train.transform)      # the same transform, read afresh
+    assert not fresh.memoised and torch.equal(fresh[0][0], first) and fresh[0][1] == label
+    # The folder recipe augments for pretraining: a kept image would freeze its random crop.
+    assert not bench.train_augmented.dataset.memoised
+    monkeypatch.setattr(benchmark_module, "MEMO_BYTES", 0)
+    assert not get_benchmark("folder", root=tmp_path).train.dataset.memoised
 
 
 def test_cifarfs_reads_the_processed_layout_too(tmp_path):

@@ -209,6 +209,8 @@ def test_kanji_benchmark_gives_one_channel_tasks_inside_each_split():
         matches = (task_x.flatten(1)[:, None, :] == pool[None]).all(-1).any(-1)
         assert matches.all()
     assert len(bench.train_augmented) == len(bench.train)
+    # Kanji has no pretraining augmentation: the pretraining reads the train split and its kept images.
+    assert bench.train_augmented.dataset is bench.train.dataset and bench.train.dataset.memoised
 
 
 def test_cli_generates_and_writes_a_preview(tmp_path):
