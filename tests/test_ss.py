@@ -13,20 +13,9 @@ from mtl_plugin import SSAdapter
 from mtl_plugin.backbones import build_backbone, conv4, resnet12, small_input_resnet
 from mtl_plugin.ss import last_block
 
-TORCHVISION = [
-    "resnet18",
-    "resnet50",
-    "wide_resnet50_2",
-    "resnext50_32x4d",
-    "vgg11_bn",
-    "densenet121",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "convnext_tiny",
-    "regnet_y_400mf",
-    "shufflenet_v2_x1_0",
-]
+# Every torchvision classification model is walked in test_ss_zoo.py; these two have a
+# classifier head (resnet18) and 1x1 convs with kernel-granularity rows (wide_resnet50_2).
+TORCHVISION = ["resnet18", "wide_resnet50_2"]
 
 OWN = {
     "resnet12": (lambda: resnet12(), 32),
@@ -80,14 +69,21 @@ def test_identity_at_init_fold_and_report(name):
         assert torch.equal(value, weights_before[key]), key
 
     report = adapter.parameter_report()
-    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
-    assert len(report) == len(convs) + 1
+    layers = [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))]
+    assert len(report) == len(layers) + 1
     assert report.iloc[-1]["layer"] == "total"
     assert report.iloc[-1]["ss"] == sum(p.numel() for p in ss)
     for _, row in report.iloc[:-1].iterrows():
         if row["kernel"] == "3x3":
             c = row["in_per_group"]
+            assert row["scale_per"] == "kernel"
             assert row["ratio"] == pytest.approx((1 + c) / (1 + 9 * c))
+        if row["kernel"] == "1x1":
+            assert row["scale_per"] == "channel"
+    # The share is of every backbone parameter, BatchNorm included; the layers' add up to the total.
+    learned, size = sum(p.numel() for p in ss), sum(p.numel() for p in backbone.parameters())
+    assert report.iloc[-1]["share"] == pytest.approx(learned / size)
+    assert report["share"].iloc[:-1].sum() == pytest.approx(report["share"].iloc[-1])
 
 
 def test_scale_shapes_for_every_conv_kind():
@@ -160,14 +156,14 @@ def test_loading_another_architecture_names_the_layer():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="Sequential has no nn.Conv2d or nn.Linear"):
+    with pytest.raises(ValueError, match="Sequential has no nn.Conv2d, nn.Linear or nn.MultiheadAttention"):
         SSAdapter(nn.Sequential(nn.ReLU()))
     adapter = SSAdapter(conv4())
     with pytest.raises(ValueError, match="already wrapped"):
         SSAdapter(adapter)
     with pytest.raises(ValueError, match="already wrapped"):
         SSAdapter(nn.Sequential(adapter))
-    with pytest.raises(ValueError, match="kernel, channel"):
+    with pytest.raises(ValueError, match="auto, kernel, channel"):
         SSAdapter(conv4(), granularity="filter")
     with pytest.raises(ValueError, match="frozen, train"):
         SSAdapter(conv4(), bn="eval")
@@ -210,8 +206,8 @@ def test_ss_on_a_subset_of_layers(build, layers, expected):
     assert changed == set(expected)
 
     report = adapter.parameter_report()
-    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
-    assert len(report) == len(convs) + 1
+    layers = [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(report) == len(layers) + 1
     body, total = report.iloc[:-1], report.iloc[-1]
     assert list(body.loc[body["adapted"], "layer"]) == expected
     assert (body.loc[~body["adapted"], "ss"] == 0).all()
@@ -219,11 +215,11 @@ def test_ss_on_a_subset_of_layers(build, layers, expected):
 
 
 def test_layers_that_select_nothing_are_named():
-    with pytest.raises(ValueError, match=r"no Conv2d named 'layer4'.*layers\.3"):
+    with pytest.raises(ValueError, match=r"no Conv2d, Linear or MultiheadAttention named 'layer4'.*layers\.3"):
         SSAdapter(resnet12(), layers=["layer4"])
-    with pytest.raises(ValueError, match="selects no Conv2d"):
+    with pytest.raises(ValueError, match="selects no Conv2d, Linear or MultiheadAttention"):
         SSAdapter(resnet12(), layers=lambda name, conv: False)
-    with pytest.raises(ValueError, match="selects no Conv2d"):
+    with pytest.raises(ValueError, match="selects no Conv2d, Linear or MultiheadAttention"):
         SSAdapter(resnet12(), layers=[])
 
 
@@ -337,5 +333,8 @@ def test_a_fully_connected_model_gets_ss_per_neuron():
     adapted.sum().backward()
     assert all(p.grad is not None for p in adapter.ss_parameters())
     assert not any(p.requires_grad for p in mlp.parameters())
-    # A CNN keeps SS on its convs only: its classifier is left as it is.
-    assert all("fc" not in name for name in SSAdapter(torchvision.models.resnet18()).conv_names)
+    # A CNN's classifier is a linear layer like any other: adapted per neuron until the user removes it.
+    resnet = torchvision.models.resnet18(num_classes=10)
+    assert SSAdapter(copy.deepcopy(resnet)).conv_names[-1] == "fc"
+    resnet.fc = nn.Identity()
+    assert all(isinstance(resnet.get_submodule(name), nn.Conv2d) for name in SSAdapter(resnet).conv_names)
