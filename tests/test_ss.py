@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import higher
 import learn2learn as l2l
@@ -11,7 +12,8 @@ from torch.func import functional_call
 
 from mtl_plugin import SSAdapter
 from mtl_plugin.backbones import build_backbone, conv4, resnet12, small_input_resnet
-from mtl_plugin.ss import last_block
+from mtl_plugin.methods.mtl import MTLConfig
+from mtl_plugin.ss import SSShareWarning, last_block
 
 # Every torchvision classification model is walked in test_ss_zoo.py; these two have a
 # classifier head (resnet18) and 1x1 convs with kernel-granularity rows (wide_resnet50_2).
@@ -98,10 +100,14 @@ def test_scale_shapes_for_every_conv_kind():
     assert [tuple(s.shape) for s in kernel.shifts] == [(8,), (8,), (8,), (6,)]
     channel = SSAdapter(copy.deepcopy(net), granularity="channel")
     assert [tuple(s.shape) for s in channel.scales] == [(8, 1, 1, 1)] * 3 + [(6, 1, 1, 1)]
+    # "auto": per kernel where the kernel is spatial, per channel on the 1x1 conv.
+    auto = SSAdapter(copy.deepcopy(net))
+    assert [tuple(s.shape) for s in auto.scales] == [(8, 1, 1, 1), (8, 2, 1, 1), (8, 1, 1, 1), (6, 8, 1, 1)]
+    assert list(auto.parameter_report()["scale_per"].iloc[:-1]) == ["channel", "kernel", "kernel", "kernel"]
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 9, 9, generator=generator)
-    for adapter in (kernel, channel):
+    for adapter in (kernel, channel, auto):
         _perturb(adapter, generator)
         # The definition, layer by layer: (W ⊙ Φ1) X + (b + Φ2).
         expected = x
@@ -111,6 +117,36 @@ def test_scale_shapes_for_every_conv_kind():
                 expected, conv.weight * scale, bias, conv.stride, conv.padding, conv.dilation, conv.groups
             )
         assert torch.allclose(adapter(x), expected, atol=1e-6)
+
+
+def test_auto_granularity_leaves_the_papers_backbones_as_the_paper_counts():
+    # Conv4 has 3x3 convs only: "auto" is the paper's scale per kernel.
+    assert ([s.shape for s in SSAdapter(conv4()).scales]
+            == [s.shape for s in SSAdapter(conv4(), granularity="kernel").scales])
+    # ResNet-12's 1x1 shortcuts alone get one scale per channel under "auto"; the benchmark's
+    # MTL rows keep the paper's "kernel", and with it the paper's count.
+    auto, kernel = SSAdapter(resnet12()), SSAdapter(resnet12(), granularity="kernel")
+    differ = [name for name, a, k in zip(auto.conv_names, auto.scales, kernel.scales) if a.shape != k.shape]
+    assert differ == [f"layers.{i}.shortcut.0" for i in range(4)]
+    assert kernel.parameter_report()["ss"].iloc[-1] == 1_620_992
+    assert MTLConfig().granularity == "kernel"
+
+
+def test_a_large_share_warns_once_naming_the_layers_and_the_option():
+    net = nn.Sequential(nn.Conv2d(16, 64, 1), nn.ReLU(), nn.Conv2d(64, 16, 1))
+    with pytest.warns(SSShareWarning) as caught:
+        adapter = SSAdapter(copy.deepcopy(net), granularity="kernel")
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    share = adapter.parameter_report()["share"].iloc[-1]
+    assert share > 0.25 and f"learns {share:.0%} of Sequential's 2,128 parameters" in message
+    assert "most on 0, 2" in message and "granularity='auto'" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SSShareWarning)
+        assert SSAdapter(net).parameter_report()["share"].iloc[-1] < 0.25
+    # Where no granularity helps, the warning says to adapt fewer layers.
+    with pytest.warns(SSShareWarning, match=r"layers=\.\.\. \(adapt fewer layers\)"):
+        SSAdapter(nn.Linear(2, 2))
 
 
 def test_batchnorm_modes():
