@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from click.testing import CliRunner
 from torch import nn
 from torch.func import functional_call
 
@@ -14,6 +15,7 @@ from mtl_plugin import SSAdapter
 from mtl_plugin.backbones import build_backbone, conv4, resnet12, small_input_resnet
 from mtl_plugin.methods.mtl import MTLConfig
 from mtl_plugin.ss import SSShareWarning, last_block
+from mtl_plugin.ss_cli import ss_report
 
 # Every torchvision classification model is walked in test_ss_zoo.py; these two have a
 # classifier head (resnet18) and 1x1 convs with kernel-granularity rows (wide_resnet50_2).
@@ -374,3 +376,13 @@ def test_a_fully_connected_model_gets_ss_per_neuron():
     assert SSAdapter(copy.deepcopy(resnet)).conv_names[-1] == "fc"
     resnet.fc = nn.Identity()
     assert all(isinstance(resnet.get_submodule(name), nn.Conv2d) for name in SSAdapter(resnet).conv_names)
+
+
+def test_ss_report_command_prints_each_layers_scale_and_share():
+    result = CliRunner().invoke(ss_report, ["resnet12", "--all-layers"])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.splitlines()
+    assert header.split()[-2:] == ["ratio", "share"]
+    # The default is SSAdapter's "auto": ResNet-12's 1x1 shortcuts get a scale per channel.
+    shortcut = next(row for row in rows if row.startswith("layers.0.shortcut.0"))
+    assert shortcut.split()[1:2] == ["1x1"] and "channel" in shortcut.split()
