@@ -1,7 +1,7 @@
 """Few-shot kanji with a small vision transformer: MTL's SS meta-trained against nearest class mean.
 
 A torchvision ``VisionTransformer`` (28 px, 7 px patches, 4 layers, width 64, 4
-heads; 0.2 M parameters) is pretrained on the kanji train split with
+heads; 0.14 M parameters) is pretrained on the kanji train split with
 :func:`~mtl_plugin.pretrain.pretrain` (its classifier dropped), then wrapped in
 :class:`~mtl_plugin.SSAdapter` (SS on the patch conv, every attention
 in-projection and every linear layer) and meta-trained with
