@@ -50,7 +50,7 @@ from mtl_plugin.pretrain import (
 )
 from mtl_plugin.run_log import hold_run_folder, previous_run
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
-from mtl_plugin.ss import SSAdapter
+from mtl_plugin.ss import GRANULARITIES, SSAdapter
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
 
@@ -223,8 +223,9 @@ def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLea
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
               help="best.pt of mtl pretrain. Without it: the scratch ablation (random backbone, all weights learned).")
 @click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
-@click.option("--granularity", type=click.Choice(["kernel", "channel"]), default="kernel", show_default=True,
-              help="SS scale per kernel (the paper's) or per output channel.")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="kernel", show_default=True,
+              help="SS scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
+                   "convs, per channel on 1x1 convs.")
 @click.option("--output-scaling", is_flag=True,
               help="With --granularity channel: scale each conv's output, not its weight (the same function).")
 @_config_options(MetaTrainConfig, _META_TRAIN_OPTIONS)

@@ -1,9 +1,11 @@
 """Scaling and Shifting (SS): the meta-transfer adapter of Sun et al. (CVPR 2019).
 
-Every ``nn.Conv2d`` of a frozen backbone (or of the layers chosen with ``layers``)
-computes ``(W ⊙ Φ1) X + (b + Φ2)``, with a learnable scale Φ1 (initialised to 1)
-and shift Φ2 (initialised to 0). A fully-connected model (no conv) gets SS on its
-``nn.Linear`` layers instead: one scale and one shift per neuron.
+Every ``nn.Conv2d``, ``nn.Linear`` and ``nn.MultiheadAttention`` of a frozen backbone
+(or of the layers chosen with ``layers``) computes ``(W ⊙ Φ1) X + (b + Φ2)``, with a
+learnable scale Φ1 (initialised to 1) and shift Φ2 (initialised to 0):
+:mod:`mtl_plugin.ss_layers` holds the per-layer rules. A CNN's classification head is
+adapted like any linear layer; remove it (``model.fc = nn.Identity()``) when a new
+head replaces it, as :func:`mtl_plugin.backbones.build_backbone` does.
 
 Example::
 
@@ -16,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from functools import partial
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -26,9 +29,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["SSAdapter", "GRANULARITIES", "BN_MODES", "LayerSelection", "last_block", "select_modules"]
+from mtl_plugin.ss_layers import (ADAPTED_TYPES, GRANULARITIES, SHARE_BOUND, SSShareWarning, adapted_tensors,
+                                  fold_layer, layer_row, outputs, scale_shape, type_names)
 
-GRANULARITIES = ("kernel", "channel")
+__all__ = ["SSAdapter", "GRANULARITIES", "BN_MODES", "LayerSelection", "SSShareWarning", "last_block",
+           "select_modules"]
+
 BN_MODES = ("frozen", "train")
 
 # Module names as ``named_modules()`` spells them (a name selects everything under it),
@@ -40,7 +46,7 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _container_names(model: nn.Module, kind: type) -> list[str]:
+def _container_names(model: nn.Module, kind: type | tuple[type, ...]) -> list[str]:
     """Names a user may give: modules holding a ``kind`` layer, at most two levels deep."""
     names = []
     for name, module in model.named_modules():
@@ -49,7 +55,8 @@ def _container_names(model: nn.Module, kind: type) -> list[str]:
     return names
 
 
-def select_modules(model: nn.Module, layers: LayerSelection, kind: type = nn.Conv2d) -> list[tuple[str, nn.Module]]:
+def select_modules(model: nn.Module, layers: LayerSelection,
+                   kind: type | tuple[type, ...] = nn.Conv2d) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs of type ``kind`` in ``model`` that ``layers`` selects, in order.
 
     Args:
@@ -58,7 +65,7 @@ def select_modules(model: nn.Module, layers: LayerSelection, kind: type = nn.Con
             ``model.named_modules()`` spells them (``"layer4"`` selects every conv
             under ``layer4``), or a predicate ``(name, module) -> bool`` asked of
             each ``kind`` module.
-        kind: the module type to select.
+        kind: the module type (or a tuple of types) to select.
 
     Returns:
         The selected modules with their qualified names.
@@ -83,12 +90,12 @@ def select_modules(model: nn.Module, layers: LayerSelection, kind: type = nn.Con
             if not any(_under(name, prefix) for name, _ in found):
                 valid = ", ".join(_container_names(model, kind)[:16])
                 raise ValueError(
-                    f"layers: {type(model).__name__} has no {kind.__name__} named {prefix!r} or under it; "
+                    f"layers: {type(model).__name__} has no {type_names(kind)} named {prefix!r} or under it; "
                     f"name modules as named_modules() does, e.g. {valid}"
                 )
         chosen = [(name, m) for name, m in found if any(_under(name, p) for p in names)]
     if not chosen:
-        raise ValueError(f"layers={layers!r} selects no {kind.__name__} of {type(model).__name__}")
+        raise ValueError(f"layers={layers!r} selects no {type_names(kind)} of {type(model).__name__}")
     return chosen
 
 
@@ -116,19 +123,6 @@ def last_block(model: nn.Module) -> str:
     return name
 
 
-def _scale_shape(layer: nn.Module, granularity: str) -> tuple[int, ...]:
-    if isinstance(layer, nn.Linear):
-        # A linear weight entry is a single number: the smallest unit worth a scale is the neuron.
-        return (layer.out_features, 1)
-    if granularity == "kernel":
-        return (layer.out_channels, layer.in_channels // layer.groups, 1, 1)
-    return (layer.out_channels, 1, 1, 1)
-
-
-def _outputs(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -141,43 +135,52 @@ def _scale_output(scale: torch.Tensor, shift: torch.Tensor, conv: nn.Conv2d, inp
 
 
 class SSAdapter(nn.Module):
-    """Wrap a backbone so that only per-conv Scaling and Shifting parameters learn.
+    """Wrap a backbone so that only per-layer Scaling and Shifting parameters learn.
 
     Args:
-        backbone: any module with an ``nn.Conv2d`` (torchvision models,
-            :mod:`mtl_plugin.backbones`), or a fully-connected one with an
-            ``nn.Linear`` (SS then goes on its linear layers, one scale and shift per
-            neuron). Its parameters are set to ``requires_grad=False`` in place and
-            never copied.
-        granularity: ``"kernel"`` (the paper: one scale per 2-D kernel, shape
-            ``(out, in/groups, 1, 1)``) or ``"channel"`` (one per output channel);
-            linear layers always get one per neuron, shape ``(out, 1)``.
+        backbone: any module with an ``nn.Conv2d``, ``nn.Linear`` or
+            ``nn.MultiheadAttention`` (every torchvision classification model,
+            :mod:`mtl_plugin.backbones`). Its parameters are set to
+            ``requires_grad=False`` in place and never copied.
+        granularity: of the convs' scales: ``"auto"`` (one per 2-D kernel on convs
+            with a spatial kernel, k x k > 1, as the paper; one per output channel on
+            1x1 convs, where a scale per kernel would be one per weight),
+            ``"kernel"`` (the paper's on every conv, shape ``(out, in/groups, 1, 1)``)
+            or ``"channel"`` (one per output channel, ``(out, 1, 1, 1)``). Linear and
+            attention layers always get one per output neuron, shape ``(out, 1)``.
+            On convs with only 3x3 kernels (Conv4) ``"auto"`` is ``"kernel"``.
         bn: ``"frozen"`` keeps every BatchNorm in eval mode whatever ``train()`` is
             called with; ``"train"`` lets them use batch statistics in training mode.
-        layers: which convs get Φ (the others stay frozen as they are): ``None``
-            (every conv, the paper's SS [Θ; θ]), module names as
-            ``backbone.named_modules()`` spells them (``["layer4"]``, or
+        layers: which layers get Φ (the others stay frozen as they are): ``None``
+            (every conv, linear and attention layer: the paper's SS [Θ; θ]), module
+            names as ``backbone.named_modules()`` spells them (``["layer4"]``, or
             ``[last_block(backbone)]`` for SS [Θ4; θ]) or a predicate
-            ``(name, conv) -> bool``.
+            ``(name, layer) -> bool``, asked of every such layer (``lambda name, layer:
+            isinstance(layer, nn.Conv2d)`` keeps SS on the convs alone).
         output_scaling: with ``"channel"`` granularity, scale each conv's output
             instead of its weight (the same function): the backward then forms no
             weight-sized gradient, at the cost of an elementwise pass over the
             activations. ``benchmarks/throughput.py`` measures which is faster.
 
+    Warns:
+        SSShareWarning: once, when SS would learn more than a quarter of the
+            backbone's parameters, naming the layers that learn the most and the
+            option that shrinks them.
+
     Raises:
-        ValueError: for an unknown granularity or bn mode, a backbone with neither
-            convs nor linear layers or already adapted, ``layers`` that select none,
-            or ``output_scaling`` with ``"kernel"`` granularity.
+        ValueError: for an unknown granularity or bn mode, a backbone with no layer
+            to adapt or already adapted, ``layers`` that select none, or
+            ``output_scaling`` without ``"channel"`` granularity.
 
     Example::
 
-        adapter = SSAdapter(torchvision.models.resnet18(), granularity="kernel")
-        print(adapter.parameter_report().tail(1))   # totals
-        torch.save(adapter.ss_state_dict(), "ss.pt")  # a few MB
-        plain = adapter.fold()                        # same outputs, no overhead
+        adapter = SSAdapter(torchvision.models.vit_b_16())   # patch conv, attention, MLPs
+        print(adapter.parameter_report().tail(1))            # totals and share of the backbone
+        torch.save(adapter.ss_state_dict(), "ss.pt")         # a few hundred KB
+        plain = adapter.fold()                               # same outputs, no overhead
     """
 
-    def __init__(self, backbone: nn.Module, granularity: str = "kernel", bn: str = "frozen",
+    def __init__(self, backbone: nn.Module, granularity: str = "auto", bn: str = "frozen",
                  layers: LayerSelection = None, *, output_scaling: bool = False):
         super().__init__()
         if granularity not in GRANULARITIES:
@@ -194,47 +197,68 @@ class SSAdapter(nn.Module):
                 f"{type(backbone).__name__} is already wrapped in an SSAdapter; "
                 "adapt the original backbone once (or call .fold() first)"
             )
-        # The paper's SS is on convolutions; a model without any gets it on its linear layers.
-        kind = nn.Conv2d if any(isinstance(m, nn.Conv2d) for m in backbone.modules()) else nn.Linear
-        all_convs = [(name, m) for name, m in backbone.named_modules() if isinstance(m, kind)]
-        if not all_convs:
+        all_layers = [(name, m) for name, m in backbone.named_modules() if isinstance(m, ADAPTED_TYPES)]
+        if not all_layers:
             raise ValueError(
-                f"{type(backbone).__name__} has no nn.Conv2d or nn.Linear layer: SSAdapter scales and "
-                "shifts their weights, so pass a convolutional or fully-connected backbone"
+                f"{type(backbone).__name__} has no nn.Conv2d, nn.Linear or nn.MultiheadAttention layer: "
+                "SSAdapter scales and shifts their weights, so pass a backbone built from them"
             )
-        convs = select_modules(backbone, layers, kind)
+        chosen = select_modules(backbone, layers, ADAPTED_TYPES)
         self.granularity = granularity
         self.output_scaling = output_scaling
         self.bn = bn
         self.layers = "<predicate>" if callable(layers) else layers
-        # Every conv, adapted or not, for the parameter report.
-        self._all_convs = all_convs
+        # Every adaptable layer, adapted or not, for the parameter report.
+        self._all_layers = all_layers
+        self._backbone_size = sum(p.numel() for p in backbone.parameters())
         # Remembered so that fold() can give back a model as trainable as the one it got.
         self._requires_grad = {name: p.requires_grad for name, p in backbone.named_parameters()}
         backbone.requires_grad_(False)
         self.backbone = backbone
-        self.conv_names = [name for name, _ in convs]
-        # A plain list: the convs are registered once, inside the backbone.
-        self._convs = [conv for _, conv in convs]
+        # Named conv_names since SS was on convs only; it lists every adapted layer.
+        self.conv_names = [name for name, _ in chosen]
+        # A plain list: the layers are registered once, inside the backbone.
+        self._layers = [layer for _, layer in chosen]
+        like = [next(layer.parameters()) for layer in self._layers]
         self.scales = nn.ParameterList(
-            nn.Parameter(torch.ones(_scale_shape(c, granularity), dtype=c.weight.dtype, device=c.weight.device))
-            for c in self._convs
+            nn.Parameter(torch.ones(scale_shape(c, granularity), dtype=w.dtype, device=w.device))
+            for c, w in zip(self._layers, like)
         )
         self.shifts = nn.ParameterList(
-            nn.Parameter(torch.zeros(_outputs(c), dtype=c.weight.dtype, device=c.weight.device))
-            for c in self._convs
+            nn.Parameter(torch.zeros(outputs(c), dtype=w.dtype, device=w.device)) for c, w in zip(self._layers, like)
         )
         self.train(self.training)
+        self._warn_if_large()
+
+    def _warn_if_large(self) -> None:
+        report = self.parameter_report()
+        share = report["share"].iloc[-1]
+        if share <= SHARE_BOUND:
+            return
+        body = report.iloc[:-1]
+        large = body[body["ratio"] > SHARE_BOUND]
+        large = (large if len(large) else body).sort_values("ss", ascending=False)
+        names = ", ".join(large["layer"].head(5)) + (f" and {len(large) - 5} more" if len(large) > 5 else "")
+        if (large["scale_per"] == "kernel").any():
+            pointwise = (large["kernel"] == "1x1") & (large["scale_per"] == "kernel")
+            option = "granularity='auto' (one scale per channel on 1x1 convs)" if pointwise.any() \
+                else "granularity='channel' (one scale per output channel)"
+        else:
+            option = "layers=... (adapt fewer layers)"
+        warnings.warn(
+            f"SSAdapter learns {share:.0%} of {type(self.backbone).__name__}'s {self._backbone_size:,} parameters, "
+            f"more than {SHARE_BOUND:.0%}: most on {names}; {option} shrinks them",
+            SSShareWarning, stacklevel=3,
+        )
 
     def _scales_output(self, conv: nn.Module) -> bool:
         return self.output_scaling and isinstance(conv, nn.Conv2d)
 
     def _ss_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
-        for name, conv, scale, shift in zip(self.conv_names, self._convs, self.scales, self.shifts):
-            if not self._scales_output(conv):
-                tensors[_key(name, "weight")] = conv.weight * scale
-                tensors[_key(name, "bias")] = shift if conv.bias is None else conv.bias + shift
+        for name, layer, scale, shift in zip(self.conv_names, self._layers, self.scales, self.shifts):
+            if not self._scales_output(layer):
+                tensors.update((_key(name, key), value) for key, value in adapted_tensors(layer, scale, shift).items())
         return tensors
 
     def forward(self, *args, **kwargs):
@@ -242,7 +266,7 @@ class SSAdapter(nn.Module):
         # tensors stay untouched, so nothing frozen is copied and autograd reaches Φ. Output
         # scaling hooks the convs for this call only, for the same reason.
         hooks = [conv.register_forward_hook(partial(_scale_output, scale, shift))
-                 for conv, scale, shift in zip(self._convs, self.scales, self.shifts) if self._scales_output(conv)]
+                 for conv, scale, shift in zip(self._layers, self.scales, self.shifts) if self._scales_output(conv)]
         try:
             return functional_call(self.backbone, self._ss_tensors(), args, kwargs)
         finally:
@@ -258,7 +282,7 @@ class SSAdapter(nn.Module):
         return self
 
     def named_ss_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``(f"{conv}.scale", Φ1)`` and ``(f"{conv}.shift", Φ2)`` for every conv, in order."""
+        """``(f"{layer}.scale", Φ1)`` and ``(f"{layer}.shift", Φ2)`` for every adapted layer, in order."""
         for name, scale, shift in zip(self.conv_names, self.scales, self.shifts):
             yield _key(name, "scale"), scale
             yield _key(name, "shift"), shift
@@ -269,7 +293,7 @@ class SSAdapter(nn.Module):
             yield parameter
 
     def ss_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
-        """The SS parameters alone, keyed by conv name (a resnet18's is a few MB)."""
+        """The SS parameters alone, keyed by layer name (a resnet18's is a few hundred KB)."""
         return OrderedDict((name, p.detach().clone()) for name, p in self.named_ss_parameters())
 
     def load_ss_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -287,7 +311,7 @@ class SSAdapter(nn.Module):
         """
         expected = OrderedDict(self.named_ss_parameters())
         for key, parameter in expected.items():
-            layer = key.rpartition(".")[0] or "<root conv>"
+            layer = key.rpartition(".")[0] or "<root layer>"
             if key not in state:
                 raise ValueError(
                     f"SS state does not fit this backbone: layer {layer!r} has no {key!r} in the "
@@ -310,16 +334,20 @@ class SSAdapter(nn.Module):
                 parameter.copy_(state[key])
 
     def parameter_report(self) -> pd.DataFrame:
-        """One row per conv: frozen and SS parameter counts and their ratio, then a total row.
+        """One row per conv, linear and attention layer: what SS learns there, then a total row.
 
         ``ratio`` counts the SS parameters against the affine map they modulate: the
-        weights plus one bias per output (zero where the conv has none), as the paper
-        counts a neuron. For a 3x3 conv at kernel granularity it is (1+C)/(1+9C).
-        With ``layers``, the convs left out have ``adapted`` False and 0 SS
-        parameters, so the total's ratio is over every conv of the backbone.
+        weights plus one bias per output (zero where the layer has none), as the paper
+        counts a neuron. For a 3x3 conv with a scale per kernel it is (1+C)/(1+9C).
+        ``share`` counts them against every parameter of the backbone (BatchNorm,
+        embeddings and all), so the layers' shares add up to the total's. With
+        ``layers``, the layers left out have ``adapted`` False and 0 SS parameters.
 
         Returns:
-            Columns ``layer, kernel, in_per_group, out, adapted, frozen, ss, ratio``.
+            Columns ``layer, kernel, in_per_group, out, scale_per, adapted, frozen, ss,
+            ratio, share``; ``kernel`` is ``"3x3"``-like for a conv, ``"linear"`` or
+            ``"attention"`` (the in-projection; ``out_proj`` is a row of its own);
+            ``scale_per`` is ``"kernel"``, ``"channel"`` or ``"neuron"``.
 
         Example::
 
@@ -327,28 +355,15 @@ class SSAdapter(nn.Module):
         """
         ss = {name: scale.numel() + shift.numel()
               for name, scale, shift in zip(self.conv_names, self.scales, self.shifts)}
-        rows = []
-        for name, conv in self._all_convs:
-            frozen = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
-            linear = isinstance(conv, nn.Linear)
-            rows.append(
-                {
-                    "layer": name or "<root>",
-                    "kernel": "linear" if linear else "x".join(map(str, conv.kernel_size)),
-                    "in_per_group": conv.in_features if linear else conv.in_channels // conv.groups,
-                    "out": _outputs(conv),
-                    "adapted": name in ss,
-                    "frozen": frozen,
-                    "ss": ss.get(name, 0),
-                    "_neuron": conv.weight.numel() + _outputs(conv),
-                }
-            )
+        rows = [{"layer": name or "<root>", **layer_row(layer, self.granularity), "adapted": name in ss,
+                 "ss": ss.get(name, 0)} for name, layer in self._all_layers]
         frame = pd.DataFrame(rows)
         total = {
             "layer": "total",
             "kernel": "",
             "in_per_group": pd.NA,
             "out": int(frame["out"].sum()),
+            "scale_per": "",
             "adapted": bool(frame["adapted"].all()),
             "frozen": int(frame["frozen"].sum()),
             "ss": int(frame["ss"].sum()),
@@ -356,20 +371,22 @@ class SSAdapter(nn.Module):
         }
         frame = pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
         frame["ratio"] = frame["ss"] / frame["_neuron"]
-        return frame.drop(columns="_neuron")
+        frame["share"] = frame["ss"] / self._backbone_size
+        columns = ["layer", "kernel", "in_per_group", "out", "scale_per", "adapted", "frozen", "ss", "ratio", "share"]
+        return frame[columns]
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
-        """A plain copy of the backbone (same class) with Φ merged into its conv weights and
-        biases: the same outputs, and no inference overhead."""
+        """A plain copy of the backbone (same class) with Φ merged into its layers' weights and
+        biases: the same outputs, and no inference overhead.
+
+        Example::
+
+            torch.save(adapter.fold().state_dict(), "folded.pt")   # loads into the backbone's class
+        """
         folded = copy.deepcopy(self.backbone)
         for name, scale, shift in zip(self.conv_names, self.scales, self.shifts):
-            conv = folded.get_submodule(name)
-            conv.weight.mul_(scale)
-            if conv.bias is None:
-                conv.bias = nn.Parameter(shift.detach().clone())
-            else:
-                conv.bias.add_(shift)
+            fold_layer(folded.get_submodule(name), scale, shift)
         for name, parameter in folded.named_parameters():
             weight_name = name[: -len("bias")] + "weight" if name.endswith("bias") else name
             parameter.requires_grad_(self._requires_grad.get(name, self._requires_grad.get(weight_name, True)))
@@ -380,4 +397,4 @@ class SSAdapter(nn.Module):
         layers = "" if self.layers is None else f", layers={self.layers!r}"
         scaling = ", output_scaling=True" if self.output_scaling else ""
         return (f"granularity={self.granularity!r}{scaling}, bn={self.bn!r}{layers}, "
-                f"convs={len(self.conv_names)} of {len(self._all_convs)}")
+                f"layers adapted={len(self.conv_names)} of {len(self._all_layers)}")

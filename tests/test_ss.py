@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import higher
 import learn2learn as l2l
@@ -6,27 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from click.testing import CliRunner
 from torch import nn
 from torch.func import functional_call
 
 from mtl_plugin import SSAdapter
 from mtl_plugin.backbones import build_backbone, conv4, resnet12, small_input_resnet
-from mtl_plugin.ss import last_block
+from mtl_plugin.methods.mtl import MTLConfig
+from mtl_plugin.ss import SSShareWarning, last_block
+from mtl_plugin.ss_cli import ss_report
 
-TORCHVISION = [
-    "resnet18",
-    "resnet50",
-    "wide_resnet50_2",
-    "resnext50_32x4d",
-    "vgg11_bn",
-    "densenet121",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "efficientnet_b0",
-    "convnext_tiny",
-    "regnet_y_400mf",
-    "shufflenet_v2_x1_0",
-]
+# Every torchvision classification model is walked in test_ss_zoo.py; these two have a
+# classifier head (resnet18) and 1x1 convs with kernel-granularity rows (wide_resnet50_2).
+TORCHVISION = ["resnet18", "wide_resnet50_2"]
 
 OWN = {
     "resnet12": (lambda: resnet12(), 32),
@@ -80,14 +73,21 @@ def test_identity_at_init_fold_and_report(name):
         assert torch.equal(value, weights_before[key]), key
 
     report = adapter.parameter_report()
-    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
-    assert len(report) == len(convs) + 1
+    layers = [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention))]
+    assert len(report) == len(layers) + 1
     assert report.iloc[-1]["layer"] == "total"
     assert report.iloc[-1]["ss"] == sum(p.numel() for p in ss)
     for _, row in report.iloc[:-1].iterrows():
         if row["kernel"] == "3x3":
             c = row["in_per_group"]
+            assert row["scale_per"] == "kernel"
             assert row["ratio"] == pytest.approx((1 + c) / (1 + 9 * c))
+        if row["kernel"] == "1x1":
+            assert row["scale_per"] == "channel"
+    # The share is of every backbone parameter, BatchNorm included; the layers' add up to the total.
+    learned, size = sum(p.numel() for p in ss), sum(p.numel() for p in backbone.parameters())
+    assert report.iloc[-1]["share"] == pytest.approx(learned / size)
+    assert report["share"].iloc[:-1].sum() == pytest.approx(report["share"].iloc[-1])
 
 
 def test_scale_shapes_for_every_conv_kind():
@@ -102,10 +102,14 @@ def test_scale_shapes_for_every_conv_kind():
     assert [tuple(s.shape) for s in kernel.shifts] == [(8,), (8,), (8,), (6,)]
     channel = SSAdapter(copy.deepcopy(net), granularity="channel")
     assert [tuple(s.shape) for s in channel.scales] == [(8, 1, 1, 1)] * 3 + [(6, 1, 1, 1)]
+    # "auto": per kernel where the kernel is spatial, per channel on the 1x1 conv.
+    auto = SSAdapter(copy.deepcopy(net))
+    assert [tuple(s.shape) for s in auto.scales] == [(8, 1, 1, 1), (8, 2, 1, 1), (8, 1, 1, 1), (6, 8, 1, 1)]
+    assert list(auto.parameter_report()["scale_per"].iloc[:-1]) == ["channel", "kernel", "kernel", "kernel"]
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 9, 9, generator=generator)
-    for adapter in (kernel, channel):
+    for adapter in (kernel, channel, auto):
         _perturb(adapter, generator)
         # The definition, layer by layer: (W ⊙ Φ1) X + (b + Φ2).
         expected = x
@@ -115,6 +119,36 @@ def test_scale_shapes_for_every_conv_kind():
                 expected, conv.weight * scale, bias, conv.stride, conv.padding, conv.dilation, conv.groups
             )
         assert torch.allclose(adapter(x), expected, atol=1e-6)
+
+
+def test_auto_granularity_leaves_the_papers_backbones_as_the_paper_counts():
+    # Conv4 has 3x3 convs only: "auto" is the paper's scale per kernel.
+    assert ([s.shape for s in SSAdapter(conv4()).scales]
+            == [s.shape for s in SSAdapter(conv4(), granularity="kernel").scales])
+    # ResNet-12's 1x1 shortcuts alone get one scale per channel under "auto"; the benchmark's
+    # MTL rows keep the paper's "kernel", and with it the paper's count.
+    auto, kernel = SSAdapter(resnet12()), SSAdapter(resnet12(), granularity="kernel")
+    differ = [name for name, a, k in zip(auto.conv_names, auto.scales, kernel.scales) if a.shape != k.shape]
+    assert differ == [f"layers.{i}.shortcut.0" for i in range(4)]
+    assert kernel.parameter_report()["ss"].iloc[-1] == 1_620_992
+    assert MTLConfig().granularity == "kernel"
+
+
+def test_a_large_share_warns_once_naming_the_layers_and_the_option():
+    net = nn.Sequential(nn.Conv2d(16, 64, 1), nn.ReLU(), nn.Conv2d(64, 16, 1))
+    with pytest.warns(SSShareWarning) as caught:
+        adapter = SSAdapter(copy.deepcopy(net), granularity="kernel")
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    share = adapter.parameter_report()["share"].iloc[-1]
+    assert share > 0.25 and f"learns {share:.0%} of Sequential's 2,128 parameters" in message
+    assert "most on 0, 2" in message and "granularity='auto'" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SSShareWarning)
+        assert SSAdapter(net).parameter_report()["share"].iloc[-1] < 0.25
+    # Where no granularity helps, the warning says to adapt fewer layers.
+    with pytest.warns(SSShareWarning, match=r"layers=\.\.\. \(adapt fewer layers\)"):
+        SSAdapter(nn.Linear(2, 2))
 
 
 def test_batchnorm_modes():
@@ -160,14 +194,14 @@ def test_loading_another_architecture_names_the_layer():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="Sequential has no nn.Conv2d or nn.Linear"):
+    with pytest.raises(ValueError, match="Sequential has no nn.Conv2d, nn.Linear or nn.MultiheadAttention"):
         SSAdapter(nn.Sequential(nn.ReLU()))
     adapter = SSAdapter(conv4())
     with pytest.raises(ValueError, match="already wrapped"):
         SSAdapter(adapter)
     with pytest.raises(ValueError, match="already wrapped"):
         SSAdapter(nn.Sequential(adapter))
-    with pytest.raises(ValueError, match="kernel, channel"):
+    with pytest.raises(ValueError, match="auto, kernel, channel"):
         SSAdapter(conv4(), granularity="filter")
     with pytest.raises(ValueError, match="frozen, train"):
         SSAdapter(conv4(), bn="eval")
@@ -210,8 +244,8 @@ def test_ss_on_a_subset_of_layers(build, layers, expected):
     assert changed == set(expected)
 
     report = adapter.parameter_report()
-    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
-    assert len(report) == len(convs) + 1
+    layers = [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(report) == len(layers) + 1
     body, total = report.iloc[:-1], report.iloc[-1]
     assert list(body.loc[body["adapted"], "layer"]) == expected
     assert (body.loc[~body["adapted"], "ss"] == 0).all()
@@ -219,11 +253,11 @@ def test_ss_on_a_subset_of_layers(build, layers, expected):
 
 
 def test_layers_that_select_nothing_are_named():
-    with pytest.raises(ValueError, match=r"no Conv2d named 'layer4'.*layers\.3"):
+    with pytest.raises(ValueError, match=r"no Conv2d, Linear or MultiheadAttention named 'layer4'.*layers\.3"):
         SSAdapter(resnet12(), layers=["layer4"])
-    with pytest.raises(ValueError, match="selects no Conv2d"):
+    with pytest.raises(ValueError, match="selects no Conv2d, Linear or MultiheadAttention"):
         SSAdapter(resnet12(), layers=lambda name, conv: False)
-    with pytest.raises(ValueError, match="selects no Conv2d"):
+    with pytest.raises(ValueError, match="selects no Conv2d, Linear or MultiheadAttention"):
         SSAdapter(resnet12(), layers=[])
 
 
@@ -337,5 +371,18 @@ def test_a_fully_connected_model_gets_ss_per_neuron():
     adapted.sum().backward()
     assert all(p.grad is not None for p in adapter.ss_parameters())
     assert not any(p.requires_grad for p in mlp.parameters())
-    # A CNN keeps SS on its convs only: its classifier is left as it is.
-    assert all("fc" not in name for name in SSAdapter(torchvision.models.resnet18()).conv_names)
+    # A CNN's classifier is a linear layer like any other: adapted per neuron until the user removes it.
+    resnet = torchvision.models.resnet18(num_classes=10)
+    assert SSAdapter(copy.deepcopy(resnet)).conv_names[-1] == "fc"
+    resnet.fc = nn.Identity()
+    assert all(isinstance(resnet.get_submodule(name), nn.Conv2d) for name in SSAdapter(resnet).conv_names)
+
+
+def test_ss_report_command_prints_each_layers_scale_and_share():
+    result = CliRunner().invoke(ss_report, ["resnet12", "--all-layers"])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.splitlines()
+    assert header.split()[-2:] == ["ratio", "share"]
+    # The default is SSAdapter's "auto": ResNet-12's 1x1 shortcuts get a scale per channel.
+    shortcut = next(row for row in rows if row.startswith("layers.0.shortcut.0"))
+    assert shortcut.split()[1:2] == ["1x1"] and "channel" in shortcut.split()

@@ -43,7 +43,9 @@ class MTLConfig:
     ``shots``, ``queries`` and ``seed`` are taken from the bench context (its
     queries fit the data set's smallest class). ``layers`` picks the convs that
     get Φ (module names as ``named_modules()`` spells them; ``None``: every conv,
-    the paper's SS [Θ; θ]). ``speedups`` choose how the encoder runs
+    the paper's SS [Θ; θ]). ``granularity`` stays the paper's ``"kernel"``, a scale
+    per kernel on every conv, where :class:`SSAdapter` defaults to ``"auto"`` (per
+    channel on 1x1 convs: ResNet-12's shortcuts). ``speedups`` choose how the encoder runs
     (:class:`~mtl_plugin.speedups.Speedups`); they change no result beyond float
     tolerance unless they set ``autocast``.
 

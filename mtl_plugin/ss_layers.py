@@ -1,0 +1,147 @@
+"""The per-layer rules of Scaling and Shifting: which layers SS adapts, Φ's shapes, the swap.
+
+Three layer types hold the weights of torchvision's classification models, CNNs and
+transformers alike, and each gets a scale Φ1 (initialised to 1) on its weight and a
+shift Φ2 (initialised to 0) on its bias:
+
+- ``nn.Conv2d``: one scale per 2-D kernel, shape ``(out, in/groups, 1, 1)`` (the
+  paper's), or one per output channel, shape ``(out, 1, 1, 1)``.
+- ``nn.Linear``: one scale per output neuron, shape ``(out, 1)``: the form that
+  "Scaling & Shifting your Features" (Lian et al., NeurIPS 2022) uses on ViTs.
+- ``nn.MultiheadAttention``: its packed query/key/value projection
+  (``in_proj_weight``, or ``q/k/v_proj_weight`` when their widths differ, and
+  ``in_proj_bias``), one scale per output neuron, shape ``(3 * embed_dim, 1)``. Its
+  ``out_proj`` is an ``nn.Linear`` and adapted as one.
+
+Granularity ``"auto"`` keeps the paper's scale per kernel where its count holds, on
+convs with a spatial kernel (k x k > 1): there it learns about 1/(k x k) of the
+layer. On a 1x1 conv a scale per kernel is one per weight, a full reparameterisation,
+so ``"auto"`` gives those one scale per output channel.
+
+Example::
+
+    layer = nn.Conv2d(64, 256, 1)
+    scale_shape(layer, "kernel"), scale_shape(layer, "auto")   # (256, 64, 1, 1), (256, 1, 1, 1)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["ADAPTED_TYPES", "GRANULARITIES", "SHARE_BOUND", "SSShareWarning", "adapted_tensors", "fold_layer",
+           "layer_row", "outputs", "scale_shape", "type_names"]
+
+ADAPTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+GRANULARITIES = ("auto", "kernel", "channel")
+# Above this share of the backbone's parameters SS stops being the small adapter it is meant to be.
+SHARE_BOUND = 0.25
+
+
+class SSShareWarning(UserWarning):
+    """SS would learn more than :data:`SHARE_BOUND` of the backbone's parameters."""
+
+
+def type_names(kind: type | tuple[type, ...]) -> str:
+    """``"Conv2d"``, or ``"Conv2d, Linear or MultiheadAttention"`` for a tuple of types."""
+    names = [k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,))]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _per_kernel(layer: nn.Module, granularity: str) -> bool:
+    if not isinstance(layer, nn.Conv2d) or granularity == "channel":
+        return False
+    return granularity == "kernel" or math.prod(layer.kernel_size) > 1
+
+
+def outputs(layer: nn.Module) -> int:
+    """The number of output neurons (channels) that Φ2 shifts."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return 3 * layer.embed_dim
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def scale_shape(layer: nn.Module, granularity: str) -> tuple[int, ...]:
+    """The shape of Φ1 for ``layer`` at ``granularity`` (see the module's docstring)."""
+    if isinstance(layer, nn.Conv2d):
+        return (layer.out_channels, layer.in_channels // layer.groups if _per_kernel(layer, granularity) else 1, 1, 1)
+    # A linear weight entry is a single number: the smallest unit worth a scale is the neuron.
+    return (outputs(layer), 1)
+
+
+def _weight_names(layer: nn.Module) -> list[str]:
+    if isinstance(layer, nn.MultiheadAttention):
+        return ["in_proj_weight"] if layer._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return ["weight"]
+
+
+def _bias_name(layer: nn.Module) -> str:
+    return "in_proj_bias" if isinstance(layer, nn.MultiheadAttention) else "bias"
+
+
+def adapted_tensors(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``layer``'s weights times Φ1 and its bias plus Φ2, by attribute name.
+
+    Args:
+        layer: a module of one of :data:`ADAPTED_TYPES`.
+        scale: Φ1, of :func:`scale_shape`.
+        shift: Φ2, of shape ``(outputs(layer),)``.
+
+    Returns:
+        ``{"weight": W * Φ1, "bias": b + Φ2}`` (a missing bias counts as zero); for
+        attention the in-projection's names, Φ1's rows split over q, k and v.
+
+    Example::
+
+        adapted_tensors(nn.Linear(3, 2), torch.ones(2, 1), torch.zeros(2))["weight"].shape   # (2, 3)
+    """
+    names = _weight_names(layer)
+    tensors = {name: getattr(layer, name) * part for name, part in zip(names, scale.chunk(len(names)))}
+    bias = getattr(layer, _bias_name(layer))
+    tensors[_bias_name(layer)] = shift if bias is None else bias + shift
+    return tensors
+
+
+@torch.no_grad()
+def fold_layer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Write :func:`adapted_tensors` into ``layer`` in place, giving it a bias if it had none.
+
+    Example::
+
+        fold_layer(conv, scale, shift)   # conv(x) now equals the adapted conv's output
+    """
+    for name, tensor in adapted_tensors(layer, scale, shift).items():
+        current = getattr(layer, name)
+        if current is None:
+            setattr(layer, name, nn.Parameter(tensor.detach().clone()))
+        else:
+            current.copy_(tensor)
+
+
+def layer_row(layer: nn.Module, granularity: str) -> dict[str, object]:
+    """The parameter report's description of ``layer``: kind, widths and the affine map's size.
+
+    ``frozen`` counts the weights and bias that SS modulates (for attention the
+    in-projection only: ``out_proj`` has its own row); ``_neuron`` adds one bias per
+    output where the layer has none, as the paper counts a neuron.
+
+    Example::
+
+        layer_row(nn.Conv2d(4, 8, 3), "auto")["kernel"]   # "3x3"
+    """
+    weights = [getattr(layer, name) for name in _weight_names(layer)]
+    bias = getattr(layer, _bias_name(layer))
+    size = sum(w.numel() for w in weights)
+    if isinstance(layer, nn.Conv2d):
+        kernel, inputs = "x".join(map(str, layer.kernel_size)), layer.in_channels // layer.groups
+    else:
+        kernel, inputs = ("attention" if isinstance(layer, nn.MultiheadAttention) else "linear"), weights[0].shape[1]
+    return {
+        "kernel": kernel,
+        "in_per_group": inputs,
+        "out": outputs(layer),
+        "scale_per": "kernel" if _per_kernel(layer, granularity) else "channel" if kernel[0].isdigit() else "neuron",
+        "frozen": size + (bias.numel() if bias is not None else 0),
+        "_neuron": size + outputs(layer),
+    }
