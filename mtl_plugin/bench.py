@@ -129,8 +129,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **changes) -> "BenchConfig":
-        """The whole table on the embedded data set on 2 CPU cores (33 minutes on an AMD EPYC
-        without AVX-512, the shared pretraining 7 of them; see the README's "Results").
+        """The whole table on the embedded data set on 2 CPU cores (25 minutes on an AMD EPYC
+        without AVX-512, the shared pretraining 5 of them; see the README's "Results").
 
         Every data set runs at 28 px in this profile (unless ``image_size`` is given): a folder of
         84 px images at its own size needed over an hour on 2 cores.
