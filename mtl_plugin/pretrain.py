@@ -102,6 +102,20 @@ class PretrainConfig:
     val_tasks: int = 600
     seed: int = 0
 
+    @classmethod
+    def quick(cls, backbone: str = "conv4", seed: int = 0) -> "PretrainConfig":
+        """A CPU-sized run, the one ``mtl bench --profile quick`` shares between its rows: 4,000
+        steps of 64 images (40 epochs of 100) at lr 0.1 with a cosine schedule, validated on 50
+        tasks an epoch. On kanji (28 px, Conv4) it ends at 92 % training accuracy in about 5
+        minutes on 2 CPU cores (README "Results").
+
+        Example::
+
+            backbone = pretrain(get_benchmark("kanji"), PretrainConfig.quick(), "runs/pretrain")
+        """
+        return cls(backbone=backbone, epochs=40, batch_size=64, lr=0.1, schedule="cosine", steps_per_epoch=100,
+                   val_tasks=50, seed=seed)
+
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise UsageError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
@@ -414,9 +428,17 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
             fast_forward(scheduler, previous["scheduler"]["last_epoch"])
             torch.set_rng_state(previous["torch_rngs"][distributed.rank()] if ranks > 1 else previous["torch_rng"])
             start, best_accuracy, log.rows = previous["epoch"], previous["best_accuracy"], list(previous["metrics"])
-            if progress and config.lr != previous["config"]["lr"]:
-                tqdm.write(f"pretrain: resuming after epoch {start} with lr {config.lr:g} "
-                           f"(was {previous['config']['lr']:g})")
+            if progress:
+                # A finished run is returned as it is: say so, or a second script would silently get
+                # the first one's backbone.
+                if start >= config.epochs:
+                    tqdm.write(f"pretrain: {out_dir} holds a finished run (epoch {start} of {config.epochs}, best "
+                               f"val {best_accuracy:.2f} %): returning its best.pt; to train anew pass "
+                               f"overwrite=True (mtl pretrain --overwrite) or another folder")
+                else:
+                    changed = (f" with lr {config.lr:g} (was {previous['config']['lr']:g})"
+                               if config.lr != previous["config"]["lr"] else "")
+                    tqdm.write(f"pretrain: resuming {out_dir} after epoch {start} of {config.epochs}{changed}")
         else:
             scheduler = _schedule(optimizer, config, steps_per_epoch)
 

@@ -824,3 +824,24 @@ def test_a_run_of_another_command_in_out_is_named(tmp_path, pretrained, flags):
     error = fails(2, META + ["--pretrained", pretrained / "best.pt", "--out", out] + flags,
                   "holds a run of another command ('pretrain' checkpoints), not a meta-training run", "--overwrite")
     assert "pass --resume" not in error
+
+
+def test_a_finished_pretraining_is_returned_with_a_line_saying_so(tmp_path, capsys):
+    # Issue #25: resume=True is the default, so a second script's pretrain(...) on the same folder
+    # gets the first run's backbone; it must say so rather than return it silently.
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    config = PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2,
+                            val_ways=3, val_queries=2)
+    first = pretrain(bench, config, tmp_path / "pre", progress=False)
+    capsys.readouterr()
+    again = pretrain(bench, config, tmp_path / "pre", progress=True)
+    said = capsys.readouterr()
+    assert "holds a finished run (epoch 1 of 1" in said.out + said.err and "overwrite" in said.out + said.err
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
+def test_the_quick_pretraining_is_the_benchs():
+    from mtl_plugin.bench import BenchConfig, pretrain_config_for
+
+    assert pretrain_config_for(BenchConfig.quick(seed=3)) == PretrainConfig.quick(seed=3)
+    assert PretrainConfig.quick().steps_per_epoch * PretrainConfig.quick().epochs == 4000
