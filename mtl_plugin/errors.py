@@ -325,8 +325,9 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
 
     path = Path(path).expanduser()
     # A run folder's last.pt (resumed through --out) is not replaced by giving another file.
-    complete = ("pass --overwrite to train anew there, or another --out" if option == "--out"
-                else "give a complete best.pt written by mtl")
+    in_run_folder = option == "--out"
+    start_anew = "pass --overwrite to train anew there, or another --out"
+    complete = start_anew if in_run_folder else "give a complete best.pt written by mtl"
     if not path.is_file():
         raise MissingDataError(f"{option} {path}: no checkpoint there (no such file); give the best.pt "
                                f"written by mtl pretrain or mtl meta-train")
@@ -365,8 +366,7 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
     broken = _first_non_finite(state)
     if broken is not None:
         # Every number computed from such weights is NaN or chance level: refuse rather than report it.
-        remedy = ("pass --overwrite to train anew there, or another --out" if option == "--out"
-                  else "give the checkpoint of a run that did not diverge")
+        remedy = start_anew if in_run_folder else "give the checkpoint of a run that did not diverge"
         raise DataError(f"{option} {path}: {broken} holds NaN or infinite values (the weights of a diverged or "
                         f"damaged run), so nothing computed from it is right; {remedy}")
     return state

@@ -133,7 +133,8 @@ def layer_row(layer: nn.Module, granularity: str) -> dict[str, object]:
     weights = [getattr(layer, name) for name in _weight_names(layer)]
     bias = getattr(layer, _bias_name(layer))
     size = sum(w.numel() for w in weights)
-    if isinstance(layer, nn.Conv2d):
+    conv = isinstance(layer, nn.Conv2d)
+    if conv:
         kernel, inputs = "x".join(map(str, layer.kernel_size)), layer.in_channels // layer.groups
     else:
         kernel, inputs = ("attention" if isinstance(layer, nn.MultiheadAttention) else "linear"), weights[0].shape[1]
@@ -141,7 +142,7 @@ def layer_row(layer: nn.Module, granularity: str) -> dict[str, object]:
         "kernel": kernel,
         "in_per_group": inputs,
         "out": outputs(layer),
-        "scale_per": "kernel" if _per_kernel(layer, granularity) else "channel" if kernel[0].isdigit() else "neuron",
+        "scale_per": "kernel" if _per_kernel(layer, granularity) else "channel" if conv else "neuron",
         "frozen": size + (bias.numel() if bias is not None else 0),
         "_neuron": size + outputs(layer),
     }
