@@ -23,8 +23,13 @@ $(STAMP): setup.py Makefile
 	$(BIN)/python -m pip install -q -e ".[test]" $(TORCH_PINS) $(L2L_PIN)
 	touch $(STAMP)
 
+# One single-threaded process per core under torchrun, sharing out the table's cells: each cell is
+# computed as `OMP_NUM_THREADS=1 mtl bench --profile quick` computes it alone, so the table does not
+# depend on the number of processes (BENCH_PROCESSES=1: one process).
+BENCH_PROCESSES ?= $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())")
+
 bench: $(STAMP)
-	$(BIN)/mtl bench --profile quick
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(BENCH_PROCESSES) -m mtl_plugin bench --profile quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -52,7 +53,8 @@ from mtl_plugin.meta_training import plot_meta_curves
 from mtl_plugin.methods import METHOD_NAMES, METHODS, build_method
 from mtl_plugin.methods.ablation import ABLATION_SUITE
 from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.pretrain import PretrainConfig, pretrain
+from mtl_plugin.distributed import WorkQueue
+from mtl_plugin.pretrain import PretrainConfig, load_pretrained, pretrain
 from mtl_plugin.published import published_accuracy
 
 __all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench", "shared_pretraining",
@@ -61,6 +63,8 @@ __all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_
 PROFILES = ("quick", "paper")
 WALL_CLOCK = "wall-clock (s)"
 LEARNED = "learned parameters"
+# Store events of a bench under torchrun.
+_DATA_READY, _PRETRAINED = "data-ready", "pretrained"
 # comparison: every method but the ablation-only rows (a new method joins it by being in METHODS);
 # ablation: what to adapt after pretraining (Sun et al. 2019, Table 3, and this package's options).
 SUITES = {
@@ -160,10 +164,14 @@ def pretrain_config_for(config: BenchConfig) -> PretrainConfig:
     return PretrainConfig.quick(backbone=config.backbone, seed=config.seed)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, queue: Optional[WorkQueue]) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if queue is not None and device.type == "cuda" and device.index is None:
+        # One GPU per process of the node, as torchrun numbers them.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return device
 
 
 class _SharedPretraining:
@@ -262,6 +270,11 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     return cell
 
 
+def _echo_cell(cell: dict, method: str, ways: int, shots: int, echo: Callable[[str], None]) -> None:
+    echo(f"{method} {ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
+         f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)")
+
+
 def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: str,
            counts: Optional[dict] = None) -> pd.DataFrame:
     """One row per method; with ``counts`` (the ablation suite) also what each row adapts and
@@ -331,9 +344,11 @@ def _check_before_work(config: BenchConfig, benchmark) -> None:
     check_output_dir(config.out)
 
 
-def shared_pretraining(config: BenchConfig, benchmark, device: torch.device) -> _SharedPretraining:
+def shared_pretraining(config: BenchConfig, benchmark, device: torch.device,
+                       queue: Optional[WorkQueue] = None) -> _SharedPretraining:
     """The bench's shared pretraining run in ``config.out``: run on first call (or read back
-    when finished), then a fresh copy of the backbone per call.
+    when finished), then a fresh copy of the backbone per call. Under torchrun (``queue``),
+    rank 0 runs it and the other ranks wait for it to finish and read its ``best.pt``.
 
     Example::
 
@@ -342,27 +357,68 @@ def shared_pretraining(config: BenchConfig, benchmark, device: torch.device) -> 
     """
     name = f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px-{_digest(_pretrain_key(config, benchmark))}"
     pretrain_dir = config.out / "pretrain" / name
+    if queue is not None and queue.rank != 0:
+        def read_back() -> nn.Module:
+            queue.wait_for(_PRETRAINED)
+            return load_pretrained(pretrain_dir / "best.pt", device)
+
+        return _SharedPretraining(read_back)
     return _SharedPretraining(lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir,
                                                device=device, progress=config.progress))
 
 
-def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> BenchResult:
+def _share_cells(config: BenchConfig, benchmark, shared: _SharedPretraining, device: torch.device,
+                 queue: WorkQueue, echo: Callable[[str], None]) -> None:
+    """Under torchrun: every process computes cells until none is left (their cell files are the
+    results); rank 0 pretrains first, then joins, and returns once every process is done.
+
+    Each cell is computed as one process computes it alone, so the table does not depend on
+    which process took which cell, nor on how many there were.
+    """
+    if queue.rank == 0 and any(METHODS[method][0].uses_pretraining for method in config.rows):
+        shared()
+        queue.announce(_PRETRAINED)
+    cells = [(method, shots) for shots in config.shots for method in config.rows]
+    # The cells without pretraining first: they keep the other processes busy while rank 0 pretrains.
+    cells.sort(key=lambda cell: METHODS[cell[0]][0].uses_pretraining)
+    for index in queue.take(len(cells)):
+        method, shots = cells[index]
+        _echo_cell(_run_cell(config, benchmark, method, shots, shared, device), method, config.ways, shots,
+                   lambda line: echo(f"[rank {queue.rank}] {line}"))
+    queue.finish()
+
+
+def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optional[BenchResult]:
     """Fit and evaluate every method of ``config``; write the table as CSV, Markdown and LaTeX.
 
     The task shape, the backbone and the output folder are checked before any training.
+    Under torchrun the processes share the cells out (:class:`~mtl_plugin.distributed.WorkQueue`):
+    rank 0 returns the result, the other ranks ``None``.
     """
+    queue = WorkQueue.join("mtl-bench")
+    if queue is not None:
+        # One progress bar at a time on the terminal the processes share; the others print a line per cell.
+        config = replace(config, progress=config.progress and queue.rank == 0)
+        if queue.rank != 0:
+            queue.wait_for(_DATA_READY)  # rank 0 generates (or checks) the data alone
     benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size,
                               seed=config.seed, **config.dataset_options)
     _check_before_work(config, benchmark)
-    device = _device(config.device)
-    shared = shared_pretraining(config, benchmark, device)
+    device = _device(config.device, queue)
+    shared = shared_pretraining(config, benchmark, device, queue)
+    if queue is not None:
+        if queue.rank == 0:
+            queue.announce(_DATA_READY)
+        _share_cells(config, benchmark, shared, device, queue, echo)
+        if queue.rank != 0:
+            return None
     records, accuracies = [], {}
     for shots in config.shots:
         for method in config.rows:
             cell = _run_cell(config, benchmark, method, shots, shared, device)
             accuracies[method, shots] = cell["accuracies"]
-            echo(f"{method} {config.ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
-                 f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)")
+            if queue is None:
+                _echo_cell(cell, method, config.ways, shots, echo)
             records.append({"method": method, "shots": shots,
                             **{k: v for k, v in cell.items() if k not in ("key", "accuracies")}})
     cells = pd.DataFrame(records)

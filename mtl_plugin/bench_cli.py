@@ -90,6 +90,8 @@ def bench(profile, quiet, **given):
     click.echo(f"mtl bench: {describe(config)}")
     start = time.perf_counter()
     result = run_bench(config, echo=click.echo)
+    if result is None:
+        return  # a torchrun process other than rank 0: rank 0 prints the table
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
         click.echo("\n" + result.table.to_string(index=False))
     click.echo(f"\nwall-clock {time.perf_counter() - start:.0f} s; wrote " + ", ".join(str(p) for p in result.files.values()))

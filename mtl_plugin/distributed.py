@@ -27,8 +27,9 @@ import os
 import re
 import signal
 import sys
+import time
 from datetime import timedelta
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from mtl_plugin.errors import UsageError
 
 __all__ = [
     "RANK_SEED_STRIDE",
+    "WorkQueue",
     "all_gather",
     "all_sum",
     "all_reduce_gradients",
@@ -283,3 +285,62 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     if world_size() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+class WorkQueue:
+    """Independent pieces of work shared out among the processes of a torchrun job, first come, first served.
+
+    For a job whose processes each do separate work (``mtl bench``: one table cell at a time)
+    rather than train one model together. No process group is formed, so what each process runs
+    stays a one-process run (:func:`world_size` is 1 in it, and its numbers are those of a
+    single process); the processes share only the key-value store of torchrun's rendezvous.
+
+    Args:
+        name: the queue's key prefix in the store.
+
+    Example::
+
+        queue = WorkQueue.join("bench")          # None without torchrun or with one process
+        for index in queue.take(len(cells)):
+            run(cells[index])
+        queue.finish()                           # rank 0 returns once every process is done
+    """
+
+    # The waits poll: a blocking store wait would give up after the store's timeout, and
+    # the work waited for (a pretraining) may take hours. torchrun stops the job if a process dies.
+    POLL_SECONDS = 0.5
+
+    def __init__(self, store: "dist.Store", rank: int, size: int, name: str):
+        self.store, self.rank, self.size, self.name = store, rank, size, name
+
+    @classmethod
+    def join(cls, name: str) -> Optional["WorkQueue"]:
+        """The queue ``name`` of the torchrun job this process belongs to; ``None`` without torchrun or with one process."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        store, rank, size = next(dist.rendezvous("env://"))
+        return cls(store, rank, size, name)
+
+    def _key(self, event: str) -> str:
+        return f"{self.name}/{event}"
+
+    def take(self, count: int) -> Iterator[int]:
+        """The indices among ``0..count-1`` this process is to do: each index goes to exactly one process."""
+        while (index := self.store.add(self._key("next"), 1) - 1) < count:
+            yield index
+
+    def announce(self, event: str) -> None:
+        """Tell every process that ``event`` has happened."""
+        self.store.set(self._key(event), "1")
+
+    def wait_for(self, event: str) -> None:
+        """Return once some process has announced ``event``."""
+        while not self.store.check([self._key(event)]):
+            time.sleep(self.POLL_SECONDS)
+
+    def finish(self) -> None:
+        """Say this process is done; on rank 0, return only when every process is."""
+        done = self.store.add(self._key("finished"), 1)
+        while self.rank == 0 and done < self.size:
+            time.sleep(self.POLL_SECONDS)
+            done = self.store.add(self._key("finished"), 0)

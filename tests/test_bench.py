@@ -1,8 +1,12 @@
 import json
+import os
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mtl_plugin import bench as bench_module
@@ -93,6 +97,40 @@ def test_same_seed_gives_a_byte_identical_csv(data_home, monkeypatch):
         timings = result.files["timings"].read_text()
         assert timings.startswith("method,shots,fit_seconds,eval_seconds")
     assert csvs[0] == csvs[1]
+
+
+SHARED = ("protonet", "maml", "protonet-conv4", "mtl")
+
+
+def _bench_rank(rank: int, world: int, port: int, home: str) -> None:
+    """One process of a torchrun-like job (the variables torchrun sets) running the bench of SHARED."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      MTL_DATA=str(Path(home) / "data"))
+    torch.set_num_threads(1)
+    bench_module.build_method = _tiny_budgets(bench_module.build_method)
+    lines: list[str] = []
+    result = run_bench(BenchConfig.quick(methods=SHARED, out=Path(home) / "shared", **TINY), echo=lines.append)
+    (Path(home) / f"rank{rank}.json").write_text(json.dumps({"lines": lines, "result": result is not None}))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_processes_of_a_torchrun_job_share_the_cells_and_make_the_table_of_one(data_home, monkeypatch, one_thread):
+    torch.multiprocessing.spawn(_bench_rank, args=(2, _free_port(), str(data_home)), nprocs=2, join=True)
+    ranks = [json.loads((data_home / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [rank["result"] for rank in ranks] == [True, False]  # rank 0 alone writes the table
+    # Every cell computed exactly once, by one rank or the other.
+    done = sorted(line.split("] ")[1].split(":")[0] for rank in ranks for line in rank["lines"] if line.startswith("["))
+    assert done == sorted(f"{method} 5-way 1-shot" for method in SHARED)
+    # Each process computes a cell as one process alone does: the table of one process, byte for byte.
+    monkeypatch.setattr(bench_module, "build_method", _tiny_budgets(bench_module.build_method))
+    alone = run_bench(BenchConfig.quick(methods=SHARED, out=data_home / "alone", **TINY), echo=lambda line: None)
+    shared = data_home / "shared" / alone.files["csv"].name
+    assert shared.read_bytes() == alone.files["csv"].read_bytes()
 
 
 def test_other_settings_neither_reuse_nor_overwrite_cells(data_home):
