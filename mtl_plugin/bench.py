@@ -375,8 +375,11 @@ def _share_cells(config: BenchConfig, benchmark, shared: _SharedPretraining, dev
     Each cell is computed as one process computes it alone, so the table does not depend on
     which process took which cell, nor on how many there were.
     """
-    if queue.rank == 0 and any(METHODS[method][0].uses_pretraining for method in config.rows):
-        shared()
+    if queue.rank == 0:
+        if any(METHODS[method][0].uses_pretraining for method in config.rows):
+            shared()
+        # Announced even without a pretraining: a method that asks for one without declaring
+        # ``uses_pretraining`` then fails on the missing best.pt instead of waiting forever.
         queue.announce(_PRETRAINED)
     cells = [(method, shots) for shots in config.shots for method in config.rows]
     # The cells without pretraining first: they keep the other processes busy while rank 0 pretrains.
