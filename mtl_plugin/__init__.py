@@ -33,6 +33,7 @@ _EXPORTS = {
     "SSAdapter": "ss",
     "feature_width": "heads",
     "new_head": "heads",
+    "SSHead": "heads",
     "build_backbone": "backbones",
     "list_backbones": "backbones",
     "register_backbone": "backbones",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "MetaBatch": "hard_tasks",
     "SampledTask": "hard_tasks",
     "TaskAccuracy": "hard_tasks",
+    "record_task": "hard_tasks",
     "task_classes": "hard_tasks",
     "get_benchmark": "data",
     "get_tasksets": "data",
@@ -76,9 +78,10 @@ if TYPE_CHECKING:
         MetaBatch,
         SampledTask,
         TaskAccuracy,
+        record_task,
         task_classes,
     )
-    from .heads import feature_width, new_head
+    from .heads import SSHead, feature_width, new_head
     from .meta_config import MetaTrainConfig
     from .meta_training import meta_train
     from .meta_transfer import MetaTransferLearner
