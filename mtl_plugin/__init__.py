@@ -11,20 +11,17 @@ Example::
     optimiser = torch.optim.Adam(adapter.ss_parameters(), lr=1e-4)
     print(adapter.parameter_report().tail(1))
 """
-import contextlib
 import importlib
-import io
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-# learn2learn imports gym, whose import prints a deprecation notice on every run; gym is never
-# used here, so take that first import with the notice swallowed.
-with contextlib.redirect_stderr(io.StringIO()):
-    try:
-        import gym  # noqa: F401
-    except ImportError:
-        pass
+# learn2learn imports gym, whose import prints its deprecation notice (gym_notices.notices) to
+# stderr, with no switch to turn it off; gym is never used here. gym skips the notice when that
+# module fails to import, and a None in sys.modules makes it fail: that notice alone is silenced,
+# nothing is imported now, and every other warning still shows. Too late once gym is imported.
+if "gym" not in sys.modules:
+    sys.modules.setdefault("gym_notices.notices", None)
 
 __version__ = "0.1.0"
 
