@@ -58,3 +58,10 @@ def test_fast_adapt_keeps_learn2learns_signature_and_the_loop_draws_one_task_at_
     source = (EXAMPLES / name).read_text()
     assert list(inspect.signature(runpy.run_path(str(EXAMPLES / name))["fast_adapt"]).parameters) == parameters
     assert re.search(r"batch = hard\.sample\(\) if hard_tasks else tasksets\.train\.sample\(\)  # HT", source)
+
+
+def test_the_readme_shows_every_marked_line_of_the_maml_example():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    for line in (EXAMPLES / "maml_kanji.py").read_text().splitlines():
+        if marked([line], "MTL") or marked([line], "HT"):
+            assert line.strip() in readme, f"README: {line.strip()}"
