@@ -171,8 +171,8 @@ class HardTaskMetaBatch:
     :meth:`sample` hands the tasks over one at a time, as ``Taskset.sample()`` does, so that
     it replaces ``tasksets.train.sample()`` in a learn2learn loop: ``k`` normal tasks, then
     ``k_hard`` hard ones, then the next meta-batch; record each normal task
-    (:func:`record_task`) before the next task is drawn. :meth:`sample_meta_batch` and
-    iteration give whole :class:`MetaBatch` es instead.
+    (:func:`record_task`) before its first hard task is drawn. :meth:`sample_meta_batch` and
+    iteration give whole :class:`MetaBatch` objects instead.
 
     ``tasks`` is an ordinary ``Taskset``; ``hard_tasks`` a ``Taskset`` whose
     transforms contain a :class:`HardTaskTransform` (its tracker is the one used
@@ -182,8 +182,8 @@ class HardTaskMetaBatch:
     learn2learn's cache is left alone); the hard ``Taskset``'s cache is always
     bypassed, so hard tasks are never stale. Record every normal task before the
     hard ones are drawn (iterating a :class:`MetaBatch` does it in that order), and
-    finish a meta-batch before asking for the next: :meth:`sample` starts a new
-    meta-batch in the tracker. Under ``torchrun`` each rank draws its own share of the
+    finish a meta-batch before asking for the next: :meth:`sample_meta_batch` starts a
+    new meta-batch in the tracker. Under ``torchrun`` each rank draws its own share of the
     meta-batch (seed it per rank); the failures recorded on every rank are gathered to all
     ranks before the hard tasks are drawn.
 
