@@ -1,82 +1,121 @@
 #!/usr/bin/env python3
-"""MAML, written the way learn2learn's examples/vision/maml_miniimagenet.py is, with MTL dropped in.
+"""MAML on kanji in the structure of learn2learn's examples/vision/maml_omniglot.py, with MTL dropped in.
 
-Lines marked ``# MTL`` (7, and the ``pretraining`` setting) are what the plugin changes: pretrain a backbone on all meta-train
-classes, freeze it under an SS adapter, let MAML adapt only a zero-started head, and
-meta-learn Φ with the head's initialisation. Lines marked ``# HT`` (4) add the hard-task
-meta-batch: after the normal tasks of an iteration, tasks made of their failure classes.
-Without the marked lines (``model = l2l.vision.models.CNN4(...)`` adapted whole) this is
-plain MAML.
+The lines a user of learn2learn's script changes end in ``# MTL`` (6 lines: pretrain a Conv4
+on the meta-train classes, put an SS head on it in place of ``OmniglotFC``, let the outer
+optimiser learn Φ) or ``# HT`` (3 lines: the hard-task meta-batch). ``fast_adapt`` keeps its
+signature and its ``(error, accuracy)``. Without the marked lines, and with ``model =
+l2l.vision.models.OmniglotFC(28 ** 2, ways)``, this is learn2learn's MAML with its data line
+swapped for kanji.
 
     python examples/maml_kanji.py --iterations 1000 --hard-tasks
 """
 import argparse
 
+import mtl_plugin  # before learn2learn, so that gym's deprecation notice stays off stderr
 import learn2learn as l2l
 import torch
-from torch import nn
+from torch import nn, optim
 
-import mtl_plugin
-from mtl_plugin import PretrainConfig, SSAdapter, get_benchmark, new_head, pretrain  # MTL
+from mtl_plugin import PretrainConfig, SSHead, get_benchmark, pretrain  # MTL
 
 
 def accuracy(predictions, targets):
     return (predictions.argmax(dim=1) == targets).float().mean()
 
 
-def fast_adapt(batch, learner, features, loss, adaptation_steps, shots, ways, device):
+def fast_adapt(batch, learner, loss, adaptation_steps, shots, ways, device):
     data, labels = batch
-    data, labels = features(data.to(device)), labels.to(device)  # MTL: the frozen backbone runs once
-    # Each class has 2 * shots images in a row: every other one adapts, the rest evaluate.
-    adaptation = torch.zeros(data.size(0), dtype=torch.bool)
-    adaptation[torch.arange(shots * ways) * 2] = True
-    for _ in range(adaptation_steps):
-        learner.adapt(loss(learner(data[adaptation]), labels[adaptation]))
-    predictions, targets = learner(data[~adaptation]), labels[~adaptation]
-    return loss(predictions, targets), accuracy(predictions, targets), predictions, targets
+    data, labels = data.to(device), labels.to(device)
+
+    # Each class's 2 * shots images come in a row: every other one adapts, the rest evaluate.
+    adaptation_indices = torch.zeros(data.size(0), dtype=torch.bool)
+    adaptation_indices[torch.arange(shots * ways) * 2] = True
+    adaptation_data, adaptation_labels = data[adaptation_indices], labels[adaptation_indices]
+    evaluation_data, evaluation_labels = data[~adaptation_indices], labels[~adaptation_indices]
+
+    for step in range(adaptation_steps):
+        learner.adapt(loss(learner(adaptation_data), adaptation_labels))
+
+    predictions = learner(evaluation_data)
+    mtl_plugin.record_task(batch, predictions, evaluation_labels)  # HT: a normal task's failures make hard tasks
+    return loss(predictions, evaluation_labels), accuracy(predictions, evaluation_labels)
 
 
-def main(ways=5, shots=1, meta_lr=0.003, fast_lr=0.5, meta_batch_size=32, adaptation_steps=1, iterations=1000,
-         test_tasks=600, hard_tasks=False, pretraining=PretrainConfig("conv4", epochs=20), seed=42,
-         out="runs/maml-kanji", data=None, device="cpu"):
+def main(
+        ways=5,
+        shots=1,
+        meta_lr=0.003,
+        fast_lr=0.5,
+        meta_batch_size=32,
+        adaptation_steps=1,
+        num_iterations=1000,
+        test_tasks=600,
+        hard_tasks=False,
+        pretraining=PretrainConfig.quick(), pretrain_dir="runs/pretrain-kanji",  # MTL: Conv4, ~5 min on 2 cores
+        data=None,
+        cuda=torch.cuda.is_available(),
+        seed=42,
+):
     torch.manual_seed(seed)
-    device, data = torch.device(device), data or {}
+    device = torch.device("cuda" if cuda else "cpu")
+    data = data or {}  # kanji's size (num_classes, instances): the tests take a small one
+
     tasksets = mtl_plugin.get_tasksets("kanji", train_ways=ways, train_samples=2 * shots, test_ways=ways,
                                        test_samples=2 * shots, seed=seed, **data)
-    backbone = pretrain(get_benchmark("kanji", **data), pretraining, out, device)  # MTL: all meta-train classes
-    features = SSAdapter(backbone).to(device)  # MTL: Φ1 = 1, Φ2 = 0; the backbone's weights frozen
-    model = new_head(features, ways)  # MTL: adapted by MAML instead of a whole CNN4
+    # An even meta_batch_size of tasks a step: half of them fresh, half made of their failures.
+    hard = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=meta_batch_size // 2, seed=seed)  # HT
+
+    backbone = pretrain(get_benchmark("kanji", **data), pretraining, pretrain_dir, device)  # MTL: meta-train classes
+    model = SSHead(backbone, ways)  # MTL: in place of OmniglotFC; MAML adapts its head, Φ is meta-learned
+    model.to(device)
     maml = l2l.algorithms.MAML(model, lr=fast_lr, first_order=False)
-    optimizer = torch.optim.Adam([*maml.parameters(), *features.ss_parameters()], meta_lr)  # MTL
+    opt = optim.Adam([*maml.parameters(), *model.ss_parameters()], meta_lr)  # MTL
     loss = nn.CrossEntropyLoss(reduction="mean")
-    sampler = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=meta_batch_size // 2, seed=seed)  # HT
 
-    for iteration in range(iterations):
-        optimizer.zero_grad()
-        meta_train_error = meta_train_accuracy = 0.0
-        tasks = sampler.sample() if hard_tasks else [tasksets.train.sample() for _ in range(meta_batch_size)]  # HT
-        for batch in tasks:
+    for iteration in range(num_iterations):
+        opt.zero_grad()
+        meta_train_error = 0.0
+        meta_train_accuracy = 0.0
+        meta_valid_error = 0.0
+        meta_valid_accuracy = 0.0
+        for task in range(meta_batch_size):
             learner = maml.clone()
-            error, acc, predictions, targets = fast_adapt(batch, learner, features, loss, adaptation_steps, shots,
-                                                          ways, device)
-            error.backward()
-            if hard_tasks:  # HT
-                batch.record(predictions, targets)  # HT: failure classes feed the hard tasks
-            meta_train_error += error.item()
-            meta_train_accuracy += acc.item()
-        for p in [*maml.parameters(), *features.ss_parameters()]:  # MTL: average SS's meta-gradient too
-            p.grad.data.mul_(1.0 / meta_batch_size)
-        optimizer.step()
-        if iteration % 100 == 0:
-            print(f"iteration {iteration}: meta-train error {meta_train_error / meta_batch_size:.3f}, "
-                  f"accuracy {meta_train_accuracy / meta_batch_size:.3f}")
+            batch = hard.sample() if hard_tasks else tasksets.train.sample()  # HT
+            evaluation_error, evaluation_accuracy = fast_adapt(batch, learner, loss, adaptation_steps, shots, ways,
+                                                               device)
+            evaluation_error.backward()
+            meta_train_error += evaluation_error.item()
+            meta_train_accuracy += evaluation_accuracy.item()
 
+            learner = maml.clone()
+            batch = tasksets.validation.sample()
+            evaluation_error, evaluation_accuracy = fast_adapt(batch, learner, loss, adaptation_steps, shots, ways,
+                                                               device)
+            meta_valid_error += evaluation_error.item()
+            meta_valid_accuracy += evaluation_accuracy.item()
+
+        if iteration % 10 == 0:
+            print(f"iteration {iteration}: meta-train error {meta_train_error / meta_batch_size:.3f}, "
+                  f"accuracy {meta_train_accuracy / meta_batch_size:.3f}; meta-valid error "
+                  f"{meta_valid_error / meta_batch_size:.3f}, accuracy {meta_valid_accuracy / meta_batch_size:.3f}")
+
+        # The losses were summed over the meta-batch: average their gradients, Φ's too.
+        for p in [*maml.parameters(), *model.ss_parameters()]:  # MTL
+            p.grad.data.mul_(1.0 / meta_batch_size)
+        opt.step()
+
+    meta_test_error = 0.0
     meta_test_accuracy = 0.0
-    for _ in range(test_tasks):
+    for task in range(test_tasks):
         learner = maml.clone()
-        meta_test_accuracy += fast_adapt(tasksets.test.sample(), learner, features, loss, adaptation_steps, shots,
-                                         ways, device)[1].item()
-    print(f"meta-test accuracy {meta_test_accuracy / test_tasks:.3f} over {test_tasks} tasks")
+        batch = tasksets.test.sample()
+        evaluation_error, evaluation_accuracy = fast_adapt(batch, learner, loss, adaptation_steps, shots, ways,
+                                                           device)
+        meta_test_error += evaluation_error.item()
+        meta_test_accuracy += evaluation_accuracy.item()
+    print(f"meta-test error {meta_test_error / test_tasks:.3f}, accuracy {meta_test_accuracy / test_tasks:.3f} "
+          f"over {test_tasks} tasks")
     return meta_test_accuracy / test_tasks
 
 
@@ -85,7 +124,5 @@ if __name__ == "__main__":
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--hard-tasks", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     arguments = parser.parse_args()
-    main(shots=arguments.shots, iterations=arguments.iterations, hard_tasks=arguments.hard_tasks,
-         device=arguments.device)
+    main(shots=arguments.shots, num_iterations=arguments.iterations, hard_tasks=arguments.hard_tasks)

@@ -1,21 +1,22 @@
 #!/usr/bin/env python3
-"""Prototypical Networks, written the way learn2learn's examples/vision/protonet_miniimagenet.py is,
+"""Prototypical Networks on kanji in the structure of learn2learn's examples/vision/protonet_miniimagenet.py,
 with MTL dropped in.
 
-Lines marked ``# MTL`` (4, and the ``pretraining`` setting) are what the plugin changes: pretrain the embedding on all meta-train
-classes, freeze it under an SS adapter and learn only Φ with the episodic prototype loss.
-Lines marked ``# HT`` (4) add the hard-task meta-batch: after each normal episode, an episode
-made of the classes it failed most. Without the marked lines (and ``model = Convnet()``
-trained whole) this is plain ProtoNets.
+The lines a user of learn2learn's script changes end in ``# MTL`` (4 lines: pretrain a Conv4
+on the meta-train classes and freeze it under an SS adapter in place of ``Convnet()``; the
+optimiser line stays, since the frozen weights get no gradient and only Φ learns) or
+``# HT`` (3 lines: the hard-task meta-batch, an episode of the failures after each normal one).
+``fast_adapt`` keeps its signature and its ``(loss, accuracy)``. Without the marked lines, and
+with ``model = Convnet()`` trained whole, this is learn2learn's ProtoNets on kanji.
 
-    python examples/protonet_kanji.py --iterations 1000 --hard-tasks
+    python examples/protonet_kanji.py --max-epoch 20 --hard-tasks
 """
 import argparse
 
+import mtl_plugin  # first, so that gym's deprecation notice stays off stderr
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-import mtl_plugin
 from mtl_plugin import PretrainConfig, SSAdapter, get_benchmark, pretrain  # MTL
 
 
@@ -27,59 +28,106 @@ def accuracy(predictions, targets):
     return (predictions.argmax(dim=1) == targets).float().mean()
 
 
-def fast_adapt(model, batch, ways, shots, queries, device):
+def fast_adapt(model, batch, ways, shot, query_num, metric=None, device=None):
+    if metric is None:
+        metric = pairwise_distances_logits
+    if device is None:
+        device = next(model.parameters()).device
     data, labels = batch
     data, labels = data.to(device), labels.to(device)
-    # Sort by label, so that each class's shots + queries images are in a row.
-    order = torch.sort(labels).indices
-    embeddings, labels = model(data[order]), labels[order]
-    support = torch.zeros(embeddings.size(0), dtype=torch.bool)
-    support[(torch.arange(ways) * (shots + queries)).unsqueeze(1) + torch.arange(shots)] = True
-    prototypes = embeddings[support].reshape(ways, shots, -1).mean(dim=1)
-    logits = pairwise_distances_logits(embeddings[~support], prototypes)
-    targets = labels[~support]
-    return nn.functional.cross_entropy(logits, targets), accuracy(logits, targets), logits, targets
+
+    # Sorted by label, each class's shot + query_num images come in a row: the first shot are its support.
+    sort = torch.sort(labels)
+    data, labels = data[sort.indices], labels[sort.indices]
+    embeddings = model(data)
+    support_indices = torch.zeros(data.size(0), dtype=torch.bool)
+    support_indices[(torch.arange(ways) * (shot + query_num)).unsqueeze(1) + torch.arange(shot)] = True
+    support = embeddings[support_indices].reshape(ways, shot, -1).mean(dim=1)
+    query = embeddings[~support_indices]
+    labels = labels[~support_indices].long()
+
+    logits = metric(query, support)
+    mtl_plugin.record_task(batch, logits, labels)  # HT: a normal episode's failures make the next one
+    return F.cross_entropy(logits, labels), accuracy(logits, labels)
 
 
-def main(ways=5, shots=1, queries=15, lr=0.001, iterations=1000, test_tasks=600, hard_tasks=False,
-         pretraining=PretrainConfig("conv4", epochs=20), seed=42, out="runs/protonet-kanji", data=None, device="cpu"):
+def main(
+        max_epoch=20,
+        episodes=100,
+        shot=1,
+        train_way=5,
+        train_query=15,
+        test_way=5,
+        test_shot=1,
+        test_query=15,
+        valid_tasks=200,
+        test_tasks=2000,
+        hard_tasks=False,
+        pretraining=PretrainConfig.quick(), pretrain_dir="runs/pretrain-kanji",  # MTL: Conv4, ~5 min on 2 cores
+        data=None,
+        cuda=torch.cuda.is_available(),
+        seed=43,
+):
     torch.manual_seed(seed)
-    device, data = torch.device(device), data or {}
-    tasksets = mtl_plugin.get_tasksets("kanji", train_ways=ways, train_samples=shots + queries, test_ways=ways,
-                                       test_samples=shots + queries, seed=seed, **data)
-    backbone = pretrain(get_benchmark("kanji", **data), pretraining, out, device)  # MTL: all meta-train classes
-    model = SSAdapter(backbone).to(device)  # MTL: replaces the Convnet that plain ProtoNets trains
-    optimizer = torch.optim.Adam(model.ss_parameters(), lr=lr)  # MTL: only Φ learns
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(iterations // 10, 1), gamma=0.5)
-    sampler = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=1, seed=seed)  # HT
+    device = torch.device("cuda" if cuda else "cpu")
+    data = data or {}  # kanji's size (num_classes, instances): the tests take a small one
 
-    for iteration in range(iterations):
+    tasksets = mtl_plugin.get_tasksets("kanji", train_ways=train_way, train_samples=shot + train_query,
+                                       test_ways=test_way, test_samples=test_shot + test_query, seed=seed, **data)
+    hard = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=1, seed=seed)  # HT
+
+    backbone = pretrain(get_benchmark("kanji", **data), pretraining, pretrain_dir, device)  # MTL: meta-train classes
+    model = SSAdapter(backbone)  # MTL: in place of Convnet(); the backbone's weights frozen, Φ1 = 1, Φ2 = 0
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.5)
+
+    for epoch in range(1, max_epoch + 1):
         model.train()
-        for batch in sampler.sample() if hard_tasks else [tasksets.train.sample()]:  # HT
-            loss, acc, logits, targets = fast_adapt(model, batch, ways, shots, queries, device)
+        loss_ctr = 0
+        n_loss = 0.0
+        n_acc = 0.0
+        for i in range(episodes):
+            batch = hard.sample() if hard_tasks else tasksets.train.sample()  # HT
+            loss, acc = fast_adapt(model, batch, train_way, shot, train_query, metric=pairwise_distances_logits,
+                                   device=device)
+            loss_ctr += 1
+            n_loss += loss.item()
+            n_acc += acc.item()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if hard_tasks:  # HT
-                batch.record(logits, targets)  # HT: failure classes feed the next episode
-        scheduler.step()
-        if iteration % 100 == 0:
-            print(f"iteration {iteration}: loss {loss.item():.3f}, accuracy {acc.item():.3f}")
+        lr_scheduler.step()
+        print(f"epoch {epoch}, train, loss={n_loss / loss_ctr:.4f} acc={n_acc / loss_ctr:.4f}")
 
-    model.eval()
+        model.eval()
+        loss_ctr = 0
+        n_loss = 0.0
+        n_acc = 0.0
+        with torch.no_grad():
+            for i in range(valid_tasks):
+                loss, acc = fast_adapt(model, tasksets.validation.sample(), test_way, test_shot, test_query,
+                                       metric=pairwise_distances_logits, device=device)
+                loss_ctr += 1
+                n_loss += loss.item()
+                n_acc += acc.item()
+        print(f"epoch {epoch}, val, loss={n_loss / loss_ctr:.4f} acc={n_acc / loss_ctr:.4f}")
+
+    n_acc = 0.0
     with torch.no_grad():
-        test_accuracy = sum(fast_adapt(model, tasksets.test.sample(), ways, shots, queries, device)[1].item()
-                            for _ in range(test_tasks))
-    print(f"meta-test accuracy {test_accuracy / test_tasks:.3f} over {test_tasks} tasks")
-    return test_accuracy / test_tasks
+        for i in range(test_tasks):
+            _, acc = fast_adapt(model, tasksets.test.sample(), test_way, test_shot, test_query,
+                                metric=pairwise_distances_logits, device=device)
+            n_acc += acc.item()
+    print(f"test, acc={n_acc / test_tasks:.4f} over {test_tasks} tasks")
+    return n_acc / test_tasks
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=1000)
-    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--max-epoch", type=int, default=20)
+    parser.add_argument("--shot", type=int, default=1)
     parser.add_argument("--hard-tasks", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     arguments = parser.parse_args()
-    main(shots=arguments.shots, iterations=arguments.iterations, hard_tasks=arguments.hard_tasks,
-         device=arguments.device)
+    main(max_epoch=arguments.max_epoch, shot=arguments.shot, test_shot=arguments.shot,
+         hard_tasks=arguments.hard_tasks)

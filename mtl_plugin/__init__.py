@@ -11,20 +11,17 @@ Example::
     optimiser = torch.optim.Adam(adapter.ss_parameters(), lr=1e-4)
     print(adapter.parameter_report().tail(1))
 """
-import contextlib
 import importlib
-import io
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-# learn2learn imports gym, whose import prints a deprecation notice on every run; gym is never
-# used here, so take that first import with the notice swallowed.
-with contextlib.redirect_stderr(io.StringIO()):
-    try:
-        import gym  # noqa: F401
-    except ImportError:
-        pass
+# learn2learn imports gym, whose import prints its deprecation notice (gym_notices.notices) to
+# stderr, with no switch to turn it off; gym is never used here. gym skips the notice when that
+# module fails to import, and a None in sys.modules makes it fail: that notice alone is silenced,
+# nothing is imported now, and every other warning still shows. Too late once gym is imported.
+if "gym" not in sys.modules:
+    sys.modules.setdefault("gym_notices.notices", None)
 
 __version__ = "0.1.0"
 
@@ -33,6 +30,7 @@ _EXPORTS = {
     "SSAdapter": "ss",
     "feature_width": "heads",
     "new_head": "heads",
+    "SSHead": "heads",
     "build_backbone": "backbones",
     "list_backbones": "backbones",
     "register_backbone": "backbones",
@@ -42,6 +40,7 @@ _EXPORTS = {
     "MetaBatch": "hard_tasks",
     "SampledTask": "hard_tasks",
     "TaskAccuracy": "hard_tasks",
+    "record_task": "hard_tasks",
     "task_classes": "hard_tasks",
     "get_benchmark": "data",
     "get_tasksets": "data",
@@ -76,9 +75,10 @@ if TYPE_CHECKING:
         MetaBatch,
         SampledTask,
         TaskAccuracy,
+        record_task,
         task_classes,
     )
-    from .heads import feature_width, new_head
+    from .heads import SSHead, feature_width, new_head
     from .meta_config import MetaTrainConfig
     from .meta_training import meta_train
     from .meta_transfer import MetaTransferLearner

@@ -6,6 +6,7 @@ of a pretrained backbone are large (norms of 5-10 are usual), so a randomly init
 starts with huge logits, and a few-shot inner loop at MAML's learning rates collapses to chance
 accuracy without any error. :func:`new_head` starts at zero (uniform predictions, gradients
 that point at the class means), and :func:`feature_width` reads or measures the width.
+:class:`SSHead` is such a head with its SS features inside, in place of a learn2learn model.
 
 Example::
 
@@ -16,12 +17,17 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["declared_width", "feature_width", "new_head"]
+from mtl_plugin.ss import SSAdapter
+
+__all__ = ["SSHead", "declared_width", "feature_width", "new_head"]
+
+# The state_dict prefix of the SS parameters an SSHead saves beside its head.
+_SS_PREFIX = "ss."
 
 # Large enough for every stem and pooling of the usual backbones (ResNets need 32 px or more).
 _PROBE_SIZE = 84
@@ -119,3 +125,86 @@ def new_head(model: nn.Module, ways: int, sample: Optional[torch.Tensor] = None)
     nn.init.zeros_(head.bias)
     parameter = next(model.parameters(), None)
     return head.to(parameter.device) if parameter is not None else head
+
+
+class SSHead(nn.Module):
+    """A zero-started linear head on SS features, for ``l2l.algorithms.MAML`` to adapt alone.
+
+    MTL adapts the head in the inner loop and learns SS's Φ in the outer loop only. An
+    ``SSHead`` runs ``head(features(x))`` but holds ``features`` (an :class:`SSAdapter`) as a
+    plain attribute, not a submodule: its ``parameters()``, which ``MAML`` clones and adapts,
+    are the head's alone, every clone shares the one ``features``, and the meta-gradient of
+    each task reaches Φ through it. So it replaces a learn2learn script's model
+    (``l2l.vision.models.OmniglotFC(...)``) and ``fast_adapt`` stays as it is. Give Φ to the
+    outer optimiser with :meth:`ss_parameters`. ``to()``, ``cuda()``, ``train()`` and
+    ``eval()`` reach the features too, and ``state_dict()`` holds the head and Φ (keys
+    ``ss.<layer>.scale`` and ``ss.<layer>.shift``), not the frozen backbone. The backbone runs
+    on every call: ``fast_adapt`` with ``s`` adaptation steps runs it ``s + 1`` times a task.
+
+    Args:
+        backbone: a pretrained feature extractor, wrapped here in an :class:`SSAdapter` with
+            its defaults (its weights frozen in place), or an :class:`SSAdapter` you built
+            (another ``granularity`` or ``layers``).
+        ways: classes per task.
+        sample: a batch the backbone accepts, if its width must be measured on real inputs.
+
+    Raises:
+        TypeError: ``backbone`` is not an ``nn.Module``.
+        ValueError: ``ways`` < 2, the width cannot be found (see :func:`feature_width`), or the
+            backbone has no layer SS adapts (see :class:`SSAdapter`).
+
+    Example::
+
+        model = SSHead(pretrain(get_benchmark("kanji"), PretrainConfig.quick()), ways=5)
+        maml = l2l.algorithms.MAML(model, lr=0.5)
+        opt = torch.optim.Adam([*maml.parameters(), *model.ss_parameters()], lr=0.003)
+    """
+
+    def __init__(self, backbone: nn.Module, ways: int, sample: Optional[torch.Tensor] = None):
+        super().__init__()
+        features = backbone if isinstance(backbone, SSAdapter) else SSAdapter(backbone)
+        # object.__setattr__ keeps nn.Module from registering it: MAML must not adapt Φ.
+        object.__setattr__(self, "features", features)
+        self.head = new_head(features, ways, sample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def ss_parameters(self) -> Iterator[nn.Parameter]:
+        """The features' Φ1 and Φ2: what the outer optimiser learns beside the head's initialisation."""
+        return self.features.ss_parameters()
+
+    def train(self, mode: bool = True) -> "SSHead":
+        self.features.train(mode)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        # to(), cuda(), half() ... move the features with the head.
+        self.features._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, parameter in self.features.named_ss_parameters():
+            destination[prefix + _SS_PREFIX + name] = parameter if keep_vars else parameter.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = prefix + _SS_PREFIX
+        parameters = {ours + name: parameter for name, parameter in self.features.named_ss_parameters()}
+        with torch.no_grad():
+            for key, parameter in parameters.items():
+                if key not in state_dict:
+                    missing_keys.append(key)
+                elif state_dict[key].shape != parameter.shape:
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                      f"{tuple(state_dict[key].shape)}, the shape here is {tuple(parameter.shape)}")
+                else:
+                    parameter.copy_(state_dict[key])
+        unexpected_keys.extend(key for key in state_dict if key.startswith(ours) and key not in parameters)
+        rest = {key: value for key, value in state_dict.items() if not key.startswith(ours)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"features={type(self.features.backbone).__name__} under SS (not adapted by MAML)"

@@ -134,7 +134,7 @@ class _TaskStream:
         if self.sampler is None:
             # With num_tasks=-1 every read draws a fresh task from the private generators.
             return [self.tasks[0] for _ in range(self.normal)], None
-        return self.sampler.sample(), self._record
+        return self.sampler.sample_meta_batch(), self._record
 
     def _record(self, task, logits: torch.Tensor, query_y: torch.Tensor) -> None:
         if not task.hard:

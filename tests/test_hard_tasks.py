@@ -11,6 +11,7 @@ from mtl_plugin.hard_tasks import (
     ClassAccuracyTracker,
     HardTaskMetaBatch,
     HardTaskTransform,
+    record_task,
     task_classes,
 )
 from mtl_plugin.tasks import KShots, NWays, RemapLabels, build_taskset, split_support_query
@@ -165,7 +166,7 @@ def failed_and_hard_images(mode):
     tracker = ClassAccuracyTracker(md, seed=0)
     normal = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=1)
     sampler = HardTaskMetaBatch(normal, hard_taskset(md, tracker, mode=mode), k=1, k_hard=3, seed=0)
-    meta_batch = sampler.sample()
+    meta_batch = sampler.sample_meta_batch()
     task = meta_batch.normal[0]
     weak = task.classes[0]
     logits, yq = stub_logits(task, weak)
@@ -282,7 +283,7 @@ def test_a_sampled_task_unpacks_like_a_learn2learn_task_and_records_itself():
     md = make_dataset()
     tracker = ClassAccuracyTracker(md, seed=0)
     sampler = HardTaskMetaBatch(build_taskset(md, 5, SHOTS, QUERIES, seed=0), hard_taskset(md, tracker), k=2, seed=0)
-    meta_batch = sampler.sample()
+    meta_batch = sampler.sample_meta_batch()
     for task in meta_batch:
         data, labels = task
         assert data is task.data and labels is task.labels
@@ -295,12 +296,44 @@ def test_a_sampled_task_unpacks_like_a_learn2learn_task_and_records_itself():
         loose.record(logits, yq)
 
 
+def test_sample_hands_over_a_meta_batch_one_task_at_a_time_like_a_taskset():
+    md = make_dataset()
+    normal = build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=0)
+    sampler = HardTaskMetaBatch.from_taskset(normal, k=2, k_hard=1, seed=0)
+    for _ in range(2):  # two meta-batches of 2 normal tasks, then 1 hard task of their failure classes
+        tasks = []
+        for _ in range(3):
+            task = sampler.sample()
+            logits, yq = stub_logits(task, weak_class=task.classes[0])
+            result = record_task(task, logits, yq)
+            assert (result is None) == task.hard
+            tasks.append(task)
+        assert [task.hard for task in tasks] == [False, False, True]
+        assert {tasks[0].classes[0], tasks[1].classes[0]} <= set(tasks[2].classes)
+        assert len(sampler.tracker.failures) == 2
+    # A learn2learn task (tasksets.test's, say) goes through the same fast_adapt and is not recorded.
+    assert record_task(normal.sample(), torch.zeros(5 * QUERIES, 5), torch.zeros(5 * QUERIES).long()) is None
+    assert len(sampler.tracker.failures) == 2
+
+
+def test_sample_meta_batch_ends_the_meta_batch_sample_was_handing_over():
+    md = make_dataset()
+    sampler = HardTaskMetaBatch.from_taskset(build_taskset(md, 5, SHOTS, QUERIES, seed=0), k=2, seed=0)
+    sampler.sample()
+    assert len(sampler.sample_meta_batch().normal) == 2
+    # Two normal tasks of a new meta-batch: the old one would now be due a hard task (and raise, unrecorded).
+    assert not sampler.sample().hard and not sampler.sample().hard
+
+
 def test_hard_tasks_before_recording_raise():
     md = make_dataset()
     tracker = ClassAccuracyTracker(md)
     sampler = HardTaskMetaBatch(build_taskset(md, 5, SHOTS, QUERIES), hard_taskset(md, tracker), k=2)
     with pytest.raises(RuntimeError, match="recorded"):
-        sampler.sample().hard()
+        sampler.sample_meta_batch().hard()
+    sampler.sample(), sampler.sample()
+    with pytest.raises(RuntimeError, match="record_task"):
+        sampler.sample()  # the first hard task is due
 
 
 def test_task_classes_recovers_the_data_set_labels():

@@ -1,7 +1,12 @@
 """What a user meets first: the README's snippets, the package's metadata and where data is cached."""
+import os
 import re
 import runpy
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import mtl_plugin
 from mtl_plugin.data.cache import data_home
@@ -40,3 +45,16 @@ def test_the_cache_follows_mtl_data_then_xdg_cache_home(tmp_path, monkeypatch):
     assert data_home() == Path.home() / ".cache" / "mtl_plugin"
     monkeypatch.setenv("MTL_DATA", str(tmp_path / "mine"))
     assert data_home() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("first, notice", [("mtl_plugin", False), ("learn2learn", True)])
+def test_gyms_notice_is_silenced_when_the_plugin_comes_first_and_other_warnings_still_show(first, notice):
+    # A fresh interpreter: gym prints its notice once, at its first import. learn2learn first prints
+    # it before the plugin can act: the README says so.
+    code = f"import {first}, mtl_plugin, learn2learn, warnings; warnings.warn('still shown')"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr
+    assert ("Gym has been unmaintained" in result.stderr) == notice
+    assert "UserWarning: still shown" in result.stderr

@@ -11,7 +11,12 @@ classes the model got most wrong in those ``k`` tasks (Algorithm 2 of the paper)
   ``Taskset`` and builds N-way tasks from failure classes only, as soon as N of
   them are known: this meta-batch's, then the most-failed of the history;
 * :class:`HardTaskMetaBatch` draws the meta-batches from a normal and a hard
-  ``Taskset`` and hands every task over with its data-set classes and indices.
+  ``Taskset`` and hands every task over with its data-set classes and indices:
+  one at a time from ``sample()``, in place of a learn2learn loop's
+  ``tasksets.train.sample()``, or a meta-batch at a time; :func:`record_task`
+  records a normal task's query results from inside ``fast_adapt``.
+
+A meta-batch of ``k`` normal and ``k'`` hard tasks holds only ``k`` fresh tasks.
 
 The tracker's state lives in the main process. Hard tasks must therefore be built
 there: :class:`HardTaskMetaBatch` draws every task description itself (no
@@ -33,7 +38,7 @@ Example::
             if not task.hard:
                 tracker.record(task.classes, query_logits, query_labels, indices=task.indices)
 """
-from mtl_plugin.hard_tasks.meta_batch import HardTaskMetaBatch, MetaBatch, SampledTask
+from mtl_plugin.hard_tasks.meta_batch import HardTaskMetaBatch, MetaBatch, SampledTask, record_task
 from mtl_plugin.hard_tasks.tracker import ClassAccuracyTracker, TaskAccuracy, task_classes
 from mtl_plugin.hard_tasks.transform import HardTaskTransform
 
@@ -44,5 +49,6 @@ __all__ = [
     "MetaBatch",
     "SampledTask",
     "TaskAccuracy",
+    "record_task",
     "task_classes",
 ]

@@ -2,15 +2,16 @@
 
 Example::
 
-    sampler = HardTaskMetaBatch.from_taskset(tasks, k=2, seed=0)
-    for task in sampler.sample():
+    sampler = HardTaskMetaBatch.from_taskset(tasksets.train, k=2, seed=0)
+    for task in range(4):                      # 2 normal tasks, then 2 hard ones made of their failures
+        batch = sampler.sample()               # in place of tasksets.train.sample()
         ...
-        task.record(query_logits, query_labels)
+        record_task(batch, query_logits, query_labels)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import learn2learn as l2l
 import torch
@@ -21,7 +22,7 @@ from mtl_plugin.tasks import RandomLike, as_random
 from mtl_plugin.hard_tasks.tracker import ClassAccuracyTracker, TaskAccuracy, task_classes
 from mtl_plugin.hard_tasks.transform import HardTaskTransform
 
-__all__ = ["HardTaskMetaBatch", "MetaBatch", "SampledTask"]
+__all__ = ["HardTaskMetaBatch", "MetaBatch", "SampledTask", "record_task"]
 
 
 @dataclass
@@ -82,6 +83,36 @@ class SampledTask:
         return self.tracker.record(self.classes, logits, query_labels, indices=self.indices)
 
 
+def record_task(task: Any, logits: torch.Tensor, query_labels: torch.Tensor) -> Optional[TaskAccuracy]:
+    """Record a task's query results for the hard-task meta-batch; any other task is left alone.
+
+    One line in a learn2learn ``fast_adapt``, where the query logits and labels are at hand,
+    without changing what it returns: a normal task a :class:`HardTaskMetaBatch` drew is
+    recorded in its tracker, while a hard task and a plain learn2learn task (``tasksets.test``'s,
+    say) are not, so the same ``fast_adapt`` serves every split.
+
+    Args:
+        task: the ``batch`` ``fast_adapt`` got: a :class:`SampledTask`, or any other task.
+        logits: ``(queries, ways)`` query logits, or ``(queries,)`` predicted labels (detached here).
+        query_labels: the query targets ``0..ways-1``.
+
+    Returns:
+        The task's per-class accuracies and failure class; ``None`` for a task that is not recorded.
+
+    Raises:
+        ValueError: the logits or labels do not fit the task (see :meth:`ClassAccuracyTracker.record`).
+
+    Example::
+
+        predictions = learner(evaluation_data)
+        record_task(batch, predictions, evaluation_labels)
+        return loss(predictions, evaluation_labels), accuracy(predictions, evaluation_labels)
+    """
+    if not isinstance(task, SampledTask):
+        return None
+    return task.record(logits, query_labels)
+
+
 def _load(taskset: l2l.data.Taskset, description, hard: bool, tracker: ClassAccuracyTracker) -> SampledTask:
     data, labels = taskset.get_task(description)
     return SampledTask(
@@ -132,6 +163,17 @@ class MetaBatch:
 class HardTaskMetaBatch:
     """Meta-batches of ``k`` normal tasks followed by ``k_hard`` hard tasks (Algorithm 2).
 
+    A meta-batch holds ``k + k_hard`` tasks but only ``k`` fresh ones: its hard tasks are
+    drawn again from the classes its normal tasks failed. Keeping a loop's meta-batch of
+    ``N`` tasks (``k = k_hard = N // 2``) halves the fresh tasks per step; ``k = N`` keeps
+    ``N`` fresh tasks at twice the tasks per step.
+
+    :meth:`sample` hands the tasks over one at a time, as ``Taskset.sample()`` does, so that
+    it replaces ``tasksets.train.sample()`` in a learn2learn loop: ``k`` normal tasks, then
+    ``k_hard`` hard ones, then the next meta-batch; record each normal task
+    (:func:`record_task`) before its first hard task is drawn. :meth:`sample_meta_batch` and
+    iteration give whole :class:`MetaBatch` objects instead.
+
     ``tasks`` is an ordinary ``Taskset``; ``hard_tasks`` a ``Taskset`` whose
     transforms contain a :class:`HardTaskTransform` (its tracker is the one used
     here). All task descriptions are drawn in the main process, which is where the
@@ -140,8 +182,8 @@ class HardTaskMetaBatch:
     learn2learn's cache is left alone); the hard ``Taskset``'s cache is always
     bypassed, so hard tasks are never stale. Record every normal task before the
     hard ones are drawn (iterating a :class:`MetaBatch` does it in that order), and
-    finish a meta-batch before asking for the next: :meth:`sample` starts a new
-    meta-batch in the tracker. Under ``torchrun`` each rank draws its own share of the
+    finish a meta-batch before asking for the next: :meth:`sample_meta_batch` starts a
+    new meta-batch in the tracker. Under ``torchrun`` each rank draws its own share of the
     meta-batch (seed it per rank); the failures recorded on every rank are gathered to all
     ranks before the hard tasks are drawn.
 
@@ -150,7 +192,7 @@ class HardTaskMetaBatch:
         sampler = HardTaskMetaBatch(normal_tasks, hard_tasks, k=2, seed=0)
         for meta_batch in itertools.islice(sampler, 1000):
             for task in meta_batch:
-                ...  # train; record normal tasks with sampler.tracker.record(...)
+                ...  # train; record normal tasks with record_task(task, logits, labels)
     """
 
     def __init__(
@@ -183,6 +225,8 @@ class HardTaskMetaBatch:
         self.rng = as_random(seed)
         # The fixed pool of a normal Taskset with num_tasks > 0, by task index.
         self._pool: dict[int, list] = {}
+        # The rest of the meta-batch sample() is handing over, one task at a time.
+        self._stream: Iterator[SampledTask] = iter(())
 
     @classmethod
     def from_taskset(
@@ -216,9 +260,7 @@ class HardTaskMetaBatch:
         Example::
 
             sampler = HardTaskMetaBatch.from_taskset(tasksets.train, k=2, seed=0)
-            for task in sampler.sample():
-                ...
-                task.record(query_logits, query_labels)
+            batch = sampler.sample()               # in place of tasksets.train.sample()
         """
         transforms = list(tasks.task_transforms or [])
         ways = getattr(transforms[0], "n", None) if transforms else None
@@ -231,14 +273,47 @@ class HardTaskMetaBatch:
         hard_tasks = l2l.data.Taskset(tasks.dataset, task_transforms=[first, *transforms[1:]])
         return cls(tasks, hard_tasks, k, k_hard, seed=rng)
 
-    def sample(self) -> MetaBatch:
-        """Start a new meta-batch in the tracker and draw its ``k`` normal tasks."""
+    def sample(self) -> SampledTask:
+        """The next task, as ``Taskset.sample()`` gives one: ``k`` normal tasks, then ``k_hard`` hard ones.
+
+        The first call of each meta-batch starts it in the tracker (as :meth:`sample_meta_batch`);
+        the first hard task is drawn once every normal task of the meta-batch is recorded.
+
+        Returns:
+            A :class:`SampledTask`, which unpacks as ``data, labels``.
+
+        Raises:
+            RuntimeError: a hard task is due but fewer than ``k`` normal tasks were recorded.
+
+        Example::
+
+            for task in range(meta_batch_size):    # meta_batch_size = k + k_hard
+                batch = sampler.sample()
+                ...  # fast_adapt calls record_task(batch, predictions, labels)
+        """
+        task = next(self._stream, None)
+        if task is None:
+            self._stream = iter(self.sample_meta_batch())
+            task = next(self._stream)
+        return task
+
+    def sample_meta_batch(self) -> MetaBatch:
+        """Start a new meta-batch in the tracker and draw its ``k`` normal tasks.
+
+        Ends the meta-batch :meth:`sample` was handing over: its next call starts a new one.
+
+        Example::
+
+            for task in sampler.sample_meta_batch():
+                ...
+        """
         self.tracker.start_meta_batch()
+        self._stream = iter(())
         return MetaBatch([self._draw_normal() for _ in range(self.k)], self)
 
     def __iter__(self) -> Iterator[MetaBatch]:
         while True:
-            yield self.sample()
+            yield self.sample_meta_batch()
 
     def _draw_normal(self) -> SampledTask:
         if self.tasks.num_tasks == -1:
@@ -253,7 +328,7 @@ class HardTaskMetaBatch:
         if recorded < self.k:
             raise RuntimeError(
                 f"only {recorded} of the {self.k} normal tasks were recorded before drawing hard tasks: "
-                f"call tracker.record(...) after each normal task"
+                f"call record_task(task, query_logits, query_labels) (or task.record) after each normal task"
             )
         if distributed.world_size() > 1:
             # Under torchrun every rank draws its hard tasks from the failures of every rank's
