@@ -58,6 +58,9 @@ _EXPORTS = {
     "evaluate": "evaluation",
     "nearest_centroid": "evaluation",
     "NonFiniteLossError": "errors",
+    # An adapter saved with its config; a meta-trained learner rebuilt from its checkpoint.
+    "SSConfig": "ss_config",
+    "load_learner": "checkpoints",
 }
 
 __all__ = ["backbones", *_EXPORTS, "__version__"]
@@ -65,6 +68,7 @@ __all__ = ["backbones", *_EXPORTS, "__version__"]
 if TYPE_CHECKING:
     from . import backbones
     from .backbones import build_backbone, list_backbones, register_backbone
+    from .checkpoints import load_learner
     from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark, get_tasksets
     from .errors import NonFiniteLossError
     from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
@@ -85,6 +89,7 @@ if TYPE_CHECKING:
     from .pretrain import PretrainConfig, load_pretrained, pretrain
     from .speedups import Speedups
     from .ss import SSAdapter
+    from .ss_config import SSConfig
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ import torch
 
 from mtl_plugin import distributed
 from mtl_plugin.backbones import check_backbone
+from mtl_plugin.checkpoints import encoder_record, load_learner
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
 from mtl_plugin.errors import (
     SEED,
@@ -37,7 +38,7 @@ from mtl_plugin.io import atomic_write_text
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.meta_training import meta_train
-from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
+from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
 from mtl_plugin.pretrain import (
     PretrainConfig,
@@ -50,7 +51,7 @@ from mtl_plugin.pretrain import (
 )
 from mtl_plugin.run_log import hold_run_folder, previous_run
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
-from mtl_plugin.ss import GRANULARITIES, SSAdapter
+from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
 
@@ -206,24 +207,13 @@ def pretrain_command(data, root, image_size, data_seed, device, out, resume, ove
         click.echo(f"best backbone: {Path(out) / 'best.pt'}")
 
 
-def _meta_learner(checkpoint: dict, source: str, device: str) -> MetaTransferLearner:
-    """Rebuild the learner a meta-train checkpoint was written by, with its weights."""
-    info = checkpoint["model"]
-    # Checkpoints written before head_init existed hold the official code's Kaiming head.
-    config = MetaTrainConfig(**{"head_init": "kaiming", **checkpoint["config"]})
-    backbone = build_pretrained(info)
-    encoder = SSAdapter(backbone, info["granularity"], info["bn"]) if info.get("encoder") == "ss" else backbone
-    learner = MetaTransferLearner(encoder, config.ways, config)
-    load_learner_state(learner, checkpoint["learner"], source)
-    return learner.to(device)
-
-
 @click.command("meta-train", cls=Command)
 @_data_options
 @click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
               help="best.pt of mtl pretrain. Without it: the scratch ablation (random backbone, all weights learned).")
 @click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="kernel", show_default=True,
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=SSConfig.paper().granularity,
+              show_default=True,
               help="SS scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
                    "convs, per channel on 1x1 convs.")
 @click.option("--output-scaling", is_flag=True,
@@ -261,13 +251,14 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
         check_tasks(bench, config.ways, config.shots + config.queries, splits=("train", "val"))
         if pretrained:
             check_backbone_fits(state["model"], bench, pretrained, "--pretrained")
-            info = dict(state["model"], encoder="ss", granularity=granularity, bn="frozen")
+            ss = SSConfig(granularity=granularity, output_scaling=output_scaling)
+            info = dict(state["model"], **encoder_record(ss))
             model = build_pretrained(info)
             model.load_state_dict(state["backbone"])
-            encoder = SSAdapter(model, granularity=granularity, output_scaling=output_scaling)
+            encoder = SSAdapter.from_config(model, ss)
         else:
             info = {"backbone": backbone, "in_channels": bench.channels, "image_size": bench.image_size,
-                    "data": benchmark_identity(bench), "encoder": "scratch"}
+                    "data": benchmark_identity(bench), **encoder_record(None)}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 encoder = build_pretrained(info)
@@ -315,8 +306,9 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
                         f"mtl pretrain or mtl meta-train")
     info = state["model"]
     if "backbone" not in info:
-        raise DataError(f"--checkpoint {checkpoint} does not record its model (meta_train ran without "
-                        f"model_info); rebuild the learner in Python and load it with load_learner_state")
+        raise DataError(f"--checkpoint {checkpoint} does not record its model: meta_train wrote it without "
+                        f"model_info, so the file alone cannot rebuild the learner; give the best.pt of mtl "
+                        f"meta-train, or of a meta_train run given model_info (see mtl_plugin.load_learner)")
     check_model_record(info, checkpoint)
     # The backbone only fits images of the size it was trained on: that is the default.
     bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
@@ -324,9 +316,10 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
     check_tasks(bench, ways, shots + queries, splits=(split,))
     if state["kind"] == META_KIND:
         try:
-            learner = _meta_learner(state, checkpoint, device)
+            # The file is read again there; the checks above named the flag.
+            learner = load_learner(checkpoint, device)
         except ValueError as error:
-            # load_learner_state names the first tensor of another architecture.
+            # Its messages start with the checkpoint's path.
             raise DataError(f"--checkpoint {error}") from error
     else:
         backbone = build_pretrained(info)

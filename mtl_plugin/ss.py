@@ -14,14 +14,18 @@ Example::
     adapter = SSAdapter(resnet12())              # backbone weights are frozen in place
     optimiser = torch.optim.Adam(adapter.ss_parameters(), lr=1e-4)
     features = adapter(torch.randn(2, 3, 84, 84))
+    adapter.save_pretrained("ss")                # ss_config.json + ss_weights.pt
+    adapter = SSAdapter.from_pretrained("ss", resnet12())
 """
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import Iterator, Mapping, Union
 
 import pandas as pd
 import torch
@@ -29,99 +33,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mtl_plugin.ss_layers import (ADAPTED_TYPES, GRANULARITIES, SHARE_BOUND, SSShareWarning, adapted_tensors,
-                                  fold_layer, layer_row, outputs, scale_shape, type_names)
+from mtl_plugin.ss_config import BN_MODES, GRANULARITIES, SSConfig, read_pretrained, write_pretrained
+from mtl_plugin.ss_layers import (ADAPTED_TYPES, SHARE_BOUND, LayerSelection, SSShareWarning, adapted_tensors,
+                                  fold_layer, last_block, layer_row, outputs, scale_shape, select_modules)
 
-__all__ = ["SSAdapter", "GRANULARITIES", "BN_MODES", "LayerSelection", "SSShareWarning", "last_block",
+__all__ = ["SSAdapter", "SSConfig", "GRANULARITIES", "BN_MODES", "LayerSelection", "SSShareWarning", "last_block",
            "select_modules"]
-
-BN_MODES = ("frozen", "train")
-
-# Module names as ``named_modules()`` spells them (a name selects everything under it),
-# or a predicate on (name, module); None selects everything.
-LayerSelection = Optional[Union[str, Sequence[str], Callable[[str, nn.Module], bool]]]
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _container_names(model: nn.Module, kind: type | tuple[type, ...]) -> list[str]:
-    """Names a user may give: modules holding a ``kind`` layer, at most two levels deep."""
-    names = []
-    for name, module in model.named_modules():
-        if name and name.count(".") < 2 and any(isinstance(m, kind) for m in module.modules()):
-            names.append(name)
-    return names
-
-
-def select_modules(model: nn.Module, layers: LayerSelection,
-                   kind: type | tuple[type, ...] = nn.Conv2d) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs of type ``kind`` in ``model`` that ``layers`` selects, in order.
-
-    Args:
-        model: the backbone.
-        layers: ``None`` (every ``kind`` module), a module name or names as
-            ``model.named_modules()`` spells them (``"layer4"`` selects every conv
-            under ``layer4``), or a predicate ``(name, module) -> bool`` asked of
-            each ``kind`` module.
-        kind: the module type (or a tuple of types) to select.
-
-    Returns:
-        The selected modules with their qualified names.
-
-    Raises:
-        ValueError: if a name selects no ``kind`` module (the message lists the
-            names that do) or nothing at all is selected.
-
-    Example::
-
-        convs = select_modules(torchvision.models.resnet18(), ["layer4"])   # 5 convs
-        convs = select_modules(resnet12(), lambda name, conv: conv.kernel_size == (3, 3))
-    """
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
-    if layers is None:
-        chosen = found
-    elif callable(layers):
-        chosen = [(name, m) for name, m in found if layers(name, m)]
-    else:
-        names = (layers,) if isinstance(layers, str) else tuple(layers)
-        for prefix in names:
-            if not any(_under(name, prefix) for name, _ in found):
-                valid = ", ".join(_container_names(model, kind)[:16])
-                raise ValueError(
-                    f"layers: {type(model).__name__} has no {type_names(kind)} named {prefix!r} or under it; "
-                    f"name modules as named_modules() does, e.g. {valid}"
-                )
-        chosen = [(name, m) for name, m in found if any(_under(name, p) for p in names)]
-    if not chosen:
-        raise ValueError(f"layers={layers!r} selects no {type_names(kind)} of {type(model).__name__}")
-    return chosen
-
-
-def last_block(model: nn.Module) -> str:
-    """The name of the block that holds ``model``'s last conv: the paper's Θ4 of ResNet-12.
-
-    The block is the outermost element of an ``nn.Sequential`` on the path to the
-    last conv: ``"layers.3"`` for this package's ResNet-12, ``"layers.12"`` (the
-    last conv) for Conv4, ``"layer4.1"`` for a torchvision ResNet; without any
-    ``nn.Sequential`` on the path, the last conv itself.
-
-    Raises:
-        ValueError: if ``model`` has no ``nn.Conv2d``.
-
-    Example::
-
-        adapter = SSAdapter(resnet12(), layers=[last_block(backbone)])   # SS [Θ4; θ]
-    """
-    name = select_modules(model, None)[-1][0]
-    parts = name.split(".")
-    for depth in range(1, len(parts) + 1):
-        parent = model.get_submodule(".".join(parts[: depth - 1]))
-        if isinstance(parent, nn.Sequential):
-            return ".".join(parts[:depth])
-    return name
-
 
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
@@ -136,6 +53,10 @@ def _scale_output(scale: torch.Tensor, shift: torch.Tensor, conv: nn.Conv2d, inp
 
 class SSAdapter(nn.Module):
     """Wrap a backbone so that only per-layer Scaling and Shifting parameters learn.
+
+    The arguments after ``backbone`` are the fields of :class:`~mtl_plugin.ss_config.SSConfig`:
+    :meth:`from_config` takes them as one, :attr:`config` gives them back, and
+    :meth:`save_pretrained` / :meth:`from_pretrained` store and rebuild the adapter with them.
 
     Args:
         backbone: any module with an ``nn.Conv2d``, ``nn.Linear`` or
@@ -176,20 +97,15 @@ class SSAdapter(nn.Module):
 
         adapter = SSAdapter(torchvision.models.vit_b_16())   # patch conv, attention, MLPs
         print(adapter.parameter_report().tail(1))            # totals and share of the backbone
-        torch.save(adapter.ss_state_dict(), "ss.pt")         # a few hundred KB
+        adapter.save_pretrained("ss-vit")                    # its config and Φ, a few hundred KB
         plain = adapter.fold()                               # same outputs, no overhead
     """
 
     def __init__(self, backbone: nn.Module, granularity: str = "auto", bn: str = "frozen",
                  layers: LayerSelection = None, *, output_scaling: bool = False):
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}")
-        if output_scaling and granularity != "channel":
-            raise ValueError("output_scaling=True needs granularity='channel': a scale per kernel mixes input "
-                             "channels, so it cannot move to the conv's output")
-        if bn not in BN_MODES:
-            raise ValueError(f"unknown bn mode {bn!r}; valid: {', '.join(BN_MODES)}")
+        # SSConfig checks the options; a predicate is recorded below by the names of the layers it picks.
+        config = SSConfig(granularity, bn, None if callable(layers) else layers, output_scaling)
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, not {type(backbone).__name__}")
         if any(isinstance(module, SSAdapter) for module in backbone.modules()):
@@ -208,6 +124,7 @@ class SSAdapter(nn.Module):
         self.output_scaling = output_scaling
         self.bn = bn
         self.layers = "<predicate>" if callable(layers) else layers
+        self._config_layers = tuple(name for name, _ in chosen) if callable(layers) else config.layers
         # Every adaptable layer, adapted or not, for the parameter report.
         self._all_layers = all_layers
         self._backbone_size = sum(p.numel() for p in backbone.parameters())
@@ -229,6 +146,77 @@ class SSAdapter(nn.Module):
         )
         self.train(self.training)
         self._warn_if_large()
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, config: SSConfig) -> "SSAdapter":
+        """``SSAdapter(backbone, ...)`` with the options of ``config``.
+
+        Raises:
+            ValueError: as :class:`SSAdapter` does.
+
+        Example::
+
+            adapter = SSAdapter.from_config(resnet12(), SSConfig.paper())   # a scale per kernel on every conv
+        """
+        return cls(backbone, config.granularity, config.bn, config.layers, output_scaling=config.output_scaling)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], backbone: nn.Module) -> "SSAdapter":
+        """Rebuild on ``backbone`` the adapter that :meth:`save_pretrained` wrote to ``directory``.
+
+        Args:
+            directory: the folder :meth:`save_pretrained` wrote.
+            backbone: a backbone of the architecture the adapter was saved from, usually with
+                the same pretrained weights (they are not in ``directory``); frozen in place.
+
+        Returns:
+            The adapter, with the saved config and Φ.
+
+        Raises:
+            MissingDataError: ``directory`` holds no saved adapter (also a ``FileNotFoundError``).
+            DataError: its files are damaged or were not written by :meth:`save_pretrained`.
+            ValueError: the saved Φ does not fit ``backbone`` (the message names the first layer).
+
+        Example::
+
+            adapter = SSAdapter.from_pretrained("ss-resnet12", load_pretrained("runs/pre/best.pt"))
+        """
+        config, tensors = read_pretrained(directory)
+        adapter = cls.from_config(backbone, config)
+        adapter.load_ss_state_dict(tensors)
+        return adapter
+
+    @property
+    def config(self) -> SSConfig:
+        """The options this adapter was built with; a ``layers`` predicate appears as the names it selected.
+
+        A name selects every layer under it, so the names stand for the predicate exactly unless it
+        kept an attention layer but not its ``out_proj``.
+
+        Example::
+
+            SSAdapter(conv4(), layers=["layers.12"]).config   # SSConfig(granularity='auto', ..., layers=('layers.12',))
+        """
+        return SSConfig(self.granularity, self.bn, self._config_layers, self.output_scaling)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write :attr:`config` and Φ to ``directory``: all that :meth:`from_pretrained` needs besides the backbone.
+
+        ``directory`` (created if needed) gets ``ss_config.json`` and ``ss_weights.pt`` (the
+        tensors of :meth:`ss_state_dict` only), each replaced atomically.
+
+        Returns:
+            ``directory`` as a ``Path``.
+
+        Raises:
+            OutputError: a file could not be written.
+
+        Example::
+
+            adapter.save_pretrained("ss-resnet12")
+            again = SSAdapter.from_pretrained("ss-resnet12", load_pretrained("runs/pre/best.pt"))
+        """
+        return write_pretrained(directory, self.config, self.ss_state_dict())
 
     def _warn_if_large(self) -> None:
         report = self.parameter_report()

@@ -11,14 +11,14 @@ import pandas as pd
 
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.errors import Command
-from mtl_plugin.ss import GRANULARITIES, SSAdapter
+from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 
 __all__ = ["ss_report"]
 
 
 @click.command("ss-report", cls=Command)
 @click.argument("backbone", default="resnet18")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="auto", show_default=True,
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default=SSConfig().granularity, show_default=True,
               help="One scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
                    "convs, per channel on 1x1 convs (SSAdapter's default).")
 @click.option("--in-channels", type=click.IntRange(min=1), default=3, show_default=True,

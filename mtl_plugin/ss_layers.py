@@ -26,12 +26,13 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ADAPTED_TYPES", "GRANULARITIES", "SHARE_BOUND", "SSShareWarning", "adapted_tensors", "fold_layer",
-           "layer_row", "outputs", "scale_shape", "type_names"]
+__all__ = ["ADAPTED_TYPES", "GRANULARITIES", "SHARE_BOUND", "LayerSelection", "SSShareWarning", "adapted_tensors",
+           "fold_layer", "last_block", "layer_row", "outputs", "scale_shape", "select_modules", "type_names"]
 
 ADAPTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
 GRANULARITIES = ("auto", "kernel", "channel")
@@ -47,6 +48,92 @@ def type_names(kind: type | tuple[type, ...]) -> str:
     """``"Conv2d"``, or ``"Conv2d, Linear or MultiheadAttention"`` for a tuple of types."""
     names = [k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,))]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# Module names as ``named_modules()`` spells them (a name selects everything under it),
+# or a predicate on (name, module); None selects everything.
+LayerSelection = Optional[Union[str, Sequence[str], Callable[[str, nn.Module], bool]]]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _container_names(model: nn.Module, kind: type | tuple[type, ...]) -> list[str]:
+    """Names a user may give: modules holding a ``kind`` layer, at most two levels deep."""
+    names = []
+    for name, module in model.named_modules():
+        if name and name.count(".") < 2 and any(isinstance(m, kind) for m in module.modules()):
+            names.append(name)
+    return names
+
+
+def select_modules(model: nn.Module, layers: LayerSelection,
+                   kind: type | tuple[type, ...] = nn.Conv2d) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs of type ``kind`` in ``model`` that ``layers`` selects, in order.
+
+    Args:
+        model: the backbone.
+        layers: ``None`` (every ``kind`` module), a module name or names as
+            ``model.named_modules()`` spells them (``"layer4"`` selects every conv
+            under ``layer4``), or a predicate ``(name, module) -> bool`` asked of
+            each ``kind`` module.
+        kind: the module type (or a tuple of types) to select.
+
+    Returns:
+        The selected modules with their qualified names.
+
+    Raises:
+        ValueError: if a name selects no ``kind`` module (the message lists the
+            names that do) or nothing at all is selected.
+
+    Example::
+
+        convs = select_modules(torchvision.models.resnet18(), ["layer4"])   # 5 convs
+        convs = select_modules(resnet12(), lambda name, conv: conv.kernel_size == (3, 3))
+    """
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    if layers is None:
+        chosen = found
+    elif callable(layers):
+        chosen = [(name, m) for name, m in found if layers(name, m)]
+    else:
+        names = (layers,) if isinstance(layers, str) else tuple(layers)
+        for prefix in names:
+            if not any(_under(name, prefix) for name, _ in found):
+                valid = ", ".join(_container_names(model, kind)[:16])
+                raise ValueError(
+                    f"layers: {type(model).__name__} has no {type_names(kind)} named {prefix!r} or under it; "
+                    f"name modules as named_modules() does, e.g. {valid}"
+                )
+        chosen = [(name, m) for name, m in found if any(_under(name, p) for p in names)]
+    if not chosen:
+        raise ValueError(f"layers={layers!r} selects no {type_names(kind)} of {type(model).__name__}")
+    return chosen
+
+
+def last_block(model: nn.Module) -> str:
+    """The name of the block that holds ``model``'s last conv: the paper's Θ4 of ResNet-12.
+
+    The block is the outermost element of an ``nn.Sequential`` on the path to the
+    last conv: ``"layers.3"`` for this package's ResNet-12, ``"layers.12"`` (the
+    last conv) for Conv4, ``"layer4.1"`` for a torchvision ResNet; without any
+    ``nn.Sequential`` on the path, the last conv itself.
+
+    Raises:
+        ValueError: if ``model`` has no ``nn.Conv2d``.
+
+    Example::
+
+        adapter = SSAdapter(resnet12(), layers=[last_block(backbone)])   # SS [Θ4; θ]
+    """
+    name = select_modules(model, None)[-1][0]
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        parent = model.get_submodule(".".join(parts[: depth - 1]))
+        if isinstance(parent, nn.Sequential):
+            return ".".join(parts[:depth])
+    return name
 
 
 def _per_kernel(layer: nn.Module, granularity: str) -> bool:

@@ -106,3 +106,22 @@ def test_pretrain_resume_matches_an_uninterrupted_run(tmp_path):
     resumed = pretrain(tiny_benchmark(), config, tmp_path / "cut", progress=False)
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_meta_train_records_its_ss_config_as_checkpoints_always_did(tmp_path, tiny_data):
+    pretrain(tiny_benchmark(), PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3,
+                                              val_queries=3), tmp_path / "pre", progress=False)
+    invoke(pipeline_cli.meta_train_command,
+           ["--pretrained", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--queries", "3", "--iterations", "1",
+            "--inner-steps", "1", "--val-every", "1", "--val-tasks", "2", "--out", str(tmp_path / "meta"), "--quiet"])
+    state = torch.load(tmp_path / "meta" / "best.pt", weights_only=True)
+    # The keys of checkpoints written before SSConfig, so that their runs resume as the same model.
+    assert set(state["model"]) == {"backbone", "in_channels", "image_size", "data", "encoder", "granularity", "bn"}
+    model = state["model"]
+    assert (model["encoder"], model["granularity"], model["bn"]) == ("ss", "kernel", "frozen")
+    del state["model"]["backbone"]
+    torch.save(state, tmp_path / "unrecorded.pt")
+    result = CliRunner().invoke(pipeline_cli.evaluate_command,
+                                ["--checkpoint", str(tmp_path / "unrecorded.pt"), "--ways", "3", "--quiet"])
+    assert result.exit_code == 1 and "does not record its model" in result.output
+    assert "in Python" not in result.output and "load_learner" in result.output

@@ -16,7 +16,7 @@ initialisation θ); only what the outer loop updates changes:
 SS [Θ; θ] (``mtl``), its HT row (``mtl-ht``, resample) and train from scratch
 (``scratch``) are the comparison suite's rows, reused as they are. "Last block"
 is :func:`~mtl_plugin.ss.last_block` of the backbone (``layers.3`` of ResNet-12,
-``layers.12`` of Conv4) unless ``MTLConfig.layers`` names other modules.
+``layers.12`` of Conv4) unless ``MTLConfig.ss.layers`` names other modules.
 
 Example::
 
@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mtl_plugin.meta_transfer import MetaTrainConfig
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.methods.mtl import MTL, MTLHardTasks
-from mtl_plugin.ss import last_block
+from mtl_plugin.ss import SSConfig, last_block
 
 __all__ = [
     "ABLATION_SUITE",
@@ -144,7 +144,7 @@ class FinetuneLastBlock(FinetuneHead):
     adapts: ClassVar[str] = "FT [Θ4; θ]"
 
     def finetuned_layers(self, backbone: nn.Module) -> Optional[tuple[str, ...]]:
-        return self.config.layers or (last_block(backbone),)
+        return self.config.ss.layers or (last_block(backbone),)
 
 
 class FinetuneAll(FinetuneHead):
@@ -176,8 +176,8 @@ class SSLastBlock(MTL):
     adapts: ClassVar[str] = "SS [Θ4; θ]"
     ablation_only: ClassVar[bool] = True
 
-    def ss_options(self, backbone: nn.Module) -> dict:
-        return {**super().ss_options(backbone), "layers": self.config.layers or (last_block(backbone),)}
+    def ss_config(self, backbone: nn.Module) -> SSConfig:
+        return replace(super().ss_config(backbone), layers=self.config.ss.layers or (last_block(backbone),))
 
 
 class MTLHardTasksReuse(MTLHardTasks):
@@ -210,8 +210,8 @@ class MTLChannel(MTL):
     adapts: ClassVar[str] = "SS [Θ; θ], channel"
     ablation_only: ClassVar[bool] = True
 
-    def ss_options(self, backbone: nn.Module) -> dict:
-        return {**super().ss_options(backbone), "granularity": "channel"}
+    def ss_config(self, backbone: nn.Module) -> SSConfig:
+        return replace(super().ss_config(backbone), granularity="channel")
 
 
 class MTLTrainBN(MTL):
@@ -227,5 +227,5 @@ class MTLTrainBN(MTL):
     adapts: ClassVar[str] = "SS [Θ; θ], bn=train"
     ablation_only: ClassVar[bool] = True
 
-    def ss_options(self, backbone: nn.Module) -> dict:
-        return {**super().ss_options(backbone), "bn": "train"}
+    def ss_config(self, backbone: nn.Module) -> SSConfig:
+        return replace(super().ss_config(backbone), bn="train")

@@ -30,7 +30,7 @@ from mtl_plugin.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
 from mtl_plugin.speedups import Speedups
-from mtl_plugin.ss import BN_MODES, GRANULARITIES, SSAdapter
+from mtl_plugin.ss import SSAdapter, SSConfig
 
 __all__ = ["MTL", "MTLConfig", "MTLHardTasks", "Scratch"]
 
@@ -41,23 +41,24 @@ class MTLConfig:
 
     ``meta`` holds the paper's settings (:class:`MetaTrainConfig`); ``ways``,
     ``shots``, ``queries`` and ``seed`` are taken from the bench context (its
-    queries fit the data set's smallest class). ``layers`` picks the convs that
-    get Φ (module names as ``named_modules()`` spells them; ``None``: every conv,
-    the paper's SS [Θ; θ]). ``granularity`` stays the paper's ``"kernel"``, a scale
-    per kernel on every conv, where :class:`SSAdapter` defaults to ``"auto"`` (per
-    channel on 1x1 convs: ResNet-12's shortcuts). ``speedups`` choose how the encoder runs
+    queries fit the data set's smallest class). ``ss`` holds the :class:`SSAdapter`
+    options (:class:`~mtl_plugin.ss_config.SSConfig`): its ``layers`` pick the
+    layers that get Φ (module names as ``named_modules()`` spells them; ``None``:
+    every layer, the paper's SS [Θ; θ]; the FT ablation rows fine-tune the same
+    ones), and its ``granularity`` stays the paper's ``"kernel"``
+    (:meth:`SSConfig.paper`), a scale per kernel on every conv, where
+    :class:`SSAdapter` defaults to ``"auto"`` (per channel on 1x1 convs: ResNet-12's
+    shortcuts). ``speedups`` choose how the encoder runs
     (:class:`~mtl_plugin.speedups.Speedups`); they change no result beyond float
     tolerance unless they set ``autocast``.
 
     Example::
 
-        config = MTLConfig(meta=MetaTrainConfig(iterations=2000), layers=("layers.3",))
+        config = MTLConfig(meta=MetaTrainConfig(iterations=2000), ss=SSConfig.paper())
     """
 
     meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
-    granularity: str = "kernel"
-    bn: str = "frozen"
-    layers: Optional[tuple[str, ...]] = None
+    ss: SSConfig = field(default_factory=SSConfig.paper)
     # The scratch row learns every backbone weight from random initialisation,
     # where Φ's 1e-4 would barely move it: MAML's outer lr instead.
     scratch_encoder_lr: float = 1e-3
@@ -66,13 +67,18 @@ class MTLConfig:
     finetune_encoder_lr: Optional[float] = None
     speedups: Speedups = field(default_factory=Speedups)
 
-    def __post_init__(self):
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={self.granularity!r} is unknown; use one of {GRANULARITIES}")
-        if self.bn not in BN_MODES:
-            raise ValueError(f"bn={self.bn!r} is unknown; use one of {BN_MODES}")
-        if isinstance(self.layers, str):
-            self.layers = (self.layers,)
+    # Read-only views of ``ss``, for code that read them here before SSConfig held them.
+    @property
+    def granularity(self) -> str:
+        return self.ss.granularity
+
+    @property
+    def bn(self) -> str:
+        return self.ss.bn
+
+    @property
+    def layers(self) -> Optional[tuple[str, ...]]:
+        return self.ss.layers
 
     @classmethod
     def quick(cls) -> "MTLConfig":
@@ -126,14 +132,14 @@ class MTL(FewShotMethod):
         self.learner: Optional[MetaTransferLearner] = None
         self.backbone_label = ""
 
-    def ss_options(self, backbone: nn.Module) -> dict:
-        """The :class:`SSAdapter` keyword arguments of this row for ``backbone``."""
-        return {"granularity": self.config.granularity, "bn": self.config.bn, "layers": self.config.layers}
+    def ss_config(self, backbone: nn.Module) -> SSConfig:
+        """The :class:`SSAdapter` options of this row for ``backbone``."""
+        return self.config.ss
 
     def encoder(self, context: BenchContext) -> nn.Module:
         """The module whose trainable parameters are meta-learned."""
         backbone = context.pretrained_backbone()
-        return SSAdapter(backbone, **self.ss_options(backbone))
+        return SSAdapter.from_config(backbone, self.ss_config(backbone))
 
     def meta_config(self, context: BenchContext) -> MetaTrainConfig:
         """The meta-training config for this context's task shape.

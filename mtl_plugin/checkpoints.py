@@ -1,0 +1,117 @@
+"""A meta-trained learner rebuilt from its checkpoint alone: :func:`load_learner`.
+
+A checkpoint of :func:`~mtl_plugin.meta_training.meta_train` holds the learner's weights,
+its :class:`~mtl_plugin.meta_config.MetaTrainConfig` and the ``model_info`` it was given,
+the *model record*: the backbone (``backbone``, ``in_channels``, ``image_size``, as
+:func:`~mtl_plugin.pretrain.build_pretrained` reads them) and the encoder around it
+(:func:`encoder_record`: ``encoder`` ``"ss"`` with the
+:class:`~mtl_plugin.ss_config.SSConfig` fields, or ``"scratch"``). ``mtl meta-train``
+writes that record; so can a script, and then ``mtl evaluate`` and :func:`load_learner`
+rebuild its learner too.
+
+Every checkpoint file is read by :func:`~mtl_plugin.errors.read_checkpoint`
+(``weights_only=True``); a pretraining ``best.pt`` by
+:func:`~mtl_plugin.pretrain.load_pretrained`.
+
+Example::
+
+    learner = load_learner("runs/meta/best.pt")
+    logits = learner.predict(support_x, support_y, query_x, ways=5)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from mtl_plugin.errors import DataError, read_checkpoint
+from mtl_plugin.meta_config import MetaTrainConfig
+from mtl_plugin.meta_training import CHECKPOINT_KIND
+from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
+from mtl_plugin.pretrain import build_pretrained, check_model_record
+from mtl_plugin.ss import SSAdapter, SSConfig
+
+__all__ = ["build_encoder", "encoder_record", "load_learner"]
+
+_SS_FIELDS = {f.name for f in fields(SSConfig)}
+
+
+def encoder_record(ss: Optional[SSConfig]) -> dict:
+    """The model record's entries for an encoder: SS with ``ss``, or (``None``) the backbone itself, all learned.
+
+    Example::
+
+        model_info = {"backbone": "conv4", "in_channels": 1, "image_size": 28, **encoder_record(SSConfig.paper())}
+        meta_train(learner, benchmark, "runs/meta", model_info=model_info)
+    """
+    return {"encoder": "ss", **ss.to_dict()} if ss is not None else {"encoder": "scratch"}
+
+
+def build_encoder(record: dict) -> nn.Module:
+    """The encoder a model record describes, before any weights are loaded into it.
+
+    Records written before ``layers`` and ``output_scaling`` were recorded read as their
+    defaults, as the encoder was then built.
+
+    Raises:
+        ValueError: SS options :class:`~mtl_plugin.ss_config.SSConfig` refuses.
+
+    Example::
+
+        encoder = build_encoder(torch.load("runs/meta/best.pt", weights_only=True)["model"])
+    """
+    backbone = build_pretrained(record)
+    if record.get("encoder") != "ss":
+        return backbone
+    ss = SSConfig.from_dict({name: value for name, value in record.items() if name in _SS_FIELDS}, "model record")
+    return SSAdapter.from_config(backbone, ss)
+
+
+def load_learner(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> MetaTransferLearner:
+    """The learner a meta-training checkpoint (``best.pt`` or ``last.pt``) was written by, with its weights.
+
+    Args:
+        path: a checkpoint of ``mtl meta-train``, or of :func:`~mtl_plugin.meta_training.meta_train`
+            given a ``model_info`` record (see the module's docstring).
+        device: where the learner goes.
+
+    Returns:
+        The learner, its encoder rebuilt by the record (the backbone by name, SS with the
+        saved :class:`~mtl_plugin.ss_config.SSConfig`) and its config the saved one.
+
+    Raises:
+        MissingDataError: no file at ``path``.
+        DataError: an unreadable or unsafe file, not a meta-training checkpoint, one without a
+            model record, or weights that do not fit the recorded model.
+
+    Example::
+
+        learner = load_learner("runs/meta/best.pt", device="cuda")
+        result = evaluate(learner.predict, get_benchmark("kanji").test, EvaluationConfig(shots=1))
+    """
+    state = read_checkpoint(path, "checkpoint")
+    if state["kind"] != CHECKPOINT_KIND:
+        raise DataError(f"{path}: a {state['kind']!r} checkpoint, not one of meta-training; give the best.pt "
+                        f"of meta_train (a pretraining best.pt loads with load_pretrained)")
+    record = state["model"]
+    if "backbone" not in record:
+        raise DataError(f"{path} does not record its model: meta_train wrote it without model_info, so the file "
+                        f"alone cannot rebuild the learner; give model_info to meta_train (see load_learner)")
+    check_model_record(record, path, "checkpoint")
+    # Checkpoints written before head_init existed hold the official code's Kaiming head.
+    config = MetaTrainConfig(**{"head_init": "kaiming", **state["config"]})
+    try:
+        encoder = build_encoder(record)
+    except ValueError as error:
+        raise DataError(f"{path}: its model record is not one mtl builds ({error}); the file is damaged or "
+                        f"was written by another version of mtl") from error
+    learner = MetaTransferLearner(encoder, config.ways, config)
+    try:
+        load_learner_state(learner, state["learner"], str(path))
+    except ValueError as error:
+        # The message names the file and the first tensor that does not fit.
+        raise DataError(str(error)) from error
+    return learner.to(device)
