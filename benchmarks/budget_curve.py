@@ -50,7 +50,7 @@ from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError, check_o
 from mtl_plugin.evaluation import EvaluationResult
 from mtl_plugin.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.meta_training import VALIDATION_FILE
-from mtl_plugin.methods import METHODS
+from mtl_plugin.methods import METHODS, method_spec
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.methods.mtl import MTL, MTLConfig
 
@@ -66,8 +66,8 @@ FIXED = {"val_every": "--val-every", "val_tasks": "--val-tasks", "lr_step": "--l
 
 def _curve_rows() -> tuple[str, ...]:
     """The rows meta-trained by ``MTL.fit`` with an ``MTLConfig``: the ones with a validation curve."""
-    return tuple(name for name, (method_class, config_class) in METHODS.items()
-                 if issubclass(method_class, MTL) and config_class is MTLConfig)
+    return tuple(name for name in METHODS
+                 if issubclass(method_spec(name).method, MTL) and method_spec(name).config is MTLConfig)
 
 
 def _list(text: str, flag: str, kind: Callable = str) -> list:

@@ -50,7 +50,7 @@ from mtl_plugin.errors import check_output_dir
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.meta_training import plot_meta_curves
-from mtl_plugin.methods import METHOD_NAMES, METHODS, build_method
+from mtl_plugin.methods import METHODS, build_method, method_spec
 from mtl_plugin.methods.ablation import ABLATION_SUITE
 from mtl_plugin.methods.base import BenchContext
 from mtl_plugin.distributed import WorkQueue
@@ -65,10 +65,11 @@ WALL_CLOCK = "wall-clock (s)"
 LEARNED = "learned parameters"
 # Store events of a bench under torchrun.
 _DATA_READY, _PRETRAINED = "data-ready", "pretrained"
-# comparison: every method but the ablation-only rows (a new method joins it by being in METHODS);
-# ablation: what to adapt after pretraining (Sun et al. 2019, Table 3, and this package's options).
+# comparison: every row registered when the bench is imported but the ablation-only ones (a row
+# registered later runs when named in ``methods``); ablation: what to adapt after pretraining
+# (Sun et al. 2019, Table 3, and this package's options).
 SUITES = {
-    "comparison": tuple(name for name, (cls, _) in METHODS.items() if not getattr(cls, "ablation_only", False)),
+    "comparison": tuple(name for name in METHODS if not method_spec(name).ablation_only),
     "ablation": ABLATION_SUITE,
 }
 
@@ -114,11 +115,11 @@ class BenchConfig:
             raise ValueError(f"unknown suite {self.suite!r}; valid: {', '.join(SUITES)}")
         if self.methods is not None:
             self.methods = tuple(self.methods)
-        unknown = [m for m in self.rows if m not in METHOD_NAMES]
+        unknown = [m for m in self.rows if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHOD_NAMES)}")
+            raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
         if not self.rows:
-            raise ValueError("no method to run: name at least one of " + ", ".join(METHOD_NAMES))
+            raise ValueError("no method to run: name at least one of " + ", ".join(METHODS))
         if any(s < 1 for s in self.shots) or not self.shots:
             raise ValueError(f"shots={self.shots}: give one or more settings >= 1, e.g. (1, 5)")
         if self.test_tasks < 2:
@@ -282,12 +283,12 @@ def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: st
     rows = []
     for method in config.rows:
         mine = cells[cells["method"] == method]
-        method_class = METHODS[method][0]
+        spec = method_spec(method)
         row = {"method": method}
         if counts is not None:
-            row["adapts"] = getattr(method_class, "adapts", "")
+            row["adapts"] = spec.adapts
         row.update({"backbone": mine["backbone"].iloc[0],
-                    "setting": "transductive" if method_class.transductive else "inductive"})
+                    "setting": "transductive" if spec.transductive else "inductive"})
         if counts is not None:
             row[LEARNED] = "—" if counts.get(method) is None else counts[method]
         for shots in config.shots:
@@ -376,14 +377,14 @@ def _share_cells(config: BenchConfig, benchmark, shared: _SharedPretraining, dev
     which process took which cell, nor on how many there were.
     """
     if queue.rank == 0:
-        if any(METHODS[method][0].uses_pretraining for method in config.rows):
+        if any(method_spec(method).uses_pretraining for method in config.rows):
             shared()
         # Announced even without a pretraining: a method that asks for one without declaring
         # ``uses_pretraining`` then fails on the missing best.pt instead of waiting forever.
         queue.announce(_PRETRAINED)
     cells = [(method, shots) for shots in config.shots for method in config.rows]
     # The cells without pretraining first: they keep the other processes busy while rank 0 pretrains.
-    cells.sort(key=lambda cell: METHODS[cell[0]][0].uses_pretraining)
+    cells.sort(key=lambda cell: method_spec(cell[0]).uses_pretraining)
     for index in queue.take(len(cells)):
         method, shots = cells[index]
         _echo_cell(_run_cell(config, benchmark, method, shots, shared, device), method, config.ways, shots,

@@ -1,4 +1,5 @@
-"""Benchmark methods, one file each, behind :class:`~mtl_plugin.methods.base.FewShotMethod`.
+"""Benchmark methods, one file each, behind :class:`~mtl_plugin.methods.base.FewShotMethod`,
+registered as the rows of ``mtl bench`` (:mod:`mtl_plugin.methods.registry`).
 
 Example::
 
@@ -20,42 +21,31 @@ from mtl_plugin.methods.protonet import ProtoNet, ProtoNetConfig, ProtoNetConv4,
 from mtl_plugin.methods.matchingnet import MatchingNet, MatchingNetConfig
 from mtl_plugin.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
 from mtl_plugin.methods.tadam import TADAM, TADAMConfig
-from mtl_plugin.methods.ablation import (
-    FinetuneAll, FinetuneHead, FinetuneLastBlock, MTLChannel, MTLHardTasksReuse, MTLTrainBN, SSLastBlock,
+from mtl_plugin.methods.registry import (
+    METHODS, MethodSpec, build_method, list_methods, method_spec, register_method, register_preset,
 )
 
-__all__ = ["BenchContext", "FewShotMethod", "METHODS", "METHOD_NAMES", "build_method"]
+__all__ = ["BenchContext", "FewShotMethod", "METHODS", "METHOD_NAMES", "MethodSpec", "build_method", "list_methods",
+           "method_spec", "register_method", "register_preset"]
 
-# name -> (method class, config class); each config class has a ``quick()`` profile.
-METHODS = {
-    "scratch": (Scratch, MTLConfig),
-    "finetune": (Finetune, FinetuneConfig),
-    "cosine-finetune": (CosineFinetune, CosineFinetuneConfig),
-    "protonet": (ProtoNet, ProtoNetConfig),
-    "linear-probe": (LinearProbe, LinearProbeConfig),
-    "protonet-conv4": (ProtoNetConv4, ProtoNetConv4Config),
-    "maml": (MAML, MAMLConfig),
-    "metanet": (MetaNet, MetaNetConfig),
-    "matchingnet": (MatchingNet, MatchingNetConfig),
-    "meta-lstm": (MetaLSTM, MetaLSTMConfig),
-    "tadam": (TADAM, TADAMConfig),
-    "mtl": (MTL, MTLConfig),
-    "mtl-ht": (MTLHardTasks, MTLConfig),
-    # Ablation-only rows (``ablation_only``): in ``--suite ablation``, never in the comparison suite.
-    "ft-head": (FinetuneHead, MTLConfig),
-    "ft-last": (FinetuneLastBlock, MTLConfig),
-    "ft-all": (FinetuneAll, MTLConfig),
-    "ss-last": (SSLastBlock, MTLConfig),
-    "mtl-ht-reuse": (MTLHardTasksReuse, MTLConfig),
-    "mtl-channel": (MTLChannel, MTLConfig),
-    "mtl-bn-train": (MTLTrainBN, MTLConfig),
-}
+# The built-in rows, registered here rather than where each class is defined because
+# registration order is the results table's row order (scratch first, mtl's rows last).
+register_method("scratch", config=MTLConfig)(Scratch)
+register_method("finetune", config=FinetuneConfig)(Finetune)
+register_method("cosine-finetune", config=CosineFinetuneConfig)(CosineFinetune)
+register_method("protonet", config=ProtoNetConfig)(ProtoNet)
+register_method("linear-probe", config=LinearProbeConfig)(LinearProbe)
+register_method("protonet-conv4", config=ProtoNetConv4Config)(ProtoNetConv4)
+register_method("maml", config=MAMLConfig)(MAML)
+register_method("metanet", config=MetaNetConfig)(MetaNet)
+register_method("matchingnet", config=MatchingNetConfig)(MatchingNet)
+register_method("meta-lstm", config=MetaLSTMConfig)(MetaLSTM)
+register_method("tadam", config=TADAMConfig)(TADAM)
+register_method("mtl", config=MTLConfig)(MTL)
+register_method("mtl-ht", config=MTLConfig)(MTLHardTasks)
+
+# The ablation-only rows, presets of mtl and mtl-ht: imported once those are registered.
+from mtl_plugin.methods import ablation  # noqa: E402
+
+# The names registered on import (the built-in rows); METHODS and list_methods() also see later ones.
 METHOD_NAMES = tuple(METHODS)
-
-
-def build_method(name: str, profile: str = "paper") -> FewShotMethod:
-    """A method by its table name, with the ``paper`` (default config) or ``quick`` budget."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
-    method_class, config_class = METHODS[name]
-    return method_class(config_class.quick() if profile == "quick" else config_class())

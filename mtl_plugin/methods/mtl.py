@@ -8,8 +8,8 @@
 
 Each writes its run (``metrics.csv`` with the validation curve, ``curve.png``,
 checkpoints) to ``context.work_dir`` and resumes from it. The ablation's other
-rows (:mod:`mtl_plugin.methods.ablation`) are subclasses that change what the
-outer loop learns.
+rows (:mod:`mtl_plugin.methods.ablation`) are presets of ``mtl``: configs that change
+what the outer loop learns (``MTLConfig.adapt`` and ``blocks``, ``ss``, ``meta``).
 
 Example::
 
@@ -24,15 +24,70 @@ from typing import ClassVar, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
 from mtl_plugin.methods.base import BenchContext, FewShotMethod
 from mtl_plugin.speedups import Speedups
-from mtl_plugin.ss import SSAdapter, SSConfig
+from mtl_plugin.ss import SSAdapter, SSConfig, last_block
 
-__all__ = ["MTL", "MTLConfig", "MTLHardTasks", "Scratch"]
+__all__ = ["ADAPT_MODES", "BLOCKS", "FinetunedLayers", "MTL", "MTLConfig", "MTLHardTasks", "Scratch"]
+
+# What the outer loop learns besides θ: Φ of SS on the frozen backbone, or the pretrained weights.
+ADAPT_MODES = ("ss", "finetune")
+# Which of the backbone's layers it learns them for.
+BLOCKS = ("all", "last", "none")
+
+
+class FinetunedLayers(nn.Module):
+    """A pretrained backbone whose chosen modules keep their own weights trainable.
+
+    The FT counterpart of :class:`~mtl_plugin.ss.SSAdapter`: the outer loop
+    updates the weights themselves instead of Φ. BatchNorm stays in eval mode (its
+    pretraining statistics), as with ``SSAdapter(bn="frozen")``, so that FT and SS
+    rows differ by what they learn alone.
+
+    Args:
+        backbone: the pretrained backbone; modified in place (``requires_grad``).
+        layers: module names as ``backbone.named_modules()`` spells them whose
+            parameters learn; ``None``: every parameter; ``()``: none (FT [θ]).
+
+    Raises:
+        ValueError: if a name is not a module of ``backbone``.
+
+    Example::
+
+        encoder = FinetunedLayers(backbone, layers=[last_block(backbone)])   # FT [Θ4; θ]
+        features = encoder(images)
+    """
+
+    def __init__(self, backbone: nn.Module, layers: Optional[tuple[str, ...]] = None):
+        super().__init__()
+        backbone.requires_grad_(layers is None)
+        for name in layers or ():
+            try:
+                backbone.get_submodule(name).requires_grad_(True)
+            except AttributeError:
+                modules = ", ".join(n for n, _ in backbone.named_children())
+                raise ValueError(
+                    f"layers: {type(backbone).__name__} has no module {name!r}; name modules as "
+                    f"named_modules() does (top level: {modules})"
+                ) from None
+        self.backbone = backbone
+        self.layers = layers
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "FinetunedLayers":
+        super().train(mode)
+        for module in self.backbone.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
 
 
 @dataclass
@@ -44,17 +99,31 @@ class MTLConfig:
     queries fit the data set's smallest class). ``ss`` holds the :class:`SSAdapter`
     options (:class:`~mtl_plugin.ss_config.SSConfig`): its ``layers`` pick the
     layers that get Φ (module names as ``named_modules()`` spells them; ``None``:
-    every layer, the paper's SS [Θ; θ]; the FT ablation rows fine-tune the same
-    ones), and its ``granularity`` stays the paper's ``"kernel"``
-    (:meth:`SSConfig.paper`), a scale per kernel on every conv, where
+    every layer, the paper's SS [Θ; θ]), and its ``granularity`` stays the paper's
+    ``"kernel"`` (:meth:`SSConfig.paper`), a scale per kernel on every conv, where
     :class:`SSAdapter` defaults to ``"auto"`` (per channel on 1x1 convs: ResNet-12's
     shortcuts). ``speedups`` choose how the encoder runs
     (:class:`~mtl_plugin.speedups.Speedups`); they change no result beyond float
     tolerance unless they set ``autocast``.
 
+    ``adapt`` and ``blocks`` say what the outer loop learns besides θ (Sun et al. 2019,
+    Section 5.2; the ablation rows are presets of them):
+
+    * ``adapt="ss"`` (the paper's MTL): Φ on the frozen backbone, on every layer SS adapts
+      (``blocks="all"``, or the ``ss.layers`` given) or on the last block only
+      (``blocks="last"``: :func:`~mtl_plugin.ss.last_block`, unless ``ss.layers`` names modules);
+    * ``adapt="finetune"``: the pretrained weights themselves (:class:`FinetunedLayers`), at
+      ``finetune_encoder_lr``: every one (``"all"``), the last block's (``"last"``, or the
+      ``ss.layers`` given) or none, θ alone (``"none"``).
+
+    Raises:
+        ValueError: ``adapt`` or ``blocks`` is not one of the values above, or
+            ``blocks="none"`` with SS (it would learn θ alone: use ``adapt="finetune"``).
+
     Example::
 
         config = MTLConfig(meta=MetaTrainConfig(iterations=2000), ss=SSConfig.paper())
+        ft_last = MTLConfig(adapt="finetune", blocks="last")   # FT [Θ4; θ]
     """
 
     meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
@@ -66,6 +135,16 @@ class MTLConfig:
     # (None: Φ's; the paper gives no other).
     finetune_encoder_lr: Optional[float] = None
     speedups: Speedups = field(default_factory=Speedups)
+    adapt: str = "ss"
+    blocks: str = "all"
+
+    def __post_init__(self):
+        if self.adapt not in ADAPT_MODES:
+            raise ValueError(f"adapt={self.adapt!r}: give one of {', '.join(map(repr, ADAPT_MODES))}")
+        if self.blocks not in BLOCKS:
+            raise ValueError(f"blocks={self.blocks!r}: give one of {', '.join(map(repr, BLOCKS))}")
+        if self.blocks == "none" and self.adapt == "ss":
+            raise ValueError('blocks="none" with adapt="ss" adapts no layer; for θ alone give adapt="finetune"')
 
     # Read-only views of ``ss``, for code that read them here before SSConfig held them.
     @property
@@ -134,11 +213,22 @@ class MTL(FewShotMethod):
 
     def ss_config(self, backbone: nn.Module) -> SSConfig:
         """The :class:`SSAdapter` options of this row for ``backbone``."""
+        if self.config.blocks == "last":
+            return replace(self.config.ss, layers=self._last_block(backbone))
         return self.config.ss
+
+    def finetuned_layers(self, backbone: nn.Module) -> Optional[tuple[str, ...]]:
+        """The modules whose weights a ``finetune`` row's outer loop updates (``None``: all)."""
+        return {"all": None, "last": self._last_block(backbone), "none": ()}[self.config.blocks]
+
+    def _last_block(self, backbone: nn.Module) -> tuple[str, ...]:
+        return self.config.ss.layers or (last_block(backbone),)
 
     def encoder(self, context: BenchContext) -> nn.Module:
         """The module whose trainable parameters are meta-learned."""
         backbone = context.pretrained_backbone()
+        if self.config.adapt == "finetune":
+            return FinetunedLayers(backbone, self.finetuned_layers(backbone))
         return SSAdapter.from_config(backbone, self.ss_config(backbone))
 
     def meta_config(self, context: BenchContext) -> MetaTrainConfig:
@@ -150,8 +240,10 @@ class MTL(FewShotMethod):
         """
         meta = self.config.meta
         meta_batch = meta.meta_batch if self.hard_tasks else meta.meta_batch + meta.hard_meta_batch
-        return replace(meta, ways=context.ways, shots=context.shots, queries=context.queries, seed=context.seed,
+        meta = replace(meta, ways=context.ways, shots=context.shots, queries=context.queries, seed=context.seed,
                        meta_batch=meta_batch, hard_tasks=self.hard_tasks)
+        lr = self.config.finetune_encoder_lr
+        return meta if self.config.adapt != "finetune" or lr is None else replace(meta, encoder_lr=lr)
 
     def build_learner(self, context: BenchContext) -> MetaTransferLearner:
         """The encoder and θ of this row, before meta-training."""
