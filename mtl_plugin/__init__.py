@@ -61,6 +61,11 @@ _EXPORTS = {
     # An adapter saved with its config; a meta-trained learner rebuilt from its checkpoint.
     "SSConfig": "ss_config",
     "load_learner": "checkpoints",
+    # The rows of `mtl bench`: a user's own method or config preset joins them by name.
+    "build_method": "methods",
+    "list_methods": "methods",
+    "register_method": "methods",
+    "register_preset": "methods",
 }
 
 __all__ = ["backbones", *_EXPORTS, "__version__"]
@@ -86,6 +91,7 @@ if TYPE_CHECKING:
     from .meta_config import MetaTrainConfig
     from .meta_training import meta_train
     from .meta_transfer import MetaTransferLearner
+    from .methods import build_method, list_methods, register_method, register_preset
     from .pretrain import PretrainConfig, load_pretrained, pretrain
     from .speedups import Speedups
     from .ss import SSAdapter

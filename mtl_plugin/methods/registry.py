@@ -164,7 +164,8 @@ def register_preset(name: str, *, base: str, adapts: str = "", ablation_only: bo
                 return preset(parent.preset(config))
         else:
             composed = preset
-        _add(MethodSpec(name, parent.method, parent.config, composed, adapts or parent.adapts, ablation_only))
+        _add(MethodSpec(name, parent.method, parent.config, preset=composed, adapts=adapts or parent.adapts,
+                        ablation_only=ablation_only))
         return preset
 
     return register
