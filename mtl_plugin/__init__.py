@@ -48,6 +48,10 @@ _EXPORTS = {
     "KNOWN_BENCHMARKS": "data",
     "MetaTransferLearner": "meta_transfer",
     "MetaTrainConfig": "meta_config",
+    # The paper's outer loop (Adam, schedule, divergence checks, all-reduce) apart from the learner.
+    "MetaTrainer": "meta_step",
+    "MetaStepResult": "meta_step",
+    "split_support_query": "tasks",
     "Speedups": "speedups",
     "meta_train": "meta_training",
     "PretrainConfig": "pretrain",
@@ -89,6 +93,7 @@ if TYPE_CHECKING:
     )
     from .heads import SSHead, feature_width, new_head
     from .meta_config import MetaTrainConfig
+    from .meta_step import MetaStepResult, MetaTrainer
     from .meta_training import meta_train
     from .meta_transfer import MetaTransferLearner
     from .methods import build_method, list_methods, register_method, register_preset
@@ -96,6 +101,7 @@ if TYPE_CHECKING:
     from .speedups import Speedups
     from .ss import SSAdapter
     from .ss_config import SSConfig
+    from .tasks import split_support_query
 
 
 def __getattr__(name: str) -> Any:

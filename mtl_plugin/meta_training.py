@@ -199,10 +199,10 @@ def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, id
     except ValueError as error:
         raise DataError(f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, "
                         f"or another --out") from error
-    learner.optimizer.load_state_dict(state["optimizer"])
+    learner.trainer.optimizer.load_state_dict(state["optimizer"])
     # The config's lrs replace the saved ones (the remedy for a diverged run); the schedule is
     # rebuilt under them and brought to the step the run had reached.
-    learner.apply_learning_rates(state["scheduler"]["last_epoch"])
+    learner.trainer.apply_learning_rates(state["scheduler"]["last_epoch"])
     log.rows = list(state["metrics"])
     return state["iteration"], state["best_accuracy"], state["best_iteration"], list(state.get("validation", []))
 
@@ -235,7 +235,7 @@ def meta_train(
 
     Under ``torchrun`` call it on every rank: each rank draws ``meta_batch / N`` normal
     and ``hard_meta_batch / N`` hard tasks of every meta-batch with its own seed, the
-    meta-gradients are averaged over all ranks (see :meth:`MetaTransferLearner.meta_train_step`),
+    meta-gradients are averaged over all ranks (see :meth:`~mtl_plugin.meta_step.MetaTrainer.step`),
     validation is sharded, and rank 0 alone writes the files; ``last.pt`` holds every rank's
     task generators, so the job resumes with the same number of processes.
 
@@ -265,7 +265,7 @@ def meta_train(
             finished run.
         DataError: the run in ``out_dir`` was written for other data or another model, or its
             ``last.pt`` is unreadable.
-        NonFiniteLossError: the run diverged (see :meth:`MetaTransferLearner.meta_train_step`;
+        NonFiniteLossError: the run diverged (see :meth:`~mtl_plugin.meta_step.MetaTrainer.step`;
             ``last.pt`` and ``best.pt`` are also checked before every save). The message names
             the iteration, the likely lr and a lower one; the checkpoints are left as they were.
 
@@ -303,6 +303,8 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
     if previous is not None:
         identity = dict(model, train_data=data)
         start, best_accuracy, best_iteration, validation = _resume(learner, stream, previous, identity, override, log)
+    # learner.meta_train_step steps this trainer's Adam; the loop steps its schedule and saves both.
+    trainer = learner.trainer
     # The last iteration checkpointed (None: nothing saved yet).
     saved = start if previous is not None else None
     val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
@@ -318,20 +320,20 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
                 step = learner.meta_train_step(tasks, on_task)
             except NonFiniteLossError as error:
                 raise _stopped(error, iteration, config, log, saved) from error
-            learner.scheduler.step()
+            trainer.scheduler.step()
             row = {"iteration": iteration, "loss": step.loss, "accuracy": step.accuracy,
                    "normal_accuracy": step.normal_accuracy, "hard_accuracy": step.hard_accuracy}
         else:
             row = {"iteration": 0, "loss": math.nan, "accuracy": math.nan, "normal_accuracy": math.nan,
                    "hard_accuracy": math.nan}
-        row.update(encoder_lr=learner.optimizer.param_groups[0]["lr"], val_accuracy=math.nan, val_ci95=math.nan)
+        row.update(encoder_lr=trainer.optimizer.param_groups[0]["lr"], val_accuracy=math.nan, val_ci95=math.nan)
         improved = False
         if iteration % config.val_every == 0 or iteration == config.iterations:
             try:
                 result = evaluate(learner.predict, benchmark.val, val_config, progress=False)
             except NonFiniteLossError as error:
                 # The validation tasks' adaptation diverged: their accuracy would be chance, not a result.
-                raise _stopped(error, iteration, config, log, saved) from error
+                raise _stopped(trainer.blame(error), iteration, config, log, saved) from error
             row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
             validation += [{"iteration": iteration, "task": task, "accuracy": accuracy}
                            for task, accuracy in enumerate(result.accuracies)]
@@ -345,7 +347,7 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
         if improved or iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             if not all_finite(learner.state_dict().values()):
                 error = NonFiniteLossError("a weight or batch-norm statistic is not finite",
-                                           settings=learner._blame(()))
+                                           settings=trainer.suspects(()))
                 raise _stopped(error, iteration, config, log, saved)
             # Each rank's task generators, so that every rank resumes its own stream.
             streams = distributed.all_gather([stream.state()])
@@ -361,7 +363,7 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
             if improved:
                 save_checkpoint(dict(header, val_accuracy=result.mean), log.best_path)
             save_checkpoint(
-                dict(header, optimizer=learner.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
+                dict(header, optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
                      stream=streams[0], best_accuracy=best_accuracy, best_iteration=best_iteration,
                      metrics=log.rows, validation=validation, **({"streams": streams} if len(streams) > 1 else {})),
                 log.last_path,

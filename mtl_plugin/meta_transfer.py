@@ -4,13 +4,17 @@ Per task the encoder (an :class:`~mtl_plugin.ss.SSAdapter` around the pretrained
 backbone) runs once on support and query images together. The inner loop adapts
 only the linear head, functionally (plain tensors ``W, b`` and
 ``torch.autograd.grad``), on those features: the backbone never runs again and
-no frozen weight is copied. The outer loop (Adam) updates the encoder's trainable
-parameters (Φ) at ``encoder_lr`` and θ at ``head_lr``, second order unless
-``first_order``. Every outer step is checked for divergence (see
-:meth:`MetaTransferLearner.meta_train_step`): it raises
-:class:`~mtl_plugin.errors.NonFiniteLossError` naming the likely learning rate.
-The long-run loop (hard-task meta-batch, validation, checkpoints, resume) is
-:func:`mtl_plugin.meta_training.meta_train`.
+no frozen weight is copied. The outer loop updates the encoder's trainable
+parameters (Φ) at ``encoder_lr`` and θ at ``head_lr``
+(:meth:`MetaTransferLearner.parameter_groups`), second order unless ``first_order``.
+
+Like learn2learn's ``MAML``, the learner is the method only: a user's loop drives it
+with its own optimiser over ``parameter_groups()`` and backpropagates ``task_loss``
+(``examples/own_loop.py``). This package's own outer loop, the paper's Adam with its
+step schedule, divergence checks and the all-reduce under ``torchrun``, is
+:class:`mtl_plugin.meta_step.MetaTrainer` (:meth:`MetaTransferLearner.meta_train_step`
+delegates to it); the long-run loop (hard-task meta-batch, validation, checkpoints,
+resume) is :func:`mtl_plugin.meta_training.meta_train`.
 
 The head's starting point (``head_init``) is by default built from each task's
 support set, so that it does not depend on the arbitrary order of a task's
@@ -20,28 +24,33 @@ official code's per-label-position θ, kept for comparison.
 Example::
 
     learner = MetaTransferLearner(SSAdapter(pretrained_backbone), ways=5)
+    optimizer = torch.optim.Adam(learner.parameter_groups())
     for iteration in range(1000):                      # a learn2learn Taskset works as is
-        result = learner.meta_train_step([taskset.sample() for _ in range(2)])
+        optimizer.zero_grad()
+        for task in [taskset.sample() for _ in range(2)]:
+            (sx, sy), (qx, qy) = split_support_query(*task, shots=1)
+            loss, _ = learner.task_loss(sx, sy, qx, qy)
+            (loss / 2).backward()
+        optimizer.step()
     head = learner.adapt(support_x, support_y)         # test time: adapt θ on a support set
     logits = head(learner.features(query_x))
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_plugin import distributed
 from mtl_plugin.heads import declared_width
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
+from mtl_plugin.meta_step import MetaStepResult, MetaTrainer
 from mtl_plugin.prototypes import class_prototypes
-from mtl_plugin.run_log import DIVERGENCE_FACTOR, NonFiniteLossError, all_finite, fast_forward
+from mtl_plugin.run_log import NonFiniteLossError
 from mtl_plugin.speedups import EncoderRunner, Speedups, uses_batch_statistics
-from mtl_plugin.tasks import split_support_query
 
 __all__ = [
     "HEAD_INITS",
@@ -55,9 +64,6 @@ __all__ = [
 # Gradient descent on the inner loop's convex loss lowers the support loss at any stable
 # inner_lr; ending ten times above where it started (or above chance level) is divergence.
 INNER_DIVERGENCE_FACTOR = 10.0
-# Adam moves each weight by about its lr per step: a step that multiplies the norm of Φ or θ
-# by ten comes from an lr far above the weights' own scale, not from learning.
-STEP_GROWTH_LIMIT = 10.0
 
 
 @dataclass
@@ -77,71 +83,6 @@ class AdaptedHead:
         return F.linear(features, self.weight, self.bias)
 
 
-@dataclass
-class MetaStepResult:
-    """Mean query loss and accuracy (%) of one meta-batch, its number of tasks, and each task's accuracy.
-
-    ``task_accuracies[i]`` is the query accuracy (%) of the i-th task and
-    ``hard[i]`` whether it was a hard task (a task with a true ``hard`` attribute).
-
-    Example::
-
-        result = learner.meta_train_step(tasks)
-        print(result.loss, result.accuracy, result.normal_accuracy, result.hard_accuracy)
-    """
-
-    loss: float
-    accuracy: float
-    tasks: int
-    task_accuracies: List[float] = field(default_factory=list)
-    hard: List[bool] = field(default_factory=list)
-
-    @property
-    def normal_accuracy(self) -> float:
-        """Mean query accuracy (%) of the normal tasks; NaN if there were none."""
-        return _mean([a for a, hard in zip(self.task_accuracies, self.hard) if not hard])
-
-    @property
-    def hard_accuracy(self) -> float:
-        """Mean query accuracy (%) of the hard tasks; NaN if there were none."""
-        return _mean([a for a, hard in zip(self.task_accuracies, self.hard) if hard])
-
-
-def _mean(values: List[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
-def _support_query(task: Any, shots: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Accept a ``SampledTask``, a learn2learn ``(data, labels)`` task or ``(sx, sy, qx, qy)``."""
-    if hasattr(task, "data") and hasattr(task, "labels"):
-        task = (task.data, task.labels)
-    if len(task) == 4:
-        return tuple(task)
-    if len(task) == 2:
-        (sx, sy), (qx, qy) = split_support_query(task[0], task[1], shots)
-        return sx, sy, qx, qy
-    raise ValueError(
-        f"a task must be (data, labels), (support_x, support_y, query_x, query_y) or a SampledTask, "
-        f"not a sequence of {len(task)}"
-    )
-
-
-def _task_groups(tasks: Iterable, together: bool) -> Iterator[list]:
-    """The meta-batch in the groups that may be encoded together, read in order.
-
-    A hard-task meta-batch (``groups()``) gives its normal tasks, then its hard ones,
-    which it draws only once the normal ones are recorded; a list or tuple is one group;
-    any other iterable is read one task at a time, as it may depend on ``on_task``.
-    """
-    if together and callable(getattr(tasks, "groups", None)):
-        yield from (list(group) for group in tasks.groups() if len(group))
-    elif together and isinstance(tasks, Sequence):
-        if len(tasks):
-            yield list(tasks)
-    else:
-        yield from ([task] for task in tasks)
-
-
 class MetaTransferLearner(nn.Module):
     """An encoder whose trainable parameters (Φ) are meta-learned with a meta-learned linear head θ.
 
@@ -152,15 +93,19 @@ class MetaTransferLearner(nn.Module):
     or ``head_weight`` and ``head_bias`` with ``"kaiming"`` (a ``ways``-way head).
     ``speedups`` (:class:`~mtl_plugin.speedups.Speedups`, keyword-only) choose how the
     encoder runs; none changes what is learned beyond float tolerance, except autocast.
-    The learner owns its Adam optimiser and step schedule (``optimizer``,
-    ``scheduler``) so that :meth:`meta_train_step` is one call in any loop; use
-    :meth:`task_loss` with ``meta_parameters()`` to drive your own optimiser.
+    As learn2learn's ``MAML``, it holds no optimiser: your loop backpropagates
+    :meth:`task_loss` and steps its own optimiser over :meth:`parameter_groups`.
+    :meth:`meta_train_step` is the convenience that runs the paper's checked Adam step
+    (:class:`~mtl_plugin.meta_step.MetaTrainer`, built at its first call).
 
     Example::
 
         learner = MetaTransferLearner(SSAdapter(backbone), ways=5, config=MetaTrainConfig())
-        tasks = l2l.data.Taskset(...)                   # or mtl_plugin.tasks.build_taskset
-        result = learner.meta_train_step([tasks.sample(), tasks.sample()])
+        optimizer = torch.optim.Adam(learner.parameter_groups())
+        optimizer.zero_grad()
+        loss, _ = learner.task_loss(support_x, support_y, query_x, query_y)
+        loss.backward()
+        optimizer.step()
         logits = learner.predict(support_x, support_y, query_x, ways=5)
     """
 
@@ -194,53 +139,81 @@ class MetaTransferLearner(nn.Module):
             nn.init.kaiming_normal_(weight, generator=generator)
             self.head_weight = nn.Parameter(weight)
             self.head_bias = nn.Parameter(torch.zeros(ways))
-        groups = []
-        encoder_parameters = [p for p in encoder.parameters() if p.requires_grad]
-        if encoder_parameters:
-            groups.append({"params": encoder_parameters, "lr": self.config.encoder_lr})
-        groups.append({"params": self.head_parameters(), "lr": self.config.head_lr})
-        self.optimizer = torch.optim.Adam(groups)
-        self.apply_learning_rates()
-
-    def _lr_names(self) -> List[str]:
-        # The optimiser's groups: Φ (when the encoder has trainable parameters), then θ.
-        return ["encoder_lr"] * (len(self.optimizer.param_groups) - 1) + ["head_lr"]
-
-    def apply_learning_rates(self, steps: int = 0) -> None:
-        """Put ``config.encoder_lr`` and ``config.head_lr`` into the optimiser and rebuild its step schedule.
-
-        The schedule is brought to ``steps`` outer steps, so that a resumed run continues
-        under the config's lrs from where it was; with the saved lrs this gives the very lrs
-        of an uninterrupted run.
-
-        Args:
-            steps: the outer steps already taken (the saved scheduler's ``last_epoch``).
-
-        Example::
-
-            learner.optimizer.load_state_dict(state["optimizer"])
-            learner.apply_learning_rates(state["scheduler"]["last_epoch"])
-        """
-        for group, name in zip(self.optimizer.param_groups, self._lr_names()):
-            group.update(lr=getattr(self.config, name), initial_lr=getattr(self.config, name))
-        self.scheduler = torch.optim.lr_scheduler.StepLR(
-            self.optimizer, step_size=self.config.lr_step, gamma=self.config.lr_gamma
-        )
-        fast_forward(self.scheduler, steps)
+        self._trainer: Optional[MetaTrainer] = None
 
     @property
     def device(self) -> torch.device:
         return self.head_parameters()[0].device
 
-    def head_parameters(self) -> List[nn.Parameter]:
+    def head_parameters(self) -> list[nn.Parameter]:
         """θ: ``[head_metric]`` (prototype init) or ``[head_weight, head_bias]`` (Kaiming init)."""
         if self.config.head_init == "prototype":
             return [self.head_metric]
         return [self.head_weight, self.head_bias]
 
-    def meta_parameters(self) -> List[nn.Parameter]:
+    def meta_parameters(self) -> list[nn.Parameter]:
         """What the outer loop learns: the encoder's trainable parameters, then θ."""
         return [p for p in self.encoder.parameters() if p.requires_grad] + self.head_parameters()
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The meta-parameters as optimiser groups at the paper's lrs: Φ at ``encoder_lr``, θ at ``head_lr``.
+
+        Φ's group is left out when the encoder has no trainable weight.
+
+        Returns:
+            ``[{"params": Φ, "lr": config.encoder_lr}, {"params": θ, "lr": config.head_lr}]``.
+
+        Example::
+
+            optimizer = torch.optim.Adam(learner.parameter_groups())
+        """
+        groups = []
+        encoder_parameters = [p for p in self.encoder.parameters() if p.requires_grad]
+        if encoder_parameters:
+            groups.append({"params": encoder_parameters, "lr": self.config.encoder_lr})
+        groups.append({"params": self.head_parameters(), "lr": self.config.head_lr})
+        return groups
+
+    @property
+    def trainer(self) -> MetaTrainer:
+        """The :class:`~mtl_plugin.meta_step.MetaTrainer` behind :meth:`meta_train_step`, built at first use."""
+        if self._trainer is None:
+            self._trainer = MetaTrainer(self)
+        return self._trainer
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The Adam optimiser of :meth:`meta_train_step` (``trainer.optimizer``)."""
+        return self.trainer.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.StepLR:
+        """The lr schedule of :meth:`meta_train_step` (``trainer.scheduler``)."""
+        return self.trainer.scheduler
+
+    def meta_train_step(
+        self,
+        tasks: Iterable,
+        on_task: Optional[Callable[[Any, torch.Tensor, torch.Tensor], None]] = None,
+    ) -> MetaStepResult:
+        """One checked Adam step on a meta-batch: :meth:`MetaTrainer.step <mtl_plugin.meta_step.MetaTrainer.step>`.
+
+        Args:
+            tasks: the meta-batch (any iterable of tasks, read once, in order).
+            on_task: called as ``on_task(task, query_logits, query_y)`` after each task.
+
+        Returns:
+            The meta-batch's mean query loss and accuracy, per task and normal/hard.
+
+        Raises:
+            NonFiniteLossError: the step diverged; its ``settings`` name the likely lr.
+            ValueError: ``tasks`` is empty, or a task of another shape.
+
+        Example::
+
+            result = learner.meta_train_step([taskset.sample() for _ in range(2)])
+        """
+        return self.trainer.step(tasks, on_task)
 
     def initial_head(self, features: torch.Tensor, labels: torch.Tensor, ways: Optional[int] = None) -> AdaptedHead:
         """The head a task's inner loop starts from, on its support ``features`` and ``labels``.
@@ -375,34 +348,11 @@ class MetaTransferLearner(nn.Module):
     def _check_inner_loop(self, first: float, last: float, steps: int, ways: int) -> None:
         if not math.isfinite(first):
             raise NonFiniteLossError(f"the support loss is {first} before any inner step: the features or θ are "
-                                     f"not finite", settings=self._blame(()))
+                                     f"not finite")
         if not math.isfinite(last) or last > INNER_DIVERGENCE_FACTOR * max(first, math.log(ways)):
             raise NonFiniteLossError(
                 f"the inner loop diverged: the support loss went from {first:.3g} to {last:.3g} in {steps} "
                 f"steps at inner_lr {self.config.inner_lr:.3g}", settings=("inner_lr",))
-
-    def _blame(self, unmoved: Tuple[str, ...]) -> Tuple[str, ...]:
-        # Once the outer loop has moved Φ and θ, their lrs are the suspects of a loss gone wrong;
-        # before (Adam has no state yet), ``unmoved``: the inner lr, or nothing (the data).
-        return tuple(dict.fromkeys(self._lr_names())) if self.optimizer.state else unmoved
-
-    def _group_norms(self) -> torch.Tensor:
-        return torch.stack([torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in g["params"]]))
-                            for g in self.optimizer.param_groups])
-
-    def _check_step(self, before: torch.Tensor) -> None:
-        """Raise if the outer step just taken made Φ or θ non-finite, or blew their norm up."""
-        after = self._group_norms()
-        what = {"encoder_lr": "Φ (the encoder's trainable weights)", "head_lr": "θ (the head's initialisation)"}
-        for (old, new), name in zip(torch.stack([before, after], dim=1).tolist(), self._lr_names()):
-            if not math.isfinite(new):
-                raise NonFiniteLossError(f"a value of {what[name]} became NaN or infinite", settings=(name,))
-            if new > STEP_GROWTH_LIMIT * old > 0:
-                raise NonFiniteLossError(f"the norm of {what[name]} went from {old:.3g} to {new:.3g} in one step",
-                                         settings=(name,))
-        # Batch-norm statistics that train (scratch encoders, bn="train") are checked too.
-        if not all_finite(self.encoder.buffers()):
-            raise NonFiniteLossError("a batch-norm statistic became NaN or infinite", settings=self._blame(()))
 
     def adapt(
         self,
@@ -478,89 +428,6 @@ class MetaTransferLearner(nn.Module):
             logits = self.adapt_features(support, support_y)(query)
             results.append((F.cross_entropy(logits, query_y.to(self.device).long()), logits))
         return results
-
-    def meta_train_step(
-        self,
-        tasks: Iterable,
-        on_task: Optional[Callable[[Any, torch.Tensor, torch.Tensor], None]] = None,
-    ) -> MetaStepResult:
-        """One outer update on a meta-batch: the mean query loss of ``tasks``.
-
-        ``tasks`` yields learn2learn ``(data, labels)`` tasks (``shots`` support
-        samples per class, the rest queries), ``(sx, sy, qx, qy)`` tuples or
-        ``SampledTask``s; it is read lazily and ``on_task(task, query_logits,
-        query_y)`` runs after each task, so a hard-task meta-batch can record
-        failures before drawing its hard tasks.
-
-        Under ``torchrun`` (an initialised process group) call it on every rank with that
-        rank's share of the meta-batch: the gradients of Φ and θ are averaged over all ranks'
-        tasks before the one outer step, so N ranks with B/N tasks each follow the trajectory
-        of one process with B tasks, and the result reports all of them.
-
-        Divergence raises :class:`~mtl_plugin.errors.NonFiniteLossError`, whose
-        ``settings`` name the likely learning rate(s):
-
-        * before any update: a task's inner loop ending with its support loss non-finite
-          or above ``INNER_DIVERGENCE_FACTOR`` x max(its start, ln(ways)) (``inner_lr``);
-          a query loss that is non-finite or above ``DIVERGENCE_FACTOR`` x ln(ways)
-          (``inner_lr`` before the first outer step, then ``encoder_lr`` / ``head_lr``);
-        * after the update: a value of Φ or θ non-finite, or the norm of either grown by
-          more than ``STEP_GROWTH_LIMIT`` x in the step (its lr), or a non-finite
-          batch-norm statistic. The update is then already applied.
-
-        Args:
-            tasks: the meta-batch (any iterable of tasks, read once, in order).
-            on_task: called as ``on_task(task, query_logits, query_y)`` after each task.
-
-        Returns:
-            The meta-batch's mean query loss and accuracy, per task and normal/hard.
-
-        Raises:
-            NonFiniteLossError: as above.
-            ValueError: ``tasks`` is empty, or a task of another shape.
-
-        Example::
-
-            result = learner.meta_train_step([taskset.sample() for _ in range(2)])
-        """
-        self.encoder.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, accuracies, hard = [], [], []
-        stopped = None
-        try:
-            for group in _task_groups(tasks, self.speedups.batch_tasks):
-                parsed = [_support_query(task, self.config.shots) for task in group]
-                results = self._task_losses(parsed)
-                values = [loss.item() for loss, _ in results]
-                for number, (value, (_, logits)) in enumerate(zip(values, results), start=len(losses) + 1):
-                    if not math.isfinite(value) or value > DIVERGENCE_FACTOR * math.log(logits.shape[1]):
-                        raise NonFiniteLossError(f"the query loss of task {number} of the meta-batch is "
-                                                 f"{value:.3g}", settings=self._blame(("inner_lr",)))
-                # One backward per group frees its graph before the next group is encoded.
-                sum(loss for loss, _ in results).backward()
-                for task, (_, _, _, query_y), value, (_, logits) in zip(group, parsed, values, results):
-                    query_y = query_y.to(self.device)
-                    losses.append(value)
-                    accuracies.append(100.0 * (logits.argmax(dim=1) == query_y).float().mean().item())
-                    hard.append(bool(getattr(task, "hard", False)))
-                    if on_task is not None:
-                        on_task(task, logits.detach(), query_y)
-        except NonFiniteLossError as error:
-            self.optimizer.zero_grad(set_to_none=True)
-            stopped = error
-        # Under torchrun a divergence on one rank stops every rank, before the gradients are summed.
-        distributed.raise_if_any(stopped)
-        if not losses:
-            raise ValueError("tasks is empty: a meta-batch needs at least one task")
-        distributed.all_reduce_gradients(self.meta_parameters(), len(losses))
-        before = self._group_norms()
-        self.optimizer.step()
-        if distributed.world_size() > 1:
-            distributed.broadcast_buffers(self.encoder)
-            # Every rank reports the whole meta-batch: its tasks in rank order.
-            losses, accuracies, hard = (distributed.all_gather(values) for values in (losses, accuracies, hard))
-        self._check_step(before)
-        return MetaStepResult(_mean(losses), _mean(accuracies), len(losses), accuracies, hard)
 
     def predict(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int

@@ -37,6 +37,13 @@ def test_protonet_with_ss_and_hard_tasks_beats_chance(tmp_path, hard_tasks):
     assert accuracy > 0.3
 
 
+def test_a_users_own_loop_and_optimiser_drive_the_learner_and_beat_chance(tmp_path):
+    main = runpy.run_path(str(EXAMPLES / "own_loop.py"))["main"]
+    accuracy = main(shots=5, meta_batch_size=2, num_iterations=3, test_tasks=40, pretrain_dir=str(tmp_path / "pre"),
+                    **TINY)
+    assert accuracy > 0.3  # 5-way chance: 0.2
+
+
 def marked(lines, mark):
     return sum(line.rstrip().endswith(f"# {mark}") or f"  # {mark}:" in line for line in lines)
 
