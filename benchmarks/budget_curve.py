@@ -41,18 +41,18 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
-from mtl_plugin.ablation_report import paired_difference, paired_verdict
+from mtl_plugin.bench.ablation_report import paired_difference, paired_verdict
 from mtl_plugin.backbones import check_backbone
-from mtl_plugin.bench import BenchConfig, shared_pretraining
+from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import check_tasks
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError, check_output_dir, read_checkpoint
 from mtl_plugin.evaluation import EvaluationResult
-from mtl_plugin.io import atomic_save_figure, atomic_write_text
-from mtl_plugin.meta_training import VALIDATION_FILE
-from mtl_plugin.methods import METHODS, method_spec
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.mtl import MTL, MTLConfig
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.training.meta_training import VALIDATION_FILE
+from mtl_plugin.bench.methods import METHODS, method_spec
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.mtl import MTL, MTLConfig
 
 REFERENCE = "mtl"
 DEFAULT_ROWS = ("mtl", "mtl-ht", "ft-all", "ss-last")
@@ -182,7 +182,7 @@ def curve_frame(per_task: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFr
 
     ``accuracy`` and ``ci95`` are :class:`~mtl_plugin.evaluation.EvaluationResult`'s (as
     ``metrics.csv`` records them); the paired columns are
-    :func:`~mtl_plugin.ablation_report.paired_difference` of the per-task accuracies, and
+    :func:`~mtl_plugin.bench.ablation_report.paired_difference` of the per-task accuracies, and
     ``gain_vs_start`` is NaN for a run without an iteration 0.
     """
     accuracies = {key: list(group.sort_values("task")["accuracy"])

@@ -65,11 +65,11 @@ import click
 import torch
 from torch import nn
 
-from mtl_plugin.bench import BenchConfig, pretrain_config_for
+from mtl_plugin.bench.runner import BenchConfig, pretrain_config_for
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.kanji import STYLES, KanjiConfig
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
-from mtl_plugin.pretrain import pretrain
+from mtl_plugin.training.pretrain import pretrain
 
 _TARGETS = {("protonet", 1): (45.0, 75.0), ("protonet", 5): (None, 95.0), ("pixels", 1): (None, 35.0)}
 

@@ -25,8 +25,8 @@ import torch
 
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.metanet import MetaNet, MetaNetConfig
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
 
 PAPER_OMNIGLOT_1SHOT = {5: 98.95, 10: 98.67, 15: 97.11, 20: 97.00}
 QUICK = MetaNetConfig.quick()
@@ -76,7 +76,7 @@ def main(ways_list, shots, episodes, train_queries, filters, augmented_layers, t
                    f"{result} after {row['episodes']} episodes ({fit_seconds:.0f} s); "
                    f"paper, Omniglot: {row['paper_omniglot']}")
     if json_out is not None:
-        from mtl_plugin.io import atomic_write_text
+        from mtl_plugin.training.io import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(rows, indent=2))
 

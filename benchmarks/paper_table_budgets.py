@@ -22,8 +22,8 @@ import torch
 
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.methods import METHODS
-from mtl_plugin.methods.base import BenchContext
+from mtl_plugin.bench.methods import METHODS
+from mtl_plugin.bench.methods.base import BenchContext
 
 DEFAULT_METHODS = "protonet-conv4,matchingnet,meta-lstm,tadam"
 

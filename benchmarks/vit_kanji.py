@@ -2,10 +2,10 @@
 
 A torchvision ``VisionTransformer`` (28 px, 7 px patches, 4 layers, width 64, 4
 heads; 0.14 M parameters) is pretrained on the kanji train split with
-:func:`~mtl_plugin.pretrain.pretrain` (its classifier dropped), then wrapped in
+:func:`~mtl_plugin.training.pretrain.pretrain` (its classifier dropped), then wrapped in
 :class:`~mtl_plugin.SSAdapter` (SS on the patch conv, every attention
 in-projection and every linear layer) and meta-trained with
-:func:`~mtl_plugin.meta_training.meta_train` (the best validation iteration kept,
+:func:`~mtl_plugin.training.meta_training.meta_train` (the best validation iteration kept,
 iteration 0 included). Both are scored on the same seeded tasks of ``--split``:
 the pretrained features with a nearest-class-mean classifier, and the meta-trained
 learner (head adapted on the support set); the paired difference is printed with
@@ -34,9 +34,9 @@ from mtl_plugin import SSAdapter
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.meta_config import MetaTrainConfig
-from mtl_plugin.meta_training import meta_train
+from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTransferLearner
-from mtl_plugin.pretrain import PretrainConfig, pretrain
+from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 
 IMAGE_SIZE = 28
 

@@ -13,7 +13,6 @@ Example::
 """
 import importlib
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 # learn2learn imports gym, whose import prints its deprecation notice (gym_notices.notices) to
@@ -49,14 +48,14 @@ _EXPORTS = {
     "MetaTransferLearner": "meta_transfer",
     "MetaTrainConfig": "meta_config",
     # The paper's outer loop (Adam, schedule, divergence checks, all-reduce) apart from the learner.
-    "MetaTrainer": "meta_step",
-    "MetaStepResult": "meta_step",
+    "MetaTrainer": "training.meta_step",
+    "MetaStepResult": "training.meta_step",
     "split_support_query": "tasks",
     "Speedups": "speedups",
-    "meta_train": "meta_training",
-    "PretrainConfig": "pretrain",
-    "pretrain": "pretrain",
-    "load_pretrained": "pretrain",
+    "meta_train": "training.meta_training",
+    "PretrainConfig": "training.pretrain",
+    "pretrain": "training.pretrain",
+    "load_pretrained": "training.pretrain",
     "EvaluationConfig": "evaluation",
     "EvaluationResult": "evaluation",
     "evaluate": "evaluation",
@@ -64,12 +63,12 @@ _EXPORTS = {
     "NonFiniteLossError": "errors",
     # An adapter saved with its config; a meta-trained learner rebuilt from its checkpoint.
     "SSConfig": "ss_config",
-    "load_learner": "checkpoints",
+    "load_learner": "training.checkpoints",
     # The rows of `mtl bench`: a user's own method or config preset joins them by name.
-    "build_method": "methods",
-    "list_methods": "methods",
-    "register_method": "methods",
-    "register_preset": "methods",
+    "build_method": "bench.methods",
+    "list_methods": "bench.methods",
+    "register_method": "bench.methods",
+    "register_preset": "bench.methods",
 }
 
 __all__ = ["backbones", *_EXPORTS, "__version__"]
@@ -77,7 +76,7 @@ __all__ = ["backbones", *_EXPORTS, "__version__"]
 if TYPE_CHECKING:
     from . import backbones
     from .backbones import build_backbone, list_backbones, register_backbone
-    from .checkpoints import load_learner
+    from .bench.methods import build_method, list_methods, register_method, register_preset
     from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark, get_tasksets
     from .errors import NonFiniteLossError
     from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
@@ -93,15 +92,15 @@ if TYPE_CHECKING:
     )
     from .heads import SSHead, feature_width, new_head
     from .meta_config import MetaTrainConfig
-    from .meta_step import MetaStepResult, MetaTrainer
-    from .meta_training import meta_train
     from .meta_transfer import MetaTransferLearner
-    from .methods import build_method, list_methods, register_method, register_preset
-    from .pretrain import PretrainConfig, load_pretrained, pretrain
     from .speedups import Speedups
     from .ss import SSAdapter
     from .ss_config import SSConfig
     from .tasks import split_support_query
+    from .training.checkpoints import load_learner
+    from .training.meta_step import MetaStepResult, MetaTrainer
+    from .training.meta_training import meta_train
+    from .training.pretrain import PretrainConfig, load_pretrained, pretrain
 
 
 def __getattr__(name: str) -> Any:
@@ -117,14 +116,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list:
     return sorted({*globals(), *__all__})
 
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Importing the submodule `pretrain` binds it on the package, over the function of the
-        # same name; keep the function, as the eager `from .pretrain import pretrain` did.
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

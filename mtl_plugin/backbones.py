@@ -7,7 +7,7 @@ classifier, reachable as ``model.head``, for the pretraining phase. Weights are
 passed explicitly (a state dict or a path); nothing is downloaded.
 :func:`build_backbone` looks a name up in the registry (:func:`list_backbones`);
 :func:`register_backbone` adds a user's own builder under a name, so the
-``mtl`` commands and :func:`~mtl_plugin.pretrain.pretrain` can build it.
+``mtl`` commands and :func:`~mtl_plugin.training.pretrain.pretrain` can build it.
 
 Example::
 

@@ -11,7 +11,7 @@ Two kinds, both ``ValueError`` so that library code catching ``ValueError`` keep
   file that could not be written, e.g. on a full disk) is also an ``OSError``.
 
 A training run that diverges raises :class:`NonFiniteLossError` (also importable from
-:mod:`mtl_plugin.run_log`), shown the same way (exit 1). Anything else is a bug and keeps its
+:mod:`mtl_plugin.training.run_log`), shown the same way (exit 1). Anything else is a bug and keeps its
 traceback. The checks here run before any long work starts: :func:`check_device`,
 :func:`check_output_dir`, :func:`check_output_file`, :func:`check_run_folder` and
 :func:`read_checkpoint`.
@@ -304,7 +304,7 @@ def read_checkpoint(path: PathLike, option: str = "--checkpoint", map_location: 
         map_location: passed to ``torch.load``.
         require_kind: refuse a dict without the ``"kind"`` entry that the checkpoints of
             ``mtl pretrain`` and ``mtl meta-train`` have; ``False`` for any dict
-            (:func:`mtl_plugin.run_log.load_checkpoint`).
+            (:func:`mtl_plugin.training.run_log.load_checkpoint`).
 
     Returns:
         The checkpoint's dict; with ``require_kind`` it has a ``"kind"`` entry (``"pretrain"``,

@@ -20,9 +20,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from mtl_plugin import distributed
+from mtl_plugin.training import distributed
 from mtl_plugin.errors import UsageError, check_seed
-from mtl_plugin.progress import progress_bar
+from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
 

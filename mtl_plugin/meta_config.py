@@ -1,7 +1,7 @@
 """The settings of meta-transfer learning: :class:`MetaTrainConfig`, whose defaults follow the paper.
 
 Shared by the learner (:mod:`mtl_plugin.meta_transfer`) and the long-run loop
-(:mod:`mtl_plugin.meta_training`).
+(:mod:`mtl_plugin.training.meta_training`).
 
 Example::
 

@@ -12,9 +12,9 @@ Like learn2learn's ``MAML``, the learner is the method only: a user's loop drive
 with its own optimiser over ``parameter_groups()`` and backpropagates ``task_loss``
 (``examples/own_loop.py``). This package's own outer loop, the paper's Adam with its
 step schedule, divergence checks and the all-reduce under ``torchrun``, is
-:class:`mtl_plugin.meta_step.MetaTrainer` (:meth:`MetaTransferLearner.meta_train_step`
+:class:`mtl_plugin.training.meta_step.MetaTrainer` (:meth:`MetaTransferLearner.meta_train_step`
 delegates to it); the long-run loop (hard-task meta-batch, validation, checkpoints,
-resume) is :func:`mtl_plugin.meta_training.meta_train`.
+resume) is :func:`mtl_plugin.training.meta_training.meta_train`.
 
 The head's starting point (``head_init``) is by default built from each task's
 support set, so that it does not depend on the arbitrary order of a task's
@@ -47,9 +47,9 @@ from torch import nn
 
 from mtl_plugin.heads import declared_width
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
-from mtl_plugin.meta_step import MetaStepResult, MetaTrainer
+from mtl_plugin.training.meta_step import MetaStepResult, MetaTrainer
 from mtl_plugin.prototypes import class_prototypes
-from mtl_plugin.run_log import NonFiniteLossError
+from mtl_plugin.training.run_log import NonFiniteLossError
 from mtl_plugin.speedups import EncoderRunner, Speedups, uses_batch_statistics
 
 __all__ = [
@@ -96,7 +96,7 @@ class MetaTransferLearner(nn.Module):
     As learn2learn's ``MAML``, it holds no optimiser: your loop backpropagates
     :meth:`task_loss` and steps its own optimiser over :meth:`parameter_groups`.
     :meth:`meta_train_step` is the convenience that runs the paper's checked Adam step
-    (:class:`~mtl_plugin.meta_step.MetaTrainer`, built at its first call).
+    (:class:`~mtl_plugin.training.meta_step.MetaTrainer`, built at its first call).
 
     Example::
 
@@ -176,7 +176,7 @@ class MetaTransferLearner(nn.Module):
 
     @property
     def trainer(self) -> MetaTrainer:
-        """The :class:`~mtl_plugin.meta_step.MetaTrainer` behind :meth:`meta_train_step`, built at first use."""
+        """The :class:`~mtl_plugin.training.meta_step.MetaTrainer` behind :meth:`meta_train_step`, built at first use."""
         if self._trainer is None:
             self._trainer = MetaTrainer(self)
         return self._trainer
@@ -196,7 +196,7 @@ class MetaTransferLearner(nn.Module):
         tasks: Iterable,
         on_task: Optional[Callable[[Any, torch.Tensor, torch.Tensor], None]] = None,
     ) -> MetaStepResult:
-        """One checked Adam step on a meta-batch: :meth:`MetaTrainer.step <mtl_plugin.meta_step.MetaTrainer.step>`.
+        """One checked Adam step on a meta-batch: :meth:`MetaTrainer.step <mtl_plugin.training.meta_step.MetaTrainer.step>`.
 
         Args:
             tasks: the meta-batch (any iterable of tasks, read once, in order).

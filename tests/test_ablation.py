@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_plugin.ablation_report import ablation_note, paired_comparisons
+from mtl_plugin.bench.ablation_report import ablation_note, paired_comparisons
 from mtl_plugin.backbones import build_backbone, conv4
-from mtl_plugin.methods import METHODS
-from mtl_plugin.methods.ablation import ABLATION_SUITE, FinetunedLayers
+from mtl_plugin.bench.methods import METHODS
+from mtl_plugin.bench.methods.ablation import ABLATION_SUITE, FinetunedLayers
 from mtl_plugin.tasks import build_taskset, split_support_query
 from test_methods_mtl import context, tiny_method_config
 from test_pipeline import SIDE
@@ -78,7 +78,7 @@ def test_finetuned_layers_keep_batchnorm_frozen_and_name_bad_layers():
 
 
 def test_ablation_rows_stay_out_of_the_comparison_suite():
-    from mtl_plugin.bench import SUITES, BenchConfig
+    from mtl_plugin.bench.runner import SUITES, BenchConfig
 
     assert SUITES["ablation"] == ABLATION_SUITE
     assert not set(SUITES["comparison"]) & (set(ABLATION_SUITE) - {"mtl", "mtl-ht", "scratch"})

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from mtl_plugin.cli import COMMANDS, main
 from mtl_plugin.meta_config import MetaTrainConfig
-from mtl_plugin.pretrain import PretrainConfig
+from mtl_plugin.training.pretrain import PretrainConfig
 
 
 def _command(name):
@@ -69,7 +69,7 @@ def test_mtl_help_loads_neither_torch_nor_pandas():
 def test_bench_picks_the_profile_this_machine_can_run_and_says_so(monkeypatch, tmp_path):
     import torch
 
-    from mtl_plugin import bench_cli
+    from mtl_plugin.cli import bench as bench_cli
 
     seen = {}
 

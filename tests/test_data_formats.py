@@ -251,7 +251,7 @@ def test_corrupt_image_error_names_its_path(tmp_path):
 def test_info_command_counts_classes_and_images(tmp_path):
     from click.testing import CliRunner
 
-    from mtl_plugin.data.cli import data
+    from mtl_plugin.cli.data import data
 
     write_fc100(tmp_path)
     result = CliRunner().invoke(data, ["info", "fc100", "--root", str(tmp_path), "--image-size", "28"])

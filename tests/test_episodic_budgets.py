@@ -11,11 +11,11 @@ from tiny_data import TinyBenchmark, pattern_split
 import torch
 import torch.nn.functional as F
 
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.episodic import fit_episodically, train_episodes
-from mtl_plugin.methods.maml import MAML, MAMLConfig
-from mtl_plugin.methods.metanet import MetaNet, MetaNetConfig
-from mtl_plugin.methods.protonet import ProtoNetConv4, ProtoNetConv4Config
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.episodic import fit_episodically, train_episodes
+from mtl_plugin.bench.methods.maml import MAML, MAMLConfig
+from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
+from mtl_plugin.bench.methods.protonet import ProtoNetConv4, ProtoNetConv4Config
 from mtl_plugin.tasks import build_taskset, split_support_query
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,8 +6,8 @@ from tiny_data import TinyBenchmark, pattern_split
 import torch
 import torch.nn.functional as F
 
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.metanet import (
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.metanet import (
     MetaNet,
     MetaNetConfig,
     MetaNetModel,

@@ -12,17 +12,17 @@ import torch
 from torch import nn
 
 from mtl_plugin.backbones import conv4
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.cosine_finetune import (
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.cosine_finetune import (
     CosineClassifier,
     CosineFinetune,
     CosineFinetuneConfig,
     mean_entropy,
     transductive_loss,
 )
-from mtl_plugin.methods.finetune import Finetune, FinetuneConfig
-from mtl_plugin.methods.maml import MAML, MAMLConfig
-from mtl_plugin.methods.protonet import (
+from mtl_plugin.bench.methods.finetune import Finetune, FinetuneConfig
+from mtl_plugin.bench.methods.maml import MAML, MAMLConfig
+from mtl_plugin.bench.methods.protonet import (
     ProtoNet,
     ProtoNetConfig,
     ProtoNetConv4,

@@ -5,12 +5,12 @@ from dataclasses import replace
 
 import pytest
 
-from mtl_plugin.methods import (
+from mtl_plugin.bench.methods import (
     METHODS, build_method, list_methods, method_spec, register_method, register_preset, registry,
 )
-from mtl_plugin.methods.base import TestTimeMethod
-from mtl_plugin.methods.mtl import MTL, MTLConfig
-from mtl_plugin.methods.protonet import ProtoNet, ProtoNetConfig
+from mtl_plugin.bench.methods.base import TestTimeMethod
+from mtl_plugin.bench.methods.mtl import MTL, MTLConfig
+from mtl_plugin.bench.methods.protonet import ProtoNet, ProtoNetConfig
 
 
 @pytest.fixture()
@@ -67,7 +67,7 @@ def test_mtl_config_names_a_bad_adapt_or_blocks_and_the_remedy():
 
 
 def test_methods_is_read_only_and_a_later_row_can_be_benched_by_name(own_registry):
-    from mtl_plugin.bench import BenchConfig
+    from mtl_plugin.bench.runner import BenchConfig
 
     with pytest.raises(TypeError):
         METHODS["x"] = (ProtoNet, ProtoNetConfig)

@@ -9,15 +9,15 @@ from tiny_data import TinyBenchmark, pattern_split, raising_at_call
 import torch
 import torch.nn.functional as F
 
-import mtl_plugin.methods.episodic as episodic
+import mtl_plugin.bench.methods.episodic as episodic
 from mtl_plugin.backbones import conv4
-from mtl_plugin.methods import METHODS
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.matchingnet import MatchingNet, MatchingNetConfig, MatchingNetModel
-from mtl_plugin.methods.meta_lstm import MetaLearnerCell, MetaLSTM, MetaLSTMConfig, MetaLSTMModel
-from mtl_plugin.methods.metanet import preprocess_gradients
-from mtl_plugin.methods.tadam import TADAM, TADAMConfig, TADAMModel, auxiliary_probability
-from mtl_plugin.published import published_accuracy
+from mtl_plugin.bench.methods import METHODS
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.matchingnet import MatchingNet, MatchingNetConfig, MatchingNetModel
+from mtl_plugin.bench.methods.meta_lstm import MetaLearnerCell, MetaLSTM, MetaLSTMConfig, MetaLSTMModel
+from mtl_plugin.bench.methods.metanet import preprocess_gradients
+from mtl_plugin.bench.methods.tadam import TADAM, TADAMConfig, TADAMModel, auxiliary_probability
+from mtl_plugin.bench.published import published_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

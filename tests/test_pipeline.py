@@ -12,10 +12,10 @@ from torch import nn
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
-from mtl_plugin.meta_training import meta_train
+from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner, load_learner_state
 from mtl_plugin.prototypes import class_prototypes, prototype_logits
-from mtl_plugin.run_log import NonFiniteLossError
+from mtl_plugin.training.run_log import NonFiniteLossError
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import build_taskset, split_support_query
 
@@ -336,7 +336,7 @@ def test_scratch_learner_trains_every_weight():
 
 
 def test_pretrain_trains_the_users_own_module(tmp_path):
-    from mtl_plugin.pretrain import PretrainConfig, pretrain
+    from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 
     torch.manual_seed(0)
     # No feature_dim attribute and not in the registry: pretrain measures its width and trains it in place.

@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 from tiny_data import raising_at_call
 
-from mtl_plugin import pipeline_cli
+from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.cli import main
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.errors import DataError, MissingDataError, UsageError
-from mtl_plugin.pretrain import PretrainConfig, pretrain
-from mtl_plugin.run_log import load_checkpoint
+from mtl_plugin.training.pretrain import PretrainConfig, pretrain
+from mtl_plugin.training.run_log import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,7 +179,7 @@ def test_meta_train_inner_divergence_at_the_first_validation(tmp_path, pretraine
 def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     # On resume the schedule is rebuilt and stepped to where the run was (so that a new lr can
     # take its place); that must give the very lr sequence of an uninterrupted run.
-    module = sys.modules["mtl_plugin.pretrain"]
+    module = sys.modules["mtl_plugin.training.pretrain"]
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
     config = PretrainConfig(backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=3, val_tasks=2,
                             val_ways=3, val_queries=2, schedule="cosine", lr=0.05)
@@ -276,9 +276,9 @@ def test_resume_of_a_checkpoint_from_before_the_data_record(tmp_path, pretrained
 
 
 def test_library_meta_train_refuses_to_start_over_a_run(tmp_path, pretrained):
-    from mtl_plugin.meta_training import meta_train
+    from mtl_plugin.training.meta_training import meta_train
     from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
-    from mtl_plugin.pretrain import load_pretrained
+    from mtl_plugin.training.pretrain import load_pretrained
     from mtl_plugin.ss import SSAdapter
 
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
@@ -478,7 +478,7 @@ def _hold_in_another_process(folder):
     """A process holding ``folder`` as a run would; it has printed its pid once the lock is held."""
     import subprocess
 
-    code = ("import sys, time; from mtl_plugin.run_log import hold_run_folder\n"
+    code = ("import sys, time; from mtl_plugin.training.run_log import hold_run_folder\n"
             "with hold_run_folder(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -486,7 +486,7 @@ def _hold_in_another_process(folder):
 
 
 def test_a_run_folder_is_held_for_the_whole_run(tmp_path, pretrained):
-    from mtl_plugin.run_log import LOCK_FILE
+    from mtl_plugin.training.run_log import LOCK_FILE
 
     out = tmp_path / "run"
     holder = _hold_in_another_process(out)
@@ -522,7 +522,7 @@ def test_a_file_system_without_locks_runs_unheld_with_a_warning(tmp_path, monkey
 def test_a_killed_runs_temporary_files_are_removed(tmp_path):
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
-    # What kill -9 during an atomic write leaves (mtl_plugin.io.atomic_open's names).
+    # What kill -9 during an atomic write leaves (mtl_plugin.training.io.atomic_open's names).
     for name in (".curve.png.k2j4_x.tmp", ".last.pt.a8f3.tmp", ".metrics.csv.zz.tmp"):
         (out / name).write_bytes(b"half a file")
     (out / "notes.tmp").write_text("the user's own file")
@@ -543,7 +543,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     meta, out = META + ["--pretrained", pretrained / "best.pt"], tmp_path / "meta"
     succeeds(meta + ["--out", out])
     before = {path.name: path.read_bytes() for path in out.iterdir()}
-    module = sys.modules["mtl_plugin.meta_training"]
+    module = sys.modules["mtl_plugin.training.meta_training"]
     # Stopped at its first validation, before it wrote anything.
     monkeypatch.setattr(module, "evaluate", raising_at_call(module.evaluate, 1, RuntimeError("stopped")))
     assert isinstance(mtl(*meta, "--overwrite", "--seed", "1", "--out", out).exception, RuntimeError)
@@ -554,7 +554,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
 
 @pytest.mark.parametrize("command", ["pretrain", "meta-train"])
 def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, pretrained, monkeypatch, command):
-    module = sys.modules[{"pretrain": "mtl_plugin.pretrain", "meta-train": "mtl_plugin.meta_training"}[command]]
+    module = sys.modules[{"pretrain": "mtl_plugin.training.pretrain", "meta-train": "mtl_plugin.training.meta_training"}[command]]
     monkeypatch.setattr(module, "evaluate", raising_at_call(module.evaluate, 1))
     args = PRETRAIN if command == "pretrain" else META + ["--pretrained", pretrained / "best.pt"]
     fails(130, args + ["--out", tmp_path / "run"], "interrupted (Ctrl-C)", f"mtl {command}", "--resume")
@@ -680,7 +680,7 @@ def test_diverging_test_time_adaptation_is_an_error_not_chance(tmp_path, pretrai
 def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_checkpoints(tmp_path, monkeypatch, failure):
     import errno
 
-    from mtl_plugin import io as atomic_io
+    from mtl_plugin.training import io as atomic_io
 
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
@@ -841,7 +841,7 @@ def test_a_finished_pretraining_is_returned_with_a_line_saying_so(tmp_path, caps
 
 
 def test_the_quick_pretraining_is_the_benchs():
-    from mtl_plugin.bench import BenchConfig, pretrain_config_for
+    from mtl_plugin.bench.runner import BenchConfig, pretrain_config_for
 
     assert pretrain_config_for(BenchConfig.quick(seed=3)) == PretrainConfig.quick(seed=3)
     assert PretrainConfig.quick().steps_per_epoch * PretrainConfig.quick().epochs == 4000

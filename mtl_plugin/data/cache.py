@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from mtl_plugin.io import atomic_write_bytes, atomic_write_text
+from mtl_plugin.training.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["data_home", "manifest_path", "save_verified_array", "load_verified_array"]
 

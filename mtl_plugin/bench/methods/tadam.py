@@ -29,7 +29,7 @@ not yet checked against its PDF.
 
 Example::
 
-    from mtl_plugin.methods.tadam import TADAM, TADAMConfig
+    from mtl_plugin.bench.methods.tadam import TADAM, TADAMConfig
     method = TADAM(TADAMConfig.quick())
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.episodic import EpisodicMethod, fit_episodically, sample_episode
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.episodic import EpisodicMethod, fit_episodically, sample_episode
 from mtl_plugin.prototypes import class_prototypes, prototype_logits
 
 __all__ = ["TADAM", "TADAMConfig", "TADAMModel", "TaskEmbeddingNetwork", "auxiliary_probability"]

@@ -8,7 +8,7 @@
 
 Each writes its run (``metrics.csv`` with the validation curve, ``curve.png``,
 checkpoints) to ``context.work_dir`` and resumes from it. The ablation's other
-rows (:mod:`mtl_plugin.methods.ablation`) are presets of ``mtl``: configs that change
+rows (:mod:`mtl_plugin.bench.methods.ablation`) are presets of ``mtl``: configs that change
 what the outer loop learns (``MTLConfig.adapt`` and ``blocks``, ``ss``, ``meta``).
 
 Example::
@@ -27,9 +27,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.meta_training import meta_train
+from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
-from mtl_plugin.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
 from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter, SSConfig, last_block
 

@@ -6,7 +6,7 @@ same test tasks; a cell reads ``mean ± 1.96·std/√n (n=tasks)``. The rows com
 a suite: ``comparison`` (the methods, the default) or ``ablation`` (what to adapt
 after pretraining, with each row's learned parameters, a plot of accuracy against
 them and the paper's claims checked on paired differences; see
-:mod:`mtl_plugin.ablation_report`); rows in both suites share their cells. Finished cells
+:mod:`mtl_plugin.bench.ablation_report`); rows in both suites share their cells. Finished cells
 are kept in ``out/cells/`` and reused, so a killed bench resumes where it was.
 Cell files and the shared pretraining are named by a digest of everything that
 changes their numbers (seed, profile, data set, budgets), so runs of different
@@ -16,7 +16,7 @@ each cell goes to the Markdown table and a separate timings CSV.
 
 Example::
 
-    from mtl_plugin.bench import BenchConfig, run_bench
+    from mtl_plugin.bench.runner import BenchConfig, run_bench
     config = BenchConfig.quick(methods=("protonet", "mtl"), shots=(1,))
     result = run_bench(config)
     print(result.table.to_string(index=False))
@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mtl_plugin.ablation_report import (
+from mtl_plugin.bench.ablation_report import (
     CLAIMS,
     COMPARISON_CLAIMS,
     ablation_note,
@@ -48,14 +48,14 @@ from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
 from mtl_plugin.errors import check_output_dir
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.io import atomic_save_figure, atomic_write_text
-from mtl_plugin.meta_training import plot_meta_curves
-from mtl_plugin.methods import METHODS, build_method, method_spec
-from mtl_plugin.methods.ablation import ABLATION_SUITE
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.distributed import WorkQueue
-from mtl_plugin.pretrain import PretrainConfig, load_pretrained, pretrain
-from mtl_plugin.published import published_accuracy
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.training.meta_training import plot_meta_curves
+from mtl_plugin.bench.methods import METHODS, build_method, method_spec
+from mtl_plugin.bench.methods.ablation import ABLATION_SUITE
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.training.distributed import WorkQueue
+from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
+from mtl_plugin.bench.published import published_accuracy
 
 __all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench", "shared_pretraining",
            "work_dir"]
@@ -396,7 +396,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optio
     """Fit and evaluate every method of ``config``; write the table as CSV, Markdown and LaTeX.
 
     The task shape, the backbone and the output folder are checked before any training.
-    Under torchrun the processes share the cells out (:class:`~mtl_plugin.distributed.WorkQueue`):
+    Under torchrun the processes share the cells out (:class:`~mtl_plugin.training.distributed.WorkQueue`):
     rank 0 returns the result, the other ranks ``None``.
     """
     queue = WorkQueue.join("mtl-bench")
@@ -436,7 +436,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optio
     caption = (f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
                f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile; "
                f"wall-clock = fit + evaluation, without the shared pretraining ({shared.seconds:.0f} s this run)")
-    note = ("published columns: other papers' numbers under their own protocols (mtl_plugin/published.py), "
+    note = ("published columns: other papers' numbers under their own protocols (mtl_plugin/bench/published.py), "
             "not ours" if benchmark.standard else "")
     # Results only: timings differ between machines, the results must not.
     atomic_write_text(files["csv"], table.drop(columns=[WALL_CLOCK]).to_csv(index=False))

@@ -13,7 +13,7 @@ import click
 import pandas as pd
 
 from mtl_plugin.backbones import check_backbone
-from mtl_plugin.bench import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
+from mtl_plugin.bench.runner import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
 from mtl_plugin.data.benchmark import image_size_of
 from mtl_plugin.errors import SEED, Command, check_device, check_output_dir
 

@@ -2,7 +2,7 @@
 
 Sun et al. (CVPR 2019, Section 5.2) ask which parameters the meta-learner should
 update once the backbone is pretrained. Every row here is a named config preset of
-``mtl`` (or ``mtl-ht``), registered with :func:`~mtl_plugin.methods.registry.register_preset`:
+``mtl`` (or ``mtl-ht``), registered with :func:`~mtl_plugin.bench.methods.registry.register_preset`:
 it is meta-trained exactly as ``mtl`` (same tasks, budget, inner loop on the head only,
 meta-learned head initialisation θ); only what the outer loop updates changes:
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mtl_plugin.methods.mtl import FinetunedLayers, MTLConfig
-from mtl_plugin.methods.registry import register_preset
+from mtl_plugin.bench.methods.mtl import FinetunedLayers, MTLConfig
+from mtl_plugin.bench.methods.registry import register_preset
 
 __all__ = [
     "ABLATION_SUITE",

@@ -10,23 +10,23 @@ import importlib
 
 import click
 
-from .errors import Group
+from mtl_plugin.errors import Group
 
 __all__ = ["main"]
 
 # name -> (module, attribute, one-line help); tests/test_cli_vocabulary.py checks the help
 # against each command's own docstring.
 COMMANDS = {
-    "bench": ("mtl_plugin.bench_cli", "bench",
+    "bench": ("mtl_plugin.cli.bench", "bench",
               "Every method (or ablation row) on the same seeded test tasks."),
-    "data": ("mtl_plugin.data.cli", "data", "Few-shot data sets: generate, preview, check."),
-    "evaluate": ("mtl_plugin.pipeline_cli", "evaluate_command",
+    "data": ("mtl_plugin.cli.data", "data", "Few-shot data sets: generate, preview, check."),
+    "evaluate": ("mtl_plugin.cli.pipeline", "evaluate_command",
                  "Mean accuracy ± 95% CI over seeded N-way K-shot tasks."),
-    "meta-train": ("mtl_plugin.pipeline_cli", "meta_train_command",
+    "meta-train": ("mtl_plugin.cli.pipeline", "meta_train_command",
                    "Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."),
-    "pretrain": ("mtl_plugin.pipeline_cli", "pretrain_command",
+    "pretrain": ("mtl_plugin.cli.pipeline", "pretrain_command",
                  "Train backbone + linear head on all meta-train classes; keep the best backbone (head dropped)."),
-    "ss-report": ("mtl_plugin.ss_cli", "ss_report", "How many parameters SS learns for BACKBONE."),
+    "ss-report": ("mtl_plugin.cli.ss", "ss_report", "How many parameters SS learns for BACKBONE."),
 }
 
 

@@ -6,7 +6,7 @@ learn2learn-style script can drive it with its own (see ``examples/own_loop.py``
 :class:`MetaTrainer` is this package's own driver: the paper's Adam at ``encoder_lr`` and
 ``head_lr`` with a step schedule, one outer step per meta-batch with every divergence
 check, and under ``torchrun`` the meta-gradients averaged over all ranks.
-:func:`~mtl_plugin.meta_training.meta_train` runs it for a whole run.
+:func:`~mtl_plugin.training.meta_training.meta_train` runs it for a whole run.
 
 Example::
 
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from mtl_plugin import distributed
-from mtl_plugin.run_log import DIVERGENCE_FACTOR, NonFiniteLossError, all_finite, fast_forward
+from mtl_plugin.training import distributed
+from mtl_plugin.training.run_log import DIVERGENCE_FACTOR, NonFiniteLossError, all_finite, fast_forward
 from mtl_plugin.tasks import split_support_query
 
 if TYPE_CHECKING:

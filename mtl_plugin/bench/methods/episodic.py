@@ -6,7 +6,7 @@ bench continues, a finished fit is reused.
 
 Example::
 
-    from mtl_plugin.methods.episodic import train_episodes
+    from mtl_plugin.bench.methods.episodic import train_episodes
     losses = train_episodes(step, lambda episode: build_taskset(train, 5, 1, 15, seed=episode),
                             {"model": model, "optimizer": optimizer}, work_dir / "checkpoint.pt",
                             fingerprint={"config": asdict(config)}, max_episodes=1000)
@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 
-from mtl_plugin.io import atomic_save
-from mtl_plugin.methods.base import FewShotMethod
-from mtl_plugin.progress import progress_bar
-from mtl_plugin.run_log import load_checkpoint
+from mtl_plugin.training.io import atomic_save
+from mtl_plugin.bench.methods.base import FewShotMethod
+from mtl_plugin.training.progress import progress_bar
+from mtl_plugin.training.run_log import load_checkpoint
 from mtl_plugin.tasks import build_taskset, split_support_query
 
 __all__ = ["EpisodicMethod", "fit_episodically", "sample_episode", "train_episodes"]

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugin.backbones import conv4
-from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.episodic import fit_episodically
+from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.bench.methods.episodic import fit_episodically
 from mtl_plugin.prototypes import DISTANCES, class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import split_support_query
 

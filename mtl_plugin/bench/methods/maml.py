@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from mtl_plugin.backbones import conv4
-from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.episodic import fit_episodically
+from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.bench.methods.episodic import fit_episodically
 from mtl_plugin.tasks import split_support_query
 
 __all__ = ["MAML", "MAMLConfig"]

@@ -1,9 +1,9 @@
 """A meta-trained learner rebuilt from its checkpoint alone: :func:`load_learner`.
 
-A checkpoint of :func:`~mtl_plugin.meta_training.meta_train` holds the learner's weights,
+A checkpoint of :func:`~mtl_plugin.training.meta_training.meta_train` holds the learner's weights,
 its :class:`~mtl_plugin.meta_config.MetaTrainConfig` and the ``model_info`` it was given,
 the *model record*: the backbone (``backbone``, ``in_channels``, ``image_size``, as
-:func:`~mtl_plugin.pretrain.build_pretrained` reads them) and the encoder around it
+:func:`~mtl_plugin.training.pretrain.build_pretrained` reads them) and the encoder around it
 (:func:`encoder_record`: ``encoder`` ``"ss"`` with the
 :class:`~mtl_plugin.ss_config.SSConfig` fields, or ``"scratch"``). ``mtl meta-train``
 writes that record; so can a script, and then ``mtl evaluate`` and :func:`load_learner`
@@ -11,7 +11,7 @@ rebuild its learner too.
 
 Every checkpoint file is read by :func:`~mtl_plugin.errors.read_checkpoint`
 (``weights_only=True``); a pretraining ``best.pt`` by
-:func:`~mtl_plugin.pretrain.load_pretrained`.
+:func:`~mtl_plugin.training.pretrain.load_pretrained`.
 
 Example::
 
@@ -29,9 +29,9 @@ from torch import nn
 
 from mtl_plugin.errors import DataError, read_checkpoint
 from mtl_plugin.meta_config import MetaTrainConfig
-from mtl_plugin.meta_training import CHECKPOINT_KIND
+from mtl_plugin.training.meta_training import CHECKPOINT_KIND
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
-from mtl_plugin.pretrain import build_pretrained, check_model_record
+from mtl_plugin.training.pretrain import build_pretrained, check_model_record
 from mtl_plugin.ss import SSAdapter, SSConfig
 
 __all__ = ["build_encoder", "encoder_record", "load_learner"]
@@ -74,7 +74,7 @@ def load_learner(path: Union[str, os.PathLike], device: Union[str, torch.device]
     """The learner a meta-training checkpoint (``best.pt`` or ``last.pt``) was written by, with its weights.
 
     Args:
-        path: a checkpoint of ``mtl meta-train``, or of :func:`~mtl_plugin.meta_training.meta_train`
+        path: a checkpoint of ``mtl meta-train``, or of :func:`~mtl_plugin.training.meta_training.meta_train`
             given a ``model_info`` record (see the module's docstring).
         device: where the learner goes.
 

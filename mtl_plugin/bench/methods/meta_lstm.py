@@ -12,7 +12,7 @@ weights shared by every coordinate, in two layers as in the authors' code:
 
 * an ordinary LSTM (20 units) reads each coordinate's preprocessed gradient
   and the preprocessed loss (the paper's log/sign scheme with p = 10, see
-  :func:`~mtl_plugin.methods.metanet.preprocess_gradients`), giving h_t;
+  :func:`~mtl_plugin.bench.methods.metanet.preprocess_gradients`), giving h_t;
 * the gates read [h_t, θ_{t-1}, gate_{t-1}]:
   f_t = σ(W_F [h_t, θ_{t-1}, f_{t-1}] + b_F), i_t = σ(W_I [h_t, θ_{t-1}, i_{t-1}] + b_I),
   with b_F drawn in [4, 6] (f starts near 1) and b_I in [-5, -4] (i starts small).
@@ -31,7 +31,7 @@ True``): the bench labels its row so.
 
 Example::
 
-    from mtl_plugin.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
+    from mtl_plugin.bench.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
     method = MetaLSTM(MetaLSTMConfig.quick())
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
@@ -47,9 +47,9 @@ from torch import nn
 from torch.func import functional_call
 
 from mtl_plugin.backbones import conv4
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.episodic import EpisodicMethod, fit_episodically, sample_episode
-from mtl_plugin.methods.metanet import preprocess_gradients
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.episodic import EpisodicMethod, fit_episodically, sample_episode
+from mtl_plugin.bench.methods.metanet import preprocess_gradients
 
 __all__ = ["MetaLSTM", "MetaLSTMConfig", "MetaLSTMModel", "MetaLearnerCell"]
 

@@ -18,9 +18,9 @@ from typing import Optional
 import click
 import torch
 
-from mtl_plugin import distributed
+from mtl_plugin.training import distributed
 from mtl_plugin.backbones import check_backbone
-from mtl_plugin.checkpoints import encoder_record, load_learner
+from mtl_plugin.training.checkpoints import encoder_record, load_learner
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
 from mtl_plugin.errors import (
     SEED,
@@ -34,13 +34,13 @@ from mtl_plugin.errors import (
     read_checkpoint,
 )
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.io import atomic_write_text
+from mtl_plugin.training.io import atomic_write_text
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
-from mtl_plugin.meta_training import CHECKPOINT_KIND as META_KIND
-from mtl_plugin.meta_training import meta_train
+from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
+from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTransferLearner
-from mtl_plugin.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
-from mtl_plugin.pretrain import (
+from mtl_plugin.training.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
+from mtl_plugin.training.pretrain import (
     PretrainConfig,
     build_pretrained,
     check_backbone_fits,
@@ -49,7 +49,7 @@ from mtl_plugin.pretrain import (
     pretrain,
     run_config,
 )
-from mtl_plugin.run_log import hold_run_folder, previous_run
+from mtl_plugin.training.run_log import hold_run_folder, previous_run
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 

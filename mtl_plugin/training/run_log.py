@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mtl_plugin import distributed
+from mtl_plugin.training import distributed
 from mtl_plugin.errors import (
     DataError,
     NonFiniteLossError,
@@ -40,7 +40,7 @@ from mtl_plugin.errors import (
     check_run_folder,
     read_checkpoint,
 )
-from mtl_plugin.io import atomic_save, atomic_save_figure, atomic_write_text
+from mtl_plugin.training.io import atomic_save, atomic_save_figure, atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
@@ -203,7 +203,7 @@ def _lock(folder: Path, option: str) -> Optional[int]:
 
 
 def _remove_leftovers(folder: Path) -> None:
-    # The temporary files of atomic writes (mtl_plugin.io.atomic_open: ".<name>.<random>.tmp") that a
+    # The temporary files of atomic writes (mtl_plugin.training.io.atomic_open: ".<name>.<random>.tmp") that a
     # killed process left; with the folder held, no writer of this folder is alive.
     for path in folder.glob(".*.tmp"):
         if path.is_file():

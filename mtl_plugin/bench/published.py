@@ -7,7 +7,7 @@ from a quick run: the tables show these numbers beside ours, never in their plac
 
 Example::
 
-    from mtl_plugin.published import published_accuracy
+    from mtl_plugin.bench.published import published_accuracy
     entry = published_accuracy("mini-imagenet", "mtl-ht", ways=5, shots=1)
     print(entry.cell)  # "61.20 ± 1.80"
 """

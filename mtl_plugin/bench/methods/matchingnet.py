@@ -27,7 +27,7 @@ Readings of the paper where it leaves a choice:
 
 Example::
 
-    from mtl_plugin.methods.matchingnet import MatchingNet, MatchingNetConfig
+    from mtl_plugin.bench.methods.matchingnet import MatchingNet, MatchingNetConfig
     method = MatchingNet(MatchingNetConfig.quick())
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_plugin.backbones import conv4
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.episodic import EpisodicMethod
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.episodic import EpisodicMethod
 
 __all__ = ["MatchingNet", "MatchingNetConfig", "MatchingNetModel"]
 

@@ -1,14 +1,14 @@
 """The rows of ``mtl bench``: a registry of methods and of named config presets, torchvision style.
 
-A row is a :class:`~mtl_plugin.methods.base.FewShotMethod` class with its config
+A row is a :class:`~mtl_plugin.bench.methods.base.FewShotMethod` class with its config
 dataclass (:func:`register_method`), or a named preset of a registered row: the same
 method, its config changed by a function (:func:`register_preset`). The ablation
-rows are presets of ``mtl`` (:mod:`mtl_plugin.methods.ablation`). Registration order
+rows are presets of ``mtl`` (:mod:`mtl_plugin.bench.methods.ablation`). Registration order
 is row order, in the results table as in :data:`METHODS`.
 
 Example::
 
-    from mtl_plugin.methods import build_method, register_method, register_preset
+    from mtl_plugin.bench.methods import build_method, register_method, register_preset
 
     @register_method("my-probe", config=MyProbeConfig)   # MyProbeConfig has a quick() profile
     class MyProbe(TestTimeMethod):
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mtl_plugin.methods.base import FewShotMethod
+from mtl_plugin.bench.methods.base import FewShotMethod
 
 __all__ = ["METHODS", "MethodSpec", "build_method", "list_methods", "method_spec", "register_method",
            "register_preset"]

@@ -1,27 +1,27 @@
-"""Benchmark methods, one file each, behind :class:`~mtl_plugin.methods.base.FewShotMethod`,
-registered as the rows of ``mtl bench`` (:mod:`mtl_plugin.methods.registry`).
+"""Benchmark methods, one file each, behind :class:`~mtl_plugin.bench.methods.base.FewShotMethod`,
+registered as the rows of ``mtl bench`` (:mod:`mtl_plugin.bench.methods.registry`).
 
 Example::
 
-    from mtl_plugin.methods import build_method
+    from mtl_plugin.bench.methods import build_method
     method = build_method("protonet", profile="quick")
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
 from __future__ import annotations
 
-from mtl_plugin.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.methods.cosine_finetune import CosineFinetune, CosineFinetuneConfig
-from mtl_plugin.methods.finetune import Finetune, FinetuneConfig
-from mtl_plugin.methods.linear_probe import LinearProbe, LinearProbeConfig, fit_logistic_regression
-from mtl_plugin.methods.maml import MAML, MAMLConfig
-from mtl_plugin.methods.metanet import MetaNet, MetaNetConfig
-from mtl_plugin.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
-from mtl_plugin.methods.protonet import ProtoNet, ProtoNetConfig, ProtoNetConv4, ProtoNetConv4Config
-from mtl_plugin.methods.matchingnet import MatchingNet, MatchingNetConfig
-from mtl_plugin.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
-from mtl_plugin.methods.tadam import TADAM, TADAMConfig
-from mtl_plugin.methods.registry import (
+from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.bench.methods.cosine_finetune import CosineFinetune, CosineFinetuneConfig
+from mtl_plugin.bench.methods.finetune import Finetune, FinetuneConfig
+from mtl_plugin.bench.methods.linear_probe import LinearProbe, LinearProbeConfig, fit_logistic_regression
+from mtl_plugin.bench.methods.maml import MAML, MAMLConfig
+from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
+from mtl_plugin.bench.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
+from mtl_plugin.bench.methods.protonet import ProtoNet, ProtoNetConfig, ProtoNetConv4, ProtoNetConv4Config
+from mtl_plugin.bench.methods.matchingnet import MatchingNet, MatchingNetConfig
+from mtl_plugin.bench.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
+from mtl_plugin.bench.methods.tadam import TADAM, TADAMConfig
+from mtl_plugin.bench.methods.registry import (
     METHODS, MethodSpec, build_method, list_methods, method_spec, register_method, register_preset,
 )
 
@@ -45,7 +45,7 @@ register_method("mtl", config=MTLConfig)(MTL)
 register_method("mtl-ht", config=MTLConfig)(MTLHardTasks)
 
 # The ablation-only rows, presets of mtl and mtl-ht: imported once those are registered.
-from mtl_plugin.methods import ablation  # noqa: E402
+from mtl_plugin.bench.methods import ablation  # noqa: E402
 
 # The names registered on import (the built-in rows); METHODS and list_methods() also see later ones.
 METHOD_NAMES = tuple(METHODS)

@@ -29,7 +29,7 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from mtl_plugin.methods.base import TestTimeMethod
+from mtl_plugin.bench.methods.base import TestTimeMethod
 from mtl_plugin.prototypes import embed
 
 __all__ = ["LinearProbe", "LinearProbeConfig", "fit_logistic_regression", "logistic_regression_objective"]

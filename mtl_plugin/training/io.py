@@ -2,7 +2,7 @@
 
 Example::
 
-    from mtl_plugin.io import atomic_save, atomic_write_text
+    from mtl_plugin.training.io import atomic_save, atomic_write_text
     atomic_save({"step": 10, "state": model.state_dict()}, "run/last.pt")
     atomic_write_text("run/results.csv", frame.to_csv(index=False))
 """

@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.io import atomic_save_figure
-from mtl_plugin.methods import build_method
-from mtl_plugin.methods.base import BenchContext
+from mtl_plugin.training.io import atomic_save_figure
+from mtl_plugin.bench.methods import build_method
+from mtl_plugin.bench.methods.base import BenchContext
 
 __all__ = ["CLAIMS", "COMPARISON_CLAIMS", "ablation_note", "learned_parameter_counts", "paired_comparisons",
            "paired_difference", "paired_verdict", "plot_accuracy_vs_parameters"]
@@ -61,7 +61,7 @@ def learned_parameter_counts(config, benchmark, methods: Iterable[str]) -> dict[
     """Parameters each row's outer loop updates; ``None`` for rows that meta-learn nothing countable.
 
     Args:
-        config: the :class:`~mtl_plugin.bench.BenchConfig` (backbone, ways, profile, seed).
+        config: the :class:`~mtl_plugin.bench.runner.BenchConfig` (backbone, ways, profile, seed).
         benchmark: its data set (channels and image size fix the backbone's shape).
         methods: the rows.
 

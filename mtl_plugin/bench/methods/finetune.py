@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_plugin.methods.base import TestTimeMethod
+from mtl_plugin.bench.methods.base import TestTimeMethod
 from mtl_plugin.prototypes import device_of, embed
 
 __all__ = [

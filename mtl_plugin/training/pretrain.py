@@ -10,12 +10,12 @@ continued only with ``resume`` and replaced only with ``overwrite``. On resume a
 new ``lr`` replaces the saved one (the remedy for a diverged run); any other
 setting that would change the experiment is refused unless ``override``. The
 weights are checked after every optimiser step: a diverging run stops with
-:class:`~mtl_plugin.run_log.NonFiniteLossError` and its last checkpoints stay as
+:class:`~mtl_plugin.training.run_log.NonFiniteLossError` and its last checkpoints stay as
 they were.
 
 Example::
 
-    from mtl_plugin.pretrain import PretrainConfig, pretrain
+    from mtl_plugin.training.pretrain import PretrainConfig, pretrain
     backbone = pretrain(get_benchmark("kanji"), PretrainConfig(backbone="conv4", epochs=5), "runs/pre")
     features = backbone(images)                      # (B, backbone.feature_dim)
 """
@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtl_plugin import distributed
+from mtl_plugin.training import distributed
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, check_seed, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
-from mtl_plugin.progress import progress_bar
-from mtl_plugin.run_log import (
+from mtl_plugin.training.progress import progress_bar
+from mtl_plugin.training.run_log import (
     DIVERGENCE_FACTOR,
     NonFiniteLossError,
     RunLog,
@@ -346,7 +346,7 @@ def pretrain(
 
     Raises:
         UsageError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
-            another process holds ``out_dir`` (:func:`~mtl_plugin.run_log.hold_run_folder`);
+            another process holds ``out_dir`` (:func:`~mtl_plugin.training.run_log.hold_run_folder`);
             ``config`` differs from the run resumed without ``override``; ``batch_size`` is not a
             multiple of the processes, or the run was saved by another number of them.
         DataError: ``out_dir``'s run was trained on other data or another backbone; the train

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_plugin.methods.finetune import Finetune, FinetuneConfig, finetune_on_support
+from mtl_plugin.bench.methods.finetune import Finetune, FinetuneConfig, finetune_on_support
 from mtl_plugin.prototypes import class_prototypes
 
 __all__ = [

@@ -50,7 +50,7 @@ each also what the authors' Chainer code does unless said otherwise):
 
 Example::
 
-    from mtl_plugin.methods.metanet import MetaNet, MetaNetConfig
+    from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
     method = MetaNet(MetaNetConfig.quick())
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
@@ -66,8 +66,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from mtl_plugin.methods.base import BenchContext
-from mtl_plugin.methods.episodic import EpisodicMethod
+from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.episodic import EpisodicMethod
 
 __all__ = [
     "MetaNet",

@@ -27,15 +27,15 @@ import learn2learn as l2l
 import pandas as pd
 import torch
 
-from mtl_plugin import distributed
+from mtl_plugin.training import distributed
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError, read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
-from mtl_plugin.progress import progress_bar
-from mtl_plugin.run_log import (
+from mtl_plugin.training.progress import progress_bar
+from mtl_plugin.training.run_log import (
     NonFiniteLossError,
     RunLog,
     all_finite,
@@ -235,7 +235,7 @@ def meta_train(
 
     Under ``torchrun`` call it on every rank: each rank draws ``meta_batch / N`` normal
     and ``hard_meta_batch / N`` hard tasks of every meta-batch with its own seed, the
-    meta-gradients are averaged over all ranks (see :meth:`~mtl_plugin.meta_step.MetaTrainer.step`),
+    meta-gradients are averaged over all ranks (see :meth:`~mtl_plugin.training.meta_step.MetaTrainer.step`),
     validation is sharded, and rank 0 alone writes the files; ``last.pt`` holds every rank's
     task generators, so the job resumes with the same number of processes.
 
@@ -259,13 +259,13 @@ def meta_train(
     Raises:
         UsageError: ``meta_batch`` (or ``hard_meta_batch``) is not a multiple of the processes;
             a run resumed by another number of processes; another process holds ``out_dir``
-            (:func:`~mtl_plugin.run_log.hold_run_folder`);
+            (:func:`~mtl_plugin.training.run_log.hold_run_folder`);
             ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is given;
             the config differs from the run resumed without ``override``; a new lr for a
             finished run.
         DataError: the run in ``out_dir`` was written for other data or another model, or its
             ``last.pt`` is unreadable.
-        NonFiniteLossError: the run diverged (see :meth:`~mtl_plugin.meta_step.MetaTrainer.step`;
+        NonFiniteLossError: the run diverged (see :meth:`~mtl_plugin.training.meta_step.MetaTrainer.step`;
             ``last.pt`` and ``best.pt`` are also checked before every save). The message names
             the iteration, the likely lr and a lower one; the checkpoints are left as they were.
 
