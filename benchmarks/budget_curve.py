@@ -46,7 +46,9 @@ from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import check_tasks
-from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError, check_output_dir, read_checkpoint
+from mtl_plugin.checks import check_output_dir
+from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
+from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.evaluation import EvaluationResult
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.training.meta_training import VALIDATION_FILE
@@ -354,7 +356,7 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
     if args.threads:
         torch.set_num_threads(args.threads)
     config = replace(bench, out=Path(args.out), shots=tuple(args.shots), progress=args.progress)
-    out = check_output_dir(config.out)
+    out = check_output_dir(config.out, "--out")
     csv_path = Path(args.csv) if args.csv else out / "budget-curve" / "budget-curve.csv"
     png_path = Path(args.png) if args.png else out / "budget-curve" / "budget-curve.png"
     benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size, seed=config.seed,

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from mtl_plugin.training import distributed
-from mtl_plugin.errors import UsageError, check_seed
+from mtl_plugin.checks import check_seed
+from mtl_plugin.errors import UsageError
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
@@ -37,7 +38,7 @@ class EvaluationConfig:
 
     Raises:
         UsageError: ``ways`` < 2, or ``shots``, ``queries`` or ``tasks`` < 1, or a ``seed`` outside
-            0..:data:`~mtl_plugin.errors.MAX_SEED`.
+            0..:data:`~mtl_plugin.checks.MAX_SEED`.
 
     Example::
 

@@ -14,7 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from mtl_plugin.errors import UsageError, check_seed
+from mtl_plugin.checks import check_seed
+from mtl_plugin.errors import UsageError
+from mtl_plugin.hard_tasks.transform import MODES as HARD_TASK_MODES
 
 __all__ = ["HEAD_INITS", "MetaTrainConfig"]
 
@@ -102,8 +104,9 @@ class MetaTrainConfig:
             # Written so that NaN fails too.
             if not 0 < getattr(self, name) < math.inf:
                 raise UsageError(f"{name}={getattr(self, name)} must be a finite number > 0")
-        if self.hard_task_mode not in ("resample", "reuse"):
-            raise UsageError(f"hard_task_mode={self.hard_task_mode!r} must be 'resample' or 'reuse'")
+        if self.hard_task_mode not in HARD_TASK_MODES:
+            raise UsageError(f"hard_task_mode={self.hard_task_mode!r} must be "
+                             f"{' or '.join(map(repr, HARD_TASK_MODES))}")
         if self.hard_history_decay is not None and not 0.0 <= self.hard_history_decay < 1.0:
             raise UsageError(
                 f"hard_history_decay={self.hard_history_decay} must be in [0, 1), or None to keep no history"

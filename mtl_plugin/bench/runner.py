@@ -46,7 +46,7 @@ from mtl_plugin.bench.ablation_report import (
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
-from mtl_plugin.errors import check_output_dir
+from mtl_plugin.checks import check_output_dir
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.training.meta_training import plot_meta_curves

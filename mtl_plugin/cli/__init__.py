@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-from mtl_plugin.errors import Group
+from mtl_plugin.cli.base import Group
 
 __all__ = ["main"]
 

@@ -15,7 +15,8 @@ import pandas as pd
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench.runner import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
 from mtl_plugin.data.benchmark import image_size_of
-from mtl_plugin.errors import SEED, Command, check_device, check_output_dir
+from mtl_plugin.checks import check_device, check_output_dir
+from mtl_plugin.cli.base import SEED, Command
 
 __all__ = ["bench"]
 
@@ -84,9 +85,9 @@ def bench(profile, quiet, **given):
         raise click.UsageError(str(error)) from error
     # What needs no data is checked before the data is loaded (or generated); run_bench checks
     # the task shapes on the loaded data before the shared pretraining.
-    check_device(config.device)
+    check_device(config.device, "--device")
     check_backbone(config.backbone, image_size_of(config.dataset, config.image_size))
-    check_output_dir(config.out)
+    check_output_dir(config.out, "--out")
     click.echo(f"mtl bench: {describe(config)}")
     start = time.perf_counter()
     result = run_bench(config, echo=click.echo)

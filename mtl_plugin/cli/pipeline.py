@@ -22,25 +22,19 @@ from mtl_plugin.training import distributed
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.training.checkpoints import encoder_record, load_learner
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
-from mtl_plugin.errors import (
-    SEED,
-    Command,
-    DataError,
-    NonFiniteLossError,
-    UsageError,
-    check_device,
-    check_not_input,
-    check_output_file,
-    read_checkpoint,
-)
+from mtl_plugin.checks import check_device, check_not_input, check_output_file
+from mtl_plugin.cli.base import SEED, Command
+from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.training.io import atomic_write_text
+from mtl_plugin.training.io import atomic_write_text, read_checkpoint
+from mtl_plugin.hard_tasks.transform import MODES as HARD_TASK_MODES
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.training.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
 from mtl_plugin.training.pretrain import (
+    SCHEDULES,
     PretrainConfig,
     build_pretrained,
     check_backbone_fits,
@@ -113,7 +107,7 @@ _PRETRAIN_OPTIONS = [
     ("batch_size", _POSITIVE, "Images per step."),
     ("lr", _RATE, "SGD (Nesterov) learning rate."),
     ("weight_decay", _FiniteRange(min=0), "L2 weight decay."),
-    ("schedule", click.Choice(["step", "cosine"]),
+    ("schedule", click.Choice(SCHEDULES),
      f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0."),
     ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),
     ("val_tasks", _POSITIVE, "Validation tasks per epoch."),
@@ -138,7 +132,7 @@ _META_TRAIN_OPTIONS = [
     ("meta_batch", _POSITIVE, "Normal tasks per iteration."),
     ("hard_tasks", bool, "Add the hard-task meta-batch."),
     ("hard_meta_batch", _COUNT, "Hard tasks per iteration."),
-    ("hard_task_mode", click.Choice(["resample", "reuse"]),
+    ("hard_task_mode", click.Choice(HARD_TASK_MODES),
      "resample: new images of the failure classes; reuse: the failed images."),
     ("val_every", _POSITIVE, "Iterations between validations."),
     ("val_tasks", _POSITIVE, "Tasks per validation."),
@@ -191,11 +185,11 @@ def pretrain_command(data, root, image_size, data_seed, device, out, resume, ove
                      **values) -> None:
     """Train backbone + linear head on all meta-train classes; keep the best backbone (head dropped)."""
     # Under torchrun: join the job's process group, on this rank's GPU.
-    device = distributed.setup(check_device(device))
+    device = distributed.setup(check_device(device, "--device"))
     _check_override(resume, override)
-    check_not_input(out, {"--root": root})
+    check_not_input(out, {"--root": root}, "--out")
     # Held before the folder is read: a second run started at the same moment is refused.
-    with hold_run_folder(out):
+    with hold_run_folder(out, "--out"):
         # With --resume, flags not given keep the saved run's values.
         config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
         check_backbone(config.backbone, image_size_of(data, image_size))
@@ -227,14 +221,14 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
                        output_scaling, out, resume, overwrite, override, quiet, **values) -> None:
     """Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."""
     # Under torchrun: join the job's process group, on this rank's GPU.
-    device = distributed.setup(check_device(device))
+    device = distributed.setup(check_device(device, "--device"))
     _check_override(resume, override)
     if output_scaling and (granularity != "channel" or not pretrained):
         raise UsageError("--output-scaling needs --granularity channel and --pretrained: it moves SS's one scale per "
                          "output channel from the weight to the output")
-    check_not_input(out, {"--pretrained": pretrained, "--root": root})
+    check_not_input(out, {"--pretrained": pretrained, "--root": root}, "--out")
     # Held before the folder is read: a second run started at the same moment is refused.
-    with hold_run_folder(out):
+    with hold_run_folder(out, "--out"):
         # With --resume, flags not given keep the saved run's values.
         previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
         saved = previous["config"] if previous else {}
@@ -294,11 +288,11 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
                      tasks, seed, inner_steps, inner_lr, out, quiet) -> None:
     """Mean accuracy ± 95% CI over seeded N-way K-shot tasks."""
     # Under torchrun: join the job's process group, on this rank's GPU.
-    device = distributed.setup(check_device(device))
+    device = distributed.setup(check_device(device, "--device"))
     if out:
-        check_not_input(out, {"--checkpoint": checkpoint, "--root": root})
-        check_output_file(out)
-    state = read_checkpoint(checkpoint)
+        check_not_input(out, {"--checkpoint": checkpoint, "--root": root}, "--out")
+        check_output_file(out, "--out")
+    state = read_checkpoint(checkpoint, "--checkpoint")
     if state["kind"] == PRETRAIN_KIND:
         check_pretrain_checkpoint(state, checkpoint)
     elif state["kind"] != META_KIND:

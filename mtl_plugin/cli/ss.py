@@ -10,7 +10,7 @@ import click
 import pandas as pd
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.errors import Command
+from mtl_plugin.cli.base import Command
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 
 __all__ = ["ss_report"]

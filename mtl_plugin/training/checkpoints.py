@@ -9,7 +9,7 @@ the *model record*: the backbone (``backbone``, ``in_channels``, ``image_size``,
 writes that record; so can a script, and then ``mtl evaluate`` and :func:`load_learner`
 rebuild its learner too.
 
-Every checkpoint file is read by :func:`~mtl_plugin.errors.read_checkpoint`
+Every checkpoint file is read by :func:`~mtl_plugin.training.io.read_checkpoint`
 (``weights_only=True``); a pretraining ``best.pt`` by
 :func:`~mtl_plugin.training.pretrain.load_pretrained`.
 
@@ -27,7 +27,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from mtl_plugin.errors import DataError, read_checkpoint
+from mtl_plugin.errors import DataError
+from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state

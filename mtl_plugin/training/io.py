@@ -1,14 +1,17 @@
-"""Atomic file writes: a reader (or a run killed with ``kill -9``) never sees half a file.
+"""Checkpoint I/O: atomic file writes (a reader, or a run killed with ``kill -9``, never sees half a
+file) and :func:`read_checkpoint`, the one safe reader of every checkpoint ``mtl`` loads.
 
 Example::
 
-    from mtl_plugin.training.io import atomic_save, atomic_write_text
+    from mtl_plugin.training.io import atomic_save, atomic_write_text, read_checkpoint
     atomic_save({"step": 10, "state": model.state_dict()}, "run/last.pt")
     atomic_write_text("run/results.csv", frame.to_csv(index=False))
+    state = read_checkpoint("run/last.pt", require_kind=False)
 """
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +19,12 @@ from typing import IO, Any, Iterator, Optional, Union
 
 import torch
 
-from mtl_plugin.errors import OutputError
+from mtl_plugin.errors import DataError, MissingDataError, OutputError
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_open", "atomic_save", "atomic_save_figure", "atomic_write_text", "atomic_write_bytes"]
+__all__ = ["atomic_open", "atomic_save", "atomic_save_figure", "atomic_write_text", "atomic_write_bytes",
+           "read_checkpoint"]
 
 
 def _umask() -> int:
@@ -94,3 +98,106 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to ``path`` atomically."""
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else "no message"
+
+
+def _first_non_finite(value: Any, name: str = "") -> Optional[str]:
+    """The name of the first floating-point tensor in ``value`` (nested dicts, lists, tuples) that holds a
+    NaN or an infinity, or ``None``."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not bool(value.isfinite().all()) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _first_non_finite(item, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def read_checkpoint(path: PathLike, option: str = "checkpoint", map_location: Any = "cpu",
+                    require_kind: bool = True) -> dict:
+    """Load a checkpoint written by ``mtl``, turning every way a file can be wrong into a :class:`DataError`.
+
+    The file is loaded with ``weights_only=True``: a file that holds anything but tensors,
+    numbers, strings and plain containers is refused before any of its code can run.
+
+    Args:
+        path: the checkpoint file.
+        option: the argument (or, from ``mtl``, the flag) that named it, for the message.
+        map_location: passed to ``torch.load``.
+        require_kind: refuse a dict without the ``"kind"`` entry that the checkpoints of
+            ``mtl pretrain`` and ``mtl meta-train`` have; ``False`` for any dict
+            (:func:`mtl_plugin.training.run_log.load_checkpoint`).
+
+    Returns:
+        The checkpoint's dict; with ``require_kind`` it has a ``"kind"`` entry (``"pretrain"``,
+        ``"meta-transfer"``).
+
+    Raises:
+        MissingDataError: no file at ``path``.
+        DataError: an empty, truncated or non-PyTorch file, a file refused by the safe loader,
+            (with ``require_kind``) a PyTorch file that ``mtl`` did not write, or a floating-point
+            tensor holding a NaN or an infinity.
+
+    Example::
+
+        state = read_checkpoint("runs/meta/best.pt")
+        print(state["kind"])
+    """
+    path = Path(path).expanduser()
+    # A run folder's last.pt (resumed through --out) is not replaced by giving another file.
+    in_run_folder = option == "--out"
+    start_anew = "pass --overwrite to train anew there, or another --out"
+    complete = start_anew if in_run_folder else "give a complete best.pt written by mtl"
+    if not path.is_file():
+        raise MissingDataError(f"{option} {path}: no checkpoint there (no such file); give the best.pt "
+                               f"written by mtl pretrain or mtl meta-train")
+    if path.stat().st_size == 0:
+        raise DataError(f"{option} {path}: the file is empty (0 bytes), e.g. a copy that failed; {complete}")
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle); anything else is another
+    # kind of file, on which torch.load fails in arbitrary ways.
+    if not start.startswith((b"PK\x03\x04", b"\x80")):
+        raise DataError(f"{option} {path}: not a PyTorch checkpoint (it starts with {start!r}, not a "
+                        f"torch.save archive); give the best.pt written by mtl")
+    try:
+        # Ours hold tensors, numbers, strings and plain containers only (RNG states, configs,
+        # metrics), which the safe unpickler accepts.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            # torch's message: a preamble, the refused object, a pointer to its docs; keep the middle.
+            paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+            reason = " ".join(paragraphs[1:-1]) or "objects other than tensors"
+            raise DataError(f"{option} {path}: refused, it holds Python objects that a safe load does not "
+                            f"build ({reason}); checkpoints of mtl hold tensors only, so this file was not "
+                            f"written by mtl: do not load it") from error
+        raise DataError(f"{option} {path}: not a readable PyTorch checkpoint ({error}); "
+                        f"give the best.pt written by mtl") from error
+    except (EOFError, RuntimeError, KeyError, IndexError, ValueError) as error:
+        # What torch.load raises on a truncated archive or damaged bytes.
+        raise DataError(f"{option} {path}: not a readable PyTorch checkpoint, truncated or another kind of "
+                        f"file ({type(error).__name__}: {_first_sentence(error)}); {complete}") from error
+    if not isinstance(state, dict) or (require_kind and "kind" not in state):
+        what = ("it has no 'kind' entry" if isinstance(state, dict)
+                else f"it holds a {type(state).__name__}, not a dict")
+        raise DataError(f"{option} {path}: a PyTorch file, but not a checkpoint written by mtl pretrain or "
+                        f"mtl meta-train ({what})")
+    broken = _first_non_finite(state)
+    if broken is not None:
+        # Every number computed from such weights is NaN or chance level: refuse rather than report it.
+        remedy = start_anew if in_run_folder else "give the checkpoint of a run that did not diverge"
+        raise DataError(f"{option} {path}: {broken} holds NaN or infinite values (the weights of a diverged or "
+                        f"damaged run), so nothing computed from it is right; {remedy}")
+    return state
+

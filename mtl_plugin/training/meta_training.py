@@ -29,7 +29,8 @@ import torch
 
 from mtl_plugin.training import distributed
 from mtl_plugin.data.benchmark import benchmark_identity
-from mtl_plugin.errors import DataError, UsageError, read_checkpoint
+from mtl_plugin.errors import DataError, UsageError
+from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.meta_config import MetaTrainConfig

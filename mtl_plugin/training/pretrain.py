@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 from mtl_plugin.training import distributed
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, benchmark_identity
-from mtl_plugin.errors import DataError, UsageError, check_seed, read_checkpoint
+from mtl_plugin.checks import check_seed
+from mtl_plugin.errors import DataError, UsageError
+from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
 from mtl_plugin.training.progress import progress_bar
@@ -78,7 +80,7 @@ class PretrainConfig:
 
     Raises:
         UsageError: an unknown schedule or a value out of range (e.g. ``lr <= 0``, ``epochs < 1``, a seed
-            outside 0..:data:`~mtl_plugin.errors.MAX_SEED`).
+            outside 0..:data:`~mtl_plugin.checks.MAX_SEED`).
 
     Example::
 
@@ -166,7 +168,7 @@ def check_model_record(info: dict, path: Union[str, Path], option: str = "--chec
 
 
 def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "--checkpoint") -> dict:
-    """Check that ``state`` (from :func:`~mtl_plugin.errors.read_checkpoint`) is a pretrain ``best.pt``.
+    """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a pretrain ``best.pt``.
 
     Returns:
         ``state``.

@@ -32,15 +32,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 
 from mtl_plugin.training import distributed
-from mtl_plugin.errors import (
-    DataError,
-    NonFiniteLossError,
-    UsageError,
-    check_output_dir,
-    check_run_folder,
-    read_checkpoint,
-)
-from mtl_plugin.training.io import atomic_save, atomic_save_figure, atomic_write_text
+from mtl_plugin.checks import check_output_dir
+from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
+from mtl_plugin.training.io import atomic_save, atomic_save_figure, atomic_write_text, read_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,6 +44,7 @@ __all__ = [
     "RunLog",
     "all_finite",
     "capture_rng_state",
+    "check_run_folder",
     "check_same_run",
     "LOCK_FILE",
     "fast_forward",
@@ -116,7 +111,7 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
-    :func:`mtl_plugin.errors.read_checkpoint` for any dict, so that a file that could run
+    :func:`mtl_plugin.training.io.read_checkpoint` for any dict, so that a file that could run
     code is refused and a missing or damaged one is named.
 
     Raises:
@@ -211,7 +206,7 @@ def _remove_leftovers(folder: Path) -> None:
 
 
 @contextmanager
-def hold_run_folder(out_dir: PathLike, option: str = "--out") -> Iterator[Path]:
+def hold_run_folder(out_dir: PathLike, option: str = "out_dir") -> Iterator[Path]:
     """Hold the run folder ``out_dir`` for the duration of the block: a second run there is refused at once.
 
     The folder is created if needed and locked with ``flock`` on its :data:`LOCK_FILE`; the
@@ -224,7 +219,7 @@ def hold_run_folder(out_dir: PathLike, option: str = "--out") -> Iterator[Path]:
 
     Args:
         out_dir: the run folder.
-        option: its flag, for the messages.
+        option: its name, for the messages (``mtl`` passes its flag, ``"--out"``).
 
     Returns:
         The folder, as a ``Path``.
@@ -277,7 +272,7 @@ def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, co
         run: what its folder holds, for the messages (``"meta-training run"``).
 
     Raises:
-        UsageError: as :func:`~mtl_plugin.errors.check_run_folder`; without ``overwrite``, a
+        UsageError: as :func:`check_run_folder`; without ``overwrite``, a
             ``last.pt`` of another command.
         DataError: ``last.pt`` is unreadable, or not the resumable state of ``command``.
 
@@ -421,3 +416,44 @@ class RunLog:
         axes.set_ylabel(y)
         axes.grid(True, alpha=0.3)
         atomic_save_figure(figure, self.curve_path, dpi=100)
+
+
+def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str = "run") -> Optional[Path]:
+    """Decide what a training command does with the run folder ``out_dir``: never overwrite by accident.
+
+    A folder holds a run once it has ``last.pt`` or ``best.pt``. Without a run, or with
+    ``overwrite`` (the caller then deletes the run's files), a new run starts; with ``resume``,
+    the run continues from ``last.pt``.
+
+    Args:
+        out_dir: the run's folder (``--out``).
+        resume: ``--resume`` was given.
+        overwrite: ``--overwrite`` was given.
+        run: what the folder holds, for the message (e.g. "pretraining run").
+
+    Returns:
+        The ``last.pt`` to resume from, or ``None`` to start a new run.
+
+    Raises:
+        UsageError: both flags; a run in ``out_dir`` and neither flag; a ``best.pt`` but no
+            ``last.pt`` without ``overwrite``.
+
+    Example::
+
+        last = check_run_folder("runs/meta", resume=False, overwrite=False, run="meta-training run")
+    """
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    out_dir = Path(out_dir)
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    if overwrite or not (last.is_file() or best.is_file()):
+        return None
+    if not last.is_file():
+        # Said whether or not --resume was given: "pass --resume" would only lead here.
+        raise UsageError(f"--out {out_dir} holds best.pt but no last.pt, so its run cannot be resumed: pass "
+                         f"--overwrite to train anew there, or another --out")
+    if not resume:
+        raise UsageError(f"--out {out_dir} already holds a {run}: pass --resume to continue it (a finished one "
+                         f"is reused), --overwrite to replace it, or another --out")
+    return last
+
