@@ -18,11 +18,11 @@ from dataclasses import replace
 import pandas as pd
 import torch
 
-from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
-from mtl_plugin.data import get_benchmark
 from mtl_plugin.bench.methods import METHODS
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.mtl import MTLConfig
+from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
+from mtl_plugin.data import get_benchmark
 
 
 def main() -> None:

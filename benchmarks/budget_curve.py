@@ -41,20 +41,20 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
-from mtl_plugin.bench.ablation_report import paired_difference, paired_verdict
 from mtl_plugin.backbones import check_backbone
-from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
-from mtl_plugin.data import get_benchmark
-from mtl_plugin.data.benchmark import check_tasks
-from mtl_plugin.checks import check_output_dir
-from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
-from mtl_plugin.training.io import read_checkpoint
-from mtl_plugin.evaluation import EvaluationResult
-from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
-from mtl_plugin.training.meta_training import VALIDATION_FILE
+from mtl_plugin.bench.ablation_report import paired_difference, paired_verdict
 from mtl_plugin.bench.methods import METHODS, method_spec
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.mtl import MTL, MTLConfig
+from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
+from mtl_plugin.checks import check_output_dir
+from mtl_plugin.data import get_benchmark
+from mtl_plugin.data.benchmark import check_tasks
+from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
+from mtl_plugin.evaluation import EvaluationResult
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.training.meta_training import VALIDATION_FILE
 
 REFERENCE = "mtl"
 DEFAULT_ROWS = ("mtl", "mtl-ht", "ft-all", "ss-last")

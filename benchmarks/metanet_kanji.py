@@ -23,10 +23,10 @@ from pathlib import Path
 import click
 import torch
 
-from mtl_plugin.data import get_benchmark
-from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
+from mtl_plugin.data import get_benchmark
+from mtl_plugin.evaluation import EvaluationConfig, evaluate
 
 PAPER_OMNIGLOT_1SHOT = {5: 98.95, 10: 98.67, 15: 97.11, 20: 97.00}
 QUICK = MetaNetConfig.quick()

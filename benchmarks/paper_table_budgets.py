@@ -20,10 +20,10 @@ from pathlib import Path
 import click
 import torch
 
-from mtl_plugin.data import get_benchmark
-from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.bench.methods import METHODS
 from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.data import get_benchmark
+from mtl_plugin.evaluation import EvaluationConfig, evaluate
 
 DEFAULT_METHODS = "protonet-conv4,matchingnet,meta-lstm,tadam"
 

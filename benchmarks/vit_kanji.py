@@ -34,8 +34,8 @@ from mtl_plugin import SSAdapter
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.meta_config import MetaTrainConfig
-from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTransferLearner
+from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 
 IMAGE_SIZE = 28

@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_plugin.errors import NonFiniteLossError
 from mtl_plugin.heads import declared_width
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
-from mtl_plugin.training.meta_step import MetaStepResult, MetaTrainer
 from mtl_plugin.prototypes import class_prototypes
-from mtl_plugin.training.run_log import NonFiniteLossError
 from mtl_plugin.speedups import EncoderRunner, Speedups, uses_batch_statistics
+from mtl_plugin.training.meta_step import MetaStepResult, MetaTrainer
 
 __all__ = [
     "HEAD_INITS",

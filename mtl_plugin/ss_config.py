@@ -23,8 +23,8 @@ from typing import Any, Optional, Union
 import torch
 
 from mtl_plugin.errors import DataError, MissingDataError
-from mtl_plugin.training.io import atomic_save, atomic_write_text, read_checkpoint
 from mtl_plugin.ss_layers import GRANULARITIES
+from mtl_plugin.training.io import atomic_save, atomic_write_text, read_checkpoint
 
 __all__ = ["BN_MODES", "CONFIG_FILE", "GRANULARITIES", "SSConfig", "WEIGHTS_FILE", "read_pretrained",
            "write_pretrained"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_plugin.bench.ablation_report import ablation_note, paired_comparisons
 from mtl_plugin.backbones import build_backbone, conv4
+from mtl_plugin.bench.ablation_report import ablation_note, paired_comparisons
 from mtl_plugin.bench.methods import METHODS
 from mtl_plugin.bench.methods.ablation import ABLATION_SUITE, FinetunedLayers
 from mtl_plugin.tasks import build_taskset, split_support_query

@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from mtl_plugin.bench import runner as bench_module
+from mtl_plugin.bench.published import PUBLISHED, published_accuracy
 from mtl_plugin.bench.runner import BenchConfig, run_bench
 from mtl_plugin.cli import main
 from mtl_plugin.errors import UsageError
 from mtl_plugin.training.pretrain import PretrainConfig
-from mtl_plugin.bench.published import PUBLISHED, published_accuracy
 
 TINY = dict(
     dataset="kanji",

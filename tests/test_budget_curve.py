@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from benchmark_scripts import loaded_script
 
+from mtl_plugin.bench.methods.mtl import MTLConfig
 from mtl_plugin.bench.runner import BenchConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner
-from mtl_plugin.bench.methods.mtl import MTLConfig
 from mtl_plugin.training.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from mtl_plugin.cli.data import data as data_cli
 from mtl_plugin.data import KanjiConfig, get_benchmark, load_kanji
 from mtl_plugin.data.cache import manifest_path
-from mtl_plugin.cli.data import data as data_cli
 from mtl_plugin.data.kanji import (
     STYLES,
     _cache_path,

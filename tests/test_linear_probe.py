@@ -10,10 +10,6 @@ from click.testing import CliRunner
 # The tiny benchmark, backbone and context of the other pretrained-backbone rows.
 from test_methods_baselines import QUERIES, WAYS, benchmark, make_context  # noqa: F401  (benchmark: fixture)
 
-from mtl_plugin.cli import bench as bench_cli
-from mtl_plugin.bench.runner import SUITES
-from mtl_plugin.cli import main
-from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.bench.methods import METHODS, build_method
 from mtl_plugin.bench.methods.linear_probe import (
     LinearProbe,
@@ -23,6 +19,10 @@ from mtl_plugin.bench.methods.linear_probe import (
 )
 from mtl_plugin.bench.methods.protonet import ProtoNet
 from mtl_plugin.bench.published import published_accuracy
+from mtl_plugin.bench.runner import SUITES
+from mtl_plugin.cli import bench as bench_cli
+from mtl_plugin.cli import main
+from mtl_plugin.evaluation import EvaluationConfig, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_pipeline import fixed_tasks, tiny_backbone, tiny_benchmark, tiny_config
 
-from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.ss import SSAdapter
+from mtl_plugin.training.meta_training import meta_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mtl_plugin.backbones import conv4
-from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
+from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.tasks import build_taskset, split_support_query
 from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 

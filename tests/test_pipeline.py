@@ -12,12 +12,12 @@ from torch import nn
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
-from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner, load_learner_state
 from mtl_plugin.prototypes import class_prototypes, prototype_logits
-from mtl_plugin.training.run_log import NonFiniteLossError
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import build_taskset, split_support_query
+from mtl_plugin.training.meta_training import meta_train
+from mtl_plugin.training.run_log import NonFiniteLossError
 
 SIDE = 16
 

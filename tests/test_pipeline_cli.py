@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from mtl_plugin.cli import pipeline as pipeline_cli
-from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
 from mtl_plugin.speedups import Speedups
+from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
 from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 from tiny_data import raising_at_call
 
-from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.cli import main
+from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.errors import DataError, MissingDataError, UsageError
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
@@ -276,10 +276,10 @@ def test_resume_of_a_checkpoint_from_before_the_data_record(tmp_path, pretrained
 
 
 def test_library_meta_train_refuses_to_start_over_a_run(tmp_path, pretrained):
-    from mtl_plugin.training.meta_training import meta_train
     from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
-    from mtl_plugin.training.pretrain import load_pretrained
     from mtl_plugin.ss import SSAdapter
+    from mtl_plugin.training.meta_training import meta_train
+    from mtl_plugin.training.pretrain import load_pretrained
 
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
     config = MetaTrainConfig(ways=3, queries=2, inner_steps=1, iterations=1, val_every=1, val_tasks=2)

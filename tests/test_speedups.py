@@ -9,9 +9,9 @@ import torch
 
 from mtl_plugin.errors import UsageError
 from mtl_plugin.meta_transfer import MetaTransferLearner
-from mtl_plugin.training.run_log import NonFiniteLossError
 from mtl_plugin.speedups import EncoderRunner, Speedups, per_slice_batch_statistics
 from mtl_plugin.ss import SSAdapter
+from mtl_plugin.training.run_log import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

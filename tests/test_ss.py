@@ -14,8 +14,8 @@ from torch.func import functional_call
 from mtl_plugin import SSAdapter
 from mtl_plugin.backbones import build_backbone, conv4, resnet12, small_input_resnet
 from mtl_plugin.bench.methods.mtl import MTLConfig
-from mtl_plugin.ss import SSShareWarning, last_block
 from mtl_plugin.cli.ss import ss_report
+from mtl_plugin.ss import SSShareWarning, last_block
 
 # Every torchvision classification model is walked in test_ss_zoo.py; these two have a
 # classifier head (resnet18) and 1x1 convs with kernel-granularity rows (wide_resnet50_2).

@@ -10,11 +10,11 @@ import torch
 
 from mtl_plugin import SSAdapter, SSConfig, load_learner
 from mtl_plugin.backbones import build_backbone, conv4
-from mtl_plugin.training.checkpoints import encoder_record
-from mtl_plugin.errors import DataError, MissingDataError
-from mtl_plugin.training.meta_training import meta_train
-from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.bench.methods.mtl import MTLConfig
+from mtl_plugin.errors import DataError, MissingDataError
+from mtl_plugin.meta_transfer import MetaTransferLearner
+from mtl_plugin.training.checkpoints import encoder_record
+from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 from test_pipeline import SIDE, tiny_benchmark, tiny_config
 

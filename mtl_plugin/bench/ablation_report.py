@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.training.io import atomic_save_figure
 from mtl_plugin.bench.methods import build_method
 from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.training.io import atomic_save_figure
 
 __all__ = ["CLAIMS", "COMPARISON_CLAIMS", "ablation_note", "learned_parameter_counts", "paired_comparisons",
            "paired_difference", "paired_verdict", "plot_accuracy_vs_parameters"]

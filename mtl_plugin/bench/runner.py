@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench.ablation_report import (
     CLAIMS,
     COMPARISON_CLAIMS,
@@ -43,19 +44,18 @@ from mtl_plugin.bench.ablation_report import (
     learned_parameter_counts,
     plot_accuracy_vs_parameters,
 )
-from mtl_plugin.backbones import check_backbone
-from mtl_plugin.data import get_benchmark
-from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
-from mtl_plugin.checks import check_output_dir
-from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
-from mtl_plugin.training.meta_training import plot_meta_curves
 from mtl_plugin.bench.methods import METHODS, build_method, method_spec
 from mtl_plugin.bench.methods.ablation import ABLATION_SUITE
 from mtl_plugin.bench.methods.base import BenchContext
-from mtl_plugin.training.distributed import WorkQueue
-from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
 from mtl_plugin.bench.published import published_accuracy
+from mtl_plugin.checks import check_output_dir
+from mtl_plugin.data import get_benchmark
+from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
+from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.training.distributed import WorkQueue
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.training.meta_training import plot_meta_curves
+from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
 
 __all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench", "shared_pretraining",
            "work_dir"]

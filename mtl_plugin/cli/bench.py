@@ -14,9 +14,9 @@ import pandas as pd
 
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench.runner import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
-from mtl_plugin.data.benchmark import image_size_of
 from mtl_plugin.checks import check_device, check_output_dir
 from mtl_plugin.cli.base import SEED, Command
+from mtl_plugin.data.benchmark import image_size_of
 
 __all__ = ["bench"]
 

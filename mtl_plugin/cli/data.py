@@ -19,9 +19,9 @@ from typing import Iterator, Optional
 
 import click
 
+from mtl_plugin.cli.base import SEED, Group
 from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark
 from mtl_plugin.data.kanji import STYLES, KanjiConfig, load_kanji, preview_grid
-from mtl_plugin.cli.base import SEED, Group
 from mtl_plugin.errors import DataError, UsageError
 
 __all__ = ["data"]

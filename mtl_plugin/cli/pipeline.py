@@ -18,21 +18,22 @@ from typing import Optional
 import click
 import torch
 
-from mtl_plugin.training import distributed
 from mtl_plugin.backbones import check_backbone
-from mtl_plugin.training.checkpoints import encoder_record, load_learner
-from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
 from mtl_plugin.checks import check_device, check_not_input, check_output_file
 from mtl_plugin.cli.base import SEED, Command
+from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.training.io import atomic_write_text, read_checkpoint
 from mtl_plugin.hard_tasks.transform import MODES as HARD_TASK_MODES
 from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
+from mtl_plugin.meta_transfer import MetaTransferLearner
+from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
+from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
+from mtl_plugin.training import distributed
+from mtl_plugin.training.checkpoints import encoder_record, load_learner
+from mtl_plugin.training.io import atomic_write_text, read_checkpoint
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
-from mtl_plugin.meta_transfer import MetaTransferLearner
-from mtl_plugin.training.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
 from mtl_plugin.training.pretrain import (
     SCHEDULES,
     PretrainConfig,
@@ -43,9 +44,8 @@ from mtl_plugin.training.pretrain import (
     pretrain,
     run_config,
 )
+from mtl_plugin.training.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
 from mtl_plugin.training.run_log import hold_run_folder, previous_run
-from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
-from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
 

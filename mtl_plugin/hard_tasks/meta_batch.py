@@ -16,8 +16,8 @@ from typing import Any, Iterator, Optional
 import learn2learn as l2l
 import torch
 
-from mtl_plugin.training import distributed
 from mtl_plugin.tasks import RandomLike, as_random
+from mtl_plugin.training import distributed
 
 from mtl_plugin.hard_tasks.tracker import ClassAccuracyTracker, TaskAccuracy, task_classes
 from mtl_plugin.hard_tasks.transform import HardTaskTransform

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from mtl_plugin.errors import DataError
-from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.meta_config import MetaTrainConfig
-from mtl_plugin.training.meta_training import CHECKPOINT_KIND
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
-from mtl_plugin.training.pretrain import build_pretrained, check_model_record
 from mtl_plugin.ss import SSAdapter, SSConfig
+from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.training.meta_training import CHECKPOINT_KIND
+from mtl_plugin.training.pretrain import build_pretrained, check_model_record
 
 __all__ = ["build_encoder", "encoder_record", "load_learner"]
 

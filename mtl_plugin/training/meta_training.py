@@ -27,14 +27,15 @@ import learn2learn as l2l
 import pandas as pd
 import torch
 
-from mtl_plugin.training import distributed
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError
-from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
-from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
+from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
+from mtl_plugin.training import distributed
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import (
     NonFiniteLossError,
@@ -47,7 +48,6 @@ from mtl_plugin.training.run_log import (
     restore_rng_state,
     save_checkpoint,
 )
-from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
 
 __all__ = ["CHECKPOINT_KIND", "VALIDATION_FILE", "MetaTrainResult", "meta_train", "plot_meta_curves"]
 

@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtl_plugin.training import distributed
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, benchmark_identity
 from mtl_plugin.checks import check_seed
+from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, benchmark_identity
 from mtl_plugin.errors import DataError, UsageError
-from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
+from mtl_plugin.training import distributed
+from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import (
     DIVERGENCE_FACTOR,

@@ -31,9 +31,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mtl_plugin.training import distributed
 from mtl_plugin.checks import check_output_dir
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
+from mtl_plugin.training import distributed
 from mtl_plugin.training.io import atomic_save, atomic_save_figure, atomic_write_text, read_checkpoint
 
 PathLike = Union[str, os.PathLike]

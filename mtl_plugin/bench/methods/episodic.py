@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 
-from mtl_plugin.training.io import atomic_save
 from mtl_plugin.bench.methods.base import FewShotMethod
+from mtl_plugin.tasks import build_taskset, split_support_query
+from mtl_plugin.training.io import atomic_save
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import load_checkpoint
-from mtl_plugin.tasks import build_taskset, split_support_query
 
 __all__ = ["EpisodicMethod", "fit_episodically", "sample_episode", "train_episodes"]
 

@@ -27,11 +27,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.training.meta_training import meta_train
-from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
 from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
 from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter, SSConfig, last_block
+from mtl_plugin.training.meta_training import meta_train
 
 __all__ = ["ADAPT_MODES", "BLOCKS", "FinetunedLayers", "MTL", "MTLConfig", "MTLHardTasks", "Scratch"]
 
