@@ -294,7 +294,7 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
         check_output_file(out, "--out")
     state = read_checkpoint(checkpoint, "--checkpoint")
     if state["kind"] == PRETRAIN_KIND:
-        check_pretrain_checkpoint(state, checkpoint)
+        check_pretrain_checkpoint(state, checkpoint, "--checkpoint")
     elif state["kind"] != META_KIND:
         raise DataError(f"--checkpoint {checkpoint}: a {state['kind']!r} checkpoint; give the best.pt of "
                         f"mtl pretrain or mtl meta-train")
@@ -303,10 +303,10 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
         raise DataError(f"--checkpoint {checkpoint} does not record its model: meta_train wrote it without "
                         f"model_info, so the file alone cannot rebuild the learner; give the best.pt of mtl "
                         f"meta-train, or of a meta_train run given model_info (see mtl_plugin.load_learner)")
-    check_model_record(info, checkpoint)
+    check_model_record(info, checkpoint, "--checkpoint")
     # The backbone only fits images of the size it was trained on: that is the default.
     bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
-    check_backbone_fits(info, bench, checkpoint)
+    check_backbone_fits(info, bench, checkpoint, "--checkpoint")
     check_tasks(bench, ways, shots + queries, splits=(split,))
     if state["kind"] == META_KIND:
         try:

@@ -144,7 +144,7 @@ def build_pretrained(info: dict) -> nn.Module:
     return build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"])
 
 
-def check_model_record(info: dict, path: Union[str, Path], option: str = "--checkpoint") -> dict:
+def check_model_record(info: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
     """Check the ``model`` entry of a checkpoint before anything is built or loaded from it.
 
     Returns:
@@ -167,7 +167,7 @@ def check_model_record(info: dict, path: Union[str, Path], option: str = "--chec
     return info
 
 
-def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "--checkpoint") -> dict:
+def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
     """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a pretrain ``best.pt``.
 
     Returns:
@@ -191,7 +191,7 @@ def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str =
     return state
 
 
-def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], option: str = "--checkpoint") -> None:
+def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], option: str = "checkpoint") -> None:
     """Check that the images of ``benchmark`` have the shape the backbone described by ``info`` was trained on.
 
     Raises:
