@@ -19,13 +19,14 @@ from click.testing import CliRunner
 from PIL import Image
 from test_pipeline import fixed_tasks, tiny_backbone, tiny_benchmark, tiny_config
 
+from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.errors import NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import split_support_query
-from mtl_plugin.training import distributed, pipeline_cli
+from mtl_plugin.training import distributed
 from mtl_plugin.training.meta_training import _TaskStream
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 
