@@ -2,11 +2,33 @@ import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HOOK = "_mtl_plugin_quiet_gym"
 
 HERE = Path(__file__).parent
 # One version source: the package's __version__, read without importing the package (whose
 # dependencies are not installed yet when this runs).
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "mtl_plugin" / "__init__.py").read_text(), re.M).group(1)
+
+
+
+class BuildWithStartupHook(build_py):
+    """Adds ``mtl_plugin_quiet_gym.pth`` beside the packages, so that it lands in site-packages.
+
+    Its one line imports the hook module when Python starts: learn2learn's import of gym then
+    prints no deprecation notice, whether a program imports the plugin or learn2learn first.
+    """
+
+    PTH = "mtl_plugin_quiet_gym.pth"
+
+    def run(self) -> None:
+        super().run()
+        Path(self.build_lib, self.PTH).write_text(f"import {HOOK}\n")
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib, self.PTH))]
+
 
 setup(
     name="mtl-plugin",
@@ -23,6 +45,8 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["mtl_plugin", "mtl_plugin.*"]),
     package_data={"mtl_plugin": ["py.typed"]},
+    py_modules=[HOOK],
+    cmdclass={"build_py": BuildWithStartupHook},
     install_requires=[
         # 2.2: init.kaiming_normal_(generator=) seeds the head without the global generator.
         "torch>=2.2,<3",

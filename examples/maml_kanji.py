@@ -12,7 +12,7 @@ swapped for kanji.
 """
 import argparse
 
-import mtl_plugin  # before learn2learn, so that gym's deprecation notice stays off stderr
+import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 import learn2learn as l2l
 import torch
 from torch import nn, optim

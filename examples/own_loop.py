@@ -11,7 +11,7 @@ the paper's learning rates; any torch optimiser takes them.
 """
 import argparse
 
-import mtl_plugin  # before learn2learn, so that gym's deprecation notice stays off stderr
+import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 import torch
 
 from mtl_plugin import (MetaTrainConfig, MetaTransferLearner, PretrainConfig, SSAdapter, get_benchmark,

@@ -13,7 +13,7 @@ with ``model = Convnet()`` trained whole, this is learn2learn's ProtoNets on kan
 """
 import argparse
 
-import mtl_plugin  # first, so that gym's deprecation notice stays off stderr
+import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 import torch
 import torch.nn.functional as F
 

@@ -12,15 +12,11 @@ Example::
     print(adapter.parameter_report().tail(1))
 """
 import importlib
-import sys
 from typing import TYPE_CHECKING, Any
 
-# learn2learn imports gym, whose import prints its deprecation notice (gym_notices.notices) to
-# stderr, with no switch to turn it off; gym is never used here. gym skips the notice when that
-# module fails to import, and a None in sys.modules makes it fail: that notice alone is silenced,
-# nothing is imported now, and every other warning still shows. Too late once gym is imported.
-if "gym" not in sys.modules:
-    sys.modules.setdefault("gym_notices.notices", None)
+# Keeps gym's deprecation notice, printed when learn2learn imports gym, off stderr (and nothing
+# else): the wheel's .pth loads this hook at start-up; importing it here covers source checkouts.
+import _mtl_plugin_quiet_gym  # noqa: F401
 
 __version__ = "0.1.0"
 

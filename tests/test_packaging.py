@@ -4,6 +4,7 @@ import re
 import runpy
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -47,14 +48,47 @@ def test_the_cache_follows_mtl_data_then_xdg_cache_home(tmp_path, monkeypatch):
     assert data_home() == tmp_path / "mine"
 
 
-@pytest.mark.parametrize("first, notice", [("mtl_plugin", False), ("learn2learn", True)])
-def test_gyms_notice_is_silenced_when_the_plugin_comes_first_and_other_warnings_still_show(first, notice):
-    # A fresh interpreter: gym prints its notice once, at its first import. learn2learn first prints
-    # it before the plugin can act: the README says so.
-    code = f"import {first}, mtl_plugin, learn2learn, warnings; warnings.warn('still shown')"
+def _stderr_of(code: str, site_dir: Path | None = None) -> str:
+    """stderr of ``code`` in a fresh interpreter (gym prints its notice once, at its first import),
+    with ``site_dir`` added as a site directory first, as Python adds site-packages at start-up."""
+    if site_dir is not None:
+        code = f"import site; site.addsitedir({str(site_dir)!r}); {code}"
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": path})
     assert result.returncode == 0, result.stderr
-    assert ("Gym has been unmaintained" in result.stderr) == notice
-    assert "UserWarning: still shown" in result.stderr
+    return result.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel_site(tmp_path_factory) -> Path:
+    """A site directory holding the top-level files of the wheel ``pip install .`` installs."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(ROOT)], check=True, capture_output=True, timeout=300)
+    site_dir = out / "site"
+    with zipfile.ZipFile(next(out.glob("mtl_plugin-*.whl"))) as wheel:
+        top = [name for name in wheel.namelist() if "/" not in name]
+        wheel.extractall(site_dir, members=top)
+    assert sorted(top) == ["_mtl_plugin_quiet_gym.py", "mtl_plugin_quiet_gym.pth"]
+    return site_dir
+
+
+@pytest.mark.parametrize("first", ["mtl_plugin", "learn2learn"])
+def test_an_installed_plugin_keeps_gyms_notice_off_whichever_comes_first(wheel_site, first):
+    stderr = _stderr_of(f"import {first}, mtl_plugin, learn2learn, warnings; warnings.warn('still shown')",
+                        wheel_site)
+    assert "Gym has been unmaintained" not in stderr
+    assert "UserWarning: still shown" in stderr
+
+
+def test_a_program_that_imports_gym_itself_still_gets_its_notice(wheel_site):
+    assert "Gym has been unmaintained" in _stderr_of("import gym, learn2learn, mtl_plugin", wheel_site)
+
+
+@pytest.mark.parametrize("first, notice", [("mtl_plugin", False), ("learn2learn", True)])
+def test_from_a_source_checkout_the_plugin_keeps_gyms_notice_off_when_it_comes_first(first, notice):
+    # Without the wheel's .pth nothing of the plugin runs before learn2learn: the README says so.
+    stderr = _stderr_of(f"import {first}, mtl_plugin, learn2learn, warnings; warnings.warn('still shown')")
+    assert ("Gym has been unmaintained" in stderr) == notice
+    assert "UserWarning: still shown" in stderr
