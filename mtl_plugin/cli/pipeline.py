@@ -30,7 +30,7 @@ from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 from mtl_plugin.training import distributed
-from mtl_plugin.training.checkpoints import encoder_record, load_learner
+from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_record, learner_from_checkpoint
 from mtl_plugin.training.io import atomic_write_text, read_checkpoint
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
@@ -39,7 +39,6 @@ from mtl_plugin.training.pretrain import (
     PretrainConfig,
     build_pretrained,
     check_backbone_fits,
-    check_model_record,
     check_pretrain_checkpoint,
     pretrain,
     run_config,
@@ -295,26 +294,18 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
     state = read_checkpoint(checkpoint, "--checkpoint")
     if state["kind"] == PRETRAIN_KIND:
         check_pretrain_checkpoint(state, checkpoint, "--checkpoint")
-    elif state["kind"] != META_KIND:
+    elif state["kind"] == META_KIND:
+        check_learner_checkpoint(state, checkpoint, "--checkpoint")
+    else:
         raise DataError(f"--checkpoint {checkpoint}: a {state['kind']!r} checkpoint; give the best.pt of "
                         f"mtl pretrain or mtl meta-train")
     info = state["model"]
-    if "backbone" not in info:
-        raise DataError(f"--checkpoint {checkpoint} does not record its model: meta_train wrote it without "
-                        f"model_info, so the file alone cannot rebuild the learner; give the best.pt of mtl "
-                        f"meta-train, or of a meta_train run given model_info (see mtl_plugin.load_learner)")
-    check_model_record(info, checkpoint, "--checkpoint")
     # The backbone only fits images of the size it was trained on: that is the default.
     bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
     check_backbone_fits(info, bench, checkpoint, "--checkpoint")
     check_tasks(bench, ways, shots + queries, splits=(split,))
     if state["kind"] == META_KIND:
-        try:
-            # The file is read again there; the checks above named the flag.
-            learner = load_learner(checkpoint, device)
-        except ValueError as error:
-            # Its messages start with the checkpoint's path.
-            raise DataError(f"--checkpoint {error}") from error
+        learner = learner_from_checkpoint(state, checkpoint, "--checkpoint").to(device)
     else:
         backbone = build_pretrained(info)
         backbone.load_state_dict(state["backbone"])
