@@ -380,12 +380,11 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
         raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
                          f"the job, so give a multiple of {ranks} (or run fewer processes)")
     previous = _previous_run(out_dir, resume, overwrite)
-    log = RunLog(out_dir)
+    # With overwrite the old run stays until this one has a checkpoint to put in its place.
+    log = RunLog(out_dir, replaces=overwrite and main)
     # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bars).
     progress = progress and main
     distributed.barrier()
-    # With overwrite the old run stays until this one has a checkpoint to put in its place.
-    replaced = [log.last_path, log.best_path, log.csv_path, log.curve_path] if overwrite and main else []
     name = config.backbone if users is None else f"module:{type(users).__name__}"
     info = {"backbone": name, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
             "data": benchmark_identity(benchmark)}
@@ -493,10 +492,7 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
             start = epoch
             if not main:
                 continue
-            # last.pt first: from here no moment leaves a resumable mix of the old run and this one.
-            for path in replaced:
-                path.unlink(missing_ok=True)
-            replaced = []
+            log.drop_replaced_run()
             if improved:
                 save_checkpoint({"kind": CHECKPOINT_KIND, "model": info, "config": asdict(config),
                                  "epoch": epoch, "val_accuracy": result.mean,
