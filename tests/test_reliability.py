@@ -279,7 +279,7 @@ def test_library_meta_train_refuses_to_start_over_a_run(tmp_path, pretrained):
     from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
     from mtl_plugin.ss import SSAdapter
     from mtl_plugin.training.meta_training import meta_train
-    from mtl_plugin.training.pretrain import load_pretrained
+    from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
     config = MetaTrainConfig(ways=3, queries=2, inner_steps=1, iterations=1, val_every=1, val_tasks=2)

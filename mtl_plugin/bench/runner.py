@@ -62,7 +62,8 @@ from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.training.distributed import WorkQueue
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.training.meta_training import plot_meta_curves
-from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
+from mtl_plugin.training.pretrain import PretrainConfig, pretrain
+from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 
 __all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench", "shared_pretraining",
            "work_dir"]

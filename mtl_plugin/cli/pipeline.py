@@ -35,16 +35,9 @@ from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_re
 from mtl_plugin.training.io import read_checkpoint, reserved_output
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
-from mtl_plugin.training.pretrain import (
-    SCHEDULES,
-    PretrainConfig,
-    build_pretrained,
-    check_backbone_fits,
-    check_pretrain_checkpoint,
-    pretrain,
-    run_config,
-)
-from mtl_plugin.training.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
+from mtl_plugin.training.pretrain import SCHEDULES, PretrainConfig, pretrain, run_config
+from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND as PRETRAIN_KIND
+from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_backbone_fits, check_pretrain_checkpoint
 from mtl_plugin.training.run_log import hold_run_folder, previous_run
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]

@@ -3,7 +3,7 @@
 A checkpoint of :func:`~mtl_plugin.training.meta_training.meta_train` holds the learner's weights,
 its :class:`~mtl_plugin.meta_config.MetaTrainConfig` and the ``model_info`` it was given,
 the *model record*: the backbone (``backbone``, ``in_channels``, ``image_size``, as
-:func:`~mtl_plugin.training.pretrain.build_pretrained` reads them) and the encoder around it
+:func:`~mtl_plugin.training.pretrain_checkpoint.build_pretrained` reads them) and the encoder around it
 (:func:`encoder_record`: ``encoder`` ``"ss"`` with the
 :class:`~mtl_plugin.ss_config.SSConfig` fields, or ``"scratch"``). ``mtl meta-train``
 writes that record; so can a script, and then ``mtl evaluate`` and :func:`load_learner`
@@ -16,7 +16,7 @@ two steps itself on the checkpoint it read once.
 
 Every checkpoint file is read by :func:`~mtl_plugin.training.io.read_checkpoint`
 (``weights_only=True``); a pretraining ``best.pt`` by
-:func:`~mtl_plugin.training.pretrain.load_pretrained`.
+:func:`~mtl_plugin.training.pretrain_checkpoint.load_pretrained`.
 
 Example::
 
@@ -38,7 +38,7 @@ from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.ss import SSAdapter, SSConfig
 from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND
-from mtl_plugin.training.pretrain import build_pretrained, check_model_record
+from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_model_record
 
 __all__ = ["build_encoder", "check_learner_checkpoint", "encoder_record", "learner_from_checkpoint", "load_learner"]
 
