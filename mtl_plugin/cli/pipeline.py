@@ -49,6 +49,8 @@ _RESULT_BYTES = 64 * 1024
 def _benchmark(data: str, root: Optional[str], image_size: Optional[int], data_seed: int):
     from mtl_plugin.data import get_benchmark
 
+    # get_benchmark checks the size too, in API terms; checked first so that the message names the flag.
+    image_size_of(data, image_size, "--image-size")
     return get_benchmark(data, root=root, image_size=image_size, seed=data_seed)
 
 
@@ -188,7 +190,7 @@ def pretrain_command(data, root, image_size, data_seed, device, out, resume, ove
     with hold_run_folder(out, "--out"):
         # With --resume, flags not given keep the saved run's values.
         config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
-        check_backbone(config.backbone, image_size_of(data, image_size))
+        check_backbone(config.backbone, image_size_of(data, image_size, "--image-size"), "--image-size")
         bench = _benchmark(data, root, image_size, data_seed)
         check_tasks(bench, config.val_ways, config.val_shots + config.val_queries, splits=("val",))
         pretrain(bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override,
@@ -236,7 +238,7 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
             # The backbone only fits images of the size it was trained on: that is the default.
             image_size = state["model"]["image_size"] if image_size is None else image_size
         else:
-            check_backbone(backbone, image_size_of(data, image_size))
+            check_backbone(backbone, image_size_of(data, image_size, "--image-size"), "--image-size")
         bench = _benchmark(data, root, image_size, data_seed)
         check_tasks(bench, config.ways, config.shots + config.queries, splits=("train", "val"))
         if pretrained:
