@@ -91,7 +91,7 @@ def _share(config: MetaTrainConfig) -> Tuple[int, int]:
     for name in ("meta_batch", "hard_meta_batch"):
         value = getattr(config, name)
         if value % ranks and (name == "meta_batch" or config.hard_tasks):
-            raise UsageError(f"{name}={value}: the tasks of a meta-batch are divided among the "
+            raise UsageError(f"--{name.replace('_', '-')} {value}: the tasks of a meta-batch are divided among the "
                              f"{ranks} processes of the job, so give a multiple of {ranks} (or run fewer processes)")
     return config.meta_batch // ranks, config.hard_meta_batch // ranks
 

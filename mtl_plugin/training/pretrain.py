@@ -265,7 +265,7 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                         f"which takes at least 2: add classes to the train split")
     ranks, main = distributed.world_size(), distributed.is_main()
     if config.batch_size % ranks:
-        raise UsageError(f"batch_size={config.batch_size}: each batch is divided among the {ranks} processes of "
+        raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
                          f"the job, so give a multiple of {ranks} (or run fewer processes)")
     previous = _previous_run(out_dir, resume, overwrite)
     # With overwrite the old run stays until this one has a checkpoint to put in its place.
