@@ -51,7 +51,7 @@ _EXPORTS = {
     "meta_train": "training.meta_training",
     "PretrainConfig": "training.pretrain",
     "pretrain": "training.pretrain",
-    "load_pretrained": "training.pretrain",
+    "load_pretrained": "training.pretrain_checkpoint",
     "EvaluationConfig": "evaluation",
     "EvaluationResult": "evaluation",
     "evaluate": "evaluation",
@@ -96,7 +96,8 @@ if TYPE_CHECKING:
     from .training.checkpoints import load_learner
     from .training.meta_step import MetaStepResult, MetaTrainer
     from .training.meta_training import meta_train
-    from .training.pretrain import PretrainConfig, load_pretrained, pretrain
+    from .training.pretrain import PretrainConfig, pretrain
+    from .training.pretrain_checkpoint import load_pretrained
 
 
 def __getattr__(name: str) -> Any:

@@ -128,7 +128,7 @@ class Conv4(nn.Module):
             previous, side = hidden, side // 2
         if side < 1:
             raise UsageError(f"image size {image_size} px is too small for conv4 (four 2x2 poolings): "
-                             f"use --image-size 16 or more")
+                             f"use image_size=16 or more")
         self.layers = nn.Sequential(*layers)
         self.feature_dim = hidden * side * side
         self.head = _head(self.feature_dim, num_classes)
@@ -387,7 +387,7 @@ def _torchvision_misfit(arch: str, image_size: int) -> Optional[str]:
     return None
 
 
-def check_backbone(name: str, image_size: int | None = None) -> None:
+def check_backbone(name: str, image_size: int | None = None, option: str = "image_size") -> None:
     """Check that ``name`` is a backbone :func:`build_backbone` knows and fits ``image_size`` px.
 
     Cheap (nothing is built), so command lines call it before loading data or training.
@@ -396,6 +396,7 @@ def check_backbone(name: str, image_size: int | None = None) -> None:
         name: a registered name (``resnet12``, ``conv4``, ...), ``<torchvision resnet>-small``
             or a torchvision classification model name.
         image_size: the image side the backbone will see; ``None`` skips the size check.
+        option: the argument that gave ``image_size``, for the messages (``mtl`` passes ``--image-size``).
 
     Raises:
         UsageError: an unknown name, or images too small for the backbone's poolings, or of a
@@ -417,14 +418,14 @@ def check_backbone(name: str, image_size: int | None = None) -> None:
     if image_size is not None and minimum is not None and image_size < minimum:
         raise UsageError(
             f"image size {image_size} px is too small for {name} (four 2x2 poolings): "
-            f"use --image-size {minimum} or more"
+            f"use {option} {minimum} or more"
         )
     if image_size is not None and name not in _REGISTRY and base == name:
         misfit = _torchvision_misfit(name, image_size)
         if misfit is not None:
             # torchvision's own reason names the size a ViT is built for ("Expected 224 but got 16").
-            raise UsageError(f"{name} does not take images of {image_size} px ({misfit}): pass an --image-size it "
-                             f"takes, or another --backbone")
+            raise UsageError(f"{name} does not take images of {image_size} px ({misfit}): pass an {option} it "
+                             f"takes, or another backbone")
 
 
 def build_backbone(

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.speedups import Speedups
-from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
+from mtl_plugin.training.pretrain import PretrainConfig, pretrain
+from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

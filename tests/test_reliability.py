@@ -279,7 +279,7 @@ def test_library_meta_train_refuses_to_start_over_a_run(tmp_path, pretrained):
     from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
     from mtl_plugin.ss import SSAdapter
     from mtl_plugin.training.meta_training import meta_train
-    from mtl_plugin.training.pretrain import load_pretrained
+    from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
     config = MetaTrainConfig(ways=3, queries=2, inner_steps=1, iterations=1, val_every=1, val_tasks=2)
@@ -699,6 +699,38 @@ def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_checkpoints(t
     fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--out", out], "could not be written",
           "No space left on device" if failure == "OSError" else "unexpected pos", "is kept", "--resume")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_evaluate_out_on_a_full_disk_fails_before_the_tasks_run(tmp_path, pretrained, monkeypatch):
+    import errno
+    import json
+    import os
+
+    from mtl_plugin.training import io as atomic_io
+
+    out = tmp_path / "result.json"
+    out.write_text("before\n")
+    real_fallocate, real_evaluate = atomic_io.os.posix_fallocate, pipeline_cli.evaluate
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "posix_fallocate", full)
+    monkeypatch.setattr(pipeline_cli, "evaluate", lambda *a, **k: pytest.fail("ran the tasks before taking --out's room"))
+    args = EVALUATE + ["--checkpoint", pretrained / "best.pt", "--out", out]
+    fails(1, args, "result.json: could not be written", "No space left on device", "is kept")
+    assert out.read_text() == "before\n" and [path.name for path in tmp_path.iterdir()] == ["result.json"]
+    # With room, the reserved bytes hold the JSON and nothing more; the file gets the user's umask.
+    monkeypatch.setattr(atomic_io.os, "posix_fallocate", real_fallocate)
+    monkeypatch.setattr(pipeline_cli, "evaluate", real_evaluate)
+    previous = os.umask(0o027)
+    try:
+        succeeds(args)
+    finally:
+        os.umask(previous)
+    record = json.loads(out.read_text())
+    assert (record["tasks"], record["ways"], record["checkpoint"]) == (2, 3, str(pretrained / "best.pt"))
+    assert out.stat().st_mode & 0o777 == 0o640 and [path.name for path in tmp_path.iterdir()] == ["result.json"]
 
 
 @pytest.mark.parametrize("command", ["pretrain", "meta-train", "evaluate", "bench", "data"])

@@ -1,7 +1,8 @@
 """The bench: the paper's comparison and ablation tables, apart from the method itself.
 
 * :mod:`~mtl_plugin.bench.runner`: ``mtl bench``'s loop: every row on the same seeded test
-  tasks, cells cached by a digest of their settings, tables and plots.
+  tasks, cells cached by a digest of their settings, tables and plots;
+  :mod:`~mtl_plugin.bench.sharing`: how the processes of a bench under torchrun share the cells out.
 * :mod:`~mtl_plugin.bench.methods`: the rows, one file per method, in a decorator registry
   (the ablation rows are config presets of ``mtl``).
 * :mod:`~mtl_plugin.bench.ablation_report`: the ablation's plot and the paper's claims on paired

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,6 +47,14 @@ from mtl_plugin.bench.methods import METHODS, build_method, method_spec
 from mtl_plugin.bench.methods.ablation import ABLATION_SUITE
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.published import published_accuracy
+from mtl_plugin.bench.sharing import (
+    announce_data,
+    join,
+    process_device,
+    share_cells,
+    wait_for_data,
+    wait_for_pretraining,
+)
 from mtl_plugin.checks import check_output_dir
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
@@ -55,7 +62,8 @@ from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.training.distributed import WorkQueue
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.training.meta_training import plot_meta_curves
-from mtl_plugin.training.pretrain import PretrainConfig, load_pretrained, pretrain
+from mtl_plugin.training.pretrain import PretrainConfig, pretrain
+from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 
 __all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench", "shared_pretraining",
            "work_dir"]
@@ -63,8 +71,6 @@ __all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_
 PROFILES = ("quick", "paper")
 WALL_CLOCK = "wall-clock (s)"
 LEARNED = "learned parameters"
-# Store events of a bench under torchrun.
-_DATA_READY, _PRETRAINED = "data-ready", "pretrained"
 # comparison: every row registered when the bench is imported but the ablation-only ones (a row
 # registered later runs when named in ``methods``); ablation: what to adapt after pretraining
 # (Sun et al. 2019, Table 3, and this package's options).
@@ -168,11 +174,7 @@ def pretrain_config_for(config: BenchConfig) -> PretrainConfig:
 def _device(name: str, queue: Optional[WorkQueue]) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if queue is not None and device.type == "cuda" and device.index is None:
-        # One GPU per process of the node, as torchrun numbers them.
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return device
+    return torch.device(name) if queue is None else process_device(torch.device(name))
 
 
 class _SharedPretraining:
@@ -271,9 +273,9 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     return cell
 
 
-def _echo_cell(cell: dict, method: str, ways: int, shots: int, echo: Callable[[str], None]) -> None:
-    echo(f"{method} {ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
-         f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)")
+def _cell_line(cell: dict, method: str, ways: int, shots: int) -> str:
+    return (f"{method} {ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
+            f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)")
 
 
 def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: str,
@@ -360,7 +362,7 @@ def shared_pretraining(config: BenchConfig, benchmark, device: torch.device,
     pretrain_dir = config.out / "pretrain" / name
     if queue is not None and queue.rank != 0:
         def read_back() -> nn.Module:
-            queue.wait_for(_PRETRAINED)
+            wait_for_pretraining(queue)
             return load_pretrained(pretrain_dir / "best.pt", device)
 
         return _SharedPretraining(read_back)
@@ -368,52 +370,28 @@ def shared_pretraining(config: BenchConfig, benchmark, device: torch.device,
                                                device=device, progress=config.progress))
 
 
-def _share_cells(config: BenchConfig, benchmark, shared: _SharedPretraining, device: torch.device,
-                 queue: WorkQueue, echo: Callable[[str], None]) -> None:
-    """Under torchrun: every process computes cells until none is left (their cell files are the
-    results); rank 0 pretrains first, then joins, and returns once every process is done.
-
-    Each cell is computed as one process computes it alone, so the table does not depend on
-    which process took which cell, nor on how many there were.
-    """
-    if queue.rank == 0:
-        if any(method_spec(method).uses_pretraining for method in config.rows):
-            shared()
-        # Announced even without a pretraining: a method that asks for one without declaring
-        # ``uses_pretraining`` then fails on the missing best.pt instead of waiting forever.
-        queue.announce(_PRETRAINED)
-    cells = [(method, shots) for shots in config.shots for method in config.rows]
-    # The cells without pretraining first: they keep the other processes busy while rank 0 pretrains.
-    cells.sort(key=lambda cell: method_spec(cell[0]).uses_pretraining)
-    for index in queue.take(len(cells)):
-        method, shots = cells[index]
-        _echo_cell(_run_cell(config, benchmark, method, shots, shared, device), method, config.ways, shots,
-                   lambda line: echo(f"[rank {queue.rank}] {line}"))
-    queue.finish()
-
-
 def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optional[BenchResult]:
     """Fit and evaluate every method of ``config``; write the table as CSV, Markdown and LaTeX.
 
     The task shape, the backbone and the output folder are checked before any training.
-    Under torchrun the processes share the cells out (:class:`~mtl_plugin.training.distributed.WorkQueue`):
+    Under torchrun the processes share the cells out (:mod:`~mtl_plugin.bench.sharing`):
     rank 0 returns the result, the other ranks ``None``.
     """
-    queue = WorkQueue.join("mtl-bench")
+    queue = join()
     if queue is not None:
         # One progress bar at a time on the terminal the processes share; the others print a line per cell.
         config = replace(config, progress=config.progress and queue.rank == 0)
-        if queue.rank != 0:
-            queue.wait_for(_DATA_READY)  # rank 0 generates (or checks) the data alone
+        wait_for_data(queue)
     benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size,
                               seed=config.seed, **config.dataset_options)
     _check_before_work(config, benchmark)
     device = _device(config.device, queue)
     shared = shared_pretraining(config, benchmark, device, queue)
     if queue is not None:
-        if queue.rank == 0:
-            queue.announce(_DATA_READY)
-        _share_cells(config, benchmark, shared, device, queue, echo)
+        announce_data(queue)
+        share_cells(queue, [(method, shots) for shots in config.shots for method in config.rows], shared,
+                    lambda method, shots: _cell_line(_run_cell(config, benchmark, method, shots, shared, device),
+                                                     method, config.ways, shots), echo)
         if queue.rank != 0:
             return None
     records, accuracies = [], {}
@@ -422,7 +400,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optio
             cell = _run_cell(config, benchmark, method, shots, shared, device)
             accuracies[method, shots] = cell["accuracies"]
             if queue is None:
-                _echo_cell(cell, method, config.ways, shots, echo)
+                echo(_cell_line(cell, method, config.ways, shots))
             records.append({"method": method, "shots": shots,
                             **{k: v for k, v in cell.items() if k not in ("key", "accuracies")}})
     cells = pd.DataFrame(records)

@@ -86,7 +86,8 @@ def bench(profile, quiet, **given):
     # What needs no data is checked before the data is loaded (or generated); run_bench checks
     # the task shapes on the loaded data before the shared pretraining.
     check_device(config.device, "--device")
-    check_backbone(config.backbone, image_size_of(config.dataset, config.image_size))
+    size = image_size_of(config.dataset, config.image_size, "--image-size")
+    check_backbone(config.backbone, size, "--image-size")
     check_output_dir(config.out, "--out")
     click.echo(f"mtl bench: {describe(config)}")
     start = time.perf_counter()

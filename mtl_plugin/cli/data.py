@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import click
 
 from mtl_plugin.cli.base import SEED, Group
-from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark
+from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark, image_size_of
 from mtl_plugin.data.kanji import STYLES, KanjiConfig, load_kanji, preview_grid
 from mtl_plugin.errors import DataError, UsageError
 
@@ -107,6 +107,8 @@ def info(name: str, root: Optional[Path], image_size: Optional[int]) -> None:
     """Load a data set from local files and print its classes and images per split."""
     # get_benchmark names bad flags with UsageError; anything else it refuses is in the files.
     with _typed_errors(DataError):
+        # get_benchmark checks the size too, in API terms; checked first so that the message names the flag.
+        image_size_of(name, image_size, "--image-size")
         bench = get_benchmark(name, root=root, image_size=image_size)
     click.echo(f"{bench.name}: {bench.channels} x {bench.image_size} x {bench.image_size}, standard={bench.standard}")
     for split in ("train", "val", "test"):

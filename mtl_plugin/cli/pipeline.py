@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional
@@ -30,29 +31,26 @@ from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 from mtl_plugin.training import distributed
-from mtl_plugin.training.checkpoints import encoder_record, load_learner
-from mtl_plugin.training.io import atomic_write_text, read_checkpoint
+from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_record, learner_from_checkpoint
+from mtl_plugin.training.io import read_checkpoint, reserved_output
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
-from mtl_plugin.training.pretrain import (
-    SCHEDULES,
-    PretrainConfig,
-    build_pretrained,
-    check_backbone_fits,
-    check_model_record,
-    check_pretrain_checkpoint,
-    pretrain,
-    run_config,
-)
-from mtl_plugin.training.pretrain import CHECKPOINT_KIND as PRETRAIN_KIND
+from mtl_plugin.training.pretrain import SCHEDULES, PretrainConfig, pretrain, run_config
+from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND as PRETRAIN_KIND
+from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_backbone_fits, check_pretrain_checkpoint
 from mtl_plugin.training.run_log import hold_run_folder, previous_run
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
+
+# Room for mtl evaluate's JSON (under 1 kB but for the checkpoint's path, itself at most 4 kB).
+_RESULT_BYTES = 64 * 1024
 
 
 def _benchmark(data: str, root: Optional[str], image_size: Optional[int], data_seed: int):
     from mtl_plugin.data import get_benchmark
 
+    # get_benchmark checks the size too, in API terms; checked first so that the message names the flag.
+    image_size_of(data, image_size, "--image-size")
     return get_benchmark(data, root=root, image_size=image_size, seed=data_seed)
 
 
@@ -192,7 +190,7 @@ def pretrain_command(data, root, image_size, data_seed, device, out, resume, ove
     with hold_run_folder(out, "--out"):
         # With --resume, flags not given keep the saved run's values.
         config = run_config(out, _overrides(PretrainConfig, values), resume=resume, overwrite=overwrite)
-        check_backbone(config.backbone, image_size_of(data, image_size))
+        check_backbone(config.backbone, image_size_of(data, image_size, "--image-size"), "--image-size")
         bench = _benchmark(data, root, image_size, data_seed)
         check_tasks(bench, config.val_ways, config.val_shots + config.val_queries, splits=("val",))
         pretrain(bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override,
@@ -240,7 +238,7 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
             # The backbone only fits images of the size it was trained on: that is the default.
             image_size = state["model"]["image_size"] if image_size is None else image_size
         else:
-            check_backbone(backbone, image_size_of(data, image_size))
+            check_backbone(backbone, image_size_of(data, image_size, "--image-size"), "--image-size")
         bench = _benchmark(data, root, image_size, data_seed)
         check_tasks(bench, config.ways, config.shots + config.queries, splits=("train", "val"))
         if pretrained:
@@ -292,53 +290,48 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
     if out:
         check_not_input(out, {"--checkpoint": checkpoint, "--root": root}, "--out")
         check_output_file(out, "--out")
-    state = read_checkpoint(checkpoint, "--checkpoint")
-    if state["kind"] == PRETRAIN_KIND:
-        check_pretrain_checkpoint(state, checkpoint, "--checkpoint")
-    elif state["kind"] != META_KIND:
-        raise DataError(f"--checkpoint {checkpoint}: a {state['kind']!r} checkpoint; give the best.pt of "
-                        f"mtl pretrain or mtl meta-train")
-    info = state["model"]
-    if "backbone" not in info:
-        raise DataError(f"--checkpoint {checkpoint} does not record its model: meta_train wrote it without "
-                        f"model_info, so the file alone cannot rebuild the learner; give the best.pt of mtl "
-                        f"meta-train, or of a meta_train run given model_info (see mtl_plugin.load_learner)")
-    check_model_record(info, checkpoint, "--checkpoint")
-    # The backbone only fits images of the size it was trained on: that is the default.
-    bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
-    check_backbone_fits(info, bench, checkpoint, "--checkpoint")
-    check_tasks(bench, ways, shots + queries, splits=(split,))
-    if state["kind"] == META_KIND:
+    # The result's room on disk is taken before the tasks run: a full disk fails now, not at the end.
+    reserve = reserved_output(out, _RESULT_BYTES) if out and distributed.is_main() else nullcontext()
+    with reserve as write_out:
+        state = read_checkpoint(checkpoint, "--checkpoint")
+        if state["kind"] == PRETRAIN_KIND:
+            check_pretrain_checkpoint(state, checkpoint, "--checkpoint")
+        elif state["kind"] == META_KIND:
+            check_learner_checkpoint(state, checkpoint, "--checkpoint")
+        else:
+            raise DataError(f"--checkpoint {checkpoint}: a {state['kind']!r} checkpoint; give the best.pt of "
+                            f"mtl pretrain or mtl meta-train")
+        info = state["model"]
+        # The backbone only fits images of the size it was trained on: that is the default.
+        bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
+        check_backbone_fits(info, bench, checkpoint, "--checkpoint")
+        check_tasks(bench, ways, shots + queries, splits=(split,))
+        if state["kind"] == META_KIND:
+            learner = learner_from_checkpoint(state, checkpoint, "--checkpoint").to(device)
+        else:
+            backbone = build_pretrained(info)
+            backbone.load_state_dict(state["backbone"])
+            learner = MetaTransferLearner(backbone.requires_grad_(False), ways, MetaTrainConfig(ways=ways)).to(device)
+        if learner.config.head_init == "kaiming" and learner.ways != ways:
+            raise click.BadParameter(f"{checkpoint} holds a {learner.ways}-way head; pass --ways {learner.ways}",
+                                     param_hint="--ways")
+        if inner_steps is not None:
+            learner.config.test_inner_steps = inner_steps
+        if inner_lr is not None:
+            learner.config.inner_lr = inner_lr
+        config = EvaluationConfig(ways, shots, queries, tasks, seed)
         try:
-            # The file is read again there; the checks above named the flag.
-            learner = load_learner(checkpoint, device)
-        except ValueError as error:
-            # Its messages start with the checkpoint's path.
-            raise DataError(f"--checkpoint {error}") from error
-    else:
-        backbone = build_pretrained(info)
-        backbone.load_state_dict(state["backbone"])
-        learner = MetaTransferLearner(backbone.requires_grad_(False), ways, MetaTrainConfig(ways=ways)).to(device)
-    if learner.config.head_init == "kaiming" and learner.ways != ways:
-        raise click.BadParameter(f"{checkpoint} holds a {learner.ways}-way head; pass --ways {learner.ways}",
-                                 param_hint="--ways")
-    if inner_steps is not None:
-        learner.config.test_inner_steps = inner_steps
-    if inner_lr is not None:
-        learner.config.inner_lr = inner_lr
-    config = EvaluationConfig(ways, shots, queries, tasks, seed)
-    try:
-        result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
-    except NonFiniteLossError as error:
-        remedy = (f"pass a lower --inner-lr, e.g. {learner.config.inner_lr / 10:.3g}, or fewer --inner-steps"
-                  if "inner_lr" in error.settings else "check the images for NaN or infinite values")
-        raise NonFiniteLossError(f"--checkpoint {checkpoint}: the test-time adaptation diverged, so its accuracy "
-                                 f"would be chance, not a result ({error}); {remedy}",
-                                 settings=error.settings) from error
-    if not distributed.is_main():
-        return
-    click.echo(f"{split} {ways}-way {shots}-shot: {result}")
-    if out:
-        record = dict(result.as_dict(), checkpoint=str(checkpoint), split=split, ways=ways, shots=shots,
-                      queries=queries, seed=seed)
-        atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+            result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
+        except NonFiniteLossError as error:
+            remedy = (f"pass a lower --inner-lr, e.g. {learner.config.inner_lr / 10:.3g}, or fewer --inner-steps"
+                      if "inner_lr" in error.settings else "check the images for NaN or infinite values")
+            raise NonFiniteLossError(f"--checkpoint {checkpoint}: the test-time adaptation diverged, so its accuracy "
+                                     f"would be chance, not a result ({error}); {remedy}",
+                                     settings=error.settings) from error
+        if not distributed.is_main():
+            return
+        click.echo(f"{split} {ways}-way {shots}-shot: {result}")
+        if out:
+            record = dict(result.as_dict(), checkpoint=str(checkpoint), split=split, ways=ways, shots=shots,
+                          queries=queries, seed=seed)
+            write_out(json.dumps(record, indent=2) + "\n")

@@ -144,10 +144,15 @@ def _canonical(name: str) -> str:
     return key
 
 
-def image_size_of(name: str, image_size: Optional[int] = None) -> int:
+def image_size_of(name: str, image_size: Optional[int] = None, option: str = "image_size") -> int:
     """The image side :func:`get_benchmark` gives ``name`` for ``image_size`` (``None``: its usual one).
 
     Cheap (no file is read), so command lines can check a backbone against it first.
+
+    Args:
+        name: the data set.
+        image_size: the side asked for, or ``None``.
+        option: the argument that gave ``image_size``, for the message (``mtl`` passes ``--image-size``).
 
     Raises:
         UsageError: an unknown data set, or ``image_size`` outside 8..:data:`MAX_IMAGE_SIZE` px.
@@ -158,9 +163,9 @@ def image_size_of(name: str, image_size: Optional[int] = None) -> int:
     """
     size = RECIPES[_canonical(name)].native_size if image_size is None else int(image_size)
     if size < MIN_IMAGE_SIZE:
-        raise UsageError(f"image size {size} px: use --image-size {MIN_IMAGE_SIZE} or more")
+        raise UsageError(f"image size {size} px: use {option} {MIN_IMAGE_SIZE} or more")
     if size > MAX_IMAGE_SIZE:
-        raise UsageError(f"image size {size} px: use --image-size {MAX_IMAGE_SIZE} or less")
+        raise UsageError(f"image size {size} px: use {option} {MAX_IMAGE_SIZE} or less")
     return size
 
 

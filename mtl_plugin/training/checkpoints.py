@@ -3,15 +3,20 @@
 A checkpoint of :func:`~mtl_plugin.training.meta_training.meta_train` holds the learner's weights,
 its :class:`~mtl_plugin.meta_config.MetaTrainConfig` and the ``model_info`` it was given,
 the *model record*: the backbone (``backbone``, ``in_channels``, ``image_size``, as
-:func:`~mtl_plugin.training.pretrain.build_pretrained` reads them) and the encoder around it
+:func:`~mtl_plugin.training.pretrain_checkpoint.build_pretrained` reads them) and the encoder around it
 (:func:`encoder_record`: ``encoder`` ``"ss"`` with the
 :class:`~mtl_plugin.ss_config.SSConfig` fields, or ``"scratch"``). ``mtl meta-train``
 writes that record; so can a script, and then ``mtl evaluate`` and :func:`load_learner`
 rebuild its learner too.
 
+:func:`load_learner` reads the file and checks it (:func:`check_learner_checkpoint`) before it
+builds the learner (:func:`learner_from_checkpoint`); ``mtl evaluate``, which also takes a
+pretraining ``best.pt`` and checks the data against the model record before building, calls the
+two steps itself on the checkpoint it read once.
+
 Every checkpoint file is read by :func:`~mtl_plugin.training.io.read_checkpoint`
 (``weights_only=True``); a pretraining ``best.pt`` by
-:func:`~mtl_plugin.training.pretrain.load_pretrained`.
+:func:`~mtl_plugin.training.pretrain_checkpoint.load_pretrained`.
 
 Example::
 
@@ -33,9 +38,9 @@ from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.ss import SSAdapter, SSConfig
 from mtl_plugin.training.io import read_checkpoint
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND
-from mtl_plugin.training.pretrain import build_pretrained, check_model_record
+from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_model_record
 
-__all__ = ["build_encoder", "encoder_record", "load_learner"]
+__all__ = ["build_encoder", "check_learner_checkpoint", "encoder_record", "learner_from_checkpoint", "load_learner"]
 
 _SS_FIELDS = {f.name for f in fields(SSConfig)}
 
@@ -71,13 +76,81 @@ def build_encoder(record: dict) -> nn.Module:
     return SSAdapter.from_config(backbone, ss)
 
 
-def load_learner(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> MetaTransferLearner:
+def check_learner_checkpoint(state: dict, path: Union[str, os.PathLike], argument: str = "checkpoint") -> dict:
+    """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a meta-training
+    checkpoint that records its model, before anything is built from it.
+
+    Args:
+        state: the checkpoint's contents.
+        path: the file it was read from, for the messages.
+        argument: the name the caller gave the file (``--checkpoint`` from ``mtl evaluate``).
+
+    Returns:
+        ``state``.
+
+    Raises:
+        DataError: not a meta-training checkpoint, one without a model record, or a damaged record.
+
+    Example::
+
+        state = check_learner_checkpoint(read_checkpoint("runs/meta/best.pt"), "runs/meta/best.pt")
+    """
+    if state["kind"] != CHECKPOINT_KIND:
+        raise DataError(f"{argument} {path}: a {state['kind']!r} checkpoint, not one of meta-training; give the "
+                        f"best.pt of meta_train (a pretraining best.pt loads with load_pretrained)")
+    if "backbone" not in state["model"]:
+        raise DataError(f"{argument} {path} does not record its model: meta_train wrote it without model_info, so "
+                        f"the file alone cannot rebuild the learner; give the best.pt of a meta_train run given "
+                        f"model_info, as mtl meta-train gives it (see load_learner)")
+    check_model_record(state["model"], path, argument)
+    return state
+
+
+def learner_from_checkpoint(state: dict, path: Union[str, os.PathLike],
+                            argument: str = "checkpoint") -> MetaTransferLearner:
+    """The learner a checked meta-training checkpoint (:func:`check_learner_checkpoint`) holds, on the CPU.
+
+    Args:
+        state: the checkpoint's contents.
+        path: the file it was read from, for the messages.
+        argument: the name the caller gave the file.
+
+    Returns:
+        The learner, its encoder rebuilt by the model record and its config the saved one.
+
+    Raises:
+        DataError: a model record mtl cannot build, or weights that do not fit it.
+
+    Example::
+
+        state = check_learner_checkpoint(read_checkpoint("runs/meta/best.pt"), "runs/meta/best.pt")
+        learner = learner_from_checkpoint(state, "runs/meta/best.pt")
+    """
+    # Checkpoints written before head_init existed hold the official code's Kaiming head.
+    config = MetaTrainConfig(**{"head_init": "kaiming", **state["config"]})
+    try:
+        encoder = build_encoder(state["model"])
+    except ValueError as error:
+        raise DataError(f"{argument} {path}: its model record is not one mtl builds ({error}); the file is "
+                        f"damaged or was written by another version of mtl") from error
+    learner = MetaTransferLearner(encoder, config.ways, config)
+    try:
+        load_learner_state(learner, state["learner"], f"{argument} {path}")
+    except ValueError as error:
+        # The message names the file and the first tensor that does not fit.
+        raise DataError(str(error)) from error
+    return learner
+
+
+def load_learner(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+                 argument: str = "checkpoint") -> MetaTransferLearner:
     """The learner a meta-training checkpoint (``best.pt`` or ``last.pt``) was written by, with its weights.
 
     Args:
         path: a checkpoint of ``mtl meta-train``, or of :func:`~mtl_plugin.training.meta_training.meta_train`
             given a ``model_info`` record (see the module's docstring).
         device: where the learner goes.
+        argument: the name the caller gave ``path``, for the messages.
 
     Returns:
         The learner, its encoder rebuilt by the record (the backbone by name, SS with the
@@ -93,26 +166,5 @@ def load_learner(path: Union[str, os.PathLike], device: Union[str, torch.device]
         learner = load_learner("runs/meta/best.pt", device="cuda")
         result = evaluate(learner.predict, get_benchmark("kanji").test, EvaluationConfig(shots=1))
     """
-    state = read_checkpoint(path, "checkpoint")
-    if state["kind"] != CHECKPOINT_KIND:
-        raise DataError(f"{path}: a {state['kind']!r} checkpoint, not one of meta-training; give the best.pt "
-                        f"of meta_train (a pretraining best.pt loads with load_pretrained)")
-    record = state["model"]
-    if "backbone" not in record:
-        raise DataError(f"{path} does not record its model: meta_train wrote it without model_info, so the file "
-                        f"alone cannot rebuild the learner; give model_info to meta_train (see load_learner)")
-    check_model_record(record, path, "checkpoint")
-    # Checkpoints written before head_init existed hold the official code's Kaiming head.
-    config = MetaTrainConfig(**{"head_init": "kaiming", **state["config"]})
-    try:
-        encoder = build_encoder(record)
-    except ValueError as error:
-        raise DataError(f"{path}: its model record is not one mtl builds ({error}); the file is damaged or "
-                        f"was written by another version of mtl") from error
-    learner = MetaTransferLearner(encoder, config.ways, config)
-    try:
-        load_learner_state(learner, state["learner"], str(path))
-    except ValueError as error:
-        # The message names the file and the first tensor that does not fit.
-        raise DataError(str(error)) from error
-    return learner.to(device)
+    state = check_learner_checkpoint(read_checkpoint(path, argument), path, argument)
+    return learner_from_checkpoint(state, path, argument).to(device)

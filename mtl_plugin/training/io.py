@@ -1,5 +1,6 @@
 """Checkpoint I/O: atomic file writes (a reader, or a run killed with ``kill -9``, never sees half a
-file) and :func:`read_checkpoint`, the one safe reader of every checkpoint ``mtl`` loads.
+file), :func:`reserved_output` (an output's room on disk taken before the work that computes it)
+and :func:`read_checkpoint`, the one safe reader of every checkpoint ``mtl`` loads.
 
 Example::
 
@@ -10,12 +11,13 @@ Example::
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -24,7 +26,7 @@ from mtl_plugin.errors import DataError, MissingDataError, OutputError
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["atomic_open", "atomic_save", "atomic_save_figure", "atomic_write_text", "atomic_write_bytes",
-           "read_checkpoint"]
+           "read_checkpoint", "reserved_output"]
 
 
 def _umask() -> int:
@@ -60,9 +62,87 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
         reason = _write_failure(error)
         if reason is None:
             raise
-        raise OutputError(f"{path}: could not be written ({reason}); the version there before, if any, is kept: "
-                          f"free space on that disk (or write elsewhere) and run the command again (mtl pretrain "
-                          f"and meta-train with --resume)") from error
+        raise _output_error(path, reason) from error
+
+
+def _output_error(path: Path, reason: str) -> OutputError:
+    return OutputError(f"{path}: could not be written ({reason}); the version there before, if any, is kept: "
+                       f"free space on that disk (or write elsewhere) and run the command again (mtl pretrain "
+                       f"and meta-train with --resume)")
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes of disk to the open file ``fd`` (its content: zeros)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except AttributeError:
+        pass  # not on this platform (macOS)
+    except OSError as error:
+        # A file system without fallocate; any other error is the disk's answer.
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    # Written zeros take the room on any file system.
+    os.pwrite(fd, bytes(size), 0)
+    os.fsync(fd)
+
+
+@contextmanager
+def reserved_output(path: PathLike, size: int) -> Iterator[Callable[[str], None]]:
+    """Take ``size`` bytes of disk for ``path`` now, for a text that the block computes and writes at its end.
+
+    Lets a long computation whose result is small fail on a full disk before it starts rather
+    than after: the bytes are allocated to a temporary file beside ``path``, which the text
+    then overwrites and which replaces ``path`` in one rename, as :func:`atomic_open` does.
+
+    Args:
+        path: the output file.
+        size: bytes to reserve; a text as long or shorter needs no more room.
+
+    Yields:
+        ``write(text)``: writes ``text`` (UTF-8) to ``path``; call it once, at the block's end.
+        A block left without it, or by an exception, leaves ``path`` as it was.
+
+    Raises:
+        OutputError: the file system refused the bytes, now or in ``write`` (full disk, quota,
+            read-only); ``path`` is left as it was.
+
+    Example::
+
+        with reserved_output("result.json", 64 * 1024) as write:
+            result = evaluate(...)   # hours, on a disk that had room when it started
+            write(json.dumps(result.as_dict()))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    written = False
+
+    def write(text: str) -> None:
+        nonlocal written
+        data = text.encode("utf-8")
+        try:
+            # Into the reserved bytes, then cut to the text's length: no new room is asked for.
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+            os.replace(tmp, path)
+        except OSError as error:
+            raise _output_error(path, error.strerror or str(error)) from error
+        written = True
+
+    try:
+        try:
+            # mkstemp creates 0600; the finished file gets what open() would give, the user's umask.
+            os.chmod(tmp, 0o666 & ~_umask())
+            _reserve(fd, size)
+        except OSError as error:
+            raise _output_error(path, error.strerror or str(error)) from error
+        yield write
+    finally:
+        os.close(fd)
+        if not written and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _write_failure(error: BaseException) -> Optional[str]:

@@ -290,15 +290,13 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
     check_task_shape(benchmark.val, config.ways, config.shots + config.queries)
     previous = previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl meta-train", "meta-training run")
     stream = _TaskStream(benchmark.train, config)
-    log = RunLog(out_dir)
     # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bar).
     main = distributed.is_main()
+    # With overwrite the old run stays until this one has a checkpoint to put in its place.
+    log = RunLog(out_dir, replaces=overwrite and main, other_files=(VALIDATION_FILE,))
     progress = progress and main
     distributed.barrier()
     validation_path = log.run_dir / VALIDATION_FILE
-    # With overwrite the old run stays until this one has a checkpoint to put in its place.
-    replaced = ([log.last_path, log.best_path, log.csv_path, log.curve_path, validation_path]
-                if overwrite and main else [])
     model, data = dict(model_info or {}), benchmark_identity(benchmark)
     start, best_accuracy, best_iteration, validation = 0, -math.inf, 0, []
     if previous is not None:
@@ -355,10 +353,7 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
             saved = iteration
             if not main:
                 continue
-            # last.pt first: from here no moment leaves a resumable mix of the old run and this one.
-            for path in replaced:
-                path.unlink(missing_ok=True)
-            replaced = []
+            log.drop_replaced_run()
             header = {"kind": CHECKPOINT_KIND, "model": model, "data": data, "config": asdict(config),
                       "iteration": iteration, "world_size": len(streams), "learner": learner.state_dict()}
             if improved:

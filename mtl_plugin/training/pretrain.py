@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtl_plugin.backbones import build_backbone
 from mtl_plugin.checks import check_seed
-from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, benchmark_identity
+from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
 from mtl_plugin.training import distributed
 from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND, build_pretrained, load_pretrained
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import (
     DIVERGENCE_FACTOR,
@@ -52,18 +52,8 @@ from mtl_plugin.training.run_log import (
     save_checkpoint,
 )
 
-__all__ = [
-    "PretrainConfig",
-    "build_pretrained",
-    "check_backbone_fits",
-    "check_model_record",
-    "check_pretrain_checkpoint",
-    "load_pretrained",
-    "pretrain",
-    "run_config",
-]
+__all__ = ["PretrainConfig", "pretrain", "run_config"]
 
-CHECKPOINT_KIND = "pretrain"
 SCHEDULES = ("step", "cosine")
 # The one setting a resumed run may change without --override: a lower lr rescues a diverged run.
 _MAY_CHANGE_ON_RESUME = ("lr",)
@@ -132,108 +122,6 @@ class PretrainConfig:
             raise UsageError(f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}: "
                              f"need a finite lr > 0, a finite weight_decay >= 0 and 0 <= momentum < 1")
         check_seed(self.seed)
-
-
-def build_pretrained(info: dict) -> nn.Module:
-    """A backbone (no head) of the architecture a pretrain checkpoint's ``model`` entry names.
-
-    Example::
-
-        backbone = build_pretrained({"backbone": "conv4", "in_channels": 1, "image_size": 28})
-    """
-    return build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"])
-
-
-def check_model_record(info: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
-    """Check the ``model`` entry of a checkpoint before anything is built or loaded from it.
-
-    Returns:
-        ``info``.
-
-    Raises:
-        DataError: no backbone name, or an image size outside ``MIN_IMAGE_SIZE..MAX_IMAGE_SIZE`` or a
-            channel count below 1 (a damaged record: an image size of 100000 asked for 10 GB).
-
-    Example::
-
-        check_model_record(state["model"], "runs/pre/best.pt")
-    """
-    size, channels = info.get("image_size"), info.get("in_channels")
-    if (not isinstance(info.get("backbone"), str) or not isinstance(size, int)
-            or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE or not isinstance(channels, int) or channels < 1):
-        raise DataError(f"{option} {path}: its model record (backbone {info.get('backbone')!r}, image_size {size!r}, "
-                        f"in_channels {channels!r}) is not one of a model mtl trains (images of {MIN_IMAGE_SIZE} to "
-                        f"{MAX_IMAGE_SIZE} px, 1 or more channels); the file is damaged or was not written by mtl")
-    return info
-
-
-def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
-    """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a pretrain ``best.pt``.
-
-    Returns:
-        ``state``.
-
-    Raises:
-        DataError: another kind of checkpoint, the resumable ``last.pt``, which holds no
-            best backbone, or a damaged model record (:func:`check_model_record`).
-
-    Example::
-
-        state = check_pretrain_checkpoint(read_checkpoint("runs/pre/best.pt"), "runs/pre/best.pt")
-    """
-    if state["kind"] != CHECKPOINT_KIND:
-        raise DataError(f"{option} {path}: a {state['kind']!r} checkpoint, not one of mtl pretrain; "
-                        f"give the best.pt written by mtl pretrain")
-    if "backbone" not in state:
-        raise DataError(f"{option} {path}: the resumable state of mtl pretrain (last.pt), which holds no "
-                        f"best backbone; give best.pt from the same folder")
-    check_model_record(state["model"], path, option)
-    return state
-
-
-def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], option: str = "checkpoint") -> None:
-    """Check that the images of ``benchmark`` have the shape the backbone described by ``info`` was trained on.
-
-    Raises:
-        DataError: other channels or image size; the message names the checkpoint's data set and size.
-
-    Example::
-
-        check_backbone_fits(state["model"], bench, "runs/pre/best.pt")
-    """
-    trained = (info["in_channels"], info["image_size"])
-    if trained != (benchmark.channels, benchmark.image_size):
-        name = info.get("data", {}).get("name") or "its data set"
-        given = getattr(benchmark, "name", "the data set")
-        raise DataError(
-            f"{option} {path} was trained on {name} images of {trained[0]} x {trained[1]} px, but {given} gives "
-            f"{benchmark.channels} x {benchmark.image_size} px: use data of the same shape "
-            f"(e.g. --data {name} --image-size {trained[1]}) or a checkpoint trained on {given}"
-        )
-
-
-def load_pretrained(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
-    """The feature extractor saved in a pretrain ``best.pt``.
-
-    Args:
-        path: the ``best.pt`` written by :func:`pretrain` (or ``mtl pretrain``).
-        map_location: where to load the weights.
-
-    Returns:
-        The backbone (no head), rebuilt by its recorded name, with the best epoch's weights.
-
-    Raises:
-        MissingDataError: no file at ``path``.
-        DataError: an unreadable file, or not a pretrain ``best.pt``.
-
-    Example::
-
-        backbone = load_pretrained("runs/pretrain/best.pt")
-    """
-    state = check_pretrain_checkpoint(read_checkpoint(path, "checkpoint", map_location), path, "checkpoint")
-    backbone = build_pretrained(state["model"])
-    backbone.load_state_dict(state["backbone"])
-    return backbone
 
 
 def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
@@ -380,12 +268,11 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
         raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
                          f"the job, so give a multiple of {ranks} (or run fewer processes)")
     previous = _previous_run(out_dir, resume, overwrite)
-    log = RunLog(out_dir)
+    # With overwrite the old run stays until this one has a checkpoint to put in its place.
+    log = RunLog(out_dir, replaces=overwrite and main)
     # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bars).
     progress = progress and main
     distributed.barrier()
-    # With overwrite the old run stays until this one has a checkpoint to put in its place.
-    replaced = [log.last_path, log.best_path, log.csv_path, log.curve_path] if overwrite and main else []
     name = config.backbone if users is None else f"module:{type(users).__name__}"
     info = {"backbone": name, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
             "data": benchmark_identity(benchmark)}
@@ -493,10 +380,7 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
             start = epoch
             if not main:
                 continue
-            # last.pt first: from here no moment leaves a resumable mix of the old run and this one.
-            for path in replaced:
-                path.unlink(missing_ok=True)
-            replaced = []
+            log.drop_replaced_run()
             if improved:
                 save_checkpoint({"kind": CHECKPOINT_KIND, "model": info, "config": asdict(config),
                                  "epoch": epoch, "val_accuracy": result.mean,

@@ -369,10 +369,21 @@ class RunLog:
         log.write(curve=("epoch", "val_accuracy"))
     """
 
-    def __init__(self, run_dir: PathLike, rows: Optional[list] = None):
+    def __init__(self, run_dir: PathLike, rows: Optional[list] = None, replaces: bool = False,
+                 other_files: Sequence[str] = ()):
+        """
+        Args:
+            run_dir: the run's folder (created if missing).
+            rows: metrics logged before, e.g. by the run being resumed.
+            replaces: this run replaces the one in ``run_dir``; the old run's files (its
+                checkpoints, CSV, PNG and ``other_files``) stay until :meth:`drop_replaced_run`.
+            other_files: names of the run's other files in ``run_dir``.
+        """
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list = list(rows or [])
+        self._replaced: list[Path] = ([self.last_path, self.best_path, self.csv_path, self.curve_path,
+                                       *(self.run_dir / name for name in other_files)] if replaces else [])
 
     @property
     def csv_path(self) -> Path:
@@ -389,6 +400,15 @@ class RunLog:
     @property
     def best_path(self) -> Path:
         return self.run_dir / "best.pt"
+
+    def drop_replaced_run(self) -> None:
+        """Remove the files of the run this one replaces; call it right before writing this run's
+        checkpoints (``last.pt`` first), so that the old run stays whole until this one can take its
+        place and no moment leaves a resumable mix of the two. Does nothing after the first call.
+        """
+        for path in self._replaced:
+            path.unlink(missing_ok=True)
+        self._replaced = []
 
     def append(self, row: dict) -> None:
         """Add one row (a flat dict of numbers and strings)."""

@@ -1,0 +1,133 @@
+"""A pretraining checkpoint and the model record every checkpoint carries, read back before anything is built.
+
+:func:`~mtl_plugin.training.pretrain.pretrain` writes ``best.pt`` (the best epoch's backbone) and
+``last.pt`` (the resumable state), both with a *model record* under ``model``: the backbone's
+name, ``in_channels`` and ``image_size``, by which :func:`build_pretrained` rebuilds it. A
+meta-training checkpoint carries the same record (:mod:`mtl_plugin.training.checkpoints`). The
+checks here refuse a wrong or damaged file with a :class:`~mtl_plugin.errors.DataError` naming
+the argument that gave it (``checkpoint`` by default; ``mtl`` passes its flag).
+
+Example::
+
+    from mtl_plugin.training.pretrain_checkpoint import load_pretrained
+    backbone = load_pretrained("runs/pre/best.pt")
+    features = backbone(images)                      # (B, backbone.feature_dim)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+from torch import nn
+
+from mtl_plugin.backbones import build_backbone
+from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from mtl_plugin.errors import DataError
+from mtl_plugin.training.io import read_checkpoint
+
+__all__ = ["CHECKPOINT_KIND", "build_pretrained", "check_backbone_fits", "check_model_record",
+           "check_pretrain_checkpoint", "load_pretrained"]
+
+CHECKPOINT_KIND = "pretrain"
+
+
+def build_pretrained(info: dict) -> nn.Module:
+    """A backbone (no head) of the architecture a pretrain checkpoint's ``model`` entry names.
+
+    Example::
+
+        backbone = build_pretrained({"backbone": "conv4", "in_channels": 1, "image_size": 28})
+    """
+    return build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"])
+
+
+def check_model_record(info: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
+    """Check the ``model`` entry of a checkpoint before anything is built or loaded from it.
+
+    Returns:
+        ``info``.
+
+    Raises:
+        DataError: no backbone name, or an image size outside ``MIN_IMAGE_SIZE..MAX_IMAGE_SIZE`` or a
+            channel count below 1 (a damaged record: an image size of 100000 asked for 10 GB).
+
+    Example::
+
+        check_model_record(state["model"], "runs/pre/best.pt")
+    """
+    size, channels = info.get("image_size"), info.get("in_channels")
+    if (not isinstance(info.get("backbone"), str) or not isinstance(size, int)
+            or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE or not isinstance(channels, int) or channels < 1):
+        raise DataError(f"{option} {path}: its model record (backbone {info.get('backbone')!r}, image_size {size!r}, "
+                        f"in_channels {channels!r}) is not one of a model mtl trains (images of {MIN_IMAGE_SIZE} to "
+                        f"{MAX_IMAGE_SIZE} px, 1 or more channels); the file is damaged or was not written by mtl")
+    return info
+
+
+def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
+    """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a pretrain ``best.pt``.
+
+    Returns:
+        ``state``.
+
+    Raises:
+        DataError: another kind of checkpoint, the resumable ``last.pt``, which holds no
+            best backbone, or a damaged model record (:func:`check_model_record`).
+
+    Example::
+
+        state = check_pretrain_checkpoint(read_checkpoint("runs/pre/best.pt"), "runs/pre/best.pt")
+    """
+    if state["kind"] != CHECKPOINT_KIND:
+        raise DataError(f"{option} {path}: a {state['kind']!r} checkpoint, not one of mtl pretrain; "
+                        f"give the best.pt written by mtl pretrain")
+    if "backbone" not in state:
+        raise DataError(f"{option} {path}: the resumable state of mtl pretrain (last.pt), which holds no "
+                        f"best backbone; give best.pt from the same folder")
+    check_model_record(state["model"], path, option)
+    return state
+
+
+def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], option: str = "checkpoint") -> None:
+    """Check that the images of ``benchmark`` have the shape the backbone described by ``info`` was trained on.
+
+    Raises:
+        DataError: other channels or image size; the message names the checkpoint's data set and size.
+
+    Example::
+
+        check_backbone_fits(state["model"], bench, "runs/pre/best.pt")
+    """
+    trained = (info["in_channels"], info["image_size"])
+    if trained != (benchmark.channels, benchmark.image_size):
+        name = info.get("data", {}).get("name") or "its data set"
+        given = getattr(benchmark, "name", "the data set")
+        raise DataError(
+            f"{option} {path} was trained on {name} images of {trained[0]} x {trained[1]} px, but {given} gives "
+            f"{benchmark.channels} x {benchmark.image_size} px: use data of the same shape "
+            f"(e.g. --data {name} --image-size {trained[1]}) or a checkpoint trained on {given}"
+        )
+
+
+def load_pretrained(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
+    """The feature extractor saved in a pretrain ``best.pt``.
+
+    Args:
+        path: the ``best.pt`` written by :func:`pretrain` (or ``mtl pretrain``).
+        map_location: where to load the weights.
+
+    Returns:
+        The backbone (no head), rebuilt by its recorded name, with the best epoch's weights.
+
+    Raises:
+        MissingDataError: no file at ``path``.
+        DataError: an unreadable file, or not a pretrain ``best.pt``.
+
+    Example::
+
+        backbone = load_pretrained("runs/pretrain/best.pt")
+    """
+    state = check_pretrain_checkpoint(read_checkpoint(path, "checkpoint", map_location), path, "checkpoint")
+    backbone = build_pretrained(state["model"])
+    backbone.load_state_dict(state["backbone"])
+    return backbone
