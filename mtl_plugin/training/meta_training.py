@@ -275,6 +275,12 @@ def meta_train(
         learner = MetaTransferLearner(SSAdapter(backbone), ways=5, config=MetaTrainConfig(iterations=2000))
         result = meta_train(learner, get_benchmark("kanji"), "runs/meta", resume=True)
     """
+    config = learner.config
+    if learner.ways != config.ways:
+        raise ValueError(f"the learner is {learner.ways}-way but config.ways={config.ways}")
+    # Before the folder is made. The train split is checked by build_taskset; check val now rather
+    # than at the first validation.
+    check_task_shape(benchmark.val, config.ways, config.shots + config.queries)
     # Held from before the folder is read to the end, so that no second run can mix its files in.
     with hold_run_folder(out_dir):
         return _meta_train(learner, benchmark, out_dir, resume, progress, model_info, overwrite, override)
@@ -284,10 +290,6 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
                 progress: bool, model_info: Optional[dict], overwrite: bool, override: bool) -> MetaTrainResult:
     """:func:`meta_train` in its held run folder."""
     config = learner.config
-    if learner.ways != config.ways:
-        raise ValueError(f"the learner is {learner.ways}-way but config.ways={config.ways}")
-    # The train split is checked by build_taskset; check val now rather than at the first validation.
-    check_task_shape(benchmark.val, config.ways, config.shots + config.queries)
     previous = previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl meta-train", "meta-training run")
     stream = _TaskStream(benchmark.train, config)
     # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bar).
@@ -336,7 +338,7 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
             row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
             validation += [{"iteration": iteration, "task": task, "accuracy": accuracy}
                            for task, accuracy in enumerate(result.accuracies)]
-            improved = result.mean > best_accuracy
+            improved = result.beats(best_accuracy)
         log.append(row)
         if improved:
             best_accuracy, best_iteration = result.mean, iteration

@@ -249,24 +249,32 @@ def pretrain(
         backbone = pretrain(bench, PretrainConfig(backbone="conv4", epochs=3), "runs/pre")
         mine = pretrain(bench, PretrainConfig(epochs=3), "runs/mine", backbone=MyFeatureNet())
     """
+    config = config or PretrainConfig()
+    _check_before_run(benchmark, config)
     # Held from before the folder is read to the end, so that no second run can mix its files in.
     with hold_run_folder(out_dir):
-        return _pretrain(benchmark, config or PretrainConfig(), Path(out_dir), torch.device(device), resume,
-                         progress, overwrite, override, backbone)
+        return _pretrain(benchmark, config, Path(out_dir), torch.device(device), resume, progress, overwrite,
+                         override, backbone)
+
+
+def _check_before_run(benchmark: Any, config: PretrainConfig) -> None:
+    """Refuse, before the run folder is made, data and settings that cannot pretrain."""
+    num_classes = len(benchmark.train_augmented.labels)
+    if num_classes < 2:
+        # One class: the loss is 0 from the first step and the accuracy 100 %, and nothing is learned.
+        raise DataError(f"the train split has {num_classes} class; pretraining learns to tell the train classes apart, "
+                        f"which takes at least 2: add classes to the train split")
+    ranks = distributed.world_size()
+    if config.batch_size % ranks:
+        raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
+                         f"the job, so give a multiple of {ranks} (or run fewer processes)")
 
 
 def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: torch.device, resume: bool,
               progress: bool, overwrite: bool, override: bool, users: Optional[nn.Module]) -> nn.Module:
     """:func:`pretrain` in its held run folder."""
     num_classes = len(benchmark.train_augmented.labels)
-    if num_classes < 2:
-        # One class: the loss is 0 from the first step and the accuracy 100 %, and nothing is learned.
-        raise DataError(f"the train split has {num_classes} class; pretraining learns to tell the train classes apart, "
-                        f"which takes at least 2: add classes to the train split")
     ranks, main = distributed.world_size(), distributed.is_main()
-    if config.batch_size % ranks:
-        raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
-                         f"the job, so give a multiple of {ranks} (or run fewer processes)")
     previous = _previous_run(out_dir, resume, overwrite)
     # With overwrite the old run stays until this one has a checkpoint to put in its place.
     log = RunLog(out_dir, replaces=overwrite and main)
@@ -373,7 +381,7 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                         "val_ci95": result.ci95})
             if progress:
                 tqdm.write(f"pretrain epoch {epoch}: loss {log.rows[-1]['loss']:.3f}, val {result}")
-            improved = result.mean > best_accuracy
+            improved = result.beats(best_accuracy)
             best_accuracy = max(best_accuracy, result.mean)
             # Each rank's generator of augmentations, so that every rank resumes its own.
             torch_rngs = distributed.all_gather([torch.get_rng_state()])

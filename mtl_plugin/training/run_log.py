@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -209,7 +209,8 @@ def _remove_leftovers(folder: Path) -> None:
 def hold_run_folder(out_dir: PathLike, option: str = "out_dir") -> Iterator[Path]:
     """Hold the run folder ``out_dir`` for the duration of the block: a second run there is refused at once.
 
-    The folder is created if needed and locked with ``flock`` on its :data:`LOCK_FILE`; the
+    The folder is created if needed (and removed if the block leaves it empty, e.g. a run
+    refused on its data) and locked with ``flock`` on its :data:`LOCK_FILE`; the
     operating system releases the lock when the process ends, however it ends (``kill -9``
     included). Nested holds of the same folder in one process (the command line, then the
     library function it calls) share the lock. On taking it, the temporary files of atomic
@@ -239,6 +240,7 @@ def hold_run_folder(out_dir: PathLike, option: str = "out_dir") -> Iterator[Path
     if not distributed.is_main():
         yield folder
         return
+    created = not folder.exists()
     check_output_dir(folder, option)
     key = folder.resolve()
     if key in _HELD:
@@ -257,6 +259,10 @@ def hold_run_folder(out_dir: PathLike, option: str = "out_dir") -> Iterator[Path
             # Removed while still locked (see _lock), so that a finished run leaves no lock file behind.
             (key / LOCK_FILE).unlink(missing_ok=True)
             os.close(fd)
+        if created:
+            # A run refused before it wrote anything leaves no empty folder (rmdir fails on any file).
+            with suppress(OSError):
+                key.rmdir()
 
 
 def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, command: str,
