@@ -138,6 +138,9 @@ class PretrainConfig:
         Leaving them out at their defaults keeps the record of a run as it was written before
         they existed, so that the bench's pretraining folders (named by a digest of it) stay.
 
+        Returns:
+            The fields by name.
+
         Example::
 
             "optimizer" in PretrainConfig.quick().record()   # False
