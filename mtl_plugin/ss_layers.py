@@ -113,27 +113,36 @@ def select_modules(model: nn.Module, layers: LayerSelection,
 
 
 def last_block(model: nn.Module) -> str:
-    """The name of the block that holds ``model``'s last conv: the paper's Θ4 of ResNet-12.
+    """The name of the block that holds ``model``'s last weight-carrying layer: the paper's Θ4 of ResNet-12.
 
-    The block is the outermost element of an ``nn.Sequential`` on the path to the
-    last conv: ``"layers.3"`` for this package's ResNet-12, ``"layers.12"`` (the
-    last conv) for Conv4, ``"layer4.1"`` for a torchvision ResNet; without any
-    ``nn.Sequential`` on the path, the last conv itself.
+    The layer is the last ``nn.Conv2d``, ``nn.Linear`` or ``nn.MultiheadAttention`` that lies
+    inside an ``nn.Sequential`` (a classifier such as a torchvision ResNet's ``fc``, outside
+    any, is passed over), and the block is the outermost element of an ``nn.Sequential`` on
+    its path: ``"layers.3"`` for this package's ResNet-12, ``"layers.12"`` (the last conv) for
+    Conv4, ``"layer4.1"`` for a torchvision ResNet, ``"encoder.layers.encoder_layer_3"`` for a
+    4-layer torchvision ``VisionTransformer`` without its ``heads`` (which, kept, is an
+    ``nn.Sequential`` and would be the last block). Without any ``nn.Sequential``, the last such
+    layer itself.
 
     Raises:
-        ValueError: if ``model`` has no ``nn.Conv2d``.
+        ValueError: if ``model`` has no ``nn.Conv2d``, ``nn.Linear`` or ``nn.MultiheadAttention``.
 
     Example::
 
         adapter = SSAdapter(resnet12(), layers=[last_block(backbone)])   # SS [Θ4; θ]
     """
-    name = select_modules(model, None)[-1][0]
+    names = [name for name, _ in select_modules(model, None, ADAPTED_TYPES)]
+    blocks = [block for block in (_outer_sequential_element(model, name) for name in names) if block]
+    return blocks[-1] if blocks else names[-1]
+
+
+def _outer_sequential_element(model: nn.Module, name: str) -> Optional[str]:
+    """The outermost element of an ``nn.Sequential`` on the path to module ``name``; ``None`` if none."""
     parts = name.split(".")
     for depth in range(1, len(parts) + 1):
-        parent = model.get_submodule(".".join(parts[: depth - 1]))
-        if isinstance(parent, nn.Sequential):
+        if isinstance(model.get_submodule(".".join(parts[: depth - 1])), nn.Sequential):
             return ".".join(parts[:depth])
-    return name
+    return None
 
 
 def _per_kernel(layer: nn.Module, granularity: str) -> bool:

@@ -5,9 +5,11 @@ Each test drives ``mtl`` through click's runner on a tiny kanji set (30 classes,
 """
 from __future__ import annotations
 
+import math
 import pickle
 import sys
 import warnings
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -176,13 +178,15 @@ def test_meta_train_inner_divergence_at_the_first_validation(tmp_path, pretraine
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
 
-def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [{"lr": 0.05},
+                                    {"lr": 1e-3, "optimizer": "adamw", "warmup_steps": 4, "label_smoothing": 0.1}])
+def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch, recipe):
     # On resume the schedule is rebuilt and stepped to where the run was (so that a new lr can
     # take its place); that must give the very lr sequence of an uninterrupted run.
     module = sys.modules["mtl_plugin.training.pretrain"]
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
     config = PretrainConfig(backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=3, val_tasks=2,
-                            val_ways=3, val_queries=2, schedule="cosine", lr=0.05)
+                            val_ways=3, val_queries=2, schedule="cosine", **recipe)
     full = pretrain(bench, config, tmp_path / "full", progress=False)
     real = module.evaluate
     # Killed in epoch 2, at its validation.
@@ -194,6 +198,40 @@ def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "full" / "metrics.csv").read_text() == (tmp_path / "cut" / "metrics.csv").read_text()
+
+
+def test_warmup_rises_linearly_to_the_lr_then_follows_the_schedule(tmp_path):
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    config = PretrainConfig(backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=3, val_tasks=2,
+                            val_ways=3, val_queries=2, schedule="cosine", lr=1e-3, optimizer="adamw",
+                            warmup_steps=4)
+    pretrain(bench, config, tmp_path / "run", progress=False)
+    # The lr after each epoch: step 3 ends the 4 warmup steps (1 to 4 quarters of the lr), then
+    # the cosine runs over the 5 steps left: 2 of them at step 6, all at step 9.
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    lrs = [float(row.split(",")[3]) for row in rows]
+    assert lrs == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 5)), 0.0])
+    with pytest.raises(UsageError, match="warmup_steps=9 must be fewer than the run's 9 steps"):
+        pretrain(bench, replace(config, warmup_steps=9), tmp_path / "too-long", progress=False)
+
+
+def test_a_run_saved_before_the_adamw_options_resumes(tmp_path):
+    # Its config lacks optimizer, warmup_steps and label_smoothing: it trained with their defaults.
+    succeeds(PRETRAIN + ["--out", tmp_path])
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    for name in ("optimizer", "warmup_steps", "label_smoothing"):
+        del state["config"][name]
+    torch.save(state, tmp_path / "last.pt")
+    succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--out", tmp_path])
+    fails(2, PRETRAIN + ["--resume", "--epochs", "2", "--optimizer", "adamw", "--out", tmp_path],
+          "optimizer 'sgd' -> 'adamw'", "--override")
+
+
+def test_the_record_of_a_config_keeps_the_later_options_out_at_their_defaults():
+    # The bench names its pretraining folder by a digest of this record: older folders stay valid.
+    assert set(PretrainConfig.quick().record()) == set(asdict(PretrainConfig())) - {
+        "optimizer", "warmup_steps", "label_smoothing"}
+    assert PretrainConfig(optimizer="adamw", label_smoothing=0.1).record()["optimizer"] == "adamw"
 
 
 # 3. Wrong numbers are refused before any work.
@@ -784,6 +822,14 @@ def test_a_mini_imagenet_pickle_with_a_bad_class_dict_is_exit_1(tmp_path, class_
 
 
 # Issue #22. 5. Messages that misled, values accepted that should not be.
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--optimizer", "adam"], "'adam' is not one of 'sgd', 'adamw'"), (["--warmup-steps", "-1"], "x>=0"),
+    (["--label-smoothing", "1"], "0<=x<1"),
+])
+def test_bad_optimizer_warmup_or_label_smoothing_is_exit_2(tmp_path, args, phrase):
+    fails(2, PRETRAIN + args + ["--out", tmp_path / "run"], args[0], phrase)
+
 
 @pytest.mark.parametrize("args", [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "nan"]])
 def test_non_finite_pretrain_rates_are_exit_2(tmp_path, args):

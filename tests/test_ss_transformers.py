@@ -16,7 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchvision.models import VisionTransformer
 
 from mtl_plugin import SSAdapter
-from mtl_plugin.ss import SSShareWarning
+from mtl_plugin.backbones import build_backbone
+from mtl_plugin.ss import SSShareWarning, last_block
 from test_ss import _hand_written_reference, _higher, _learn2learn, _perturb, _task, _torch_func
 
 
@@ -148,3 +149,13 @@ def test_no_share_warning_on_a_transformer():
         warnings.simplefilter("error", SSShareWarning)
         report = SSAdapter(tiny_vit()).parameter_report()
     assert 0 < report["share"].iloc[-1] < 0.25
+
+
+def test_the_last_block_of_a_vit_is_its_last_encoder_layer():
+    vit = tiny_vit()
+    assert last_block(vit) == "encoder.layers.encoder_layer_1"
+    # torchvision's classifier, replaced by build_backbone, is not a block.
+    assert last_block(build_backbone("vit_b_16", image_size=224)) == "encoder.layers.encoder_layer_11"
+    adapter = SSAdapter(vit, layers=[last_block(vit)])
+    assert adapter.conv_names == [f"encoder.layers.encoder_layer_1.{name}"
+                                  for name in ("self_attention", "self_attention.out_proj", "mlp.0", "mlp.3")]

@@ -203,7 +203,7 @@ def _pretrain_key(config: BenchConfig, benchmark) -> dict:
     return {
         "dataset": config.dataset, "root": config.root, "image_size": config.image_size,
         "seed": config.seed, "dataset_options": config.dataset_options,
-        "data": benchmark_identity(benchmark), "pretrain": asdict(pretrain_config_for(config)),
+        "data": benchmark_identity(benchmark), "pretrain": pretrain_config_for(config).record(),
     }
 
 

@@ -35,7 +35,7 @@ from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_re
 from mtl_plugin.training.io import read_checkpoint, reserved_output
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
-from mtl_plugin.training.pretrain import SCHEDULES, PretrainConfig, pretrain, run_config
+from mtl_plugin.training.pretrain import OPTIMIZERS, SCHEDULES, PretrainConfig, pretrain, run_config
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND as PRETRAIN_KIND
 from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_backbone_fits, check_pretrain_checkpoint
 from mtl_plugin.training.run_log import hold_run_folder, previous_run
@@ -103,10 +103,13 @@ _PRETRAIN_OPTIONS = [
     ("backbone", str, "resnet12, conv4, <torchvision resnet>-small, a torchvision or registered name."),
     ("epochs", _POSITIVE, "Training epochs (the official code's)."),
     ("batch_size", _POSITIVE, "Images per step."),
-    ("lr", _RATE, "SGD (Nesterov) learning rate."),
-    ("weight_decay", _FiniteRange(min=0), "L2 weight decay."),
+    ("optimizer", click.Choice(OPTIMIZERS), "sgd (Nesterov momentum) or adamw (e.g. for a vision transformer)."),
+    ("lr", _RATE, "Learning rate."),
+    ("weight_decay", _FiniteRange(min=0), "Weight decay (L2 for sgd, decoupled for adamw)."),
     ("schedule", click.Choice(SCHEDULES),
      f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0."),
+    ("warmup_steps", _COUNT, "Steps of linear warmup to --lr before the schedule, which runs over the rest."),
+    ("label_smoothing", _FiniteRange(min=0, max=1, max_open=True), "Label smoothing of the cross-entropy."),
     ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),
     ("val_tasks", _POSITIVE, "Validation tasks per epoch."),
     ("val_ways", click.IntRange(min=2), "Classes per validation task."),

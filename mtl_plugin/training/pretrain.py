@@ -1,7 +1,8 @@
 """The large-scale phase of MTL: train backbone + linear head on all meta-train classes, drop the head.
 
-SGD with Nesterov momentum and weight decay, a step (or cosine) schedule, the
-data set's training augmentation. Every epoch the backbone is validated on
+SGD with Nesterov momentum and weight decay (or AdamW, with an optional linear
+warmup, for networks such as a small vision transformer), a step (or cosine)
+schedule, the data set's training augmentation. Every epoch the backbone is validated on
 few-shot val tasks with a nearest-centroid classifier on its frozen features and
 the best epoch is kept (``best.pt``); ``last.pt`` lets a killed run resume.
 
@@ -55,6 +56,10 @@ from mtl_plugin.training.run_log import (
 __all__ = ["PretrainConfig", "pretrain", "run_config"]
 
 SCHEDULES = ("step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+# Options added after runs were first recorded: left out of :meth:`PretrainConfig.record` at
+# their defaults, so that the records (and the bench's folder digests) of earlier runs stay.
+_LATER_OPTIONS = ("optimizer", "warmup_steps", "label_smoothing")
 # The one setting a resumed run may change without --override: a lower lr rescues a diverged run.
 _MAY_CHANGE_ON_RESUME = ("lr",)
 
@@ -67,6 +72,11 @@ class PretrainConfig:
     lr x0.2 every 30 epochs; validation on 600 5-way 1-shot val tasks per epoch.
     ``steps_per_epoch`` caps an epoch (``None``: one pass over the data), for
     small budgets.
+
+    For networks that SGD does not train from scratch (a small vision transformer):
+    ``optimizer="adamw"`` (decoupled ``weight_decay``; ``momentum`` and ``nesterov``
+    unused), ``warmup_steps`` of linear warmup before ``schedule`` (which then runs
+    over the remaining steps), and ``label_smoothing`` of the cross-entropy.
 
     Raises:
         UsageError: an unknown schedule or a value out of range (e.g. ``lr <= 0``, ``epochs < 1``, a seed
@@ -93,6 +103,9 @@ class PretrainConfig:
     val_queries: int = 15
     val_tasks: int = 600
     seed: int = 0
+    optimizer: str = "sgd"
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
 
     @classmethod
     def quick(cls, backbone: str = "conv4", seed: int = 0) -> "PretrainConfig":
@@ -108,9 +121,33 @@ class PretrainConfig:
         return cls(backbone=backbone, epochs=40, batch_size=64, lr=0.1, schedule="cosine", steps_per_epoch=100,
                    val_tasks=50, seed=seed)
 
+    def record(self) -> dict[str, Any]:
+        """The config as a dict, the options added later (optimizer, warmup, label smoothing)
+        only where they differ from their defaults.
+
+        Leaving them out at their defaults keeps the record of a run as it was written before
+        they existed, so that the bench's pretraining folders (named by a digest of it) stay.
+
+        Returns:
+            The fields by name.
+
+        Example::
+
+            "optimizer" in PretrainConfig.quick().record()   # False
+        """
+        defaults = PretrainConfig()
+        return {name: value for name, value in asdict(self).items()
+                if name not in _LATER_OPTIONS or value != getattr(defaults, name)}
+
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise UsageError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
         minimums = {"epochs": 1, "batch_size": 1, "lr_step": 1, "val_tasks": 1, "val_ways": 2, "val_shots": 1,
                     "val_queries": 1}
         for name, minimum in minimums.items():
@@ -124,11 +161,41 @@ class PretrainConfig:
         check_seed(self.seed)
 
 
+def _optimizer(parameters, config: PretrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                           weight_decay=config.weight_decay)
+
+
 def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
+    if config.warmup_steps:
+        return _warmup_schedule(optimizer, config, steps_per_epoch)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step * steps_per_epoch,
                                            gamma=config.lr_gamma)
+
+
+def _warmup_schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
+    """Linear warmup to ``lr`` over ``warmup_steps``, then ``config.schedule`` over the steps left.
+
+    Raises:
+        UsageError: the warmup leaves no step of the run to the schedule.
+    """
+    warmup, total = config.warmup_steps, config.epochs * steps_per_epoch
+    if warmup >= total:
+        raise UsageError(f"warmup_steps={warmup} must be fewer than the run's {total} steps "
+                         f"({config.epochs} epochs of {steps_per_epoch})")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        return config.lr_gamma ** ((step - warmup) // (config.lr_step * steps_per_epoch))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _previous_run(out_dir: Path, resume: bool, overwrite: bool) -> Optional[dict]:
@@ -166,7 +233,8 @@ def run_config(out_dir: Union[str, Path], changes: dict, resume: bool = False,
 
 
 def _check_resumable(state: dict, config: PretrainConfig, info: dict, override: bool, path: Path) -> None:
-    saved = state["config"]
+    # A run saved before an option existed trained with its default.
+    saved = {**asdict(PretrainConfig()), **state["config"]}
     may_change = _MAY_CHANGE_ON_RESUME
     if config.schedule == saved.get("schedule") == "step":
         # A step schedule does not depend on the total, so more epochs just continue the same run.
@@ -310,17 +378,16 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
         steps_per_epoch = math.ceil(math.ceil(len(train) / ranks) / batch_size)
         if config.steps_per_epoch is not None:
             steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-        optimizer = torch.optim.SGD(classifier.parameters(), lr=config.lr, momentum=config.momentum,
-                                    nesterov=config.nesterov, weight_decay=config.weight_decay)
+        optimizer = _optimizer(classifier.parameters(), config)
         start, best_accuracy = 0, -math.inf
         if previous is not None:
             classifier.load_state_dict(previous["classifier"])
             optimizer.load_state_dict(previous["optimizer"])
             # The config's hyper-parameters win over the saved ones (a new lr, or any with override);
             # the schedule is rebuilt under them and brought to the step the run had reached.
+            momentum = {"momentum": config.momentum, "nesterov": config.nesterov} if config.optimizer == "sgd" else {}
             for group in optimizer.param_groups:
-                group.update(lr=config.lr, initial_lr=config.lr, momentum=config.momentum,
-                             nesterov=config.nesterov, weight_decay=config.weight_decay)
+                group.update(lr=config.lr, initial_lr=config.lr, weight_decay=config.weight_decay, **momentum)
             scheduler = _schedule(optimizer, config, steps_per_epoch)
             fast_forward(scheduler, previous["scheduler"]["last_epoch"])
             torch.set_rng_state(previous["torch_rngs"][distributed.rank()] if ranks > 1 else previous["torch_rng"])
@@ -350,7 +417,7 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                     break
                 images, labels = images.to(device), torch.as_tensor(labels).to(device)
                 logits = model(images)
-                loss = F.cross_entropy(logits, labels)
+                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
                 value = loss.item()
                 diverged = None
                 if not math.isfinite(value) or value > diverged_loss:
