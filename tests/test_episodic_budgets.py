@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl_plugin.bench.methods.base import BenchContext
-from mtl_plugin.bench.methods.episodic import fit_episodically, train_episodes
+from mtl_plugin.bench.methods.episodic import budget_decay, fit_episodically, train_episodes
 from mtl_plugin.bench.methods.maml import MAML, MAMLConfig
 from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
 from mtl_plugin.bench.methods.protonet import ProtoNetConv4, ProtoNetConv4Config
@@ -112,6 +112,45 @@ def test_two_seeds_never_share_an_episode(benchmark, tmp_path):
         drawn[seed] = tasks
     assert not torch.equal(drawn[0][1], drawn[1][0])
     assert not torch.equal(drawn[0][2], drawn[1][1])
+
+
+def decayed_run(benchmark, work_dir: Path, kill_at=None) -> list[float]:
+    """The learning rate of each episode of a 20-episode run whose last half decays."""
+    config = MetaNetConfig(max_episodes=20, checkpoint_every=4, budget_decay=0.5)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    rates: list[float] = []
+
+    def step(tasks) -> float:
+        if kill_at is not None and len(rates) == kill_at:
+            raise Killed
+        rates.append(optimizer.param_groups[0]["lr"])
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        return 0.0
+
+    fit_episodically("probe", make_context(benchmark, work_dir), config, step,
+                     {"model": model, "optimizer": optimizer}, ways=WAYS, queries=QUERIES,
+                     scheduler=budget_decay(optimizer, config))
+    return rates
+
+
+def test_budget_decay_takes_the_rate_to_zero_by_the_end_and_resumes_where_it_was(benchmark, tmp_path):
+    rates = decayed_run(benchmark, tmp_path / "whole")
+    lr = MetaNetConfig().lr
+    assert rates[:11] == [lr] * 11
+    assert all(a > b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] < 0.05 * lr
+    with pytest.raises(Killed):
+        decayed_run(benchmark, tmp_path / "killed", kill_at=14)  # the last checkpoint holds episode 12
+    assert decayed_run(benchmark, tmp_path / "killed") == rates[12:]
+
+
+def test_budget_decay_is_off_by_default_and_checked():
+    optimizer = torch.optim.Adam(torch.nn.Linear(2, 1).parameters())
+    assert budget_decay(optimizer, MetaNetConfig()) is None
+    with pytest.raises(ValueError, match="budget_decay=1.5"):
+        budget_decay(optimizer, MetaNetConfig(budget_decay=1.5))
 
 
 TINY_METANET = MetaNetConfig(filters=8, hidden=8, max_ways=5, meta_hidden=6, train_queries=2,

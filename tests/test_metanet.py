@@ -92,6 +92,31 @@ def test_memory_read_favours_the_most_similar_key():
     assert attention.argmax() == 1
 
 
+def test_a_larger_attention_scale_sharpens_the_read_towards_the_nearest_key():
+    # Non-negative keys (ReLU outputs) that are nearly parallel, as u's keys are early in training.
+    keys = torch.tensor([[1.0, 0.2, 0.1], [0.2, 1.0, 0.1], [0.1, 0.2, 1.0]]) + 1.0
+    query, values = keys[1:2], torch.randn(3, 5)
+    _, flat = read_memory(query, keys, values)
+    _, sharp = read_memory(query, keys, values, scale=10.0)
+    assert flat.argmax() == sharp.argmax() == 1
+    assert flat.max() < 0.4 and sharp.max() > 0.55
+    assert torch.allclose(sharp.sum(1), torch.ones(1))
+
+
+def test_the_attention_scale_is_the_papers_1_or_learned_from_its_start():
+    xs, ys, xq = torch.randn(3, 1, SIZE, SIZE), torch.arange(3), torch.randn(6, 1, SIZE, SIZE)
+    paper = tiny_model(TINY)
+    assert paper.attention_scale() == 1.0 and paper.log_attention_scale is None
+    learned = tiny_model(replace(TINY, attention_scale=10.0))
+    assert learned.attention_scale().item() == pytest.approx(10.0, rel=1e-6)
+    # The other parameters start where the paper's model starts.
+    learned_parameters = dict(learned.named_parameters())
+    for name, p in paper.named_parameters():
+        assert torch.equal(p, learned_parameters[name]), name
+    F.cross_entropy(learned(xs, ys, xq, 3), torch.arange(3).repeat(2)).backward()
+    assert learned.log_attention_scale.grad is not None and learned.log_attention_scale.grad != 0
+
+
 def test_contrastive_loss_pulls_same_pairs_and_pushes_others():
     embeddings = torch.tensor([[0.0, 0.0], [0.0, 0.1], [5.0, 0.0]])
     pairs = torch.tensor([[0, 1], [0, 2]])
@@ -168,5 +193,8 @@ def test_quick_profile_keeps_the_papers_architecture_and_optimiser():
     # The departures its docstring gives: narrower conv layers, fewer augmented layers.
     assert (paper.filters, quick.filters) == (64, 32)
     assert (paper.augmented_layers, quick.augmented_layers) == (3, 2)
+    # And a learned read scale with a decaying rate (the paper: softmax(cos), a constant rate).
+    assert (paper.attention_scale, paper.budget_decay) == (None, 0.0)
+    assert (quick.attention_scale, quick.budget_decay) == (10.0, 1.0)
     for config in (quick, paper):
         assert (config.lr, config.gradient_clip, config.gradient_k) == (1e-3, 10.0, 7.0)

@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
@@ -27,7 +28,7 @@ from mtl_plugin.training.io import atomic_save
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import load_checkpoint
 
-__all__ = ["EpisodicMethod", "fit_episodically", "sample_episode", "train_episodes"]
+__all__ = ["EpisodicMethod", "budget_decay", "fit_episodically", "sample_episode", "train_episodes"]
 
 
 def train_episodes(
@@ -131,6 +132,7 @@ def fit_episodically(
     state: dict[str, Any],
     ways: int,
     queries: int,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
 ) -> list[float]:
     """:func:`train_episodes` on ``ways``-way ``context.shots``-shot tasks of the meta-train split.
 
@@ -147,6 +149,8 @@ def fit_episodically(
         state: the objects to checkpoint, by name (model, optimiser, ...).
         ways: classes per training task (may exceed the test ways).
         queries: queries per class in a training task.
+        scheduler: a learning-rate schedule (:func:`budget_decay`) stepped after every
+            episode and checkpointed with ``state``; ``None``: the rate stays.
 
     Returns:
         Every episode's loss.
@@ -171,11 +175,61 @@ def fit_episodically(
         "method": name, "config": asdict(config), "ways": ways, "shots": context.shots,
         "seed": context.seed, "data": [benchmark.channels, benchmark.image_size, len(benchmark.train.labels)],
     }
+    if scheduler is not None:
+        state = {**state, "scheduler": scheduler}
+
+    def scheduled_step(tasks) -> float:
+        loss = step(tasks)
+        if scheduler is not None:
+            scheduler.step()
+        return loss
+
     return train_episodes(
-        step, make_tasks, state, Path(context.work_dir) / "checkpoint.pt", fingerprint,
+        scheduled_step, make_tasks, state, Path(context.work_dir) / "checkpoint.pt", fingerprint,
         max_episodes=config.max_episodes, checkpoint_every=config.checkpoint_every,
         progress=context.progress, desc=name,
     )
+
+
+def budget_decay(optimizer: torch.optim.Optimizer, config: Any) -> Optional[torch.optim.lr_scheduler.LambdaLR]:
+    """The learning rate decayed to zero over the last ``config.budget_decay`` of the budget, if set.
+
+    Stepped once per episode, it keeps ``config.lr`` until the last ``budget_decay`` fraction of
+    ``config.max_episodes`` and takes it down to 0 on a half cosine over that fraction (1.0:
+    cosine annealing over the whole run, Loshchilov & Hutter 2017, without restarts). The model
+    kept is the last iterate: under a constant rate it is one full-size step of a noisy
+    trajectory, so floats that differ in the last bit (another CPU, another thread count) can
+    end it at points whose accuracies differ by more than the confidence interval. It costs
+    nothing per episode.
+
+    Args:
+        optimizer: the optimiser whose learning rate it sets.
+        config: the method's config, with ``max_episodes`` and optionally ``budget_decay``
+            (a fraction in (0, 1]; 0 or missing: a constant rate).
+
+    Returns:
+        The scheduler (checkpoint it with the model), or ``None`` for a constant rate.
+
+    Raises:
+        ValueError: ``budget_decay`` outside [0, 1].
+
+    Example::
+
+        scheduler = budget_decay(optimizer, config)   # scheduler.step() after each optimizer.step()
+    """
+    fraction = getattr(config, "budget_decay", 0.0)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"budget_decay={fraction} must lie in [0, 1] (the fraction of the budget that decays)")
+    if fraction == 0.0:
+        return None
+    total = max(config.max_episodes, 1)
+    decaying = max(round(fraction * total), 1)
+    start = total - decaying
+
+    def factor(episode: int) -> float:
+        return 1.0 if episode < start else 0.5 * (1.0 + math.cos(math.pi * (episode - start) / decaying))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def sample_episode(tasks: Any, shots: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -219,7 +273,8 @@ class EpisodicMethod(FewShotMethod):
 
     def fit(self, context: Any) -> None:
         """Train ``build_model(context)`` with Adam at ``config.lr`` on ``config.max_episodes`` episodes
-        of ``config.train_queries`` queries (gradient norm clipped at ``config.gradient_clip`` if set)."""
+        of ``config.train_queries`` queries (gradient norm clipped at ``config.gradient_clip`` if set,
+        the rate decayed to zero by :func:`budget_decay` if ``config.budget_decay``)."""
         config = self.config
         self.device = context.device
         with torch.random.fork_rng(devices=[]):
@@ -240,7 +295,8 @@ class EpisodicMethod(FewShotMethod):
             return loss.item()
 
         self.losses = fit_episodically(self.name, context, config, step, {"model": model, "optimizer": optimizer},
-                                       ways=context.ways, queries=config.train_queries)
+                                       ways=context.ways, queries=config.train_queries,
+                                       scheduler=budget_decay(optimizer, config))
         self.model = model.eval()
 
     def predict(
