@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # rebuild its extensions from the .pyx sources against the environment's Cython.
 L2L_PIN := learn2learn==0.2.0
 
-.PHONY: setup bench test clean
+.PHONY: setup bench test lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Lint and format check (ruff, pinned in setup.py; rules in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ imports this module when Python starts, so the finder is in place before any imp
 program; ``import mtl_plugin`` installs it too (a source checkout or an editable install, which
 carry no ``.pth``). It imports nothing but ``sys``, to keep every interpreter's start-up as it was.
 """
+
 import sys
 
 _NOTICES = "gym_notices.notices"

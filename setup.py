@@ -12,7 +12,6 @@ HERE = Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "mtl_plugin" / "__init__.py").read_text(), re.M).group(1)
 
 
-
 class BuildWithStartupHook(build_py):
     """Adds ``mtl_plugin_quiet_gym.pth`` beside the packages, so that it lands in site-packages.
 
@@ -67,7 +66,8 @@ setup(
         "tabulate>=0.9,<1",
     ],
     extras_require={
-        "test": ["pytest>=7,<10"],
+        # ruff pinned: a newer one may add rules that an unchanged tree fails (make lint).
+        "test": ["pytest>=7,<10", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["mtl=mtl_plugin.cli:main"]},
     classifiers=[

@@ -10,6 +10,7 @@ read.
     MTL_DATA=... .venv/bin/python benchmarks/ablation_validation.py --out /tmp/abl-val \
         --rows ft-all --lrs 1e-3,1e-4 --shots 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,16 +43,32 @@ def main() -> None:
                 method_class, _ = METHODS[name]
                 method = method_class(replace(MTLConfig.quick(), finetune_encoder_lr=lr))
                 work = config.out / "validation" / f"{name}-lr{lr:g}-{shots}s"
-                context = BenchContext(benchmark=benchmark, ways=config.ways, shots=shots, queries=config.queries,
-                                       seed=config.seed, work_dir=work, profile=config.profile,
-                                       device=torch.device("cpu"), pretrained_backbone=pretrained,
-                                       backbone_name=config.backbone, progress=False)
+                context = BenchContext(
+                    benchmark=benchmark,
+                    ways=config.ways,
+                    shots=shots,
+                    queries=config.queries,
+                    seed=config.seed,
+                    work_dir=work,
+                    profile=config.profile,
+                    device=torch.device("cpu"),
+                    pretrained_backbone=pretrained,
+                    backbone_name=config.backbone,
+                    progress=False,
+                )
                 method.fit(context)
                 curve = pd.read_csv(work / "metrics.csv").dropna(subset=["val_accuracy"])
                 for _, point in curve.iterrows():
-                    rows.append({"row": name, "lr": lr, "shots": shots, "iteration": int(point["iteration"]),
-                                 "val_accuracy": round(point["val_accuracy"], 2),
-                                 "val_ci95": round(point["val_ci95"], 2)})
+                    rows.append(
+                        {
+                            "row": name,
+                            "lr": lr,
+                            "shots": shots,
+                            "iteration": int(point["iteration"]),
+                            "val_accuracy": round(point["val_accuracy"], 2),
+                            "val_ci95": round(point["val_ci95"], 2),
+                        }
+                    )
                 print(pd.DataFrame(rows).tail(len(curve)).to_string(index=False), flush=True)
     print(pd.DataFrame(rows).to_string(index=False))
 

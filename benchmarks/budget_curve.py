@@ -28,15 +28,16 @@ CSV (long format: row, shots, iteration, accuracy, ci95, tasks, diff_vs_mtl, dif
 gain_vs_start, gain_vs_start_ci95) and the PNG (one panel per shot setting, accuracy with 95% CI
 error bars). Bad flags print one ``Error: ...`` line and exit with 2 before any work.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -52,24 +53,34 @@ from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import check_tasks
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationResult
-from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
-from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text, read_checkpoint
 from mtl_plugin.training.meta_training import VALIDATION_FILE
 
 REFERENCE = "mtl"
 DEFAULT_ROWS = ("mtl", "mtl-ht", "ft-all", "ss-last")
 # The rows the summary sets against the reference, in this order (others follow).
 AGAINST = ("ss-last", "ft-all", "mtl-ht")
-COLUMNS = ["row", "shots", "iteration", "accuracy", "ci95", "tasks", "diff_vs_mtl", "diff_vs_mtl_ci95",
-           "gain_vs_start", "gain_vs_start_ci95"]
+COLUMNS = [
+    "row",
+    "shots",
+    "iteration",
+    "accuracy",
+    "ci95",
+    "tasks",
+    "diff_vs_mtl",
+    "diff_vs_mtl_ci95",
+    "gain_vs_start",
+    "gain_vs_start_ci95",
+]
 # Settings of a run that a resumed run cannot change (meta_train refuses): checked before any work.
 FIXED = {"val_every": "--val-every", "val_tasks": "--val-tasks", "lr_step": "--lr-step"}
 
 
 def _curve_rows() -> tuple[str, ...]:
     """The rows meta-trained by ``MTL.fit`` with an ``MTLConfig``: the ones with a validation curve."""
-    return tuple(name for name in METHODS
-                 if issubclass(method_spec(name).method, MTL) and method_spec(name).config is MTLConfig)
+    return tuple(
+        name for name in METHODS if issubclass(method_spec(name).method, MTL) and method_spec(name).config is MTLConfig
+    )
 
 
 def _list(text: str, flag: str, kind: Callable = str) -> list:
@@ -83,21 +94,34 @@ def _list(text: str, flag: str, kind: Callable = str) -> list:
     return list(dict.fromkeys(values))
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True,
-                        help="bench output folder holding (or to hold) the shared pretraining; runs go to "
-                             "OUT/budget-curve/<row>-<shots>s/")
-    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                        help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)})")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="bench output folder holding (or to hold) the shared pretraining; runs go to "
+        "OUT/budget-curve/<row>-<shots>s/",
+    )
+    parser.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)})"
+    )
     parser.add_argument("--shots", default="1,5", help="comma-separated shot settings (default: 1,5)")
     parser.add_argument("--iterations", type=int, default=2000, help="meta-iterations of each run (default: 2000)")
-    parser.add_argument("--val-every", type=int, default=250,
-                        help="validate (and checkpoint) every N iterations, from 0 (default: 250)")
-    parser.add_argument("--val-tasks", type=int, default=600,
-                        help="seeded val tasks of every validation (default: 600, a CI of about ±1 at 1-shot)")
-    parser.add_argument("--lr-step", type=int, default=None,
-                        help="halve the outer lrs every N iterations (default: MTLConfig.quick()'s)")
+    parser.add_argument(
+        "--val-every", type=int, default=250, help="validate (and checkpoint) every N iterations, from 0 (default: 250)"
+    )
+    parser.add_argument(
+        "--val-tasks",
+        type=int,
+        default=600,
+        help="seeded val tasks of every validation (default: 600, a CI of about ±1 at 1-shot)",
+    )
+    parser.add_argument(
+        "--lr-step",
+        type=int,
+        default=None,
+        help="halve the outer lrs every N iterations (default: MTLConfig.quick()'s)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda (default: auto)")
     parser.add_argument("--csv", default=None, help="the curve's CSV (default: OUT/budget-curve/budget-curve.csv)")
@@ -121,9 +145,11 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if not 1 <= args.val_every <= args.iterations:
         raise UsageError(f"--val-every {args.val_every}: give 1 to --iterations ({args.iterations})")
     if args.iterations % args.val_every:
-        raise UsageError(f"--val-every {args.val_every} does not divide --iterations {args.iterations}: every "
-                         f"point of the curve must be a validation (e.g. --iterations "
-                         f"{math.ceil(args.iterations / args.val_every) * args.val_every})")
+        raise UsageError(
+            f"--val-every {args.val_every} does not divide --iterations {args.iterations}: every "
+            f"point of the curve must be a validation (e.g. --iterations "
+            f"{math.ceil(args.iterations / args.val_every) * args.val_every})"
+        )
     if args.val_tasks < 2:
         raise UsageError(f"--val-tasks {args.val_tasks}: a confidence interval needs at least 2 tasks")
     for flag in ("lr_step", "threads"):
@@ -142,11 +168,16 @@ def run_dir(out: Path, row: str, shots: int) -> Path:
     return Path(out) / "budget-curve" / f"{row}-{shots}s"
 
 
-def curve_config(base: MTLConfig, iterations: int, val_every: int, val_tasks: int,
-                 lr_step: Optional[int]) -> MTLConfig:
+def curve_config(base: MTLConfig, iterations: int, val_every: int, val_tasks: int, lr_step: int | None) -> MTLConfig:
     """``base`` (the quick profile) with the curve's budget; every other setting as it is."""
-    meta = replace(base.meta, iterations=iterations, val_every=val_every, val_tasks=val_tasks,
-                   checkpoint_every=val_every, lr_step=base.meta.lr_step if lr_step is None else lr_step)
+    meta = replace(
+        base.meta,
+        iterations=iterations,
+        val_every=val_every,
+        val_tasks=val_tasks,
+        checkpoint_every=val_every,
+        lr_step=base.meta.lr_step if lr_step is None else lr_step,
+    )
     return replace(base, meta=meta)
 
 
@@ -160,9 +191,11 @@ def check_existing_runs(plans: list[tuple[str, int, MTL, BenchContext]]) -> None
         meta = method.meta_config(context)
         for name, flag in FIXED.items():
             if name in saved and saved[name] != getattr(meta, name):
-                raise UsageError(f"{context.work_dir} holds a {shots}-shot {row} run made with {flag} {saved[name]} "
-                                 f"(now {getattr(meta, name)}): give {flag} {saved[name]} to extend it, or "
-                                 f"another --out")
+                raise UsageError(
+                    f"{context.work_dir} holds a {shots}-shot {row} run made with {flag} {saved[name]} "
+                    f"(now {getattr(meta, name)}): give {flag} {saved[name]} to extend it, or "
+                    f"another --out"
+                )
 
 
 def read_validation(path: Path, iterations: int) -> pd.DataFrame:
@@ -187,8 +220,10 @@ def curve_frame(per_task: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFr
     :func:`~mtl_plugin.bench.ablation_report.paired_difference` of the per-task accuracies, and
     ``gain_vs_start`` is NaN for a run without an iteration 0.
     """
-    accuracies = {key: list(group.sort_values("task")["accuracy"])
-                  for key, group in per_task.groupby(["row", "shots", "iteration"], sort=False)}
+    accuracies = {
+        key: list(group.sort_values("task")["accuracy"])
+        for key, group in per_task.groupby(["row", "shots", "iteration"], sort=False)
+    }
     rows = []
     for (row, shots, iteration), mine in accuracies.items():
         result = EvaluationResult(mine)
@@ -196,11 +231,25 @@ def curve_frame(per_task: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFr
         start = accuracies.get((row, shots, 0))
         diff = paired_difference(mine, against) if against is not None else (math.nan, math.nan)
         gain = paired_difference(mine, start) if start is not None else (math.nan, math.nan)
-        rows.append({"row": row, "shots": int(shots), "iteration": int(iteration), "accuracy": result.mean,
-                     "ci95": result.ci95, "tasks": len(mine), "diff_vs_mtl": diff[0], "diff_vs_mtl_ci95": diff[1],
-                     "gain_vs_start": gain[0], "gain_vs_start_ci95": gain[1]})
-    return pd.DataFrame(rows, columns=COLUMNS).sort_values(["shots", "row", "iteration"], kind="stable",
-                                                          key=_row_order).reset_index(drop=True)
+        rows.append(
+            {
+                "row": row,
+                "shots": int(shots),
+                "iteration": int(iteration),
+                "accuracy": result.mean,
+                "ci95": result.ci95,
+                "tasks": len(mine),
+                "diff_vs_mtl": diff[0],
+                "diff_vs_mtl_ci95": diff[1],
+                "gain_vs_start": gain[0],
+                "gain_vs_start_ci95": gain[1],
+            }
+        )
+    return (
+        pd.DataFrame(rows, columns=COLUMNS)
+        .sort_values(["shots", "row", "iteration"], kind="stable", key=_row_order)
+        .reset_index(drop=True)
+    )
 
 
 def _row_order(column: pd.Series) -> pd.Series:
@@ -227,8 +276,10 @@ def summary(frame: pd.DataFrame, reference: str = REFERENCE) -> list[str]:
         for line in summary(pd.read_csv("budget-curve.csv")):
             print(line)
     """
-    lines = ["Summary: paired differences over the same val tasks, in points, ± 95% CI (1.96·std/√n of the "
-             "per-task differences)."]
+    lines = [
+        "Summary: paired differences over the same val tasks, in points, ± 95% CI (1.96·std/√n of the "
+        "per-task differences)."
+    ]
     for shots, mine in frame.groupby("shots", sort=True):
         rows = list(dict.fromkeys(mine["row"]))
         lines.append(f"{shots}-shot:")
@@ -247,23 +298,34 @@ def summary(frame: pd.DataFrame, reference: str = REFERENCE) -> list[str]:
             if not len(points):
                 lines.append(f"  {row} vs {reference}: no iteration validated by both")
             elif not apart["holds"] and not apart["reversed"]:
-                lines.append(f"  {row} vs {reference}: within the CI at every iteration "
-                             f"({', '.join(str(int(i)) for i in points['iteration'])})")
+                lines.append(
+                    f"  {row} vs {reference}: within the CI at every iteration "
+                    f"({', '.join(str(int(i)) for i in points['iteration'])})"
+                )
             else:
-                parts = [f"above at {', '.join(apart['holds'])}" if apart["holds"] else "",
-                         f"below at {', '.join(apart['reversed'])}" if apart["reversed"] else ""]
-                lines.append(f"  {row} vs {reference}: {'; '.join(p for p in parts if p)}; within the CI at the "
-                             f"other {len(points) - len(apart['holds']) - len(apart['reversed'])} of "
-                             f"{len(points)} iterations")
+                parts = [
+                    f"above at {', '.join(apart['holds'])}" if apart["holds"] else "",
+                    f"below at {', '.join(apart['reversed'])}" if apart["reversed"] else "",
+                ]
+                lines.append(
+                    f"  {row} vs {reference}: {'; '.join(p for p in parts if p)}; within the CI at the "
+                    f"other {len(points) - len(apart['holds']) - len(apart['reversed'])} of "
+                    f"{len(points)} iterations"
+                )
         for row in rows:
             curve = mine[mine["row"] == row]
             best = curve.loc[curve["accuracy"].idxmax()]
-            gain = (f"{_signed(best['gain_vs_start'], best['gain_vs_start_ci95'])} over iteration 0"
-                    if pd.notna(best["gain_vs_start"]) else "no iteration 0 to compare with")
+            gain = (
+                f"{_signed(best['gain_vs_start'], best['gain_vs_start_ci95'])} over iteration 0"
+                if pd.notna(best["gain_vs_start"])
+                else "no iteration 0 to compare with"
+            )
             start = curve[curve["iteration"] == 0]
             opening = f" ({start['accuracy'].iloc[0]:.2f} %)" if len(start) else ""
-            lines.append(f"  {row}: best {best['accuracy']:.2f} ± {best['ci95']:.2f} % at iteration "
-                         f"{int(best['iteration'])}, {gain}{opening}")
+            lines.append(
+                f"  {row}: best {best['accuracy']:.2f} ± {best['ci95']:.2f} % at iteration "
+                f"{int(best['iteration'])}, {gain}{opening}"
+            )
     return lines
 
 
@@ -275,8 +337,9 @@ def curve_table(frame: pd.DataFrame) -> str:
         table = cells.pivot(index="iteration", columns="row", values="cell")[list(dict.fromkeys(mine["row"]))]
         table.columns.name = None
         tasks = ", ".join(str(n) for n in sorted(set(mine["tasks"])))
-        blocks.append(f"{shots}-shot, validation accuracy (%) ± 95% CI over {tasks} val tasks:\n"
-                      f"{table.fillna('-').to_string()}")
+        blocks.append(
+            f"{shots}-shot, validation accuracy (%) ± 95% CI over {tasks} val tasks:\n{table.fillna('-').to_string()}"
+        )
     return "\n\n".join(blocks)
 
 
@@ -300,8 +363,17 @@ def plot_curve(frame: pd.DataFrame, path: Path, title: str = "") -> None:
         for index, row in enumerate(rows):
             curve = mine[mine["row"] == row]
             dodge = (index - (len(rows) - 1) / 2) * 0.04 * spacing
-            axis.errorbar(curve["iteration"] + dodge, curve["accuracy"], yerr=curve["ci95"], marker="o",
-                          markersize=3, capsize=2, linewidth=1.2, color=f"C{index}", label=row)
+            axis.errorbar(
+                curve["iteration"] + dodge,
+                curve["accuracy"],
+                yerr=curve["ci95"],
+                marker="o",
+                markersize=3,
+                capsize=2,
+                linewidth=1.2,
+                color=f"C{index}",
+                label=row,
+            )
         axis.set_title(f"{shots}-shot")
         axis.set_xlabel("meta-training iteration")
         axis.set_ylabel("validation accuracy (%) ± 95% CI")
@@ -313,8 +385,9 @@ def plot_curve(frame: pd.DataFrame, path: Path, title: str = "") -> None:
     atomic_save_figure(figure, path)
 
 
-def run_curves(plans: list[tuple[str, int, MTL, BenchContext]], iterations: int,
-               echo: Callable[[str], None] = print) -> pd.DataFrame:
+def run_curves(
+    plans: list[tuple[str, int, MTL, BenchContext]], iterations: int, echo: Callable[[str], None] = print
+) -> pd.DataFrame:
     """Fit (or extend, or read back) every planned run; their per-task validation accuracies."""
     frames = []
     for row, shots, method, context in plans:
@@ -326,15 +399,17 @@ def run_curves(plans: list[tuple[str, int, MTL, BenchContext]], iterations: int,
         seconds = time.perf_counter() - start - pretraining
         validation = read_validation(Path(context.work_dir) / VALIDATION_FILE, iterations)
         done = sorted(set(validation["iteration"]))
-        echo(f"{row} {shots}-shot: validated at {len(done)} iterations ({done[0] if done else '-'}.."
-             f"{done[-1] if done else '-'}), {seconds:.1f} s this call"
-             + (f" (+ {pretraining:.0f} s shared pretraining)" if pretraining >= 1 else "") + f", {context.work_dir}")
+        echo(
+            f"{row} {shots}-shot: validated at {len(done)} iterations ({done[0] if done else '-'}.."
+            f"{done[-1] if done else '-'}), {seconds:.1f} s this call"
+            + (f" (+ {pretraining:.0f} s shared pretraining)" if pretraining >= 1 else "")
+            + f", {context.work_dir}"
+        )
         frames.append(validation.assign(row=row, shots=shots))
     return pd.concat(frames, ignore_index=True)[["row", "shots", "iteration", "task", "accuracy"]]
 
 
-def main(argv: Optional[list[str]] = None, bench: Optional[BenchConfig] = None,
-         mtl: Optional[MTLConfig] = None) -> pd.DataFrame:
+def main(argv: list[str] | None = None, bench: BenchConfig | None = None, mtl: MTLConfig | None = None) -> pd.DataFrame:
     """Run the curve the flags ask for, print it and its summary, write the CSV and the PNG.
 
     ``bench`` (default ``BenchConfig.quick()``; ``out`` and ``progress`` come from the flags)
@@ -359,8 +434,9 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
     out = check_output_dir(config.out, "--out")
     csv_path = Path(args.csv) if args.csv else out / "budget-curve" / "budget-curve.csv"
     png_path = Path(args.png) if args.png else out / "budget-curve" / "budget-curve.png"
-    benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size, seed=config.seed,
-                              **config.dataset_options)
+    benchmark = get_benchmark(
+        config.dataset, root=config.root, image_size=config.image_size, seed=config.seed, **config.dataset_options
+    )
     for shots in config.shots:
         check_tasks(benchmark, config.ways, shots + config.queries, splits=("train", "val"))
     check_backbone(config.backbone, benchmark.image_size)
@@ -370,24 +446,40 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
     plans = []
     for shots in config.shots:
         for row in args.rows:
-            context = BenchContext(benchmark=benchmark, ways=config.ways, shots=shots, queries=config.queries,
-                                   seed=config.seed, work_dir=run_dir(out, row, shots), profile=config.profile,
-                                   device=device, pretrained_backbone=pretrained, backbone_name=config.backbone,
-                                   progress=config.progress)
+            context = BenchContext(
+                benchmark=benchmark,
+                ways=config.ways,
+                shots=shots,
+                queries=config.queries,
+                seed=config.seed,
+                work_dir=run_dir(out, row, shots),
+                profile=config.profile,
+                device=device,
+                pretrained_backbone=pretrained,
+                backbone_name=config.backbone,
+                progress=config.progress,
+            )
             plans.append((row, shots, METHODS[row][0](method_config), context))
     check_existing_runs(plans)
     meta = method_config.meta
-    print(f"budget curve: {', '.join(args.rows)} at {', '.join(f'{s}-shot' for s in config.shots)}, "
-          f"{config.ways}-way, {config.queries} queries, {benchmark.name} {benchmark.image_size} px, "
-          f"{config.backbone}; {args.iterations} iterations, validation every {args.val_every} on "
-          f"{args.val_tasks} val tasks, outer lrs halved every {meta.lr_step} iterations "
-          f"(x{meta.lr_gamma ** (args.iterations // meta.lr_step):.2g} by iteration {args.iterations}); {device}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"budget curve: {', '.join(args.rows)} at {', '.join(f'{s}-shot' for s in config.shots)}, "
+        f"{config.ways}-way, {config.queries} queries, {benchmark.name} {benchmark.image_size} px, "
+        f"{config.backbone}; {args.iterations} iterations, validation every {args.val_every} on "
+        f"{args.val_tasks} val tasks, outer lrs halved every {meta.lr_step} iterations "
+        f"(x{meta.lr_gamma ** (args.iterations // meta.lr_step):.2g} by iteration {args.iterations}); {device}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
     per_task = run_curves(plans, args.iterations, echo=lambda line: print(line, flush=True))
     frame = curve_frame(per_task)
     atomic_write_text(csv_path, frame.to_csv(index=False, float_format="%.4f"))
-    plot_curve(frame, png_path, title=f"{benchmark.name}, {config.ways}-way, {config.backbone}: validation accuracy "
-                                      f"over the same {args.val_tasks} val tasks")
+    plot_curve(
+        frame,
+        png_path,
+        title=f"{benchmark.name}, {config.ways}-way, {config.backbone}: validation accuracy "
+        f"over the same {args.val_tasks} val tasks",
+    )
     print()
     print(curve_table(frame))
     print()

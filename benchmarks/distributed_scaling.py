@@ -11,6 +11,7 @@ Efficiency = throughput(N) / (N x throughput(1)).
     .venv/bin/python benchmarks/distributed_scaling.py                     # 1 and 2 processes on CPU
     .venv/bin/python benchmarks/distributed_scaling.py --nproc 4 --device cuda --backbone resnet12 --image-size 84
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ def _meta_train(args, device: torch.device, ranks: int) -> float:
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(WAYS).repeat(SHOTS + QUERIES)
-    tasks = [(torch.randn(len(labels), args.channels, args.image_size, args.image_size, generator=generator), labels)
-             for _ in range(args.meta_batch // ranks)]
+    tasks = [
+        (torch.randn(len(labels), args.channels, args.image_size, args.image_size, generator=generator), labels)
+        for _ in range(args.meta_batch // ranks)
+    ]
     config = MetaTrainConfig(ways=WAYS, shots=SHOTS, queries=QUERIES, meta_batch=args.meta_batch)
     backbone = build_backbone(args.backbone, in_channels=args.channels, image_size=args.image_size)
     learner = MetaTransferLearner(SSAdapter(backbone), WAYS, config).to(device)
@@ -93,17 +96,38 @@ def worker(args) -> None:
     torch.manual_seed(0)
     device = distributed.setup(torch.device(args.device))
     ranks = distributed.world_size()
-    result = {"processes": ranks, "meta-train tasks/s": _meta_train(args, device, ranks),
-              "pretrain images/s": _pretrain(args, device, ranks)}
+    result = {
+        "processes": ranks,
+        "meta-train tasks/s": _meta_train(args, device, ranks),
+        "pretrain images/s": _pretrain(args, device, ranks),
+    }
     if distributed.is_main():
         Path(args.out).write_text(json.dumps(result))
 
 
 def _launch(args, processes: int, out: Path) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               __file__, "--worker", "--out", str(out)]
-    for name in ("device", "backbone", "channels", "image_size", "classes", "meta_batch", "batch_size", "steps",
-                 "warmup"):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        __file__,
+        "--worker",
+        "--out",
+        str(out),
+    ]
+    for name in (
+        "device",
+        "backbone",
+        "channels",
+        "image_size",
+        "classes",
+        "meta_batch",
+        "batch_size",
+        "steps",
+        "warmup",
+    ):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return json.loads(out.read_text())
@@ -132,14 +156,18 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be a multiple of --nproc {args.nproc}")
     with tempfile.TemporaryDirectory() as folder:
         runs = [_launch(args, processes, Path(folder) / f"{processes}.json") for processes in (1, args.nproc)]
-    print(f"\n{args.backbone} {args.channels}x{args.image_size}px on {args.device}, 1 thread per process, global "
-          f"meta-batch {args.meta_batch} tasks, pretraining batch {args.batch_size}, {args.steps} timed steps")
+    print(
+        f"\n{args.backbone} {args.channels}x{args.image_size}px on {args.device}, 1 thread per process, global "
+        f"meta-batch {args.meta_batch} tasks, pretraining batch {args.batch_size}, {args.steps} timed steps"
+    )
     print(f"{'phase':<20}{'processes':>10}{'throughput':>12}{'speed-up':>10}{'efficiency':>12}")
     for phase in ("meta-train tasks/s", "pretrain images/s"):
         for run in runs:
             speed_up = run[phase] / runs[0][phase]
-            print(f"{phase:<20}{run['processes']:>10}{run[phase]:>12.1f}{speed_up:>10.2f}"
-                  f"{speed_up / run['processes']:>12.0%}")
+            print(
+                f"{phase:<20}{run['processes']:>10}{run[phase]:>12.1f}{speed_up:>10.2f}"
+                f"{speed_up / run['processes']:>12.0%}"
+            )
 
 
 if __name__ == "__main__":

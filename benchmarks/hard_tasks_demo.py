@@ -14,6 +14,7 @@ logits, so ties are broken by margin. Runs in well under a minute on 2 CPU cores
 
     .venv/bin/python benchmarks/hard_tasks_demo.py [--meta-batches 300] [--mode resample]
 """
+
 from __future__ import annotations
 
 import itertools
@@ -56,7 +57,7 @@ def prototype_logits(embed: torch.nn.Module, task) -> tuple[torch.Tensor, torch.
     (xs, ys), (xq, yq) = split_support_query(task.data, task.labels, SHOTS)
     support, query = embed(xs), embed(xq)
     prototypes = torch.stack([support[ys == j].mean(0) for j in range(len(task.classes))])
-    return -torch.cdist(query, prototypes) ** 2, yq
+    return -(torch.cdist(query, prototypes) ** 2), yq
 
 
 @click.command()
@@ -118,8 +119,10 @@ def main(classes: int, meta_batches: int, k: int, mode: str, seed: int) -> None:
     )
     print(table.round(3).to_string(index=False))
     error_rate = 1 - table["mean accuracy (normal tasks)"]
-    print(f"\n{meta_batches} meta-batches of {k} normal + {k} hard {WAYS}-way {SHOTS}-shot tasks ({mode}) "
-          f"in {seconds:.1f} s")
+    print(
+        f"\n{meta_batches} meta-batches of {k} normal + {k} hard {WAYS}-way {SHOTS}-shot tasks ({mode}) "
+        f"in {seconds:.1f} s"
+    )
     print(f"correlation(error rate, share of hard tasks) = {error_rate.corr(table['share of hard tasks']):.3f}")
     print(f"correlation(error rate, share of normal tasks) = {error_rate.corr(table['share of normal tasks']):.3f}")
     normal, hard = (sum(task_accuracy[h]) / len(task_accuracy[h]) for h in (False, True))

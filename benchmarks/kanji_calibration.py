@@ -51,6 +51,7 @@ Example::
     python benchmarks/kanji_calibration.py --set clutter=0 --set drop_stroke=0.0
     python benchmarks/kanji_calibration.py --split val --split test         # final report
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,7 +60,6 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import click
 import torch
@@ -81,13 +81,15 @@ def _overrides(settings: tuple[str, ...]) -> dict:
     for setting in settings:
         name, _, value = setting.partition("=")
         if name not in known or not value:
-            raise click.BadParameter(f"{setting!r}: give NAME=VALUE with NAME one of {sorted(known)}",
-                                     param_hint="--set")
+            raise click.BadParameter(
+                f"{setting!r}: give NAME=VALUE with NAME one of {sorted(known)}", param_hint="--set"
+            )
         try:
             parsed[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise click.BadParameter(f"{setting!r}: VALUE must be a Python literal, e.g. 0.1 or (3.0, 9.0)",
-                                     param_hint="--set") from None
+            raise click.BadParameter(
+                f"{setting!r}: VALUE must be a Python literal, e.g. 0.1 or (3.0, 9.0)", param_hint="--set"
+            ) from None
     return parsed
 
 
@@ -102,19 +104,47 @@ def _verdict(classifier: str, shots: int, accuracy: float) -> str:
 
 @click.command()
 @click.option("--style", type=click.Choice(sorted(STYLES)), default="wild", show_default=True)
-@click.option("--num-classes", default=KanjiConfig.num_classes, show_default=True,
-              help="Fewer classes calibrate faster; confirm on the default.")
-@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
-              help="Override a KanjiConfig field, e.g. --set clutter=2 (repeatable).")
-@click.option("--split", "splits", multiple=True, type=click.Choice(["val", "test"]), default=("val",),
-              show_default=True, help="Splits to evaluate on (repeatable); choose settings on val.")
+@click.option(
+    "--num-classes",
+    default=KanjiConfig.num_classes,
+    show_default=True,
+    help="Fewer classes calibrate faster; confirm on the default.",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override a KanjiConfig field, e.g. --set clutter=2 (repeatable).",
+)
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    type=click.Choice(["val", "test"]),
+    default=("val",),
+    show_default=True,
+    help="Splits to evaluate on (repeatable); choose settings on val.",
+)
 @click.option("--tasks", default=BenchConfig.quick().test_tasks, show_default=True, help="Tasks per cell.")
 @click.option("--seed", default=0, show_default=True, help="Data set, pretraining and task seed, as in the bench.")
 @click.option("--workers", type=int, default=None, help="Generation processes [default: all usable cores].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Kanji cache to reuse [default: a fresh one, so generation is timed].")
-def main(style: str, num_classes: int, settings: tuple[str, ...], splits: tuple[str, ...], tasks: int, seed: int,
-         workers: Optional[int], cache_dir: Optional[Path]) -> None:
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Kanji cache to reuse [default: a fresh one, so generation is timed].",
+)
+def main(
+    style: str,
+    num_classes: int,
+    settings: tuple[str, ...],
+    splits: tuple[str, ...],
+    tasks: int,
+    seed: int,
+    workers: int | None,
+    cache_dir: Path | None,
+) -> None:
     """Pretrain as the quick bench does and print nearest-class-mean accuracies."""
     overrides = _overrides(settings)
     options = dict(style=style, num_classes=num_classes, **overrides)
@@ -127,24 +157,35 @@ def main(style: str, num_classes: int, settings: tuple[str, ...], splits: tuple[
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        benchmark = get_benchmark("kanji", seed=seed, cache_dir=cache_dir or Path(scratch) / "kanji",
-                                  workers=workers, progress=False, **options)
+        benchmark = get_benchmark(
+            "kanji",
+            seed=seed,
+            cache_dir=cache_dir or Path(scratch) / "kanji",
+            workers=workers,
+            progress=False,
+            **options,
+        )
         generation = time.perf_counter() - start
         start = time.perf_counter()
-        backbone = pretrain(benchmark, pretraining_config, Path(scratch) / "pretrain", device=device,
-                            progress=False)
+        backbone = pretrain(benchmark, pretraining_config, Path(scratch) / "pretrain", device=device, progress=False)
         pretraining = time.perf_counter() - start
         with open(Path(scratch) / "pretrain" / "metrics.csv", newline="") as handle:
             epochs = list(csv.DictReader(handle))
     print(f"kanji {style} {num_classes} classes, seed {seed}, overrides {overrides or 'none'}")
-    print(f"generation {generation:.0f} s ({'cache ' + str(cache_dir) if cache_dir else 'fresh'}), "
-          f"quick pretraining {pretraining:.0f} s on {device.type}")
-    print(f"  pretraining config: {pretraining_config.backbone}, {pretraining_config.epochs} epochs x "
-          f"{pretraining_config.steps_per_epoch} steps of {pretraining_config.batch_size}, "
-          f"{pretraining_config.schedule} lr {pretraining_config.lr}")
+    print(
+        f"generation {generation:.0f} s ({'cache ' + str(cache_dir) if cache_dir else 'fresh'}), "
+        f"quick pretraining {pretraining:.0f} s on {device.type}"
+    )
+    print(
+        f"  pretraining config: {pretraining_config.backbone}, {pretraining_config.epochs} epochs x "
+        f"{pretraining_config.steps_per_epoch} steps of {pretraining_config.batch_size}, "
+        f"{pretraining_config.schedule} lr {pretraining_config.lr}"
+    )
     for row in epochs:
-        print(f"  pretraining epoch {row['epoch']}: loss {float(row['loss']):.3f}, train accuracy "
-              f"{float(row['accuracy']):.1f}%, val 1-shot {float(row['val_accuracy']):.1f}%")
+        print(
+            f"  pretraining epoch {row['epoch']}: loss {float(row['loss']):.3f}, train accuracy "
+            f"{float(row['accuracy']):.1f}%, val 1-shot {float(row['val_accuracy']):.1f}%"
+        )
     classifiers = {"protonet": nearest_centroid(backbone), "pixels": nearest_centroid(nn.Flatten())}
     print(f"{'split':5s}  {'classifier':10s}  {'shots':>5s}  {'accuracy':>16s}  verdict")
     for split in splits:
@@ -153,8 +194,9 @@ def main(style: str, num_classes: int, settings: tuple[str, ...], splits: tuple[
                 config = EvaluationConfig(bench_config.ways, shots, bench_config.queries, tasks, seed)
                 result = evaluate(predict, benchmark.split(split), config, progress=False)
                 cell = f"{result.mean:.2f} ± {result.ci95:.2f}"
-                print(f"{split:5s}  {name:10s}  {shots:5d}  {cell:>16s}  {_verdict(name, shots, result.mean)}",
-                      flush=True)
+                print(
+                    f"{split:5s}  {name:10s}  {shots:5d}  {cell:>16s}  {_verdict(name, shots, result.mean)}", flush=True
+                )
 
 
 if __name__ == "__main__":

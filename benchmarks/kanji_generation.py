@@ -10,6 +10,7 @@ Example::
     python benchmarks/kanji_generation.py --style clean
     python benchmarks/kanji_generation.py --image-size 84 --workers 2
 """
+
 from __future__ import annotations
 
 import os

@@ -9,12 +9,14 @@ and ``speed-up`` is NCHW time over channels-last time. Outputs agree to float ro
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/memory_format.py [--repeats 9] [--threads 2]
 """
+
 from __future__ import annotations
 
 import copy
 import platform
 import statistics
 import time
+from functools import partial
 
 import click
 import pandas as pd
@@ -42,7 +44,7 @@ class _Nchw(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The backbone's own forward would convert x to channels-last: call its layers directly.
         inner = self.backbone
-        if hasattr(inner, "pool"):                 # ResNet-12
+        if hasattr(inner, "pool"):  # ResNet-12
             return inner.head(inner.pool(inner.layers(x)).flatten(1))
         return inner.head(inner.layers(x).flatten(1))
 
@@ -74,8 +76,8 @@ def measure(name: str, size: int, batch: int, repeats: int, seed: int) -> dict:
     for turn in range(repeats + 1):
         for layout, model in models.items():
             for kind, step in (("train", train_step), ("eval", evaluate)):
-                seconds = _timed(lambda: step(model))
-                if turn:                            # the first turn warms up allocators and oneDNN
+                seconds = _timed(partial(step, model))
+                if turn:  # the first turn warms up allocators and oneDNN
                     times[layout, kind].append(seconds)
     with torch.no_grad():
         reference = models["nchw"].eval()(x)
@@ -100,8 +102,10 @@ def measure(name: str, size: int, batch: int, repeats: int, seed: int) -> dict:
 def main(repeats: int, threads: int | None, seed: int) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     rows = [measure(name, size, batch, repeats, seed) for name, size, batch in CASES]
     print(pd.DataFrame(rows).to_string(index=False))
 

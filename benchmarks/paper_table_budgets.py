@@ -10,6 +10,7 @@ the reference for what one quick cell may cost.
     MTL_DATA=/tmp/lead/qdata OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paper_table_budgets.py \
         [--methods protonet-conv4,matchingnet,meta-lstm,tadam] [--shots 1,5] [--episodes tadam=400]
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -54,22 +55,32 @@ def main(methods, shots, episodes, tasks, queries, seed):
                     config = replace(config, max_episodes=budgets[name])
                 method = method_class(config)
                 context = BenchContext(
-                    benchmark=benchmark, ways=5, shots=shot, queries=queries, seed=seed,
-                    work_dir=Path(scratch) / f"{name}-{shot}", profile="quick", device=torch.device("cpu"),
-                    pretrained_backbone=lambda: None, progress=False,
+                    benchmark=benchmark,
+                    ways=5,
+                    shots=shot,
+                    queries=queries,
+                    seed=seed,
+                    work_dir=Path(scratch) / f"{name}-{shot}",
+                    profile="quick",
+                    device=torch.device("cpu"),
+                    pretrained_backbone=lambda: None,
+                    progress=False,
                 )
                 start = time.perf_counter()
                 method.fit(context)
                 fit_seconds = time.perf_counter() - start
                 start = time.perf_counter()
-                result = evaluate(method.predict, benchmark.val,
-                                  EvaluationConfig(5, shot, queries, tasks, seed), progress=False)
+                result = evaluate(
+                    method.predict, benchmark.val, EvaluationConfig(5, shot, queries, tasks, seed), progress=False
+                )
                 eval_seconds = time.perf_counter() - start
                 cell = fit_seconds + eval_seconds
                 reference.setdefault(shot, cell)
-                click.echo(f"{name:15s} {shot}-shot {config.max_episodes:5d} episodes: val {result} | "
-                           f"fit {fit_seconds:5.1f} s, eval {eval_seconds:4.1f} s, cell {cell:5.1f} s "
-                           f"({cell / reference[shot]:.2f}x the first method)", )
+                click.echo(
+                    f"{name:15s} {shot}-shot {config.max_episodes:5d} episodes: val {result} | "
+                    f"fit {fit_seconds:5.1f} s, eval {eval_seconds:4.1f} s, cell {cell:5.1f} s "
+                    f"({cell / reference[shot]:.2f}x the first method)",
+                )
 
 
 if __name__ == "__main__":

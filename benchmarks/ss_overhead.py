@@ -5,6 +5,7 @@ the ratio of medians. Goal (issue 2): at most 1.15 on CPU.
 
     .venv/bin/python benchmarks/ss_overhead.py [--repeats 7]
 """
+
 from __future__ import annotations
 
 import statistics

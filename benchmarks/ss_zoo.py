@@ -12,6 +12,7 @@ backbone's.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ss_zoo.py [--check] [--max-params 1e9] [--markdown]
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,11 +31,31 @@ DEFAULT_INPUT_SIZE = 32
 CLASSES = 10
 # One model per family for the README table: the smallest, and those whose 1x1 convs make
 # the paper's scale per kernel a full reparameterisation.
-REPRESENTATIVES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_b7",
-                   "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t", "mnasnet1_0", "mobilenet_v2",
-                   "mobilenet_v3_large", "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d",
-                   "wide_resnet50_2", "shufflenet_v2_x1_0", "squeezenet1_1", "swin_t", "swin_v2_t", "vgg11_bn",
-                   "vit_b_16")
+REPRESENTATIVES = (
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "efficientnet_b7",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet1_0",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "regnet_y_400mf",
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "shufflenet_v2_x1_0",
+    "squeezenet1_1",
+    "swin_t",
+    "swin_v2_t",
+    "vgg11_bn",
+    "vit_b_16",
+)
 
 
 def models() -> list[str]:
@@ -137,8 +158,11 @@ def check_model(name: str, seed: int = 0) -> dict[str, object]:
 
     output = adapter(x)
     (output * torch.randn(output.shape, generator=generator)).sum().backward()
-    no_gradient = [name for name, scale, shift in zip(adapter.conv_names, adapter.scales, adapter.shifts)
-                   if not any(p.grad is not None and p.grad.any() for p in (scale, shift))]
+    no_gradient = [
+        name
+        for name, scale, shift in zip(adapter.conv_names, adapter.scales, adapter.shifts)
+        if not any(p.grad is not None and p.grad.any() for p in (scale, shift))
+    ]
     return {
         "init_error": init_error,
         "fold_error": fold_error,
@@ -165,29 +189,61 @@ def main(check: bool, max_params: float, markdown: bool) -> None:
             # RegNet computes its widths from tensors, which a meta device cannot read back.
             model = build(name)
         auto, kernel = describe(model, "auto"), describe(model, "kernel")
-        row = {"family": family(name), "model": name, "params": sum(p.numel() for p in model.parameters()),
-               "conv": auto["conv"], "linear": auto["linear"], "attention": auto["attention"],
-               "ss auto": auto["ss"], "share auto": auto["share"], "ss kernel": kernel["ss"],
-               "share kernel": kernel["share"]}
+        row = {
+            "family": family(name),
+            "model": name,
+            "params": sum(p.numel() for p in model.parameters()),
+            "conv": auto["conv"],
+            "linear": auto["linear"],
+            "attention": auto["attention"],
+            "ss auto": auto["ss"],
+            "share auto": auto["share"],
+            "ss kernel": kernel["ss"],
+            "share kernel": kernel["share"],
+        }
         if check:
             row.update({key: value for key, value in check_model(name).items() if key != "share"})
         rows.append(row)
-        click.echo(" ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
-                            for key, value in row.items()), err=markdown)
+        click.echo(
+            " ".join(
+                f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()
+            ),
+            err=markdown,
+        )
     frame = pd.DataFrame(rows)
     if markdown:
         chosen = frame[frame["model"].isin(REPRESENTATIVES)]
-        table = chosen.assign(**{column: (100 * chosen[column]).map("{:.1f} %".format)
-                                 for column in ("share auto", "share kernel")})
-        click.echo(table[["family", "model", "params", "conv", "linear", "attention", "ss auto", "share auto",
-                          "ss kernel", "share kernel"]].to_markdown(index=False, intfmt=","))
+        table = chosen.assign(
+            **{column: (100 * chosen[column]).map("{:.1f} %".format) for column in ("share auto", "share kernel")}
+        )
+        click.echo(
+            table[
+                [
+                    "family",
+                    "model",
+                    "params",
+                    "conv",
+                    "linear",
+                    "attention",
+                    "ss auto",
+                    "share auto",
+                    "ss kernel",
+                    "share kernel",
+                ]
+            ].to_markdown(index=False, intfmt=",")
+        )
     worst = frame[["share auto", "share kernel"]].max()
-    click.echo(f"{len(frame)} models; largest share of the backbone: auto {worst['share auto']:.1%}, "
-               f"kernel {worst['share kernel']:.1%}")
+    click.echo(
+        f"{len(frame)} models; largest share of the backbone: auto {worst['share auto']:.1%}, "
+        f"kernel {worst['share kernel']:.1%}"
+    )
     if check:
-        click.echo(f"largest error at init {frame['init_error'].max():.2g}, after fold "
-                   f"{frame['fold_error'].max():.2g}; models with a layer whose Φ got no gradient: "
-                   f"{list(frame.loc[frame['no_gradient'].map(len) > 0, 'model'])}")
+        click.echo(
+            f"largest error at init {frame['init_error'].max():.2g}, after fold "
+            f"{frame['fold_error'].max():.2g}; models with a layer whose Φ got no gradient: "
+            f"{list(frame.loc[frame['no_gradient'].map(len) > 0, 'model'])}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,7 @@ Goal (issue 13): with the exact levers, >= 2x the reference loop's tasks/s on re
     .venv/bin/python benchmarks/throughput.py --backbone conv4 resnet12 resnet18-small --order first second \\
         --meta-batch 1 2 4 --bn frozen train --granularity kernel channel --image-size 84 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -65,16 +66,30 @@ from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter
 
 WAYS, QUERIES, SEED = 5, 15, 0
-LEVERS = ("support_without_graph", "batch_tasks", "images_per_pass", "output_scaling", "channels_last", "compile",
-          "autocast")
+LEVERS = (
+    "support_without_graph",
+    "batch_tasks",
+    "images_per_pass",
+    "output_scaling",
+    "channels_last",
+    "compile",
+    "autocast",
+)
 # Levers set to a value rather than on (None is off): their values come from the flags of the same name.
 VALUED = ("images_per_pass", "autocast")
 # Levers that change results only within float tolerance: "all exact" turns these on.
 EXACT = tuple(lever for lever in LEVERS if lever != "autocast")
 # Printed column names (the CSV keeps the full ones).
-SHORT = {"support_without_graph": "no_graph", "batch_tasks": "batch", "images_per_pass": "per_pass",
-         "output_scaling": "out_scale", "channels_last": "ch_last", "head_init": "head", "meta_batch": "tasks",
-         "granularity": "ss"}
+SHORT = {
+    "support_without_graph": "no_graph",
+    "batch_tasks": "batch",
+    "images_per_pass": "per_pass",
+    "output_scaling": "out_scale",
+    "channels_last": "ch_last",
+    "head_init": "head",
+    "meta_batch": "tasks",
+    "granularity": "ss",
+}
 REFERENCE, PLAIN = "reference: the official code's loop", "plain fwd+bwd"
 
 
@@ -105,7 +120,7 @@ class Case:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Case":
+    def from_json(cls, text: str) -> Case:
         fields = json.loads(text)
         return cls(**{**fields, "speedups": Speedups(**fields["speedups"])})
 
@@ -177,16 +192,47 @@ def all_cases(args: argparse.Namespace) -> list[Case]:
     for backbone, px, shots in itertools.product(args.backbone, args.image_size, args.shots):
         for order, meta_batch, bn in itertools.product(args.order, args.meta_batch, args.bn):
             shared = dict(backbone=backbone, image_px=px, shots=shots, order=order, meta_batch=meta_batch, bn=bn)
-            cases.append(Case("reference", REFERENCE, head_init="kaiming", granularity="kernel", output_scaling=False,
-                              speedups=Speedups.none(), **shared))
+            cases.append(
+                Case(
+                    "reference",
+                    REFERENCE,
+                    head_init="kaiming",
+                    granularity="kernel",
+                    output_scaling=False,
+                    speedups=Speedups.none(),
+                    **shared,
+                )
+            )
             for head_init, granularity in itertools.product(args.head_init, args.granularity):
-                base = Case("learner", "", head_init=head_init, granularity=granularity, output_scaling=False,
-                            speedups=Speedups(), **shared)
-                cases += learner_cases(base, args.levers, {"images_per_pass": args.images_per_pass,
-                                                           "autocast": [args.autocast]})
+                base = Case(
+                    "learner",
+                    "",
+                    head_init=head_init,
+                    granularity=granularity,
+                    output_scaling=False,
+                    speedups=Speedups(),
+                    **shared,
+                )
+                cases += learner_cases(
+                    base, args.levers, {"images_per_pass": args.images_per_pass, "autocast": [args.autocast]}
+                )
         for meta_batch in args.meta_batch:
-            cases.append(Case("plain", PLAIN, backbone, px, shots, order="-", head_init="-", meta_batch=meta_batch,
-                              bn="train", granularity="-", output_scaling=False, speedups=Speedups.none()))
+            cases.append(
+                Case(
+                    "plain",
+                    PLAIN,
+                    backbone,
+                    px,
+                    shots,
+                    order="-",
+                    head_init="-",
+                    meta_batch=meta_batch,
+                    bn="train",
+                    granularity="-",
+                    output_scaling=False,
+                    speedups=Speedups.none(),
+                )
+            )
     return cases
 
 
@@ -198,7 +244,7 @@ def synthetic_tasks(case: Case, device: torch.device) -> list[tuple[torch.Tensor
         images = torch.randn(WAYS * (case.shots + QUERIES), 3, case.image_px, case.image_px, generator=generator)
         support_y = torch.arange(WAYS).repeat_interleave(case.shots)
         query_y = torch.arange(WAYS).repeat_interleave(QUERIES)
-        support_x, query_x = images[: len(support_y)], images[len(support_y):]
+        support_x, query_x = images[: len(support_y)], images[len(support_y) :]
         tasks.append(tuple(t.to(device) for t in (support_x, support_y, query_x, query_y)))
     return tasks
 
@@ -209,14 +255,20 @@ def _backbone(case: Case) -> nn.Module:
 
 
 def _config(case: Case, inner_steps: int) -> MetaTrainConfig:
-    return MetaTrainConfig(ways=WAYS, shots=case.shots, queries=QUERIES, inner_steps=inner_steps,
-                           first_order=case.order == "first", head_init=case.head_init, meta_batch=case.meta_batch)
+    return MetaTrainConfig(
+        ways=WAYS,
+        shots=case.shots,
+        queries=QUERIES,
+        inner_steps=inner_steps,
+        first_order=case.order == "first",
+        head_init=case.head_init,
+        meta_batch=case.meta_batch,
+    )
 
 
 def learner_step(case: Case, device: torch.device, inner_steps: int) -> Callable[[], None]:
     """One ``MetaTransferLearner.meta_train_step`` on the case's meta-batch."""
-    encoder = SSAdapter(_backbone(case), granularity=case.granularity, bn=case.bn,
-                        output_scaling=case.output_scaling)
+    encoder = SSAdapter(_backbone(case), granularity=case.granularity, bn=case.bn, output_scaling=case.output_scaling)
     learner = MetaTransferLearner(encoder, WAYS, _config(case, inner_steps), speedups=case.speedups).to(device)
     tasks = synthetic_tasks(case, device)
     return lambda: learner.meta_train_step(tasks)
@@ -230,8 +282,12 @@ def reference_step(case: Case, device: torch.device, inner_steps: int) -> Callab
     nn.init.kaiming_normal_(weight, generator=torch.Generator().manual_seed(config.seed))  # as the learner's θ
     weight = nn.Parameter(weight.to(device))
     bias = nn.Parameter(torch.zeros(WAYS, device=device))
-    optimizer = torch.optim.Adam([{"params": list(encoder.ss_parameters()), "lr": config.encoder_lr},
-                                  {"params": [weight, bias], "lr": config.head_lr}])
+    optimizer = torch.optim.Adam(
+        [
+            {"params": list(encoder.ss_parameters()), "lr": config.encoder_lr},
+            {"params": [weight, bias], "lr": config.head_lr},
+        ]
+    )
     tasks = synthetic_tasks(case, device)
 
     def step() -> None:
@@ -292,8 +348,16 @@ def cuda_peak_mb(step: Callable[[], None], device: torch.device) -> float:
 
 def child_peak_mb(case: Case, args: argparse.Namespace) -> float:
     """Peak resident memory two steps add, measured in a fresh process running this script."""
-    command = [sys.executable, __file__, "--memory-of", case.to_json(), "--inner-steps", str(args.inner_steps),
-               "--device", args.device]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        case.to_json(),
+        "--inner-steps",
+        str(args.inner_steps),
+        "--device",
+        args.device,
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -336,19 +400,22 @@ def time_group(cases: list[Case], args: argparse.Namespace, device: torch.device
     for _ in range(args.repeats):
         for step, record in zip(steps, times):
             record.append(_seconds(step, device))
-    peaks: list[Optional[float]] = [None] * len(cases)
+    peaks: list[float | None] = [None] * len(cases)
     if args.memory:
         for index, (case, step) in enumerate(zip(cases, steps)):
             if case.kind != "plain":
                 peaks[index] = cuda_peak_mb(step, device) if device.type == "cuda" else child_peak_mb(case, args)
-    return [dict(case=case, seconds=statistics.median(record), warmup=first, peak=peak)
-            for case, record, first, peak in zip(cases, times, warmup, peaks)]
+    return [
+        dict(case=case, seconds=statistics.median(record), warmup=first, peak=peak)
+        for case, record, first, peak in zip(cases, times, warmup, peaks)
+    ]
 
 
 def table(results: list[dict]) -> pd.DataFrame:
     """One row per timed configuration (the plain fwd+bwd only feeds ``vs plain``)."""
-    reference = {r["case"].reference_key(): r["seconds"] / r["case"].meta_batch
-                 for r in results if r["case"].kind == "reference"}
+    reference = {
+        r["case"].reference_key(): r["seconds"] / r["case"].meta_batch for r in results if r["case"].kind == "reference"
+    }
     plain = {r["case"].group() + (r["case"].meta_batch,): r["seconds"] for r in results if r["case"].kind == "plain"}
     rows = []
     for result in results:
@@ -356,19 +423,28 @@ def table(results: list[dict]) -> pd.DataFrame:
         if case.kind == "plain":
             continue
         switches = {lever: _value(case, lever) for lever in LEVERS if lever not in VALUED}
-        rows.append({
-            "backbone": case.backbone, "px": case.image_px, "shots": case.shots, "order": case.order,
-            "head_init": case.head_init, "meta_batch": case.meta_batch, "bn": case.bn,
-            "granularity": case.granularity, "config": case.label, **switches,
-            "images_per_pass": case.speedups.images_per_pass or "all",
-            "autocast": case.speedups.autocast or "off",
-            "tasks/s": case.meta_batch / result["seconds"],
-            "s/step": result["seconds"],
-            "warm-up s": result["warmup"],
-            "vs reference": reference[case.reference_key()] * case.meta_batch / result["seconds"],
-            "vs plain": result["seconds"] / plain[case.group() + (case.meta_batch,)],
-            "peak MB": None if result["peak"] is None else round(result["peak"]),
-        })
+        rows.append(
+            {
+                "backbone": case.backbone,
+                "px": case.image_px,
+                "shots": case.shots,
+                "order": case.order,
+                "head_init": case.head_init,
+                "meta_batch": case.meta_batch,
+                "bn": case.bn,
+                "granularity": case.granularity,
+                "config": case.label,
+                **switches,
+                "images_per_pass": case.speedups.images_per_pass or "all",
+                "autocast": case.speedups.autocast or "off",
+                "tasks/s": case.meta_batch / result["seconds"],
+                "s/step": result["seconds"],
+                "warm-up s": result["warmup"],
+                "vs reference": reference[case.reference_key()] * case.meta_batch / result["seconds"],
+                "vs plain": result["seconds"] / plain[case.group() + (case.meta_batch,)],
+                "peak MB": None if result["peak"] is None else round(result["peak"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -382,30 +458,56 @@ def goal_lines(frame: pd.DataFrame) -> list[str]:
     lines = ["goal (resnet12, first order): >= 2x the reference's tasks/s, meta-step <= 1.3x plain fwd+bwd"]
     for _, row in rows.iterrows():
         reference, plain = row["vs reference"], row["vs plain"]
-        lines.append(f"  {row['shots']}-shot, {row['px']} px, meta-batch {row['meta_batch']}, bn {row['bn']}, "
-                     f"{row['head_init']}, {row['granularity']}, {row['config']}: {reference:.2f}x reference "
-                     f"({'met' if reference >= 2 else 'not met'}), {plain:.2f}x plain "
-                     f"({'met' if plain <= 1.3 else 'not met'})")
+        lines.append(
+            f"  {row['shots']}-shot, {row['px']} px, meta-batch {row['meta_batch']}, bn {row['bn']}, "
+            f"{row['head_init']}, {row['granularity']}, {row['config']}: {reference:.2f}x reference "
+            f"({'met' if reference >= 2 else 'not met'}), {plain:.2f}x plain "
+            f"({'met' if plain <= 1.3 else 'not met'})"
+        )
     return lines
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", nargs="+", default=["conv4", "resnet12"],
-                        help="conv4, resnet12, resnet18-small or any registered backbone (default: conv4 resnet12)")
+    parser.add_argument(
+        "--backbone",
+        nargs="+",
+        default=["conv4", "resnet12"],
+        help="conv4, resnet12, resnet18-small or any registered backbone (default: conv4 resnet12)",
+    )
     parser.add_argument("--image-size", nargs="+", type=int, default=[32], help="image side in px (default: 32)")
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--order", nargs="+", choices=("first", "second"), default=["first"])
     parser.add_argument("--meta-batch", nargs="+", type=int, default=[2])
     parser.add_argument("--bn", nargs="+", choices=("frozen", "train"), default=["frozen"])
-    parser.add_argument("--head-init", nargs="+", choices=("kaiming", "prototype"), default=["kaiming"],
-                        help="kaiming is the official code's head, the one the reference loop uses")
-    parser.add_argument("--granularity", nargs="+", choices=("kernel", "channel"), default=["kernel"],
-                        help="SS granularity; output_scaling is toggled only at channel")
-    parser.add_argument("--levers", nargs="*", choices=LEVERS, default=list(LEVERS),
-                        help="switches toggled one at a time from the defaults (default: all)")
-    parser.add_argument("--images-per-pass", nargs="+", type=int, default=[40],
-                        help="settings of the images_per_pass lever; all exact takes the first (default: 40)")
+    parser.add_argument(
+        "--head-init",
+        nargs="+",
+        choices=("kaiming", "prototype"),
+        default=["kaiming"],
+        help="kaiming is the official code's head, the one the reference loop uses",
+    )
+    parser.add_argument(
+        "--granularity",
+        nargs="+",
+        choices=("kernel", "channel"),
+        default=["kernel"],
+        help="SS granularity; output_scaling is toggled only at channel",
+    )
+    parser.add_argument(
+        "--levers",
+        nargs="*",
+        choices=LEVERS,
+        default=list(LEVERS),
+        help="switches toggled one at a time from the defaults (default: all)",
+    )
+    parser.add_argument(
+        "--images-per-pass",
+        nargs="+",
+        type=int,
+        default=[40],
+        help="settings of the images_per_pass lever; all exact takes the first (default: 40)",
+    )
     parser.add_argument("--autocast", choices=("bf16", "fp16"), default="bf16", help="dtype of the autocast lever")
     parser.add_argument("--inner-steps", type=int, default=100, help="inner steps of every row (default: 100)")
     parser.add_argument("--repeats", type=int, default=3, help="timed turns; figures are medians (default: 3)")
@@ -417,7 +519,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
+def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the matrix the flags select, print the table and the goal, write ``--csv``; returns the table."""
     args = parse_args(argv)
     if args.threads:
@@ -426,8 +528,10 @@ def main(argv: Optional[list[str]] = None) -> pd.DataFrame:
     if args.memory_of is not None:
         print(memory_of(Case.from_json(args.memory_of), device, args.inner_steps))
         return pd.DataFrame()
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}, "
-          f"{args.inner_steps} inner steps, 5-way, {QUERIES} queries")
+    print(
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}, "
+        f"{args.inner_steps} inner steps, 5-way, {QUERIES} queries"
+    )
     cases = all_cases(args)
     results = []
     for _, group in itertools.groupby(cases, key=Case.group):

@@ -24,6 +24,7 @@ bench's MTL settings (``MTLConfig.quick``) run for 1,000 iterations instead of 1
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_kanji.py --split val [--shots 1]
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ from mtl_plugin.training.pretrain import OPTIMIZERS, PretrainConfig, pretrain
 IMAGE_SIZE = 28
 
 
-def small_vit(in_channels: int = 1, *, patch: int = 7, layers: int = 4, width: int = 64, heads: int = 4,
-              seed: int = 0) -> VisionTransformer:
+def small_vit(
+    in_channels: int = 1, *, patch: int = 7, layers: int = 4, width: int = 64, heads: int = 4, seed: int = 0
+) -> VisionTransformer:
     """A torchvision ViT for ``IMAGE_SIZE`` px images of ``in_channels`` channels, without a classifier.
 
     Example::
@@ -56,8 +58,14 @@ def small_vit(in_channels: int = 1, *, patch: int = 7, layers: int = 4, width: i
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vit = VisionTransformer(image_size=IMAGE_SIZE, patch_size=patch, num_layers=layers, num_heads=heads,
-                                hidden_dim=width, mlp_dim=2 * width)
+        vit = VisionTransformer(
+            image_size=IMAGE_SIZE,
+            patch_size=patch,
+            num_layers=layers,
+            num_heads=heads,
+            hidden_dim=width,
+            mlp_dim=2 * width,
+        )
         # torchvision's patch embedding takes RGB; kanji is grey.
         vit.conv_proj = nn.Conv2d(in_channels, width, kernel_size=patch, stride=patch)
     vit.heads = nn.Identity()
@@ -87,45 +95,93 @@ def _paired(a, b) -> tuple[float, float]:
 @click.option("--encoder-lr", type=float, default=1e-3, show_default=True, help="Adam lr of Φ")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/vit-kanji"), show_default=True)
-def main(split, shots, tasks, epochs, patch, optimizer, pretrain_lr, weight_decay, warmup_steps, label_smoothing,
-         iterations, encoder_lr, seed, work_dir):
+def main(
+    split,
+    shots,
+    tasks,
+    epochs,
+    patch,
+    optimizer,
+    pretrain_lr,
+    weight_decay,
+    warmup_steps,
+    label_smoothing,
+    iterations,
+    encoder_lr,
+    seed,
+    work_dir,
+):
     """Pretrain a small ViT on kanji, meta-train SS on it, and score both against nearest class mean."""
     torch.manual_seed(seed)
     benchmark = get_benchmark("kanji", image_size=IMAGE_SIZE, progress=False)
     start = time.perf_counter()
-    recipe = (f"{optimizer}-lr{pretrain_lr}-wd{weight_decay}-w{warmup_steps}-ls{label_smoothing}-p{patch}"
-              f"-e{epochs}")
-    backbone = pretrain(benchmark, PretrainConfig(epochs=epochs, batch_size=64, lr=pretrain_lr, schedule="cosine",
-                                                  steps_per_epoch=100, val_tasks=50, seed=seed, optimizer=optimizer,
-                                                  weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                                  label_smoothing=label_smoothing),
-                        work_dir / f"pretrain-{recipe}", progress=False,
-                        backbone=small_vit(benchmark.channels, patch=patch, seed=seed))
+    recipe = f"{optimizer}-lr{pretrain_lr}-wd{weight_decay}-w{warmup_steps}-ls{label_smoothing}-p{patch}-e{epochs}"
+    backbone = pretrain(
+        benchmark,
+        PretrainConfig(
+            epochs=epochs,
+            batch_size=64,
+            lr=pretrain_lr,
+            schedule="cosine",
+            steps_per_epoch=100,
+            val_tasks=50,
+            seed=seed,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            label_smoothing=label_smoothing,
+        ),
+        work_dir / f"pretrain-{recipe}",
+        progress=False,
+        backbone=small_vit(benchmark.channels, patch=patch, seed=seed),
+    )
     pretrain_seconds = time.perf_counter() - start
     adapter = SSAdapter(backbone)
     share = adapter.parameter_report()["share"].iloc[-1]
-    click.echo(f"backbone {sum(p.numel() for p in backbone.parameters()):,} parameters; SS learns "
-               f"{sum(p.numel() for p in adapter.ss_parameters()):,} ({share:.1%}) on {len(adapter.conv_names)} "
-               f"layers; pretraining {pretrain_seconds:.0f} s")
+    click.echo(
+        f"backbone {sum(p.numel() for p in backbone.parameters()):,} parameters; SS learns "
+        f"{sum(p.numel() for p in adapter.ss_parameters()):,} ({share:.1%}) on {len(adapter.conv_names)} "
+        f"layers; pretraining {pretrain_seconds:.0f} s"
+    )
 
     # The quick bench's MTL settings (MTLConfig.quick) at this shot, but for the iterations.
-    config = MetaTrainConfig(shots=shots, iterations=iterations, meta_batch=2, lr_step=iterations, inner_steps=20,
-                             test_inner_steps=50, encoder_lr=encoder_lr, head_lr=1e-2, val_every=50, val_tasks=50,
-                             checkpoint_every=50, seed=seed)
+    config = MetaTrainConfig(
+        shots=shots,
+        iterations=iterations,
+        meta_batch=2,
+        lr_step=iterations,
+        inner_steps=20,
+        test_inner_steps=50,
+        encoder_lr=encoder_lr,
+        head_lr=1e-2,
+        val_every=50,
+        val_tasks=50,
+        checkpoint_every=50,
+        seed=seed,
+    )
     learner = MetaTransferLearner(adapter, ways=5, config=config)
     start = time.perf_counter()
-    result = meta_train(learner, benchmark, work_dir / f"meta-s{shots}-it{iterations}-lr{encoder_lr}-{recipe}",
-                        resume=True, progress=False)
-    click.echo(f"meta-training {time.perf_counter() - start:.0f} s; best val iteration {result.best_iteration} "
-               f"of {iterations} ({result.best_accuracy:.2f} % on {config.val_tasks} val tasks)")
+    result = meta_train(
+        learner,
+        benchmark,
+        work_dir / f"meta-s{shots}-it{iterations}-lr{encoder_lr}-{recipe}",
+        resume=True,
+        progress=False,
+    )
+    click.echo(
+        f"meta-training {time.perf_counter() - start:.0f} s; best val iteration {result.best_iteration} "
+        f"of {iterations} ({result.best_accuracy:.2f} % on {config.val_tasks} val tasks)"
+    )
 
     protocol = EvaluationConfig(ways=5, shots=shots, tasks=tasks, seed=seed + 1)
     data = getattr(benchmark, split)
     nearest = evaluate(nearest_centroid(backbone), data, protocol, progress=False)
     mtl = evaluate(learner.predict, data, protocol, progress=False)
     difference, ci = _paired(mtl, nearest)
-    click.echo(f"{split}, 5-way {shots}-shot, {tasks} tasks: nearest class mean {nearest}; "
-               f"SS meta-trained {mtl}; difference {difference:+.2f} ± {ci:.2f}")
+    click.echo(
+        f"{split}, 5-way {shots}-shot, {tasks} tasks: nearest class mean {nearest}; "
+        f"SS meta-trained {mtl}; difference {difference:+.2f} ± {ci:.2f}"
+    )
 
 
 if __name__ == "__main__":

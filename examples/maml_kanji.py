@@ -10,13 +10,14 @@ swapped for kanji.
 
     python examples/maml_kanji.py --iterations 1000 --hard-tasks
 """
+
 import argparse
 
-import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 import learn2learn as l2l
 import torch
 from torch import nn, optim
 
+import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 from mtl_plugin import PretrainConfig, SSHead, get_benchmark, pretrain  # MTL
 
 
@@ -43,26 +44,28 @@ def fast_adapt(batch, learner, loss, adaptation_steps, shots, ways, device):
 
 
 def main(
-        ways=5,
-        shots=1,
-        meta_lr=0.003,
-        fast_lr=0.5,
-        meta_batch_size=32,
-        adaptation_steps=1,
-        num_iterations=1000,
-        test_tasks=600,
-        hard_tasks=False,
-        pretraining=PretrainConfig.quick(), pretrain_dir="runs/pretrain-kanji",  # MTL: Conv4, ~5 min on 2 cores
-        data=None,
-        cuda=torch.cuda.is_available(),
-        seed=42,
+    ways=5,
+    shots=1,
+    meta_lr=0.003,
+    fast_lr=0.5,
+    meta_batch_size=32,
+    adaptation_steps=1,
+    num_iterations=1000,
+    test_tasks=600,
+    hard_tasks=False,
+    pretraining=PretrainConfig.quick(),
+    pretrain_dir="runs/pretrain-kanji",  # MTL: Conv4, ~5 min on 2 cores
+    data=None,
+    cuda=torch.cuda.is_available(),
+    seed=42,
 ):
     torch.manual_seed(seed)
     device = torch.device("cuda" if cuda else "cpu")
     data = data or {}  # kanji's size (num_classes, instances): the tests take a small one
 
-    tasksets = mtl_plugin.get_tasksets("kanji", train_ways=ways, train_samples=2 * shots, test_ways=ways,
-                                       test_samples=2 * shots, seed=seed, **data)
+    tasksets = mtl_plugin.get_tasksets(
+        "kanji", train_ways=ways, train_samples=2 * shots, test_ways=ways, test_samples=2 * shots, seed=seed, **data
+    )
     # An even meta_batch_size of tasks a step: half of them fresh, half made of their failures.
     hard = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=meta_batch_size // 2, seed=seed)  # HT
 
@@ -82,23 +85,27 @@ def main(
         for task in range(meta_batch_size):
             learner = maml.clone()
             batch = hard.sample() if hard_tasks else tasksets.train.sample()  # HT
-            evaluation_error, evaluation_accuracy = fast_adapt(batch, learner, loss, adaptation_steps, shots, ways,
-                                                               device)
+            evaluation_error, evaluation_accuracy = fast_adapt(
+                batch, learner, loss, adaptation_steps, shots, ways, device
+            )
             evaluation_error.backward()
             meta_train_error += evaluation_error.item()
             meta_train_accuracy += evaluation_accuracy.item()
 
             learner = maml.clone()
             batch = tasksets.validation.sample()
-            evaluation_error, evaluation_accuracy = fast_adapt(batch, learner, loss, adaptation_steps, shots, ways,
-                                                               device)
+            evaluation_error, evaluation_accuracy = fast_adapt(
+                batch, learner, loss, adaptation_steps, shots, ways, device
+            )
             meta_valid_error += evaluation_error.item()
             meta_valid_accuracy += evaluation_accuracy.item()
 
         if iteration % 10 == 0:
-            print(f"iteration {iteration}: meta-train error {meta_train_error / meta_batch_size:.3f}, "
-                  f"accuracy {meta_train_accuracy / meta_batch_size:.3f}; meta-valid error "
-                  f"{meta_valid_error / meta_batch_size:.3f}, accuracy {meta_valid_accuracy / meta_batch_size:.3f}")
+            print(
+                f"iteration {iteration}: meta-train error {meta_train_error / meta_batch_size:.3f}, "
+                f"accuracy {meta_train_accuracy / meta_batch_size:.3f}; meta-valid error "
+                f"{meta_valid_error / meta_batch_size:.3f}, accuracy {meta_valid_accuracy / meta_batch_size:.3f}"
+            )
 
         # The losses were summed over the meta-batch: average their gradients, Φ's too.
         for p in [*maml.parameters(), *model.ss_parameters()]:  # MTL
@@ -110,12 +117,13 @@ def main(
     for task in range(test_tasks):
         learner = maml.clone()
         batch = tasksets.test.sample()
-        evaluation_error, evaluation_accuracy = fast_adapt(batch, learner, loss, adaptation_steps, shots, ways,
-                                                           device)
+        evaluation_error, evaluation_accuracy = fast_adapt(batch, learner, loss, adaptation_steps, shots, ways, device)
         meta_test_error += evaluation_error.item()
         meta_test_accuracy += evaluation_accuracy.item()
-    print(f"meta-test error {meta_test_error / test_tasks:.3f}, accuracy {meta_test_accuracy / test_tasks:.3f} "
-          f"over {test_tasks} tasks")
+    print(
+        f"meta-test error {meta_test_error / test_tasks:.3f}, accuracy {meta_test_accuracy / test_tasks:.3f} "
+        f"over {test_tasks} tasks"
+    )
     return meta_test_accuracy / test_tasks
 
 

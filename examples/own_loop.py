@@ -9,31 +9,41 @@ the paper's learning rates; any torch optimiser takes them.
 
     python examples/own_loop.py --iterations 1000
 """
+
 import argparse
 
-import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 import torch
 
-from mtl_plugin import (MetaTrainConfig, MetaTransferLearner, PretrainConfig, SSAdapter, get_benchmark,
-                        pretrain, split_support_query)
+import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
+from mtl_plugin import (
+    MetaTrainConfig,
+    MetaTransferLearner,
+    PretrainConfig,
+    SSAdapter,
+    get_benchmark,
+    pretrain,
+    split_support_query,
+)
 
 
 def main(
-        ways=5,
-        shots=1,
-        meta_batch_size=2,
-        num_iterations=1000,
-        test_tasks=600,
-        pretraining=PretrainConfig.quick(), pretrain_dir="runs/pretrain-kanji",  # Conv4, ~5 min on 2 cores
-        data=None,
-        cuda=torch.cuda.is_available(),
-        seed=42,
+    ways=5,
+    shots=1,
+    meta_batch_size=2,
+    num_iterations=1000,
+    test_tasks=600,
+    pretraining=PretrainConfig.quick(),
+    pretrain_dir="runs/pretrain-kanji",  # Conv4, ~5 min on 2 cores
+    data=None,
+    cuda=torch.cuda.is_available(),
+    seed=42,
 ):
     torch.manual_seed(seed)
     device = torch.device("cuda" if cuda else "cpu")
     data = data or {}  # kanji's size (num_classes, instances): the tests take a small one
-    tasksets = mtl_plugin.get_tasksets("kanji", train_ways=ways, train_samples=2 * shots, test_ways=ways,
-                                       test_samples=2 * shots, seed=seed, **data)
+    tasksets = mtl_plugin.get_tasksets(
+        "kanji", train_ways=ways, train_samples=2 * shots, test_ways=ways, test_samples=2 * shots, seed=seed, **data
+    )
 
     backbone = pretrain(get_benchmark("kanji", **data), pretraining, pretrain_dir, device)
     learner = MetaTransferLearner(SSAdapter(backbone), ways, MetaTrainConfig(ways=ways, shots=shots)).to(device)

@@ -11,12 +11,13 @@ with ``model = Convnet()`` trained whole, this is learn2learn's ProtoNets on kan
 
     python examples/protonet_kanji.py --max-epoch 20 --hard-tasks
 """
+
 import argparse
 
-import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 import torch
 import torch.nn.functional as F
 
+import mtl_plugin  # before learn2learn: from a source checkout this keeps gym's notice off stderr
 from mtl_plugin import PretrainConfig, SSAdapter, get_benchmark, pretrain  # MTL
 
 
@@ -52,28 +53,36 @@ def fast_adapt(model, batch, ways, shot, query_num, metric=None, device=None):
 
 
 def main(
-        max_epoch=20,
-        episodes=100,
-        shot=1,
-        train_way=5,
-        train_query=15,
-        test_way=5,
-        test_shot=1,
-        test_query=15,
-        valid_tasks=200,
-        test_tasks=2000,
-        hard_tasks=False,
-        pretraining=PretrainConfig.quick(), pretrain_dir="runs/pretrain-kanji",  # MTL: Conv4, ~5 min on 2 cores
-        data=None,
-        cuda=torch.cuda.is_available(),
-        seed=43,
+    max_epoch=20,
+    episodes=100,
+    shot=1,
+    train_way=5,
+    train_query=15,
+    test_way=5,
+    test_shot=1,
+    test_query=15,
+    valid_tasks=200,
+    test_tasks=2000,
+    hard_tasks=False,
+    pretraining=PretrainConfig.quick(),
+    pretrain_dir="runs/pretrain-kanji",  # MTL: Conv4, ~5 min on 2 cores
+    data=None,
+    cuda=torch.cuda.is_available(),
+    seed=43,
 ):
     torch.manual_seed(seed)
     device = torch.device("cuda" if cuda else "cpu")
     data = data or {}  # kanji's size (num_classes, instances): the tests take a small one
 
-    tasksets = mtl_plugin.get_tasksets("kanji", train_ways=train_way, train_samples=shot + train_query,
-                                       test_ways=test_way, test_samples=test_shot + test_query, seed=seed, **data)
+    tasksets = mtl_plugin.get_tasksets(
+        "kanji",
+        train_ways=train_way,
+        train_samples=shot + train_query,
+        test_ways=test_way,
+        test_samples=test_shot + test_query,
+        seed=seed,
+        **data,
+    )
     hard = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=1, seed=seed)  # HT
 
     backbone = pretrain(get_benchmark("kanji", **data), pretraining, pretrain_dir, device)  # MTL: meta-train classes
@@ -89,8 +98,9 @@ def main(
         n_acc = 0.0
         for i in range(episodes):
             batch = hard.sample() if hard_tasks else tasksets.train.sample()  # HT
-            loss, acc = fast_adapt(model, batch, train_way, shot, train_query, metric=pairwise_distances_logits,
-                                   device=device)
+            loss, acc = fast_adapt(
+                model, batch, train_way, shot, train_query, metric=pairwise_distances_logits, device=device
+            )
             loss_ctr += 1
             n_loss += loss.item()
             n_acc += acc.item()
@@ -106,8 +116,15 @@ def main(
         n_acc = 0.0
         with torch.no_grad():
             for i in range(valid_tasks):
-                loss, acc = fast_adapt(model, tasksets.validation.sample(), test_way, test_shot, test_query,
-                                       metric=pairwise_distances_logits, device=device)
+                loss, acc = fast_adapt(
+                    model,
+                    tasksets.validation.sample(),
+                    test_way,
+                    test_shot,
+                    test_query,
+                    metric=pairwise_distances_logits,
+                    device=device,
+                )
                 loss_ctr += 1
                 n_loss += loss.item()
                 n_acc += acc.item()
@@ -116,8 +133,15 @@ def main(
     n_acc = 0.0
     with torch.no_grad():
         for i in range(test_tasks):
-            _, acc = fast_adapt(model, tasksets.test.sample(), test_way, test_shot, test_query,
-                                metric=pairwise_distances_logits, device=device)
+            _, acc = fast_adapt(
+                model,
+                tasksets.test.sample(),
+                test_way,
+                test_shot,
+                test_query,
+                metric=pairwise_distances_logits,
+                device=device,
+            )
             n_acc += acc.item()
     print(f"test, acc={n_acc / test_tasks:.4f} over {test_tasks} tasks")
     return n_acc / test_tasks
@@ -129,5 +153,4 @@ if __name__ == "__main__":
     parser.add_argument("--shot", type=int, default=1)
     parser.add_argument("--hard-tasks", action="store_true")
     arguments = parser.parse_args()
-    main(max_epoch=arguments.max_epoch, shot=arguments.shot, test_shot=arguments.shot,
-         hard_tasks=arguments.hard_tasks)
+    main(max_epoch=arguments.max_epoch, shot=arguments.shot, test_shot=arguments.shot, hard_tasks=arguments.hard_tasks)

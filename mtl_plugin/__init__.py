@@ -11,6 +11,7 @@ Example::
     optimiser = torch.optim.Adam(adapter.ss_parameters(), lr=1e-4)
     print(adapter.parameter_report().tail(1))
 """
+
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -112,4 +113,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list:
     return sorted({*globals(), *__all__})
-

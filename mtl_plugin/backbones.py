@@ -16,12 +16,13 @@ Example::
     small = build_backbone("resnet18-small", in_channels=1)  # for 28-32 px images
     features = net(torch.randn(2, 3, 84, 84))                # (2, 640)
 """
+
 from __future__ import annotations
 
 import functools
 import inspect
 import os
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -43,7 +44,7 @@ __all__ = [
     "BACKBONES",
 ]
 
-Weights = Union[str, os.PathLike, dict, None]
+Weights = str | os.PathLike | dict | None
 
 
 def _head(feature_dim: int, num_classes: int) -> nn.Module:
@@ -67,9 +68,7 @@ class _ResNet12Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
-        )
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
         self.relu = nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(2, ceil_mode=False)
 
@@ -113,9 +112,7 @@ class Conv4(nn.Module):
     """Four blocks of 3x3 conv (``hidden`` filters), batch norm, ReLU and 2x2 max-pooling
     (Vinyals et al.; Snell et al.; Finn et al.), flattened: 64-d at 28 px, 1600-d at 84 px."""
 
-    def __init__(
-        self, in_channels: int = 3, hidden: int = 64, image_size: int = 84, num_classes: int = 0
-    ):
+    def __init__(self, in_channels: int = 3, hidden: int = 64, image_size: int = 84, num_classes: int = 0):
         super().__init__()
         layers, previous, side = [], in_channels, image_size
         for _ in range(4):
@@ -127,8 +124,9 @@ class Conv4(nn.Module):
             ]
             previous, side = hidden, side // 2
         if side < 1:
-            raise UsageError(f"image size {image_size} px is too small for conv4 (four 2x2 poolings): "
-                             f"use image_size=16 or more")
+            raise UsageError(
+                f"image size {image_size} px is too small for conv4 (four 2x2 poolings): use image_size=16 or more"
+            )
         self.layers = nn.Sequential(*layers)
         self.feature_dim = hidden * side * side
         self.head = _head(self.feature_dim, num_classes)
@@ -266,9 +264,7 @@ def torchvision_backbone(
     try:
         model = torchvision.models.get_model(arch, weights=None)
     except ValueError as error:
-        raise UsageError(
-            f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()"
-        ) from error
+        raise UsageError(f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()") from error
     state = _read_weights(weights)
     new_stem = small_input or in_channels != 3
     if state is not None and not new_stem:
@@ -338,6 +334,7 @@ def register_backbone(name: str, *, min_image_size: int | None = None) -> Callab
         def tiny(*, in_channels=3, num_classes=0, weights=None):
             return conv4(in_channels=in_channels, hidden=16, num_classes=num_classes, weights=weights)
     """
+
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise UsageError(f"a backbone named {name!r} is registered already; pick another name")
@@ -368,8 +365,8 @@ def list_backbones() -> list[str]:
 BACKBONES = (*_REGISTRY, "resnet18-small", "<any torchvision.models name>")
 
 
-@functools.lru_cache(maxsize=None)
-def _torchvision_misfit(arch: str, image_size: int) -> Optional[str]:
+@functools.cache
+def _torchvision_misfit(arch: str, image_size: int) -> str | None:
     """Why torchvision's ``arch`` cannot take ``image_size`` px images, or ``None``.
 
     Built and run on the meta device: shapes only, no memory and no arithmetic (a fraction of a
@@ -417,15 +414,16 @@ def check_backbone(name: str, image_size: int | None = None, option: str = "imag
     minimum = _REGISTRY[name][1] if name in _REGISTRY else None
     if image_size is not None and minimum is not None and image_size < minimum:
         raise UsageError(
-            f"image size {image_size} px is too small for {name} (four 2x2 poolings): "
-            f"use {option} {minimum} or more"
+            f"image size {image_size} px is too small for {name} (four 2x2 poolings): use {option} {minimum} or more"
         )
     if image_size is not None and name not in _REGISTRY and base == name:
         misfit = _torchvision_misfit(name, image_size)
         if misfit is not None:
             # torchvision's own reason names the size a ViT is built for ("Expected 224 but got 16").
-            raise UsageError(f"{name} does not take images of {image_size} px ({misfit}): pass an {option} it "
-                             f"takes, or another backbone")
+            raise UsageError(
+                f"{name} does not take images of {image_size} px ({misfit}): pass an {option} it "
+                f"takes, or another backbone"
+            )
 
 
 def build_backbone(

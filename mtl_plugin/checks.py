@@ -10,12 +10,13 @@ Example::
     device = check_device("auto")
     out = check_output_dir("runs/pretrain")
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from mtl_plugin.errors import UsageError
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_SEED", "check_device", "check_not_input", "check_output_dir", "check_output_file", "check_seed"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 # Seeds reach numpy's legacy seeding and learn2learn (below 2**32), and torch's generators after the
 # loops derive their own from them (seed * 100_003 + epoch, plus a stride per rank), below 2**64.
@@ -67,11 +68,15 @@ def check_device(name: str, option: str = "device") -> torch.device:
         raise UsageError(f"{option} {name!r}: not a device name; use cpu, cuda, cuda:N or auto") from error
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"{option} {name}: no CUDA GPU is visible to PyTorch here "
-                             f"(torch.cuda.is_available() is False); use {option} cpu")
+            raise UsageError(
+                f"{option} {name}: no CUDA GPU is visible to PyTorch here "
+                f"(torch.cuda.is_available() is False); use {option} cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
-                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise UsageError(
+                f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device.type != "cpu":
         raise UsageError(f"{option} {name}: only cpu and cuda devices are supported; use cpu, cuda or auto")
     return device
@@ -83,8 +88,9 @@ def _write_test(folder: Path, option: str, shown: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise UsageError(f"{option} {shown}: cannot write there ({error.strerror or error}); "
-                         f"pass a folder you can write to") from error
+        raise UsageError(
+            f"{option} {shown}: cannot write there ({error.strerror or error}); pass a folder you can write to"
+        ) from error
 
 
 def check_output_dir(path: PathLike, option: str = "out") -> Path:
@@ -123,7 +129,7 @@ def check_output_file(path: PathLike, option: str = "out") -> Path:
     return path
 
 
-def check_not_input(out: Optional[PathLike], inputs: dict, option: str = "out") -> None:
+def check_not_input(out: PathLike | None, inputs: dict, option: str = "out") -> None:
     """Refuse an output path that is, or is a folder holding, one of the command's inputs.
 
     A run folder is replaced with ``overwrite`` and a result file is written over whatever is
@@ -151,6 +157,7 @@ def check_not_input(out: Optional[PathLike], inputs: dict, option: str = "out") 
         source = Path(given).expanduser().resolve()
         if source == target or target in source.parents:
             what = "is" if source == target else "holds"
-            raise UsageError(f"{option} {out} {what} the input {flag} {given}: writing there would replace what "
-                             f"this command reads; pass another {option}")
-
+            raise UsageError(
+                f"{option} {out} {what} the input {flag} {given}: writing there would replace what "
+                f"this command reads; pass another {option}"
+            )

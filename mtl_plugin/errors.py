@@ -26,6 +26,7 @@ Example::
     except UsageError as error:
         print(error)   # device cuda: no CUDA GPU is visible to PyTorch here ...
 """
+
 from __future__ import annotations
 
 __all__ = ["DataError", "MissingDataError", "NonFiniteLossError", "OutputError", "UsageError"]
@@ -64,4 +65,3 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, settings: tuple[str, ...] = ()):
         super().__init__(message)
         self.settings = tuple(settings)
-

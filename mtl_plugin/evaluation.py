@@ -11,11 +11,12 @@ Example::
     result = evaluate(learner.predict, benchmark.test, EvaluationConfig(shots=1, seed=0))
     print(result)  # "61.20 ± 1.80 % (600 tasks)"
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class EvaluationResult:
         print(f"{result.mean:.2f} ± {result.ci95:.2f}")
     """
 
-    accuracies: List[float]
+    accuracies: list[float]
 
     @property
     def mean(self) -> float:
@@ -122,7 +123,7 @@ class EvaluationResult:
 def evaluate(
     predict: Predictor,
     dataset,
-    config: Optional[EvaluationConfig] = None,
+    config: EvaluationConfig | None = None,
     progress: bool = True,
     description: str = "evaluate",
 ) -> EvaluationResult:

@@ -15,9 +15,10 @@ Example::
     head = new_head(features, ways=5)              # nn.Linear(width, 5), zero weights and bias
     maml = l2l.algorithms.MAML(head, lr=0.5)
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ _SS_PREFIX = "ss."
 _PROBE_SIZE = 84
 
 
-def declared_width(model: nn.Module) -> Optional[int]:
+def declared_width(model: nn.Module) -> int | None:
     """The int ``feature_dim`` of ``model``, or of the ``backbone`` it wraps (as
     :class:`~mtl_plugin.ss.SSAdapter` does); ``None`` if neither declares one.
 
@@ -47,7 +48,7 @@ def declared_width(model: nn.Module) -> Optional[int]:
     return None
 
 
-def feature_width(model: nn.Module, sample: Optional[torch.Tensor] = None) -> int:
+def feature_width(model: nn.Module, sample: torch.Tensor | None = None) -> int:
     """The width of the flat features ``model`` returns.
 
     Read from an int ``feature_dim`` attribute (of ``model`` or of the ``backbone`` it wraps,
@@ -78,8 +79,10 @@ def feature_width(model: nn.Module, sample: Optional[torch.Tensor] = None) -> in
     if sample is None:
         first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
         if first is None:
-            raise ValueError(f"cannot tell the feature width of {type(model).__name__}: give it an int "
-                             f"attribute feature_dim, or pass sample= (a batch it accepts)")
+            raise ValueError(
+                f"cannot tell the feature width of {type(model).__name__}: give it an int "
+                f"attribute feature_dim, or pass sample= (a batch it accepts)"
+            )
         if isinstance(first, nn.Conv2d):
             sample = torch.zeros(2, first.in_channels, _PROBE_SIZE, _PROBE_SIZE)
         else:
@@ -93,12 +96,14 @@ def feature_width(model: nn.Module, sample: Optional[torch.Tensor] = None) -> in
     finally:
         model.train(was_training)
     if output.dim() != 2:
-        raise ValueError(f"{type(model).__name__} returns features of shape {tuple(output.shape)}, not "
-                         f"(batch, width): flatten them (e.g. end the model in nn.Flatten())")
+        raise ValueError(
+            f"{type(model).__name__} returns features of shape {tuple(output.shape)}, not "
+            f"(batch, width): flatten them (e.g. end the model in nn.Flatten())"
+        )
     return output.shape[1]
 
 
-def new_head(model: nn.Module, ways: int, sample: Optional[torch.Tensor] = None) -> nn.Linear:
+def new_head(model: nn.Module, ways: int, sample: torch.Tensor | None = None) -> nn.Linear:
     """A ``ways``-way linear head for ``model``'s features, with zero weights and bias.
 
     Args:
@@ -160,7 +165,7 @@ class SSHead(nn.Module):
         opt = torch.optim.Adam([*maml.parameters(), *model.ss_parameters()], lr=0.003)
     """
 
-    def __init__(self, backbone: nn.Module, ways: int, sample: Optional[torch.Tensor] = None):
+    def __init__(self, backbone: nn.Module, ways: int, sample: torch.Tensor | None = None):
         super().__init__()
         features = backbone if isinstance(backbone, SSAdapter) else SSAdapter(backbone)
         # object.__setattr__ keeps nn.Module from registering it: MAML must not adapt Φ.
@@ -174,7 +179,7 @@ class SSHead(nn.Module):
         """The features' Φ1 and Φ2: what the outer optimiser learns beside the head's initialisation."""
         return self.features.ss_parameters()
 
-    def train(self, mode: bool = True) -> "SSHead":
+    def train(self, mode: bool = True) -> SSHead:
         self.features.train(mode)
         return super().train(mode)
 
@@ -188,8 +193,9 @@ class SSHead(nn.Module):
         for name, parameter in self.features.named_ss_parameters():
             destination[prefix + _SS_PREFIX + name] = parameter if keep_vars else parameter.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         ours = prefix + _SS_PREFIX
         parameters = {ours + name: parameter for name, parameter in self.features.named_ss_parameters()}
         with torch.no_grad():
@@ -197,14 +203,15 @@ class SSHead(nn.Module):
                 if key not in state_dict:
                     missing_keys.append(key)
                 elif state_dict[key].shape != parameter.shape:
-                    error_msgs.append(f"size mismatch for {key}: copying a param with shape "
-                                      f"{tuple(state_dict[key].shape)}, the shape here is {tuple(parameter.shape)}")
+                    error_msgs.append(
+                        f"size mismatch for {key}: copying a param with shape "
+                        f"{tuple(state_dict[key].shape)}, the shape here is {tuple(parameter.shape)}"
+                    )
                 else:
                     parameter.copy_(state_dict[key])
         unexpected_keys.extend(key for key in state_dict if key.startswith(ours) and key not in parameters)
         rest = {key: value for key, value in state_dict.items() if not key.startswith(ours)}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return f"features={type(self.features.backbone).__name__} under SS (not adapted by MAML)"

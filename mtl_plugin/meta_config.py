@@ -8,11 +8,11 @@ Example::
     from mtl_plugin.meta_config import MetaTrainConfig
     config = MetaTrainConfig(shots=5, hard_tasks=True, iterations=2000)
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from mtl_plugin.checks import check_seed
 from mtl_plugin.errors import UsageError
@@ -84,7 +84,7 @@ class MetaTrainConfig:
     hard_tasks: bool = False
     hard_meta_batch: int = 2
     hard_task_mode: str = "resample"
-    hard_history_decay: Optional[float] = 0.9
+    hard_history_decay: float | None = 0.9
     head_init: str = "prototype"
     val_every: int = 100
     val_tasks: int = 600
@@ -92,8 +92,17 @@ class MetaTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        positive = ("ways", "shots", "queries", "iterations", "meta_batch", "lr_step", "val_every",
-                    "val_tasks", "checkpoint_every")
+        positive = (
+            "ways",
+            "shots",
+            "queries",
+            "iterations",
+            "meta_batch",
+            "lr_step",
+            "val_every",
+            "val_tasks",
+            "checkpoint_every",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= 1")
@@ -105,8 +114,9 @@ class MetaTrainConfig:
             if not 0 < getattr(self, name) < math.inf:
                 raise UsageError(f"{name}={getattr(self, name)} must be a finite number > 0")
         if self.hard_task_mode not in HARD_TASK_MODES:
-            raise UsageError(f"hard_task_mode={self.hard_task_mode!r} must be "
-                             f"{' or '.join(map(repr, HARD_TASK_MODES))}")
+            raise UsageError(
+                f"hard_task_mode={self.hard_task_mode!r} must be {' or '.join(map(repr, HARD_TASK_MODES))}"
+            )
         if self.hard_history_decay is not None and not 0.0 <= self.hard_history_decay < 1.0:
             raise UsageError(
                 f"hard_history_decay={self.hard_history_decay} must be in [0, 1), or None to keep no history"

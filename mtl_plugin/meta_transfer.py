@@ -35,11 +35,13 @@ Example::
     head = learner.adapt(support_x, support_y)         # test time: adapt θ on a support set
     logits = head(learner.features(query_x))
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +115,10 @@ class MetaTransferLearner(nn.Module):
         self,
         encoder: nn.Module,
         ways: int,
-        config: Optional[MetaTrainConfig] = None,
-        feature_dim: Optional[int] = None,
+        config: MetaTrainConfig | None = None,
+        feature_dim: int | None = None,
         *,
-        speedups: Optional[Speedups] = None,
+        speedups: Speedups | None = None,
     ):
         super().__init__()
         self.config = config or MetaTrainConfig(ways=ways)
@@ -139,7 +141,7 @@ class MetaTransferLearner(nn.Module):
             nn.init.kaiming_normal_(weight, generator=generator)
             self.head_weight = nn.Parameter(weight)
             self.head_bias = nn.Parameter(torch.zeros(ways))
-        self._trainer: Optional[MetaTrainer] = None
+        self._trainer: MetaTrainer | None = None
 
     @property
     def device(self) -> torch.device:
@@ -176,7 +178,8 @@ class MetaTransferLearner(nn.Module):
 
     @property
     def trainer(self) -> MetaTrainer:
-        """The :class:`~mtl_plugin.training.meta_step.MetaTrainer` behind :meth:`meta_train_step`, built at first use."""
+        """The :class:`~mtl_plugin.training.meta_step.MetaTrainer` behind :meth:`meta_train_step`,
+        built at first use."""
         if self._trainer is None:
             self._trainer = MetaTrainer(self)
         return self._trainer
@@ -194,9 +197,10 @@ class MetaTransferLearner(nn.Module):
     def meta_train_step(
         self,
         tasks: Iterable,
-        on_task: Optional[Callable[[Any, torch.Tensor, torch.Tensor], None]] = None,
+        on_task: Callable[[Any, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> MetaStepResult:
-        """One checked Adam step on a meta-batch: :meth:`MetaTrainer.step <mtl_plugin.training.meta_step.MetaTrainer.step>`.
+        """One checked Adam step on a meta-batch:
+        :meth:`MetaTrainer.step <mtl_plugin.training.meta_step.MetaTrainer.step>`.
 
         Args:
             tasks: the meta-batch (any iterable of tasks, read once, in order).
@@ -215,7 +219,7 @@ class MetaTransferLearner(nn.Module):
         """
         return self.trainer.step(tasks, on_task)
 
-    def initial_head(self, features: torch.Tensor, labels: torch.Tensor, ways: Optional[int] = None) -> AdaptedHead:
+    def initial_head(self, features: torch.Tensor, labels: torch.Tensor, ways: int | None = None) -> AdaptedHead:
         """The head a task's inner loop starts from, on its support ``features`` and ``labels``.
 
         Args:
@@ -260,7 +264,7 @@ class MetaTransferLearner(nn.Module):
         weighted = self.head_metric * means / spread
         return AdaptedHead(2 * weighted, -(weighted * means).sum(dim=1))
 
-    def features(self, x: torch.Tensor, slices: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, slices: Sequence[int] | None = None) -> torch.Tensor:
         """The encoder's flat features of a batch of images.
 
         Args:
@@ -281,9 +285,9 @@ class MetaTransferLearner(nn.Module):
         self,
         features: torch.Tensor,
         labels: torch.Tensor,
-        steps: Optional[int] = None,
-        first_order: Optional[bool] = None,
-        ways: Optional[int] = None,
+        steps: int | None = None,
+        first_order: bool | None = None,
+        ways: int | None = None,
     ) -> AdaptedHead:
         """Adapt the head from :meth:`initial_head` on support ``features`` by ``steps`` steps at ``inner_lr``.
 
@@ -324,8 +328,9 @@ class MetaTransferLearner(nn.Module):
             features = features.detach()
         return self._inner_loop(start, features, labels, steps, differentiable=True, first_order=first_order)
 
-    def _inner_loop(self, start: AdaptedHead, features, labels, steps, differentiable: bool,
-                    first_order: bool) -> AdaptedHead:
+    def _inner_loop(
+        self, start: AdaptedHead, features, labels, steps, differentiable: bool, first_order: bool
+    ) -> AdaptedHead:
         weight, bias = start.weight, start.bias
         if not differentiable:
             weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
@@ -347,20 +352,23 @@ class MetaTransferLearner(nn.Module):
 
     def _check_inner_loop(self, first: float, last: float, steps: int, ways: int) -> None:
         if not math.isfinite(first):
-            raise NonFiniteLossError(f"the support loss is {first} before any inner step: the features or θ are "
-                                     f"not finite")
+            raise NonFiniteLossError(
+                f"the support loss is {first} before any inner step: the features or θ are not finite"
+            )
         if not math.isfinite(last) or last > INNER_DIVERGENCE_FACTOR * max(first, math.log(ways)):
             raise NonFiniteLossError(
                 f"the inner loop diverged: the support loss went from {first:.3g} to {last:.3g} in {steps} "
-                f"steps at inner_lr {self.config.inner_lr:.3g}", settings=("inner_lr",))
+                f"steps at inner_lr {self.config.inner_lr:.3g}",
+                settings=("inner_lr",),
+            )
 
     def adapt(
         self,
         support_x: torch.Tensor,
         support_y: torch.Tensor,
-        steps: Optional[int] = None,
-        first_order: Optional[bool] = None,
-        ways: Optional[int] = None,
+        steps: int | None = None,
+        first_order: bool | None = None,
+        ways: int | None = None,
     ) -> AdaptedHead:
         """Encode the support images once and adapt θ on them (see :meth:`adapt_features`).
 
@@ -386,7 +394,7 @@ class MetaTransferLearner(nn.Module):
 
     def task_loss(
         self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss after adapting on the support set, and the query logits.
 
         Support and query images go through the encoder in one batch, once; the support
@@ -411,8 +419,13 @@ class MetaTransferLearner(nn.Module):
     def _task_losses(self, tasks: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(query loss, query logits)`` of each ``(sx, sy, qx, qy)`` of ``tasks``, encoded in one pass."""
         supports, queries = [task[0] for task in tasks], [task[2] for task in tasks]
-        if (self.speedups.support_without_graph and self.config.first_order and self.config.head_init == "kaiming"
-                and torch.is_grad_enabled() and not uses_batch_statistics(self.encoder)):
+        if (
+            self.speedups.support_without_graph
+            and self.config.first_order
+            and self.config.head_init == "kaiming"
+            and torch.is_grad_enabled()
+            and not uses_batch_statistics(self.encoder)
+        ):
             # First order drops the inner loop's path to Φ and the Kaiming start ignores the support
             # features: their graph would never be used. (BN in training would tie them to the queries.)
             with torch.no_grad():

@@ -7,6 +7,7 @@ Example::
     logits = prototype_logits(embed(backbone, query_x), prototypes)
     predictions = logits.argmax(1)
 """
+
 from __future__ import annotations
 
 import torch

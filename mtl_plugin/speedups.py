@@ -12,13 +12,14 @@ Example::
                                   speedups=Speedups(compile=True, autocast="bf16"))
     features = learner.features(images)      # channels_last, compiled, bf16 matmuls
 """
+
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -74,23 +75,30 @@ class Speedups:
 
     support_without_graph: bool = True
     batch_tasks: bool = False
-    images_per_pass: Optional[int] = None
+    images_per_pass: int | None = None
     channels_last: bool = True
     compile: bool = False
-    autocast: Optional[str] = None
+    autocast: str | None = None
 
     def __post_init__(self):
         if self.images_per_pass is not None and self.images_per_pass < 1:
             raise UsageError(f"images_per_pass={self.images_per_pass} must be >= 1, or None for whole batches")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
-            raise UsageError(f"autocast={self.autocast!r} is unknown; use one of {', '.join(AUTOCAST_DTYPES)} "
-                             f"or None (float32)")
+            raise UsageError(
+                f"autocast={self.autocast!r} is unknown; use one of {', '.join(AUTOCAST_DTYPES)} or None (float32)"
+            )
 
     @classmethod
-    def none(cls) -> "Speedups":
+    def none(cls) -> Speedups:
         """Every switch off: one eager float32 pass per task, support and query together."""
-        return cls(support_without_graph=False, batch_tasks=False, images_per_pass=None, channels_last=False,
-                   compile=False, autocast=None)
+        return cls(
+            support_without_graph=False,
+            batch_tasks=False,
+            images_per_pass=None,
+            channels_last=False,
+            compile=False,
+            autocast=None,
+        )
 
 
 def uses_batch_statistics(encoder: nn.Module) -> bool:
@@ -160,9 +168,9 @@ class EncoderRunner:
         self.encoder = encoder
         self.speedups = speedups
         # None: not compiled yet; False: compiling failed, run eagerly from now on.
-        self._compiled: Optional[nn.Module] | bool = None
+        self._compiled: nn.Module | None | bool = None
 
-    def __call__(self, x: torch.Tensor, slices: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, slices: Sequence[int] | None = None) -> torch.Tensor:
         """The encoder's output on ``x``; ``slices``: sample counts of consecutive separate
         tasks, which a BatchNorm in training normalises apart (see :func:`per_slice_batch_statistics`)."""
         if slices is not None and len(slices) > 1 and uses_batch_statistics(self.encoder):
@@ -189,9 +197,12 @@ class EncoderRunner:
         try:
             features = compiled(x)
         except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
-            warnings.warn(f"torch.compile of {type(self.encoder).__name__} failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"torch.compile of {type(self.encoder).__name__} failed ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self._compiled = False
             return self.encoder(x)
         self._compiled = compiled

@@ -17,15 +17,16 @@ Example::
     adapter.save_pretrained("ss")                # ss_config.json + ss_weights.pt
     adapter = SSAdapter.from_pretrained("ss", resnet12())
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Mapping, Union
 
 import pandas as pd
 import torch
@@ -34,11 +35,31 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl_plugin.ss_config import BN_MODES, GRANULARITIES, SSConfig, read_pretrained, write_pretrained
-from mtl_plugin.ss_layers import (ADAPTED_TYPES, SHARE_BOUND, LayerSelection, SSShareWarning, adapted_tensors,
-                                  fold_layer, last_block, layer_row, outputs, scale_shape, select_modules)
+from mtl_plugin.ss_layers import (
+    ADAPTED_TYPES,
+    SHARE_BOUND,
+    LayerSelection,
+    SSShareWarning,
+    adapted_tensors,
+    fold_layer,
+    last_block,
+    layer_row,
+    outputs,
+    scale_shape,
+    select_modules,
+)
 
-__all__ = ["SSAdapter", "SSConfig", "GRANULARITIES", "BN_MODES", "LayerSelection", "SSShareWarning", "last_block",
-           "select_modules"]
+__all__ = [
+    "SSAdapter",
+    "SSConfig",
+    "GRANULARITIES",
+    "BN_MODES",
+    "LayerSelection",
+    "SSShareWarning",
+    "last_block",
+    "select_modules",
+]
+
 
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
@@ -101,8 +122,15 @@ class SSAdapter(nn.Module):
         plain = adapter.fold()                               # same outputs, no overhead
     """
 
-    def __init__(self, backbone: nn.Module, granularity: str = "auto", bn: str = "frozen",
-                 layers: LayerSelection = None, *, output_scaling: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        granularity: str = "auto",
+        bn: str = "frozen",
+        layers: LayerSelection = None,
+        *,
+        output_scaling: bool = False,
+    ):
         super().__init__()
         # SSConfig checks the options; a predicate is recorded below by the names of the layers it picks.
         config = SSConfig(granularity, bn, None if callable(layers) else layers, output_scaling)
@@ -148,7 +176,7 @@ class SSAdapter(nn.Module):
         self._warn_if_large()
 
     @classmethod
-    def from_config(cls, backbone: nn.Module, config: SSConfig) -> "SSAdapter":
+    def from_config(cls, backbone: nn.Module, config: SSConfig) -> SSAdapter:
         """``SSAdapter(backbone, ...)`` with the options of ``config``.
 
         Raises:
@@ -161,7 +189,7 @@ class SSAdapter(nn.Module):
         return cls(backbone, config.granularity, config.bn, config.layers, output_scaling=config.output_scaling)
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], backbone: nn.Module) -> "SSAdapter":
+    def from_pretrained(cls, directory: str | os.PathLike, backbone: nn.Module) -> SSAdapter:
         """Rebuild on ``backbone`` the adapter that :meth:`save_pretrained` wrote to ``directory``.
 
         Args:
@@ -199,7 +227,7 @@ class SSAdapter(nn.Module):
         """
         return SSConfig(self.granularity, self.bn, self._config_layers, self.output_scaling)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write :attr:`config` and Φ to ``directory``: all that :meth:`from_pretrained` needs besides the backbone.
 
         ``directory`` (created if needed) gets ``ss_config.json`` and ``ss_weights.pt`` (the
@@ -229,14 +257,18 @@ class SSAdapter(nn.Module):
         names = ", ".join(large["layer"].head(5)) + (f" and {len(large) - 5} more" if len(large) > 5 else "")
         if (large["scale_per"] == "kernel").any():
             pointwise = (large["kernel"] == "1x1") & (large["scale_per"] == "kernel")
-            option = "granularity='auto' (one scale per channel on 1x1 convs)" if pointwise.any() \
+            option = (
+                "granularity='auto' (one scale per channel on 1x1 convs)"
+                if pointwise.any()
                 else "granularity='channel' (one scale per output channel)"
+            )
         else:
             option = "layers=... (adapt fewer layers)"
         warnings.warn(
             f"SSAdapter learns {share:.0%} of {type(self.backbone).__name__}'s {self._backbone_size:,} parameters, "
             f"more than {SHARE_BOUND:.0%}: most on {names}; {option} shrinks them",
-            SSShareWarning, stacklevel=3,
+            SSShareWarning,
+            stacklevel=3,
         )
 
     def _scales_output(self, conv: nn.Module) -> bool:
@@ -253,15 +285,18 @@ class SSAdapter(nn.Module):
         # functional_call swaps the scaled weights in for this call only: the backbone's own
         # tensors stay untouched, so nothing frozen is copied and autograd reaches Φ. Output
         # scaling hooks the convs for this call only, for the same reason.
-        hooks = [conv.register_forward_hook(partial(_scale_output, scale, shift))
-                 for conv, scale, shift in zip(self._layers, self.scales, self.shifts) if self._scales_output(conv)]
+        hooks = [
+            conv.register_forward_hook(partial(_scale_output, scale, shift))
+            for conv, scale, shift in zip(self._layers, self.scales, self.shifts)
+            if self._scales_output(conv)
+        ]
         try:
             return functional_call(self.backbone, self._ss_tensors(), args, kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
 
-    def train(self, mode: bool = True) -> "SSAdapter":
+    def train(self, mode: bool = True) -> SSAdapter:
         super().train(mode)
         if self.bn == "frozen":
             for module in self.backbone.modules():
@@ -280,7 +315,7 @@ class SSAdapter(nn.Module):
         for _, parameter in self.named_ss_parameters():
             yield parameter
 
-    def ss_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+    def ss_state_dict(self) -> OrderedDict[str, torch.Tensor]:
         """The SS parameters alone, keyed by layer name (a resnet18's is a few hundred KB)."""
         return OrderedDict((name, p.detach().clone()) for name, p in self.named_ss_parameters())
 
@@ -341,10 +376,18 @@ class SSAdapter(nn.Module):
 
             SSAdapter(resnet12(), layers=["layers.3"]).parameter_report().tail(1)
         """
-        ss = {name: scale.numel() + shift.numel()
-              for name, scale, shift in zip(self.conv_names, self.scales, self.shifts)}
-        rows = [{"layer": name or "<root>", **layer_row(layer, self.granularity), "adapted": name in ss,
-                 "ss": ss.get(name, 0)} for name, layer in self._all_layers]
+        ss = {
+            name: scale.numel() + shift.numel() for name, scale, shift in zip(self.conv_names, self.scales, self.shifts)
+        }
+        rows = [
+            {
+                "layer": name or "<root>",
+                **layer_row(layer, self.granularity),
+                "adapted": name in ss,
+                "ss": ss.get(name, 0),
+            }
+            for name, layer in self._all_layers
+        ]
         frame = pd.DataFrame(rows)
         total = {
             "layer": "total",
@@ -384,5 +427,7 @@ class SSAdapter(nn.Module):
     def extra_repr(self) -> str:
         layers = "" if self.layers is None else f", layers={self.layers!r}"
         scaling = ", output_scaling=True" if self.output_scaling else ""
-        return (f"granularity={self.granularity!r}{scaling}, bn={self.bn!r}{layers}, "
-                f"layers adapted={len(self.conv_names)} of {len(self._all_layers)}")
+        return (
+            f"granularity={self.granularity!r}{scaling}, bn={self.bn!r}{layers}, "
+            f"layers adapted={len(self.conv_names)} of {len(self._all_layers)}"
+        )

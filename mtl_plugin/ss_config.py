@@ -12,13 +12,14 @@ Example::
     adapter = SSAdapter.from_config(torchvision.models.resnet18(), config)
     adapter.save_pretrained("ss-resnet18")
 """
+
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -26,8 +27,15 @@ from mtl_plugin.errors import DataError, MissingDataError
 from mtl_plugin.ss_layers import GRANULARITIES
 from mtl_plugin.training.io import atomic_save, atomic_write_text, read_checkpoint
 
-__all__ = ["BN_MODES", "CONFIG_FILE", "GRANULARITIES", "SSConfig", "WEIGHTS_FILE", "read_pretrained",
-           "write_pretrained"]
+__all__ = [
+    "BN_MODES",
+    "CONFIG_FILE",
+    "GRANULARITIES",
+    "SSConfig",
+    "WEIGHTS_FILE",
+    "read_pretrained",
+    "write_pretrained",
+]
 
 BN_MODES = ("frozen", "train")
 CONFIG_FILE = "ss_config.json"
@@ -67,27 +75,31 @@ class SSConfig:
 
     granularity: str = "auto"
     bn: str = "frozen"
-    layers: Optional[tuple[str, ...]] = None
+    layers: tuple[str, ...] | None = None
     output_scaling: bool = False
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
         if self.output_scaling and self.granularity != "channel":
-            raise ValueError("output_scaling=True needs granularity='channel': a scale per kernel mixes input "
-                             "channels, so it cannot move to the conv's output")
+            raise ValueError(
+                "output_scaling=True needs granularity='channel': a scale per kernel mixes input "
+                "channels, so it cannot move to the conv's output"
+            )
         if self.bn not in BN_MODES:
             raise ValueError(f"unknown bn mode {self.bn!r}; valid: {', '.join(BN_MODES)}")
         if isinstance(self.layers, str):
             self.layers = (self.layers,)
         elif self.layers is not None:
             if not isinstance(self.layers, Sequence) or not all(isinstance(name, str) for name in self.layers):
-                raise ValueError(f"layers={self.layers!r}: give module names as named_modules() spells them "
-                                 f"(a predicate selects layers in SSAdapter(layers=...), not in a config)")
+                raise ValueError(
+                    f"layers={self.layers!r}: give module names as named_modules() spells them "
+                    f"(a predicate selects layers in SSAdapter(layers=...), not in a config)"
+                )
             self.layers = tuple(self.layers)
 
     @classmethod
-    def paper(cls) -> "SSConfig":
+    def paper(cls) -> SSConfig:
         """The paper's SS [Θ; θ]: a scale per kernel on every conv, BatchNorm frozen.
 
         Example::
@@ -107,11 +119,14 @@ class SSConfig:
             SSConfig(granularity="channel").to_dict()   # {"granularity": "channel", "bn": "frozen"}
         """
         defaults = SSConfig()
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()
-                if name in _ALWAYS_WRITTEN or value != getattr(defaults, name)}
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in asdict(self).items()
+            if name in _ALWAYS_WRITTEN or value != getattr(defaults, name)
+        }
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "SSConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> SSConfig:
         """The config that :meth:`to_dict` wrote; a missing field takes its default.
 
         Args:
@@ -132,7 +147,7 @@ class SSConfig:
         return cls(**values)
 
 
-def write_pretrained(directory: Union[str, Path], config: SSConfig, tensors: dict[str, torch.Tensor]) -> Path:
+def write_pretrained(directory: str | Path, config: SSConfig, tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``config`` and ``tensors`` to ``directory`` (:data:`CONFIG_FILE`, :data:`WEIGHTS_FILE`).
 
     Each file is written atomically: a save that is killed leaves each file whole, old or new.
@@ -153,7 +168,7 @@ def write_pretrained(directory: Union[str, Path], config: SSConfig, tensors: dic
     return directory
 
 
-def read_pretrained(directory: Union[str, Path]) -> tuple[SSConfig, dict[str, torch.Tensor]]:
+def read_pretrained(directory: str | Path) -> tuple[SSConfig, dict[str, torch.Tensor]]:
     """The config and the SS tensors that :func:`write_pretrained` left in ``directory``.
 
     Raises:
@@ -168,8 +183,10 @@ def read_pretrained(directory: Union[str, Path]) -> tuple[SSConfig, dict[str, to
     directory = Path(directory).expanduser()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
-            raise MissingDataError(f"{directory}: no {name} there, so it holds no saved SS adapter; "
-                                   f"write one with adapter.save_pretrained({str(directory)!r})")
+            raise MissingDataError(
+                f"{directory}: no {name} there, so it holds no saved SS adapter; "
+                f"write one with adapter.save_pretrained({str(directory)!r})"
+            )
     path = directory / CONFIG_FILE
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
@@ -177,7 +194,8 @@ def read_pretrained(directory: Union[str, Path]) -> tuple[SSConfig, dict[str, to
             raise ValueError(f"it holds a JSON {type(values).__name__}, not an object")
         config = SSConfig.from_dict(values, str(path))
     except ValueError as error:
-        raise DataError(f"{path}: not the config of an SS adapter ({error}); "
-                        f"save the adapter again with save_pretrained") from error
+        raise DataError(
+            f"{path}: not the config of an SS adapter ({error}); save the adapter again with save_pretrained"
+        ) from error
     tensors = read_checkpoint(directory / WEIGHTS_FILE, "SS weights", require_kind=False)
     return config, tensors

@@ -23,16 +23,30 @@ Example::
     layer = nn.Conv2d(64, 256, 1)
     scale_shape(layer, "kernel"), scale_shape(layer, "auto")   # (256, 64, 1, 1), (256, 1, 1, 1)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ADAPTED_TYPES", "GRANULARITIES", "SHARE_BOUND", "LayerSelection", "SSShareWarning", "adapted_tensors",
-           "fold_layer", "last_block", "layer_row", "outputs", "scale_shape", "select_modules", "type_names"]
+__all__ = [
+    "ADAPTED_TYPES",
+    "GRANULARITIES",
+    "SHARE_BOUND",
+    "LayerSelection",
+    "SSShareWarning",
+    "adapted_tensors",
+    "fold_layer",
+    "last_block",
+    "layer_row",
+    "outputs",
+    "scale_shape",
+    "select_modules",
+    "type_names",
+]
 
 ADAPTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
 GRANULARITIES = ("auto", "kernel", "channel")
@@ -52,7 +66,7 @@ def type_names(kind: type | tuple[type, ...]) -> str:
 
 # Module names as ``named_modules()`` spells them (a name selects everything under it),
 # or a predicate on (name, module); None selects everything.
-LayerSelection = Optional[Union[str, Sequence[str], Callable[[str, nn.Module], bool]]]
+LayerSelection = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -68,8 +82,9 @@ def _container_names(model: nn.Module, kind: type | tuple[type, ...]) -> list[st
     return names
 
 
-def select_modules(model: nn.Module, layers: LayerSelection,
-                   kind: type | tuple[type, ...] = nn.Conv2d) -> list[tuple[str, nn.Module]]:
+def select_modules(
+    model: nn.Module, layers: LayerSelection, kind: type | tuple[type, ...] = nn.Conv2d
+) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs of type ``kind`` in ``model`` that ``layers`` selects, in order.
 
     Args:
@@ -136,7 +151,7 @@ def last_block(model: nn.Module) -> str:
     return blocks[-1] if blocks else names[-1]
 
 
-def _outer_sequential_element(model: nn.Module, name: str) -> Optional[str]:
+def _outer_sequential_element(model: nn.Module, name: str) -> str | None:
     """The outermost element of an ``nn.Sequential`` on the path to module ``name``; ``None`` if none."""
     parts = name.split(".")
     for depth in range(1, len(parts) + 1):

@@ -13,16 +13,17 @@ Example::
     x, y = tasks.sample()
     (xs, ys), (xq, yq) = split_support_query(x, y, shots=1)
 """
+
 from __future__ import annotations
 
 import random
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 import learn2learn as l2l
 import torch
 from learn2learn.data.task_dataset import DataDescription
 
-RandomLike = Union[int, random.Random, None]
+RandomLike = int | random.Random | None
 
 __all__ = [
     "NWays",
@@ -61,8 +62,10 @@ def check_task_shape(dataset, ways: int, samples_per_class: int) -> None:
         raise ValueError(f"ways ({ways}) and samples per class ({samples_per_class}) must be >= 1")
     if ways > len(labels) and len(labels) < 2:
         # "use at most 1 ways" would name a task no few-shot method takes.
-        raise ValueError(f"the data set holds {len(labels)} class, but a task tells {ways} classes apart (2 or "
-                         f"more): add classes to it")
+        raise ValueError(
+            f"the data set holds {len(labels)} class, but a task tells {ways} classes apart (2 or "
+            f"more): add classes to it"
+        )
     if ways > len(labels):
         raise ValueError(
             f"ways={ways} is larger than the number of classes in the data set ({len(labels)}); "
@@ -99,11 +102,7 @@ class NWays:
     def __call__(self, description):
         if description is None:
             classes = self.rng.sample(sorted(self.dataset.labels), k=self.n)
-            return [
-                DataDescription(index)
-                for label in classes
-                for index in self.dataset.labels_to_indices[label]
-            ]
+            return [DataDescription(index) for label in classes for index in self.dataset.labels_to_indices[label]]
         chosen = set(self.rng.sample(_labels_of(self.dataset, description), k=self.n))
         return [dd for dd in description if self.dataset.indices_to_labels[dd.index] in chosen]
 
@@ -137,9 +136,7 @@ class KShots:
                 result.extend(self.rng.choices(members, k=self.k))
                 continue
             if len(members) < self.k:
-                raise ValueError(
-                    f"class {label!r} has {len(members)} images but the task needs {self.k} per class"
-                )
+                raise ValueError(f"class {label!r} has {len(members)} images but the task needs {self.k} per class")
             result.extend(self.rng.sample(members, k=self.k))
         return result
 
@@ -211,9 +208,6 @@ def split_support_query(
     for label in labels.unique():
         members = (labels == label).nonzero(as_tuple=True)[0]
         if len(members) <= shots:
-            raise ValueError(
-                f"class {int(label)} has {len(members)} samples in the task: need more than shots={shots}"
-            )
+            raise ValueError(f"class {int(label)} has {len(members)} samples in the task: need more than shots={shots}")
         support[members[:shots]] = True
     return (data[support], labels[support]), (data[~support], labels[~support])
-

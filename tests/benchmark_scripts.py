@@ -1,11 +1,12 @@
 """Load a script under ``benchmarks/`` as a module, for tests that call its functions."""
+
 from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

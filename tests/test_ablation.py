@@ -1,8 +1,11 @@
 """The ablation rows (what to adapt after pretraining), their learned-parameter counts and claims."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_methods_mtl import context, tiny_method_config
+from test_pipeline import SIDE
 from torch import nn
 
 from mtl_plugin.backbones import build_backbone, conv4
@@ -10,16 +13,21 @@ from mtl_plugin.bench.ablation_report import ablation_note, paired_comparisons
 from mtl_plugin.bench.methods import METHODS
 from mtl_plugin.bench.methods.ablation import ABLATION_SUITE, FinetunedLayers
 from mtl_plugin.tasks import build_taskset, split_support_query
-from test_methods_mtl import context, tiny_method_config
-from test_pipeline import SIDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # conv4(in_channels=1, hidden=8) at 16 px: convs of 72+8 and 3 x (576+8) weights, 4 BatchNorms of 16,
 # 8-d features (θ = d). Φ: (8+8) + 3 x (64+8) at kernel granularity, 4 x (8+8) at channel granularity.
 EXPECTED_COUNTS = {
-    "ft-head": 8, "ft-last": 584 + 8, "ft-all": 1896 + 8, "ss-last": 72 + 8,
-    "mtl": 232 + 8, "mtl-ht": 232 + 8, "mtl-ht-reuse": 232 + 8, "mtl-channel": 64 + 8, "mtl-bn-train": 232 + 8,
+    "ft-head": 8,
+    "ft-last": 584 + 8,
+    "ft-all": 1896 + 8,
+    "ss-last": 72 + 8,
+    "mtl": 232 + 8,
+    "mtl-ht": 232 + 8,
+    "mtl-ht-reuse": 232 + 8,
+    "mtl-channel": 64 + 8,
+    "mtl-bn-train": 232 + 8,
 }
 
 
@@ -38,8 +46,9 @@ def test_learned_parameters_are_what_the_outer_loop_updates(tmp_path):
     assert counts["ss-last"] < counts["ft-last"] and counts["mtl"] < counts["ft-all"]
 
 
-@pytest.mark.parametrize("name", ["ft-head", "ft-last", "ft-all", "ss-last", "mtl-ht-reuse", "mtl-channel",
-                                  "mtl-bn-train"])
+@pytest.mark.parametrize(
+    "name", ["ft-head", "ft-last", "ft-all", "ss-last", "mtl-ht-reuse", "mtl-channel", "mtl-bn-train"]
+)
 def test_ablation_rows_meta_train_only_what_they_name(tmp_path, name):
     method = _build(name)
     ctx = context(tmp_path, name)
@@ -51,8 +60,11 @@ def test_ablation_rows_meta_train_only_what_they_name(tmp_path, name):
     # learner may be iteration 0, the pretrained start itself.
     method.learner.load_state_dict(torch.load(ctx.work_dir / "last.pt", weights_only=True)["learner"])
     backbone = method.learner.encoder.backbone
-    changed = {key for key, value in backbone.state_dict().items()
-               if key.endswith("weight") and not torch.equal(value, pretrained[key])}
+    changed = {
+        key
+        for key, value in backbone.state_dict().items()
+        if key.endswith("weight") and not torch.equal(value, pretrained[key])
+    }
     if name == "ft-head" or not name.startswith("ft"):
         assert changed == set()  # SS rows and FT [θ] leave every pretrained weight as it was
     elif name == "ft-last":
@@ -71,8 +83,10 @@ def test_finetuned_layers_keep_batchnorm_frozen_and_name_bad_layers():
     encoder = FinetunedLayers(conv4(in_channels=1, hidden=8, image_size=SIDE), layers=("layers.12",))
     encoder.train()
     assert all(not m.training for m in encoder.modules() if isinstance(m, nn.BatchNorm2d))
-    assert [n for n, p in encoder.named_parameters() if p.requires_grad] == ["backbone.layers.12.weight",
-                                                                            "backbone.layers.12.bias"]
+    assert [n for n, p in encoder.named_parameters() if p.requires_grad] == [
+        "backbone.layers.12.weight",
+        "backbone.layers.12.bias",
+    ]
     with pytest.raises(ValueError, match="'layer4'.*top level: layers"):
         FinetunedLayers(conv4(in_channels=1, hidden=8, image_size=SIDE), layers=("layer4",))
 
@@ -95,8 +109,8 @@ def test_claims_are_paired_differences_with_a_verdict():
     n = 50
     accuracies = {
         ("mtl", 1): [60.0 + (i % 5) for i in range(n)],
-        ("ft-all", 1): [50.0 + (i % 5) for i in range(n)],        # 10 points below on every task
-        ("scratch", 1): [70.0 + (i % 5) for i in range(n)],       # 10 points above: the claim is reversed
+        ("ft-all", 1): [50.0 + (i % 5) for i in range(n)],  # 10 points below on every task
+        ("scratch", 1): [70.0 + (i % 5) for i in range(n)],  # 10 points above: the claim is reversed
         ("ft-head", 1): [60.0 + ((i + 1) % 5) for i in range(n)],  # the same on average
     }
     frame = paired_comparisons(accuracies, shots=(1,)).set_index("worse")

@@ -27,8 +27,7 @@ def test_a_registered_builder_is_built_and_checked_by_name(monkeypatch):
 
     @register_backbone("tiny", min_image_size=16)
     def tiny(*, in_channels=3, num_classes=0, weights=None, image_size=84):
-        return conv4(in_channels=in_channels, hidden=4, num_classes=num_classes, image_size=image_size,
-                     weights=weights)
+        return conv4(in_channels=in_channels, hidden=4, num_classes=num_classes, image_size=image_size, weights=weights)
 
     assert "tiny" in list_backbones()
     net = build_backbone("tiny", in_channels=1, image_size=32)

@@ -24,8 +24,7 @@ TINY = dict(
     test_tasks=6,
     backbone="conv4",
     progress=False,
-    pretrain=PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2,
-                            val_queries=3),
+    pretrain=PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_queries=3),
 )
 
 
@@ -60,10 +59,18 @@ def test_methods_share_tasks_and_cells_resume(data_home, monkeypatch):
     cell = json.loads(cell_path.read_text())
     assert len(cell["accuracies"]) == 6
 
-    def no_fit(*args, **kwargs):
-        raise AssertionError("a finished cell must be reused, not fitted again")
+    real_build = bench_module.build_method
 
-    monkeypatch.setattr(bench_module, "build_method", no_fit)
+    def unfittable(name, profile):
+        method = real_build(name, profile)  # built for its config, which keys the cell
+
+        def no_fit(*args, **kwargs):
+            raise AssertionError("a finished cell must be reused, not fitted again")
+
+        method.fit = no_fit
+        return method
+
+    monkeypatch.setattr(bench_module, "build_method", unfittable)
     second = run_bench(config, echo=lambda line: None)
     assert first.table.equals(second.table)
 
@@ -104,8 +111,13 @@ SHARED = ("protonet", "maml", "protonet-conv4", "mtl")
 
 def _bench_rank(rank: int, world: int, port: int, home: str) -> None:
     """One process of a torchrun-like job (the variables torchrun sets) running the bench of SHARED."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      MTL_DATA=str(Path(home) / "data"))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        MTL_DATA=str(Path(home) / "data"),
+    )
     torch.set_num_threads(1)
     bench_module.build_method = _tiny_budgets(bench_module.build_method)
     lines: list[str] = []
@@ -160,6 +172,25 @@ def test_new_images_under_the_same_settings_are_not_served_old_results(data_home
     assert len(list((out / "pretrain").iterdir())) == 2
 
 
+def test_a_method_whose_settings_changed_is_not_served_its_old_cell(data_home, monkeypatch):
+    # A new version that changes a row's budget or settings: its old cells and work folders are stale.
+    out = data_home / "out"
+    config = BenchConfig.quick(methods=("protonet-conv4",), out=out, **TINY)
+    monkeypatch.setattr(bench_module, "build_method", _tiny_budgets(bench_module.build_method))
+    run_bench(config, echo=lambda line: None)
+    tiny = bench_module.build_method
+
+    def other_lr(name, profile):
+        method = tiny(name, profile)
+        method.config.lr /= 2
+        return method
+
+    monkeypatch.setattr(bench_module, "build_method", other_lr)
+    run_bench(config, echo=lambda line: None)
+    assert len(list((out / "cells").glob("protonet-conv4-5w1s-*.json"))) == 2
+    assert len(list((out / "work" / "protonet-conv4").iterdir())) == 2
+
+
 def test_a_corrupt_cell_is_recomputed(data_home):
     config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **TINY)
     first = run_bench(config, echo=lambda line: None)
@@ -195,12 +226,14 @@ def test_bad_config():
         BenchConfig(test_tasks=1)
 
 
-
-@pytest.mark.parametrize("change, message", [
-    (dict(queries=50), "51"),
-    (dict(backbone="resnet999"), "resnet999"),
-    (dict(ways=31), "31"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(queries=50), "51"),
+        (dict(backbone="resnet999"), "resnet999"),
+        (dict(ways=31), "31"),
+    ],
+)
 def test_bad_settings_fail_before_the_shared_pretraining(data_home, monkeypatch, change, message):
     def no_pretraining(*args, **kwargs):
         raise AssertionError("the settings must be checked before pretraining")
@@ -225,24 +258,34 @@ def test_ablation_suite_counts_claims_plot_and_reuses_comparison_cells(data_home
     monkeypatch.setattr(bench_module, "build_method", tiny)
     out = data_home / "out"
     comparison = run_bench(BenchConfig.quick(methods=("mtl",), out=out, **TINY), echo=lambda line: None)
-    built, lines = [], []
+    fitted, lines = [], []
 
     def recording(name, profile):
-        built.append(name)
-        return tiny(name, profile)
+        method = tiny(name, profile)
+        fit = method.fit
+
+        def recorded_fit(context):
+            fitted.append(name)
+            return fit(context)
+
+        method.fit = recorded_fit
+        return method
 
     monkeypatch.setattr(bench_module, "build_method", recording)
     config = BenchConfig.quick(suite="ablation", methods=("ft-head", "ft-all", "mtl"), out=out, **TINY)
     result = run_bench(config, echo=lines.append)
-    assert built == ["ft-head", "ft-all"]  # mtl's cell is the comparison suite's, reused
+    assert fitted == ["ft-head", "ft-all"]  # mtl's cell is the comparison suite's, reused
     table = result.table
     assert list(table.columns[:5]) == ["method", "adapts", "backbone", "setting", "learned parameters"]
     assert list(table["adapts"]) == ["FT [θ]", "FT [Θ; θ]", "SS [Θ; θ]"]
     counts = dict(zip(table["method"], table["learned parameters"]))
     assert counts["ft-head"] == 64 < counts["mtl"] < counts["ft-all"]  # Conv4 at 28 px: 64-d features
     claims = pd.read_csv(result.files["claims"])
-    assert {"SS beats FT on every layer", "meta-learning SS beats meta-learning the head alone",
-            "ft-all vs mtl"} <= set(claims["claim"])
+    assert {
+        "SS beats FT on every layer",
+        "meta-learning SS beats meta-learning the head alone",
+        "ft-all vs mtl",
+    } <= set(claims["claim"])
     assert set(claims["verdict"]) <= {"holds", "reversed", "within CI"}
     assert result.files["parameters"].stat().st_size > 0
     assert "Closing note" in result.files["md"].read_text() and any("Closing note" in line for line in lines)
@@ -255,8 +298,10 @@ def test_comparison_checks_the_papers_claims_on_the_rows_it_ran(data_home, monke
     config = BenchConfig.quick(methods=("protonet", "linear-probe", "mtl"), out=data_home / "out", **TINY)
     result = run_bench(config, echo=lambda line: None)
     claims = pd.read_csv(result.files["claims"])
-    assert list(claims["claim"][:2]) == ["meta-transfer beats nearest-class-mean on its own embedding",
-                                         "meta-transfer beats a linear probe on its own embedding (RFS-simple)"]
+    assert list(claims["claim"][:2]) == [
+        "meta-transfer beats nearest-class-mean on its own embedding",
+        "meta-transfer beats a linear probe on its own embedding (RFS-simple)",
+    ]
     # Claims about rows that did not run (finetune, scratch, ...) are left out, not reported empty.
     assert not claims["claim"].str.contains("fine-tuning|scratch|MAML").any()
     assert set(claims["verdict"]) <= {"holds", "reversed", "within CI"}

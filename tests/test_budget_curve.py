@@ -1,4 +1,5 @@
 """benchmarks/budget_curve.py on a tiny bench: the curve's points, its paired columns, extension, summary, bad flags."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,10 @@ from mtl_plugin.training.pretrain import PretrainConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_BENCH = dict(
-    dataset="kanji", dataset_options={"num_classes": 30, "instances": 6}, queries=3, backbone="conv4",
+    dataset="kanji",
+    dataset_options={"num_classes": 30, "instances": 6},
+    queries=3,
+    backbone="conv4",
     pretrain=PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_queries=3),
 )
 
@@ -39,8 +43,22 @@ def data_home(tmp_path, monkeypatch):
 
 
 def _run(curve, out: Path, iterations: int, *extra: str) -> pd.DataFrame:
-    argv = ["--out", str(out), "--rows", "mtl,ss-last", "--shots", "1", "--iterations", str(iterations),
-            "--val-every", "2", "--val-tasks", "3", "--no-progress", *extra]
+    argv = [
+        "--out",
+        str(out),
+        "--rows",
+        "mtl,ss-last",
+        "--shots",
+        "1",
+        "--iterations",
+        str(iterations),
+        "--val-every",
+        "2",
+        "--val-tasks",
+        "3",
+        "--no-progress",
+        *extra,
+    ]
     return curve.main(argv, bench=BenchConfig.quick(**TINY_BENCH), mtl=tiny_mtl())
 
 
@@ -65,8 +83,9 @@ def test_curve_points_paired_columns_and_extension(curve, data_home, monkeypatch
     # A rerun with more iterations continues each run from its iteration 4: two meta-steps per row.
     steps = []
     step = MetaTransferLearner.meta_train_step
-    monkeypatch.setattr(MetaTransferLearner, "meta_train_step",
-                        lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
+    monkeypatch.setattr(
+        MetaTransferLearner, "meta_train_step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k)
+    )
     extended = _run(curve, out, 6)
     assert len(steps) == 2 * 2
     for row in ("mtl", "ss-last"):
@@ -86,24 +105,40 @@ def test_curve_points_paired_columns_and_extension(curve, data_home, monkeypatch
 
 def test_summary_of_a_hand_made_frame(curve):
     def point(row, iteration, accuracy, diff=math.nan, gain=0.0):
-        return {"row": row, "shots": 1, "iteration": iteration, "accuracy": accuracy, "ci95": 1.0, "tasks": 600,
-                "diff_vs_mtl": diff, "diff_vs_mtl_ci95": 1.0, "gain_vs_start": gain, "gain_vs_start_ci95": 0.5}
+        return {
+            "row": row,
+            "shots": 1,
+            "iteration": iteration,
+            "accuracy": accuracy,
+            "ci95": 1.0,
+            "tasks": 600,
+            "diff_vs_mtl": diff,
+            "diff_vs_mtl_ci95": 1.0,
+            "gain_vs_start": gain,
+            "gain_vs_start_ci95": 0.5,
+        }
 
-    frame = pd.DataFrame([
-        point("mtl", 0, 50.0), point("mtl", 250, 55.0, gain=5.0), point("mtl", 500, 54.0, gain=4.0),
-        point("ft-all", 0, 50.0, diff=0.0), point("ft-all", 250, 52.0, diff=-3.0, gain=2.0),
-        point("ft-all", 500, 49.0, diff=-5.0, gain=-1.0),
-        point("mtl-ht", 0, 50.0, diff=0.0), point("mtl-ht", 250, 55.5, diff=0.5, gain=5.5),
-        point("mtl-ht", 500, 56.0, diff=2.0, gain=6.0),
-        point("ss-last", 0, 50.0, diff=0.0), point("ss-last", 250, 54.8, diff=-0.2, gain=4.8),
-        point("ss-last", 500, 54.5, diff=0.5, gain=4.5),
-    ])
+    frame = pd.DataFrame(
+        [
+            point("mtl", 0, 50.0),
+            point("mtl", 250, 55.0, gain=5.0),
+            point("mtl", 500, 54.0, gain=4.0),
+            point("ft-all", 0, 50.0, diff=0.0),
+            point("ft-all", 250, 52.0, diff=-3.0, gain=2.0),
+            point("ft-all", 500, 49.0, diff=-5.0, gain=-1.0),
+            point("mtl-ht", 0, 50.0, diff=0.0),
+            point("mtl-ht", 250, 55.5, diff=0.5, gain=5.5),
+            point("mtl-ht", 500, 56.0, diff=2.0, gain=6.0),
+            point("ss-last", 0, 50.0, diff=0.0),
+            point("ss-last", 250, 54.8, diff=-0.2, gain=4.8),
+            point("ss-last", 500, 54.5, diff=0.5, gain=4.5),
+        ]
+    )
     lines = curve.summary(frame)
     assert lines[1] == "1-shot:"
     text = "\n".join(lines)
     assert "  ss-last vs mtl: within the CI at every iteration (0, 250, 500)" in text
-    assert ("  ft-all vs mtl: below at 250 (-3.00 ± 1.00), 500 (-5.00 ± 1.00); within the CI at the other 1 of 3"
-            in text)
+    assert "  ft-all vs mtl: below at 250 (-3.00 ± 1.00), 500 (-5.00 ± 1.00); within the CI at the other 1 of 3" in text
     assert "  mtl-ht vs mtl: above at 500 (+2.00 ± 1.00); within the CI at the other 2 of 3" in text
     # ss-last, ft-all, mtl-ht in this order, then each row's best point and its gain over iteration 0.
     assert text.index("ss-last vs") < text.index("ft-all vs") < text.index("mtl-ht vs")
@@ -114,8 +149,13 @@ def test_summary_of_a_hand_made_frame(curve):
 
 def test_curve_frame_pairs_tasks(curve):
     per_task = pd.DataFrame(
-        [{"row": row, "shots": 1, "iteration": it, "task": task, "accuracy": 50.0 + task + bump}
-         for row, bump in (("mtl", 0.0), ("ft-all", -2.0)) for it in (0, 2) for task in range(4)])
+        [
+            {"row": row, "shots": 1, "iteration": it, "task": task, "accuracy": 50.0 + task + bump}
+            for row, bump in (("mtl", 0.0), ("ft-all", -2.0))
+            for it in (0, 2)
+            for task in range(4)
+        ]
+    )
     per_task.loc[(per_task["row"] == "mtl") & (per_task["iteration"] == 2), "accuracy"] += 3.0
     frame = curve.curve_frame(per_task).set_index(["row", "iteration"])
     assert frame.loc[("mtl", 2), "gain_vs_start"] == 3.0 and frame.loc[("mtl", 2), "gain_vs_start_ci95"] == 0.0
@@ -123,16 +163,19 @@ def test_curve_frame_pairs_tasks(curve):
     assert list(frame.index.get_level_values("row")) == ["mtl", "mtl", "ft-all", "ft-all"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rows", "mtl,nope"], "unknown row 'nope'"),
-    (["--rows", "protonet"], "unknown row 'protonet'"),
-    (["--shots", "0"], "--shots"),
-    (["--shots", "a"], "--shots"),
-    (["--iterations", "100", "--val-every", "30"], "does not divide"),
-    (["--iterations", "100", "--val-every", "200"], "--val-every 200"),
-    (["--val-tasks", "1"], "--val-tasks 1"),
-    (["--lr-step", "0"], "--lr-step 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rows", "mtl,nope"], "unknown row 'nope'"),
+        (["--rows", "protonet"], "unknown row 'protonet'"),
+        (["--shots", "0"], "--shots"),
+        (["--shots", "a"], "--shots"),
+        (["--iterations", "100", "--val-every", "30"], "does not divide"),
+        (["--iterations", "100", "--val-every", "200"], "--val-every 200"),
+        (["--val-tasks", "1"], "--val-tasks 1"),
+        (["--lr-step", "0"], "--lr-step 0"),
+    ],
+)
 def test_bad_flags_exit_2_before_any_work(curve, data_home, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(curve, "get_benchmark", lambda *a, **k: pytest.fail("loaded data before checking the flags"))
     with pytest.raises(SystemExit) as exit_info:

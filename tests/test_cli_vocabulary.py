@@ -1,5 +1,6 @@
 """One vocabulary across the `mtl` commands, help on every option, defaults from the configs,
 and a `mtl --help` that answers without loading torch."""
+
 import subprocess
 import sys
 
@@ -60,10 +61,14 @@ def test_the_commands_share_one_vocabulary():
 
 
 def test_mtl_help_loads_neither_torch_nor_pandas():
-    code = ("import sys; from click.testing import CliRunner; from mtl_plugin.cli import main; "
-            "result = CliRunner().invoke(main, ['--help']); assert result.exit_code == 0, result.output; "
-            "print(sorted(m for m in ('torch', 'pandas', 'learn2learn') if m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    code = (
+        "import sys; from click.testing import CliRunner; from mtl_plugin.cli import main; "
+        "result = CliRunner().invoke(main, ['--help']); assert result.exit_code == 0, result.output; "
+        "print(sorted(m for m in ('torch', 'pandas', 'learn2learn') if m in sys.modules))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 def test_bench_picks_the_profile_this_machine_can_run_and_says_so(monkeypatch, tmp_path):

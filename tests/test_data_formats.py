@@ -3,6 +3,7 @@
 Every fake image is one flat grey level that names its class, so a task's images
 tell which classes they came from: they must all come from the task's own split.
 """
+
 import io
 import pickle
 
@@ -135,7 +136,7 @@ def test_small_splits_keep_their_transformed_images_and_augmentation_stays_rando
     train = bench.train.dataset
     first, label = train[0]
     assert train.memoised and train[0][0] is first
-    fresh = train.with_transform(train.transform)      # the same transform, read afresh
+    fresh = train.with_transform(train.transform)  # the same transform, read afresh
     assert not fresh.memoised and torch.equal(fresh[0][0], first) and fresh[0][1] == label
     # The folder recipe augments for pretraining: a kept image would freeze its random crop.
     assert not bench.train_augmented.dataset.memoised
@@ -214,7 +215,6 @@ def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError) as error:
         get_benchmark("imagenet-21k")
     assert all(name in str(error.value) for name in KNOWN_BENCHMARKS)
-
 
 
 def test_aliases_resolve_to_the_canonical_names(tmp_path):

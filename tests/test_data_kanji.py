@@ -1,4 +1,5 @@
 """The kanji generator: deterministic, disjoint splits, cached with a checksum, usable as a benchmark."""
+
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,6 @@ from mtl_plugin.data.kanji import (
     render_kanji,
 )
 from mtl_plugin.data.svg_path import flatten, parse_path
-
 
 SMALL = KanjiConfig(num_classes=30, instances=6)  # the default style, wild
 # Everything the wild style adds to the clean one's kind of variation, switched off.
@@ -221,8 +221,9 @@ def test_cli_generates_and_writes_a_preview(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "12 classes" in result.output and out.stat().st_size > 0
-    result = CliRunner().invoke(data_cli, ["kanji", "--num-classes", "6", "--instances", "2", "--style", "clean",
-                                           "--cache-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        data_cli, ["kanji", "--num-classes", "6", "--instances", "2", "--style", "clean", "--cache-dir", str(tmp_path)]
+    )
     assert result.exit_code == 0 and "kanji (clean)" in result.output
     result = CliRunner().invoke(data_cli, ["kanji", "--num-classes", "1", "--cache-dir", str(tmp_path)])
     assert result.exit_code != 0 and "num_classes=1" in result.output

@@ -3,6 +3,7 @@
 One job of 2 processes (``torch.multiprocessing.spawn``) checks the library against one process;
 the command-line test runs the real ``torchrun -m mtl_plugin`` and kills a rank mid-run.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,9 @@ EVALUATION = EvaluationConfig(ways=3, shots=1, queries=3, tasks=7, seed=3)
 
 
 def _learner(meta_batch: int, speedups: Speedups | None = None) -> MetaTransferLearner:
-    return MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(meta_batch=meta_batch),
-                               speedups=speedups)
+    return MetaTransferLearner(
+        SSAdapter(tiny_backbone()), ways=3, config=tiny_config(meta_batch=meta_batch), speedups=speedups
+    )
 
 
 def _hard_tasks(rank: int) -> dict:
@@ -91,8 +93,9 @@ def _job(rank: int, world: int, store: str, out: str) -> None:
         results["tasks"] = [step.tasks for step in steps]
         results["hard"] = _hard_tasks(rank)
         results["evaluation"] = evaluate(learner.predict, tiny_benchmark().test, EVALUATION, progress=False).accuracies
-        config = PretrainConfig(backbone="conv4", epochs=2, batch_size=8, steps_per_epoch=3, val_tasks=3, val_ways=3,
-                                val_queries=3)
+        config = PretrainConfig(
+            backbone="conv4", epochs=2, batch_size=8, steps_per_epoch=3, val_tasks=3, val_ways=3, val_queries=3
+        )
         backbone = pretrain(tiny_benchmark(), config, Path(out) / "pre", progress=False)
         results["pretrained"] = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
         results["diverged"] = _diverge_on_rank_1(rank, config, Path(out) / "diverging")
@@ -118,7 +121,7 @@ def test_two_ranks_of_one_task_follow_one_process_of_two(two_ranks):
     # in a near-zero gradient into a whole step (tests/test_speedups.py compares gradients instead).
     learner = _learner(meta_batch=2, speedups=Speedups(batch_tasks=False))
     tasks = fixed_tasks(tiny_benchmark().train, learner.config, count=2 * STEPS)
-    steps = [learner.meta_train_step(tasks[2 * step: 2 * step + 2]) for step in range(STEPS)]
+    steps = [learner.meta_train_step(tasks[2 * step : 2 * step + 2]) for step in range(STEPS)]
     for name, tensor in learner.state_dict().items():
         assert torch.equal(two_ranks[0]["state"][name], two_ranks[1]["state"][name]), name
         torch.testing.assert_close(two_ranks[0]["state"][name], tensor, rtol=1e-5, atol=1e-6)
@@ -171,6 +174,7 @@ def test_a_meta_batch_must_divide_among_the_ranks(two_ranks):
 
 # The command line, as a user runs it: torchrun -m mtl_plugin ...
 
+
 def _folder_data(root: Path) -> Path:
     rng = np.random.default_rng(0)
     for split, classes in (("train", 8), ("val", 5), ("test", 5)):
@@ -185,8 +189,18 @@ def _folder_data(root: Path) -> Path:
 
 def _torchrun(*args: str) -> list[str]:
     # --standalone picks a free port, so that parallel jobs on one machine do not collide.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mtl_plugin",
-            *args, "--device", "cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mtl_plugin",
+        *args,
+        "--device",
+        "cpu",
+    ]
 
 
 def _environment() -> dict:
@@ -221,10 +235,30 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank to kill in /proc")
 def test_torchrun_meta_train_killed_rank_stops_the_job_and_resume_continues(tmp_path):
     data = ["--data", "folder", "--root", str(_folder_data(tmp_path / "data")), "--image-size", "16"]
-    meta = _torchrun("meta-train", *data, "--backbone", "conv4", "--ways", "3",
-                     "--queries", "2", "--iterations", "12", "--inner-steps", "2", "--val-every", "6",
-                     "--val-tasks", "3", "--checkpoint-every", "1", "--hard-tasks", "--out", str(tmp_path / "meta"),
-                     "--quiet")
+    meta = _torchrun(
+        "meta-train",
+        *data,
+        "--backbone",
+        "conv4",
+        "--ways",
+        "3",
+        "--queries",
+        "2",
+        "--iterations",
+        "12",
+        "--inner-steps",
+        "2",
+        "--val-every",
+        "6",
+        "--val-tasks",
+        "3",
+        "--checkpoint-every",
+        "1",
+        "--hard-tasks",
+        "--out",
+        str(tmp_path / "meta"),
+        "--quiet",
+    )
     job = subprocess.Popen(meta, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment())
     deadline = time.monotonic() + 240
     while not (tmp_path / "meta" / "last.pt").is_file() and job.poll() is None and time.monotonic() < deadline:
@@ -242,8 +276,10 @@ def test_torchrun_meta_train_killed_rank_stops_the_job_and_resume_continues(tmp_
     assert resumed.stdout.count("best val accuracy") == 1  # rank 0 alone reports
     state = torch.load(tmp_path / "meta" / "last.pt", weights_only=True)
     assert state["iteration"] == 12 and state["world_size"] == 2 and len(state["streams"]) == 2
-    assert [row["iteration"] for row in state["metrics"]] == list(range(0, 13))  # iteration 0: validated before any update
+    assert [row["iteration"] for row in state["metrics"]] == list(
+        range(0, 13)
+    )  # iteration 0: validated before any update
 
     # One process cannot continue a job of two: each rank's task generators are in last.pt.
-    alone = CliRunner().invoke(pipeline_cli.meta_train_command, meta[meta.index("meta-train") + 1:] + ["--resume"])
+    alone = CliRunner().invoke(pipeline_cli.meta_train_command, meta[meta.index("meta-train") + 1 :] + ["--resume"])
     assert alone.exit_code == 2 and "job of 2 process(es)" in alone.output

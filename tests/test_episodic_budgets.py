@@ -1,4 +1,5 @@
 """Episode budgets of the methods trained from scratch: counted, checkpointed, resumed, and learning."""
+
 from __future__ import annotations
 
 import inspect
@@ -7,9 +8,9 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
-from tiny_data import TinyBenchmark, pattern_split
 import torch
 import torch.nn.functional as F
+from tiny_data import TinyBenchmark, pattern_split
 
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.episodic import budget_decay, fit_episodically, train_episodes
@@ -36,8 +37,16 @@ def benchmark() -> TinyBenchmark:
 
 def make_context(benchmark: TinyBenchmark, work_dir: Path, seed: int = 0) -> BenchContext:
     return BenchContext(
-        benchmark=benchmark, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=seed, work_dir=work_dir,
-        profile="quick", device=torch.device("cpu"), pretrained_backbone=lambda: None, progress=False,
+        benchmark=benchmark,
+        ways=WAYS,
+        shots=SHOTS,
+        queries=QUERIES,
+        seed=seed,
+        work_dir=work_dir,
+        profile="quick",
+        device=torch.device("cpu"),
+        pretrained_backbone=lambda: None,
+        progress=False,
     )
 
 
@@ -54,8 +63,9 @@ def test_budget_arguments_are_validated(tmp_path):
     with pytest.raises(ValueError, match="max_episodes=-1"):
         train_episodes(lambda tasks: 0.0, lambda episode: None, {}, tmp_path / "c.pt", {}, max_episodes=-1)
     with pytest.raises(ValueError, match="checkpoint_every=0"):
-        train_episodes(lambda tasks: 0.0, lambda episode: None, {}, tmp_path / "c.pt", {}, max_episodes=1,
-                       checkpoint_every=0)
+        train_episodes(
+            lambda tasks: 0.0, lambda episode: None, {}, tmp_path / "c.pt", {}, max_episodes=1, checkpoint_every=0
+        )
 
 
 class Killed(Exception):
@@ -82,8 +92,16 @@ def linear_run(tmp_path: Path, kill_at: int | None = None) -> tuple[list[float],
         return loss.item()
 
     seen: list[torch.Tensor] = []
-    losses = train_episodes(step, make_tasks, {"model": model, "optimizer": optimizer}, tmp_path / "c.pt",
-                            {"run": "linear"}, max_episodes=7, checkpoint_every=3, progress=False)
+    losses = train_episodes(
+        step,
+        make_tasks,
+        {"model": model, "optimizer": optimizer},
+        tmp_path / "c.pt",
+        {"run": "linear"},
+        max_episodes=7,
+        checkpoint_every=3,
+        progress=False,
+    )
     return losses, model
 
 
@@ -103,12 +121,19 @@ def test_two_seeds_never_share_an_episode(benchmark, tmp_path):
         tasks = []
 
         def step(sampler) -> float:
-            tasks.append(sampler.sample()[0])
+            tasks.append(sampler.sample()[0])  # noqa: B023 (called within this iteration)
             return 0.0
 
         config = ProtoNetConv4Config(max_episodes=3, checkpoint_every=3)
-        fit_episodically("probe", make_context(benchmark, tmp_path / str(seed), seed=seed), config, step, {},
-                         ways=WAYS, queries=QUERIES)
+        fit_episodically(
+            "probe",
+            make_context(benchmark, tmp_path / str(seed), seed=seed),
+            config,
+            step,
+            {},
+            ways=WAYS,
+            queries=QUERIES,
+        )
         drawn[seed] = tasks
     assert not torch.equal(drawn[0][1], drawn[1][0])
     assert not torch.equal(drawn[0][2], drawn[1][1])
@@ -129,9 +154,16 @@ def decayed_run(benchmark, work_dir: Path, kill_at=None) -> list[float]:
         optimizer.step()
         return 0.0
 
-    fit_episodically("probe", make_context(benchmark, work_dir), config, step,
-                     {"model": model, "optimizer": optimizer}, ways=WAYS, queries=QUERIES,
-                     scheduler=budget_decay(optimizer, config))
+    fit_episodically(
+        "probe",
+        make_context(benchmark, work_dir),
+        config,
+        step,
+        {"model": model, "optimizer": optimizer},
+        ways=WAYS,
+        queries=QUERIES,
+        scheduler=budget_decay(optimizer, config),
+    )
     return rates
 
 
@@ -153,13 +185,18 @@ def test_budget_decay_is_off_by_default_and_checked():
         budget_decay(optimizer, MetaNetConfig(budget_decay=1.5))
 
 
-TINY_METANET = MetaNetConfig(filters=8, hidden=8, max_ways=5, meta_hidden=6, train_queries=2,
-                             max_episodes=2, checkpoint_every=1)
+TINY_METANET = MetaNetConfig(
+    filters=8, hidden=8, max_ways=5, meta_hidden=6, train_queries=2, max_episodes=2, checkpoint_every=1
+)
 TINY = {
-    "protonet-conv4": (ProtoNetConv4, ProtoNetConv4Config(hidden=8, train_ways=WAYS, train_queries=2,
-                                                          max_episodes=2, checkpoint_every=1)),
-    "maml": (MAML, replace(MAMLConfig.quick(), hidden=8, meta_batch=2, train_queries=2, max_episodes=2,
-                           checkpoint_every=1)),
+    "protonet-conv4": (
+        ProtoNetConv4,
+        ProtoNetConv4Config(hidden=8, train_ways=WAYS, train_queries=2, max_episodes=2, checkpoint_every=1),
+    ),
+    "maml": (
+        MAML,
+        replace(MAMLConfig.quick(), hidden=8, meta_batch=2, train_queries=2, max_episodes=2, checkpoint_every=1),
+    ),
     "metanet": (MetaNet, TINY_METANET),
 }
 

@@ -1,4 +1,5 @@
 """The learn2learn-shaped examples run with MTL (and hard tasks) dropped in, learn, and take few changed lines."""
+
 import inspect
 import re
 import runpy
@@ -10,8 +11,11 @@ from mtl_plugin import PretrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # 5-shot tasks on 24 training classes: a few steps of pretraining already give features far above chance.
-TINY = dict(data={"num_classes": 40, "instances": 16}, cuda=False,
-            pretraining=PretrainConfig("conv4", epochs=10, batch_size=32, val_tasks=10))
+TINY = dict(
+    data={"num_classes": 40, "instances": 16},
+    cuda=False,
+    pretraining=PretrainConfig("conv4", epochs=10, batch_size=32, val_tasks=10),
+)
 # The most lines a learn2learn user changes in their script: for SS, and for the hard-task meta-batch.
 MOST = {"MTL": 8, "HT": 4}
 
@@ -24,23 +28,42 @@ def data_home(tmp_path, monkeypatch):
 @pytest.mark.parametrize("hard_tasks", [False, True])
 def test_maml_with_ss_and_hard_tasks_beats_chance(tmp_path, hard_tasks):
     main = runpy.run_path(str(EXAMPLES / "maml_kanji.py"))["main"]
-    accuracy = main(shots=5, meta_batch_size=4, num_iterations=3, test_tasks=40, hard_tasks=hard_tasks,
-                    pretrain_dir=str(tmp_path / "pre"), **TINY)
+    accuracy = main(
+        shots=5,
+        meta_batch_size=4,
+        num_iterations=3,
+        test_tasks=40,
+        hard_tasks=hard_tasks,
+        pretrain_dir=str(tmp_path / "pre"),
+        **TINY,
+    )
     assert accuracy > 0.3  # 5-way chance: 0.2
 
 
 @pytest.mark.parametrize("hard_tasks", [False, True])
 def test_protonet_with_ss_and_hard_tasks_beats_chance(tmp_path, hard_tasks):
     main = runpy.run_path(str(EXAMPLES / "protonet_kanji.py"))["main"]
-    accuracy = main(max_epoch=1, episodes=3, shot=5, train_query=5, test_shot=5, test_query=5, valid_tasks=5,
-                    test_tasks=40, hard_tasks=hard_tasks, pretrain_dir=str(tmp_path / "pre"), **TINY)
+    accuracy = main(
+        max_epoch=1,
+        episodes=3,
+        shot=5,
+        train_query=5,
+        test_shot=5,
+        test_query=5,
+        valid_tasks=5,
+        test_tasks=40,
+        hard_tasks=hard_tasks,
+        pretrain_dir=str(tmp_path / "pre"),
+        **TINY,
+    )
     assert accuracy > 0.3
 
 
 def test_a_users_own_loop_and_optimiser_drive_the_learner_and_beat_chance(tmp_path):
     main = runpy.run_path(str(EXAMPLES / "own_loop.py"))["main"]
-    accuracy = main(shots=5, meta_batch_size=2, num_iterations=3, test_tasks=40, pretrain_dir=str(tmp_path / "pre"),
-                    **TINY)
+    accuracy = main(
+        shots=5, meta_batch_size=2, num_iterations=3, test_tasks=40, pretrain_dir=str(tmp_path / "pre"), **TINY
+    )
     assert accuracy > 0.3  # 5-way chance: 0.2
 
 
@@ -57,10 +80,13 @@ def test_the_plugin_takes_few_marked_lines_and_the_docstring_counts_them(name):
         assert re.search(rf"``# {mark}`` \({count} lines", source), f"the docstring of {name} miscounts # {mark}"
 
 
-@pytest.mark.parametrize("name, parameters", [
-    ("maml_kanji.py", ["batch", "learner", "loss", "adaptation_steps", "shots", "ways", "device"]),
-    ("protonet_kanji.py", ["model", "batch", "ways", "shot", "query_num", "metric", "device"]),
-])
+@pytest.mark.parametrize(
+    "name, parameters",
+    [
+        ("maml_kanji.py", ["batch", "learner", "loss", "adaptation_steps", "shots", "ways", "device"]),
+        ("protonet_kanji.py", ["model", "batch", "ways", "shot", "query_num", "metric", "device"]),
+    ],
+)
 def test_fast_adapt_keeps_learn2learns_signature_and_the_loop_draws_one_task_at_a_time(name, parameters):
     source = (EXAMPLES / name).read_text()
     assert list(inspect.signature(runpy.run_path(str(EXAMPLES / name))["fast_adapt"]).parameters) == parameters

@@ -8,6 +8,7 @@ iterate taken mid-jump) moves by more than its CI between machines. Shifting eve
 guards against a row that breaks at once; the spread that shows after hundreds of episodes on
 kanji is measured on the validation split (CHANGELOG, docs/reliability.md).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -33,8 +34,10 @@ def _shifted(split: l2l.data.MetaDataset, shift: float) -> l2l.data.MetaDataset:
 
 
 def _benchmark(shift: float) -> TinyBenchmark:
-    splits = {name: pattern_split(classes, SHOTS + QUERIES + 4, SIZE, seed=seed, noise=0.8)
-              for name, classes, seed in (("train", 8, 0), ("val", 6, 1), ("test", 6, 2))}
+    splits = {
+        name: pattern_split(classes, SHOTS + QUERIES + 4, SIZE, seed=seed, noise=0.8)
+        for name, classes, seed in (("train", 8, 0), ("val", 6, 1), ("test", 6, 2))
+    }
     return TinyBenchmark(**{name: _shifted(split, shift) for name, split in splits.items()}, image_size=SIZE)
 
 
@@ -43,12 +46,21 @@ def _fit_and_evaluate(name: str, shift: float, work_dir) -> tuple[list[float], o
     method = build_method(name, "quick")
     method.config = replace(method.config, max_episodes=EPISODES, checkpoint_every=EPISODES)
     context = BenchContext(
-        benchmark=benchmark, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=0, work_dir=work_dir,
-        profile="quick", device=torch.device("cpu"), pretrained_backbone=lambda: None, progress=False,
+        benchmark=benchmark,
+        ways=WAYS,
+        shots=SHOTS,
+        queries=QUERIES,
+        seed=0,
+        work_dir=work_dir,
+        profile="quick",
+        device=torch.device("cpu"),
+        pretrained_backbone=lambda: None,
+        progress=False,
     )
     method.fit(context)
-    result = evaluate(method.predict, benchmark.val, EvaluationConfig(WAYS, SHOTS, QUERIES, TASKS, seed=0),
-                      progress=False)
+    result = evaluate(
+        method.predict, benchmark.val, EvaluationConfig(WAYS, SHOTS, QUERIES, TASKS, seed=0), progress=False
+    )
     return method.losses, result
 
 

@@ -103,8 +103,13 @@ def test_hard_tasks_are_made_of_n_failure_classes_once_enough_exist():
     md = make_dataset(20)
     skill = {c: (c - 6.0 if c < 6 else 1.0 + c) for c in range(20)}
     tracker = ClassAccuracyTracker(md, seed=0)
-    sampler = HardTaskMetaBatch(build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=0),
-                                hard_taskset(md, tracker), k=2, k_hard=2, seed=0)
+    sampler = HardTaskMetaBatch(
+        build_taskset(md, ways=5, shots=SHOTS, queries=QUERIES, seed=0),
+        hard_taskset(md, tracker),
+        k=2,
+        k_hard=2,
+        seed=0,
+    )
     weak_slots, checked = [], 0
     for meta_batch in itertools.islice(sampler, 40):
         for task in meta_batch.normal:
@@ -139,12 +144,12 @@ def test_history_fills_up_by_descending_score_then_margin():
     # (classes, predicted labels as logits, targets): each task's failure class and its error rate.
     wrong = lambda n: torch.nn.functional.one_hot(torch.ones(n, dtype=torch.long), 2).float()  # noqa: E731
     tracker.start_meta_batch()
-    tracker.record([1, 0], wrong(2), torch.tensor([0, 0]))      # class 1 fails, error 1
-    tracker.record([2, 0], wrong(2), torch.tensor([0, 0]))      # class 2 fails, error 1
+    tracker.record([1, 0], wrong(2), torch.tensor([0, 0]))  # class 1 fails, error 1
+    tracker.record([2, 0], wrong(2), torch.tensor([0, 0]))  # class 2 fails, error 1
     tracker.start_meta_batch()
-    tracker.record([3, 0], wrong(2), torch.tensor([0, 0]))      # class 3 fails, error 1
-    tracker.record([1, 0], wrong(2), torch.tensor([0, 0]))      # class 1 again
-    tracker.start_meta_batch()                                  # scores: 1 -> 1.5, 3 -> 1, 2 -> 0.5
+    tracker.record([3, 0], wrong(2), torch.tensor([0, 0]))  # class 3 fails, error 1
+    tracker.record([1, 0], wrong(2), torch.tensor([0, 0]))  # class 1 again
+    tracker.start_meta_batch()  # scores: 1 -> 1.5, 3 -> 1, 2 -> 0.5
     tracker.record([5, 0], torch.tensor([[0.0, 1.0], [0.0, 2.0]]), torch.tensor([0, 1]))  # class 5, error 1
     assert tracker.history_order() == [1, 3, 2]
     for seed in range(5):

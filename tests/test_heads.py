@@ -13,7 +13,7 @@ def test_the_width_is_read_or_measured():
     resnet = torchvision.models.resnet18()
     resnet.fc = nn.Identity()
     resnet.train()
-    assert feature_width(resnet) == 512 and resnet.training      # measured, mode restored
+    assert feature_width(resnet) == 512 and resnet.training  # measured, mode restored
     mlp = nn.Sequential(nn.Linear(20, 7), nn.ReLU())
     assert feature_width(mlp) == 7
     assert feature_width(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), sample=torch.zeros(1, 3, 2, 2)) == 3
@@ -23,7 +23,7 @@ def test_a_new_head_starts_at_zero_and_learns_the_class_means():
     features = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
     head = new_head(nn.Sequential(nn.Linear(2, 2)), ways=2)
     logits = head(features)
-    assert torch.equal(logits, torch.zeros(2, 2))                # uniform first predictions
+    assert torch.equal(logits, torch.zeros(2, 2))  # uniform first predictions
     nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     head.weight.data -= head.weight.grad
     assert (head(features).argmax(1) == torch.tensor([0, 1])).all()
@@ -71,7 +71,7 @@ def test_the_ss_head_moves_switches_mode_and_saves_phi_with_its_features():
             p.add_(0.1)
         model.head.bias.add_(1.0)
     state = model.state_dict()
-    assert {key.split(".")[0] for key in state} == {"head", "ss"}     # Φ, not the frozen backbone
+    assert {key.split(".")[0] for key in state} == {"head", "ss"}  # Φ, not the frozen backbone
     fresh = SSHead(tiny_backbone(), ways=3)
     fresh.load_state_dict(state)
     x = torch.randn(4, 1, 28, 28)

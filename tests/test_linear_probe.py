@@ -1,4 +1,5 @@
 """The linear-probe row (RFS-simple): the logistic-regression fit on its own, then the method."""
+
 from __future__ import annotations
 
 import click
@@ -48,6 +49,7 @@ def support_cross_entropy(features, labels, C) -> float:
 
 # The fit --------------------------------------------------------------------------------------
 
+
 def test_separable_support_and_queries_are_classified_correctly():
     support, support_y = separable(5, seed=0)
     query, query_y = separable(20, seed=1)
@@ -93,13 +95,16 @@ def test_float32_features_give_float32_weights_close_to_the_float64_fit():
     assert torch.allclose(weight32.double(), weight64, atol=1e-4)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(C=0.0), "C=0.0 must be a finite number > 0"),
-    (dict(C=-1.0), "C=-1.0 must be a finite number > 0"),
-    (dict(C=float("inf")), "C=inf must be a finite number > 0"),
-    (dict(max_iter=0), "max_iter=0 must be an integer >= 1"),
-    (dict(tolerance=-1e-4), "tolerance=-0.0001 must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(C=0.0), "C=0.0 must be a finite number > 0"),
+        (dict(C=-1.0), "C=-1.0 must be a finite number > 0"),
+        (dict(C=float("inf")), "C=inf must be a finite number > 0"),
+        (dict(max_iter=0), "max_iter=0 must be an integer >= 1"),
+        (dict(tolerance=-1e-4), "tolerance=-0.0001 must be a finite number >= 0"),
+    ],
+)
 def test_bad_settings_are_named(settings, message):
     support, support_y = separable(2, seed=0)
     with pytest.raises(ValueError, match=message):
@@ -122,6 +127,7 @@ def test_bad_inputs_are_named():
 
 # The method -----------------------------------------------------------------------------------
 
+
 def test_registered_in_the_comparison_suite_after_protonet_with_rfs_figures():
     assert METHODS["linear-probe"] == (LinearProbe, LinearProbeConfig)
     rows = SUITES["comparison"]
@@ -143,8 +149,9 @@ def test_mtl_bench_accepts_the_row(monkeypatch, tmp_path):
         raise click.exceptions.Exit(0)
 
     monkeypatch.setattr(bench_cli, "run_bench", fake_run)
-    result = CliRunner().invoke(main, ["bench", "--profile", "quick", "--methods", "linear-probe",
-                                       "--out", str(tmp_path / "out"), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["bench", "--profile", "quick", "--methods", "linear-probe", "--out", str(tmp_path / "out"), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert seen["rows"] == ("linear-probe",)
 

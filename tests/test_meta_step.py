@@ -1,4 +1,5 @@
 """The learner driven by a user's own loop and optimiser, and the package's MetaTrainer beside it."""
+
 from __future__ import annotations
 
 import shutil
@@ -27,7 +28,7 @@ def test_a_user_loop_with_adam_reproduces_meta_train_step(head_init):
     own = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
     optimizer = torch.optim.Adam(own.parameter_groups())
     for step in range(STEPS):
-        batch = tasks[2 * step: 2 * step + 2]
+        batch = tasks[2 * step : 2 * step + 2]
         result = stepped.meta_train_step(batch)
         optimizer.zero_grad()
         losses = [own.task_loss(*task)[0] for task in batch]
@@ -70,5 +71,6 @@ def test_a_checkpoint_written_before_the_thin_learner_resumes_bit_for_bit(tmp_pa
     for index, state in new["optimizer"]["state"].items():
         for key, tensor in state.items():
             assert torch.equal(tensor, old["optimizer"]["state"][index][key]), (index, key)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "old" / "metrics.csv"),
-                                  pd.read_csv(tmp_path / "full" / "metrics.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "old" / "metrics.csv"), pd.read_csv(tmp_path / "full" / "metrics.csv")
+    )

@@ -1,10 +1,11 @@
 """Meta Networks: shapes, the memory read, gradient flow, learning, fit/resume."""
+
 from dataclasses import replace
 
 import pytest
-from tiny_data import TinyBenchmark, pattern_split
 import torch
 import torch.nn.functional as F
+from tiny_data import TinyBenchmark, pattern_split
 
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.metanet import (
@@ -17,8 +18,9 @@ from mtl_plugin.bench.methods.metanet import (
 )
 
 SIZE = 12  # 12 -> 6 -> 3 -> 2 -> 1 -> 1 through five poolings
-TINY = MetaNetConfig(filters=8, hidden=8, max_ways=5, meta_hidden=6, train_queries=2,
-                     max_episodes=2, checkpoint_every=1)
+TINY = MetaNetConfig(
+    filters=8, hidden=8, max_ways=5, meta_hidden=6, train_queries=2, max_episodes=2, checkpoint_every=1
+)
 
 
 def task(ways: int, shots: int, queries: int, seed: int = 0):
@@ -158,9 +160,16 @@ def test_a_few_updates_reduce_the_loss_on_a_tiny_task():
 def tiny_context(tmp_path, ways=3, shots=1) -> BenchContext:
     dataset = pattern_split(6, 4, SIZE, seed=1, noise=0.3)
     return BenchContext(
-        benchmark=TinyBenchmark(train=dataset, val=dataset, test=dataset, image_size=SIZE), ways=ways, shots=shots, queries=2, seed=0,
-        work_dir=tmp_path, profile="quick", device=torch.device("cpu"),
-        pretrained_backbone=lambda: None, progress=False,
+        benchmark=TinyBenchmark(train=dataset, val=dataset, test=dataset, image_size=SIZE),
+        ways=ways,
+        shots=shots,
+        queries=2,
+        seed=0,
+        work_dir=tmp_path,
+        profile="quick",
+        device=torch.device("cpu"),
+        pretrained_backbone=lambda: None,
+        progress=False,
     )
 
 

@@ -1,4 +1,5 @@
 """The baseline methods of ``mtl bench`` on tiny in-memory data (16 px, a few classes)."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import learn2learn as l2l
 import pytest
-from tiny_data import TinyBenchmark, pattern_split
 import torch
+from tiny_data import TinyBenchmark, pattern_split
 from torch import nn
 
 from mtl_plugin.backbones import conv4
@@ -59,9 +60,17 @@ def tiny_backbone() -> nn.Module:
 
 def make_context(benchmark: TinyBenchmark, work_dir: Path, seed: int = 0) -> BenchContext:
     return BenchContext(
-        benchmark=benchmark, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=seed,
-        work_dir=work_dir, profile="quick", device=torch.device("cpu"),
-        pretrained_backbone=tiny_backbone, backbone_name="conv4-tiny", progress=False,
+        benchmark=benchmark,
+        ways=WAYS,
+        shots=SHOTS,
+        queries=QUERIES,
+        seed=seed,
+        work_dir=work_dir,
+        profile="quick",
+        device=torch.device("cpu"),
+        pretrained_backbone=tiny_backbone,
+        backbone_name="conv4-tiny",
+        progress=False,
     )
 
 
@@ -70,10 +79,10 @@ def first_test_task(benchmark: TinyBenchmark, index: int = 0):
     return split_support_query(x, y, SHOTS)
 
 
-TINY_PROTONET = ProtoNetConv4Config(hidden=8, train_ways=WAYS, train_queries=3,
-                                    max_episodes=40, checkpoint_every=15)
-TINY_MAML = replace(MAMLConfig.omniglot(), hidden=8, meta_batch=2, meta_lr=3e-3, max_episodes=40,
-                    checkpoint_every=15, train_queries=3)
+TINY_PROTONET = ProtoNetConv4Config(hidden=8, train_ways=WAYS, train_queries=3, max_episodes=40, checkpoint_every=15)
+TINY_MAML = replace(
+    MAMLConfig.omniglot(), hidden=8, meta_batch=2, meta_lr=3e-3, max_episodes=40, checkpoint_every=15, train_queries=3
+)
 TINY_FINETUNE = FinetuneConfig(steps=5)
 TINY_COSINE = CosineFinetuneConfig(steps=5, head_lr=0.01, backbone_lr=0.001)
 
@@ -154,8 +163,9 @@ def test_a_finished_fit_is_reused_and_an_interrupted_one_resumes(method_class, c
     again = method_class(config)
     again.fit(make_context(benchmark, tmp_path))
     assert again.losses == first.losses
-    assert torch.equal(first.predict(support_x, support_y, query_x, WAYS),
-                       again.predict(support_x, support_y, query_x, WAYS))
+    assert torch.equal(
+        first.predict(support_x, support_y, query_x, WAYS), again.predict(support_x, support_y, query_x, WAYS)
+    )
 
     # A run killed after its checkpoint at episode 4 resumes there and ends exactly where
     # the uninterrupted run ended: same losses, same weights.
@@ -168,8 +178,9 @@ def test_a_finished_fit_is_reused_and_an_interrupted_one_resumes(method_class, c
     resumed = method_class(config)
     resumed.fit(make_context(benchmark, resumed_dir))
     assert resumed.losses == first.losses
-    assert torch.equal(resumed.predict(support_x, support_y, query_x, WAYS),
-                       first.predict(support_x, support_y, query_x, WAYS))
+    assert torch.equal(
+        resumed.predict(support_x, support_y, query_x, WAYS), first.predict(support_x, support_y, query_x, WAYS)
+    )
 
 
 def test_a_checkpoint_of_another_configuration_is_refused(benchmark, tmp_path):

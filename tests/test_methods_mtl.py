@@ -1,4 +1,5 @@
 """The ``mtl``, ``mtl-ht`` and ``scratch`` benchmark methods on tiny in-memory data."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -6,13 +7,13 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
+from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.tasks import build_taskset, split_support_query
-from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,15 +23,29 @@ def context(tmp_path, name) -> BenchContext:
         torch.manual_seed(0)
         return conv4(in_channels=1, hidden=8, image_size=SIDE)
 
-    return BenchContext(benchmark=tiny_benchmark(), ways=3, shots=1, queries=3, seed=0,
-                        work_dir=tmp_path / name, profile="quick", device=torch.device("cpu"),
-                        pretrained_backbone=pretrained, backbone_name="conv4", progress=False)
+    return BenchContext(
+        benchmark=tiny_benchmark(),
+        ways=3,
+        shots=1,
+        queries=3,
+        seed=0,
+        work_dir=tmp_path / name,
+        profile="quick",
+        device=torch.device("cpu"),
+        pretrained_backbone=pretrained,
+        backbone_name="conv4",
+        progress=False,
+    )
 
 
 def tiny_method_config() -> MTLConfig:
     quick = MTLConfig.quick()
-    return replace(quick, meta=replace(quick.meta, iterations=4, val_every=2, val_tasks=3,
-                                       checkpoint_every=2, inner_steps=3, test_inner_steps=3))
+    return replace(
+        quick,
+        meta=replace(
+            quick.meta, iterations=4, val_every=2, val_tasks=3, checkpoint_every=2, inner_steps=3, test_inner_steps=3
+        ),
+    )
 
 
 @pytest.mark.parametrize("method_class", [MTL, MTLHardTasks, Scratch])

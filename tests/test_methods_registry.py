@@ -1,4 +1,5 @@
 """The registry of ``mtl bench`` rows: methods, named config presets, and the read-only METHODS view."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -6,7 +7,13 @@ from dataclasses import replace
 import pytest
 
 from mtl_plugin.bench.methods import (
-    METHODS, build_method, list_methods, method_spec, register_method, register_preset, registry,
+    METHODS,
+    build_method,
+    list_methods,
+    method_spec,
+    register_method,
+    register_preset,
+    registry,
 )
 from mtl_plugin.bench.methods.base import TestTimeMethod
 from mtl_plugin.bench.methods.mtl import MTL, MTLConfig

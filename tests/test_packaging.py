@@ -1,4 +1,5 @@
 """What a user meets first: the README's snippets, the package's metadata and where data is cached."""
+
 import os
 import re
 import runpy
@@ -54,8 +55,13 @@ def _stderr_of(code: str, site_dir: Path | None = None) -> str:
     if site_dir is not None:
         code = f"import site; site.addsitedir({str(site_dir)!r}); {code}"
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": path})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": path},
+    )
     assert result.returncode == 0, result.stderr
     return result.stderr
 
@@ -64,8 +70,12 @@ def _stderr_of(code: str, site_dir: Path | None = None) -> str:
 def wheel_site(tmp_path_factory) -> Path:
     """A site directory holding the top-level files of the wheel ``pip install .`` installs."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     site_dir = out / "site"
     with zipfile.ZipFile(next(out.glob("mtl_plugin-*.whl"))) as wheel:
         top = [name for name in wheel.namelist() if "/" not in name]
@@ -76,8 +86,7 @@ def wheel_site(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("first", ["mtl_plugin", "learn2learn"])
 def test_an_installed_plugin_keeps_gyms_notice_off_whichever_comes_first(wheel_site, first):
-    stderr = _stderr_of(f"import {first}, mtl_plugin, learn2learn, warnings; warnings.warn('still shown')",
-                        wheel_site)
+    stderr = _stderr_of(f"import {first}, mtl_plugin, learn2learn, warnings; warnings.warn('still shown')", wheel_site)
     assert "Gym has been unmaintained" not in stderr
     assert "UserWarning: still shown" in stderr
 

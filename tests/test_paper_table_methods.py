@@ -1,13 +1,14 @@
 """Matching Networks, Meta-LSTM and TADAM: what makes each itself, fit/predict, resume."""
+
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tiny_data import TinyBenchmark, pattern_split, raising_at_call
 import torch
 import torch.nn.functional as F
+from tiny_data import TinyBenchmark, pattern_split, raising_at_call
 
 import mtl_plugin.bench.methods.episodic as episodic
 from mtl_plugin.backbones import conv4
@@ -23,12 +24,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 WAYS, QUERIES, SIZE = 3, 3, 16
 TINY = {
-    "matchingnet": (MatchingNet, MatchingNetConfig(hidden=8, read_steps=2, train_queries=2, max_episodes=3,
-                                                   checkpoint_every=1)),
-    "meta-lstm": (MetaLSTM, MetaLSTMConfig(hidden=8, meta_hidden=4, updates=2, train_queries=2, max_episodes=3,
-                                           checkpoint_every=1)),
-    "tadam": (TADAM, replace(TADAMConfig.quick(), auxiliary_batch=8, lr=0.01, train_queries=2, max_episodes=3,
-                             checkpoint_every=1)),
+    "matchingnet": (
+        MatchingNet,
+        MatchingNetConfig(hidden=8, read_steps=2, train_queries=2, max_episodes=3, checkpoint_every=1),
+    ),
+    "meta-lstm": (
+        MetaLSTM,
+        MetaLSTMConfig(hidden=8, meta_hidden=4, updates=2, train_queries=2, max_episodes=3, checkpoint_every=1),
+    ),
+    "tadam": (
+        TADAM,
+        replace(TADAMConfig.quick(), auxiliary_batch=8, lr=0.01, train_queries=2, max_episodes=3, checkpoint_every=1),
+    ),
 }
 
 
@@ -44,8 +51,16 @@ def benchmark() -> TinyBenchmark:
 
 def make_context(benchmark: TinyBenchmark, work_dir: Path, shots: int = 2) -> BenchContext:
     return BenchContext(
-        benchmark=benchmark, ways=WAYS, shots=shots, queries=QUERIES, seed=0, work_dir=work_dir,
-        profile="quick", device=torch.device("cpu"), pretrained_backbone=lambda: None, progress=False,
+        benchmark=benchmark,
+        ways=WAYS,
+        shots=shots,
+        queries=QUERIES,
+        seed=0,
+        work_dir=work_dir,
+        profile="quick",
+        device=torch.device("cpu"),
+        pretrained_backbone=lambda: None,
+        progress=False,
     )
 
 
@@ -54,6 +69,7 @@ def images(count: int, seed: int) -> torch.Tensor:
 
 
 # Matching Networks --------------------------------------------------------------------------
+
 
 def test_full_context_embeddings_depend_on_the_rest_of_the_support_set():
     torch.manual_seed(0)
@@ -79,6 +95,7 @@ def test_matching_attention_is_a_distribution_over_support_labels():
 
 
 # Meta-LSTM ----------------------------------------------------------------------------------
+
 
 def test_meta_learner_cell_update_equals_the_hand_computed_one():
     cell = MetaLearnerCell(hidden=2)
@@ -107,8 +124,9 @@ def test_meta_lstm_first_update_is_the_cell_update_on_the_learner_gradient():
     theta = model.initial.detach().clone().requires_grad_()
     loss = F.cross_entropy(model.learner_logits(theta, support_x), support_y)
     (gradient,) = torch.autograd.grad(loss, theta)
-    inputs = torch.cat([preprocess_gradients(gradient, 10.0),
-                        preprocess_gradients(loss.detach().expand(theta.numel()), 10.0)], 1)
+    inputs = torch.cat(
+        [preprocess_gradients(gradient, 10.0), preprocess_gradients(loss.detach().expand(theta.numel()), 10.0)], 1
+    )
     h, _ = model.lstm(inputs)
     zeros = torch.zeros(theta.numel())
     expected, _, _ = model.cell(h, model.initial, gradient, zeros, zeros)
@@ -123,17 +141,34 @@ def test_meta_lstm_meta_gradient_skips_second_order_terms():
     support_x, support_y = images(6, 0), torch.tensor([0, 0, 1, 1, 2, 2])
     theta_0 = model.initial.detach()
     current = theta_0.clone().requires_grad_()
-    (gradient,) = torch.autograd.grad(F.cross_entropy(model.learner_logits(current, support_x), support_y),
-                                      current)
+    (gradient,) = torch.autograd.grad(F.cross_entropy(model.learner_logits(current, support_x), support_y), current)
     (derivative,) = torch.autograd.grad(model.adapt(support_x, support_y).sum(), model.initial)
     with torch.no_grad():
-        _, f, i = model.cell(model.lstm(torch.cat([
-            preprocess_gradients(gradient, 10.0),
-            preprocess_gradients(F.cross_entropy(model.learner_logits(theta_0, support_x), support_y)
-                                 .expand(theta_0.numel()), 10.0)], 1))[0],
-            theta_0, gradient, torch.zeros_like(theta_0), torch.zeros_like(theta_0))
-        expected = (f + theta_0 * f * (1 - f) * model.cell.forget_weight[-2]
-                    - gradient * i * (1 - i) * model.cell.input_weight[-2])
+        _, f, i = model.cell(
+            model.lstm(
+                torch.cat(
+                    [
+                        preprocess_gradients(gradient, 10.0),
+                        preprocess_gradients(
+                            F.cross_entropy(model.learner_logits(theta_0, support_x), support_y).expand(
+                                theta_0.numel()
+                            ),
+                            10.0,
+                        ),
+                    ],
+                    1,
+                )
+            )[0],
+            theta_0,
+            gradient,
+            torch.zeros_like(theta_0),
+            torch.zeros_like(theta_0),
+        )
+        expected = (
+            f
+            + theta_0 * f * (1 - f) * model.cell.forget_weight[-2]
+            - gradient * i * (1 - i) * model.cell.input_weight[-2]
+        )
     assert torch.allclose(derivative, expected, atol=1e-6)
 
 
@@ -149,6 +184,7 @@ def test_meta_lstm_is_transductive_through_query_batch_statistics():
 
 
 # TADAM --------------------------------------------------------------------------------------
+
 
 def tadam_model() -> TADAMModel:
     torch.manual_seed(0)
@@ -186,11 +222,12 @@ def test_metric_scale_alpha_sets_the_softmax_temperature():
 def test_auxiliary_task_probability_is_annealed():
     probabilities = [auxiliary_probability(t, 100) for t in range(100)]
     assert probabilities[0] == 1.0 and probabilities[5] == pytest.approx(0.9)
-    assert probabilities[-1] == pytest.approx(0.9 ** 19)
+    assert probabilities[-1] == pytest.approx(0.9**19)
     assert all(a >= b for a, b in zip(probabilities, probabilities[1:]))
 
 
 # All three ----------------------------------------------------------------------------------
+
 
 def test_registered_with_published_figures():
     for name in TINY:

@@ -1,13 +1,14 @@
 """Meta-transfer learning pipeline: learner, meta-train loop, resume, evaluation, bad input."""
+
 from __future__ import annotations
 
 import math
 
 import pandas as pd
 import pytest
-from tiny_data import TinyBenchmark, pattern_split, raising_at_call
 import torch
 import torch.nn.functional as F
+from tiny_data import TinyBenchmark, pattern_split, raising_at_call
 from torch import nn
 
 from mtl_plugin.backbones import conv4
@@ -29,8 +30,9 @@ def tiny_benchmark(per_class: int = 8) -> TinyBenchmark:
     def split(classes, seed):
         return pattern_split(classes, per_class, SIDE, seed, noise=0.8)
 
-    return TinyBenchmark(train=split(12, 0), val=split(6, 1), test=split(6, 2), train_augmented=split(12, 0),
-                         image_size=SIDE)
+    return TinyBenchmark(
+        train=split(12, 0), val=split(6, 1), test=split(6, 2), train_augmented=split(12, 0), image_size=SIDE
+    )
 
 
 def tiny_backbone(seed: int = 0) -> nn.Module:
@@ -39,9 +41,21 @@ def tiny_backbone(seed: int = 0) -> nn.Module:
 
 
 def tiny_config(**overrides) -> MetaTrainConfig:
-    values = dict(ways=3, shots=1, queries=3, inner_steps=3, test_inner_steps=5, iterations=6,
-                  meta_batch=2, val_every=3, val_tasks=4, checkpoint_every=2, lr_step=4,
-                  encoder_lr=1e-2, head_lr=1e-2)
+    values = dict(
+        ways=3,
+        shots=1,
+        queries=3,
+        inner_steps=3,
+        test_inner_steps=5,
+        iterations=6,
+        meta_batch=2,
+        val_every=3,
+        val_tasks=4,
+        checkpoint_every=2,
+        lr_step=4,
+        encoder_lr=1e-2,
+        head_lr=1e-2,
+    )
     values.update(overrides)
     return MetaTrainConfig(**values)
 
@@ -323,12 +337,12 @@ def test_an_exploding_outer_step_names_its_lr():
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     learner, _ = run(tmp_path, "c", iterations=2, val_every=2)
     state = torch.load(tmp_path / "c" / "best.pt", weights_only=False)["learner"]
-    other = MetaTransferLearner(SSAdapter(conv4(in_channels=1, hidden=16, image_size=SIDE)), ways=3,
-                                config=tiny_config())
+    other = MetaTransferLearner(
+        SSAdapter(conv4(in_channels=1, hidden=16, image_size=SIDE)), ways=3, config=tiny_config()
+    )
     with pytest.raises(ValueError, match="another architecture"):
         load_learner_state(other, state, "best.pt")
-    channel = MetaTransferLearner(SSAdapter(tiny_backbone(), granularity="channel"), ways=3,
-                                  config=tiny_config())
+    channel = MetaTransferLearner(SSAdapter(tiny_backbone(), granularity="channel"), ways=3, config=tiny_config())
     with pytest.raises(ValueError, match="scales"):
         load_learner_state(channel, state, "best.pt")
     kaiming = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(head_init="kaiming"))

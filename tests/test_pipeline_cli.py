@@ -1,4 +1,5 @@
 """``mtl pretrain`` -> ``mtl meta-train`` -> ``mtl evaluate`` end to end on tiny data."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
+from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 
 from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.speedups import Speedups
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 from mtl_plugin.training.pretrain_checkpoint import load_pretrained
-from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,45 +30,133 @@ def invoke(command, args):
 
 
 def test_pretrain_meta_train_evaluate(tmp_path, tiny_data):
-    invoke(pipeline_cli.pretrain_command,
-           ["--backbone", "conv4", "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--val-tasks", "3",
-            "--val-ways", "3", "--val-queries", "3", "--out", str(tmp_path / "pre"), "--quiet"])
+    invoke(
+        pipeline_cli.pretrain_command,
+        [
+            "--backbone",
+            "conv4",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.05",
+            "--val-tasks",
+            "3",
+            "--val-ways",
+            "3",
+            "--val-queries",
+            "3",
+            "--out",
+            str(tmp_path / "pre"),
+            "--quiet",
+        ],
+    )
     backbone = load_pretrained(tmp_path / "pre" / "best.pt")
     assert backbone(torch.zeros(2, 1, SIDE, SIDE)).shape == (2, backbone.feature_dim)
-    invoke(pipeline_cli.meta_train_command,
-           ["--pretrained", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--shots", "1", "--queries", "3",
-            "--iterations", "2", "--inner-steps", "2", "--val-every", "2", "--val-tasks", "3",
-            "--hard-tasks", "--granularity", "channel", "--output-scaling", "--out", str(tmp_path / "meta"),
-            "--quiet"])
+    invoke(
+        pipeline_cli.meta_train_command,
+        [
+            "--pretrained",
+            str(tmp_path / "pre" / "best.pt"),
+            "--ways",
+            "3",
+            "--shots",
+            "1",
+            "--queries",
+            "3",
+            "--iterations",
+            "2",
+            "--inner-steps",
+            "2",
+            "--val-every",
+            "2",
+            "--val-tasks",
+            "3",
+            "--hard-tasks",
+            "--granularity",
+            "channel",
+            "--output-scaling",
+            "--out",
+            str(tmp_path / "meta"),
+            "--quiet",
+        ],
+    )
     results = []
     for name in ("a.json", "b.json"):
-        invoke(pipeline_cli.evaluate_command,
-               ["--checkpoint", str(tmp_path / "meta" / "best.pt"), "--ways", "3", "--shots", "1",
-                "--queries", "3", "--tasks", "5", "--inner-steps", "3", "--out", str(tmp_path / name), "--quiet"])
+        invoke(
+            pipeline_cli.evaluate_command,
+            [
+                "--checkpoint",
+                str(tmp_path / "meta" / "best.pt"),
+                "--ways",
+                "3",
+                "--shots",
+                "1",
+                "--queries",
+                "3",
+                "--tasks",
+                "5",
+                "--inner-steps",
+                "3",
+                "--out",
+                str(tmp_path / name),
+                "--quiet",
+            ],
+        )
         results.append(json.loads((tmp_path / name).read_text()))
     assert results[0] == results[1] and results[0]["tasks"] == 5
-    output = invoke(pipeline_cli.evaluate_command,
-                    ["--checkpoint", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--queries", "3",
-                     "--tasks", "3", "--quiet"])
+    output = invoke(
+        pipeline_cli.evaluate_command,
+        ["--checkpoint", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--queries", "3", "--tasks", "3", "--quiet"],
+    )
     assert "3-way 1-shot" in output
 
 
 def test_kaiming_head_and_checkpoints_from_before_head_init(tmp_path, tiny_data):
-    pretrain(tiny_benchmark(), PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3,
-                                              val_queries=3), tmp_path / "pre", progress=False)
-    invoke(pipeline_cli.meta_train_command,
-           ["--pretrained", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--queries", "3", "--iterations", "1",
-            "--inner-steps", "1", "--val-every", "1", "--val-tasks", "2", "--head-init", "kaiming",
-            "--out", str(tmp_path / "meta"), "--quiet"])
+    pretrain(
+        tiny_benchmark(),
+        PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3, val_queries=3),
+        tmp_path / "pre",
+        progress=False,
+    )
+    invoke(
+        pipeline_cli.meta_train_command,
+        [
+            "--pretrained",
+            str(tmp_path / "pre" / "best.pt"),
+            "--ways",
+            "3",
+            "--queries",
+            "3",
+            "--iterations",
+            "1",
+            "--inner-steps",
+            "1",
+            "--val-every",
+            "1",
+            "--val-tasks",
+            "2",
+            "--head-init",
+            "kaiming",
+            "--out",
+            str(tmp_path / "meta"),
+            "--quiet",
+        ],
+    )
     state = torch.load(tmp_path / "meta" / "best.pt", weights_only=True)
     assert state["config"]["head_init"] == "kaiming" and "head_weight" in state["learner"]
     # A checkpoint written before the option existed holds a Kaiming head and no head_init.
     del state["config"]["head_init"]
     torch.save(state, tmp_path / "old.pt")
     evaluate = ["--ways", "3", "--queries", "3", "--tasks", "2", "--inner-steps", "1", "--quiet"]
-    assert "3-way 1-shot" in invoke(pipeline_cli.evaluate_command, ["--checkpoint", str(tmp_path / "old.pt"), *evaluate])
-    result = CliRunner().invoke(pipeline_cli.evaluate_command,
-                                ["--checkpoint", str(tmp_path / "old.pt"), "--ways", "4", "--queries", "3", "--quiet"])
+    assert "3-way 1-shot" in invoke(
+        pipeline_cli.evaluate_command, ["--checkpoint", str(tmp_path / "old.pt"), *evaluate]
+    )
+    result = CliRunner().invoke(
+        pipeline_cli.evaluate_command,
+        ["--checkpoint", str(tmp_path / "old.pt"), "--ways", "4", "--queries", "3", "--quiet"],
+    )
     assert result.exit_code != 0 and "--ways 3" in result.output
 
 
@@ -81,27 +170,52 @@ def test_speedup_flags_reach_the_learner(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setattr(pipeline_cli, "meta_train", meta_train)
     base = ["--backbone", "conv4", "--ways", "3", "--queries", "3", "--quiet"]
     invoke(pipeline_cli.meta_train_command, [*base, "--out", str(tmp_path / "a")])
-    invoke(pipeline_cli.meta_train_command,
-           [*base, "--no-channels-last", "--images-per-pass", "8", "--batch-tasks", "--compile", "--autocast", "bf16",
-            "--no-support-without-graph", "--out", str(tmp_path / "b")])
-    assert seen == [Speedups(), Speedups(support_without_graph=False, batch_tasks=True, images_per_pass=8,
-                                         channels_last=False, compile=True, autocast="bf16")]
-    refused = CliRunner().invoke(pipeline_cli.meta_train_command, [*base, "--output-scaling", "--out", str(tmp_path / "c")])
+    invoke(
+        pipeline_cli.meta_train_command,
+        [
+            *base,
+            "--no-channels-last",
+            "--images-per-pass",
+            "8",
+            "--batch-tasks",
+            "--compile",
+            "--autocast",
+            "bf16",
+            "--no-support-without-graph",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
+    assert seen == [
+        Speedups(),
+        Speedups(
+            support_without_graph=False,
+            batch_tasks=True,
+            images_per_pass=8,
+            channels_last=False,
+            compile=True,
+            autocast="bf16",
+        ),
+    ]
+    refused = CliRunner().invoke(
+        pipeline_cli.meta_train_command, [*base, "--output-scaling", "--out", str(tmp_path / "c")]
+    )
     assert refused.exit_code == 2 and "--output-scaling needs --granularity channel" in refused.output
 
 
 def test_bad_input_gives_clear_errors(tmp_path, tiny_data):
     runner = CliRunner()
-    result = runner.invoke(pipeline_cli.meta_train_command,
-                           ["--backbone", "conv4", "--ways", "30", "--out", str(tmp_path / "m"), "--quiet"])
+    result = runner.invoke(
+        pipeline_cli.meta_train_command,
+        ["--backbone", "conv4", "--ways", "30", "--out", str(tmp_path / "m"), "--quiet"],
+    )
     assert result.exit_code != 0 and "ways=30" in result.output
     result = runner.invoke(pipeline_cli.evaluate_command, ["--checkpoint", str(tmp_path / "none.pt")])
     assert result.exit_code != 0 and "no checkpoint" in result.output
 
 
 def test_pretrain_resume_matches_an_uninterrupted_run(tmp_path):
-    config = PretrainConfig(backbone="conv4", epochs=2, batch_size=16, lr=0.05, val_tasks=3, val_ways=3,
-                            val_queries=3)
+    config = PretrainConfig(backbone="conv4", epochs=2, batch_size=16, lr=0.05, val_tasks=3, val_ways=3, val_queries=3)
     full = pretrain(tiny_benchmark(), config, tmp_path / "full", progress=False)
     pretrain(tiny_benchmark(), PretrainConfig(**{**config.__dict__, "epochs": 1}), tmp_path / "cut", progress=False)
     resumed = pretrain(tiny_benchmark(), config, tmp_path / "cut", progress=False)
@@ -110,11 +224,34 @@ def test_pretrain_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_meta_train_records_its_ss_config_as_checkpoints_always_did(tmp_path, tiny_data):
-    pretrain(tiny_benchmark(), PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3,
-                                              val_queries=3), tmp_path / "pre", progress=False)
-    invoke(pipeline_cli.meta_train_command,
-           ["--pretrained", str(tmp_path / "pre" / "best.pt"), "--ways", "3", "--queries", "3", "--iterations", "1",
-            "--inner-steps", "1", "--val-every", "1", "--val-tasks", "2", "--out", str(tmp_path / "meta"), "--quiet"])
+    pretrain(
+        tiny_benchmark(),
+        PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3, val_queries=3),
+        tmp_path / "pre",
+        progress=False,
+    )
+    invoke(
+        pipeline_cli.meta_train_command,
+        [
+            "--pretrained",
+            str(tmp_path / "pre" / "best.pt"),
+            "--ways",
+            "3",
+            "--queries",
+            "3",
+            "--iterations",
+            "1",
+            "--inner-steps",
+            "1",
+            "--val-every",
+            "1",
+            "--val-tasks",
+            "2",
+            "--out",
+            str(tmp_path / "meta"),
+            "--quiet",
+        ],
+    )
     state = torch.load(tmp_path / "meta" / "best.pt", weights_only=True)
     # The keys of checkpoints written before SSConfig, so that their runs resume as the same model.
     assert set(state["model"]) == {"backbone", "in_channels", "image_size", "data", "encoder", "granularity", "bn"}
@@ -122,7 +259,8 @@ def test_meta_train_records_its_ss_config_as_checkpoints_always_did(tmp_path, ti
     assert (model["encoder"], model["granularity"], model["bn"]) == ("ss", "kernel", "frozen")
     del state["model"]["backbone"]
     torch.save(state, tmp_path / "unrecorded.pt")
-    result = CliRunner().invoke(pipeline_cli.evaluate_command,
-                                ["--checkpoint", str(tmp_path / "unrecorded.pt"), "--ways", "3", "--quiet"])
+    result = CliRunner().invoke(
+        pipeline_cli.evaluate_command, ["--checkpoint", str(tmp_path / "unrecorded.pt"), "--ways", "3", "--quiet"]
+    )
     assert result.exit_code == 1 and "does not record its model" in result.output
     assert "in Python" not in result.output and "load_learner" in result.output

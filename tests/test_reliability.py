@@ -3,6 +3,7 @@ no checkpoint runs code, and a diverging or repeated run never overwrites a good
 
 Each test drives ``mtl`` through click's runner on a tiny kanji set (30 classes, 6 writers).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,12 +29,48 @@ from mtl_plugin.training.run_log import load_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_KANJI = dict(num_classes=30, instances=6)  # 18 / 6 / 6 classes
-PRETRAIN = ["pretrain", "--backbone", "conv4", "--epochs", "1", "--batch-size", "16", "--steps-per-epoch", "2",
-            "--val-tasks", "2", "--val-ways", "3", "--val-queries", "2", "--device", "cpu", "--quiet"]
+PRETRAIN = [
+    "pretrain",
+    "--backbone",
+    "conv4",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--steps-per-epoch",
+    "2",
+    "--val-tasks",
+    "2",
+    "--val-ways",
+    "3",
+    "--val-queries",
+    "2",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 EVALUATE = ["evaluate", "--ways", "3", "--queries", "2", "--tasks", "2", "--device", "cpu", "--quiet"]
 # Two iterations, validated and checkpointed at the second.
-META = ["meta-train", "--ways", "3", "--queries", "2", "--inner-steps", "2", "--iterations", "2", "--val-every", "2",
-        "--val-tasks", "2", "--checkpoint-every", "2", "--device", "cpu", "--quiet"]
+META = [
+    "meta-train",
+    "--ways",
+    "3",
+    "--queries",
+    "2",
+    "--inner-steps",
+    "2",
+    "--iterations",
+    "2",
+    "--val-every",
+    "2",
+    "--val-tasks",
+    "2",
+    "--checkpoint-every",
+    "2",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +86,9 @@ def tiny_kanji(monkeypatch, data_home):
 
     def benchmark(data, root, image_size, data_seed):
         if data == "kanji":
-            return get_benchmark("kanji", root=root, image_size=image_size, seed=data_seed, progress=False,
-                                 **TINY_KANJI)
+            return get_benchmark(
+                "kanji", root=root, image_size=image_size, seed=data_seed, progress=False, **TINY_KANJI
+            )
         return real(data, root, image_size, data_seed)
 
     monkeypatch.setattr(pipeline_cli, "_benchmark", benchmark)
@@ -62,8 +100,9 @@ def pretrained(tmp_path_factory, data_home):
     out = tmp_path_factory.mktemp("pretrained")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MTL_DATA", str(data_home))
-        config = PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2,
-                                val_ways=3, val_queries=2)
+        config = PretrainConfig(
+            backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_ways=3, val_queries=2
+        )
         pretrain(get_benchmark("kanji", progress=False, **TINY_KANJI), config, out, progress=False)
     return out
 
@@ -93,6 +132,7 @@ def succeeds(args) -> str:
 
 # 1. A checkpoint never runs code.
 
+
 class _RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -113,10 +153,17 @@ def test_malicious_checkpoint_is_refused_and_runs_no_code(tmp_path, command):
 
 # 2. Divergence stops the run and keeps the last finite checkpoint.
 
+
 def test_pretrain_divergence_stops_without_writing_a_checkpoint(tmp_path):
     out = tmp_path / "run"
-    fails(1, PRETRAIN + ["--lr", "1e6", "--out", out], "diverged at epoch 1, step", "lr 1e+06",
-          "no checkpoint was written", "--lr 1e+05")
+    fails(
+        1,
+        PRETRAIN + ["--lr", "1e6", "--out", out],
+        "diverged at epoch 1, step",
+        "lr 1e+06",
+        "no checkpoint was written",
+        "--lr 1e+05",
+    )
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
 
 
@@ -125,16 +172,23 @@ def test_resumed_lr_overrides_the_saved_one_and_divergence_keeps_last_checkpoint
     succeeds(PRETRAIN + ["--out", out])
     last, best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
     # The saved lr is 0.1; 1e6 only diverges if the flag wins over it.
-    fails(1, PRETRAIN + ["--epochs", "2", "--lr", "1e6", "--resume", "--out", out],
-          "diverged at epoch 2", "last.pt (epoch 1)", "--resume --lr")
+    fails(
+        1,
+        PRETRAIN + ["--epochs", "2", "--lr", "1e6", "--resume", "--out", out],
+        "diverged at epoch 2",
+        "last.pt (epoch 1)",
+        "--resume --lr",
+    )
     assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
     succeeds(PRETRAIN + ["--epochs", "2", "--lr", "0.05", "--resume", "--out", out])
     lrs = np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=3)
     assert lrs.tolist() == [0.1, 0.05]
 
 
-@pytest.mark.parametrize("flag, value", [("--inner-lr", "0"), ("--encoder-lr", "-1"), ("--iterations", "0"),
-                                         ("--inner-steps", "-1"), ("--val-tasks", "0")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--inner-lr", "0"), ("--encoder-lr", "-1"), ("--iterations", "0"), ("--inner-steps", "-1"), ("--val-tasks", "0")],
+)
 def test_bad_meta_train_arguments_are_exit_2(tmp_path, flag, value):
     fails(2, META + [flag, value, "--out", tmp_path / "meta"], flag)
     assert not (tmp_path / "meta").exists()
@@ -145,9 +199,15 @@ def test_meta_train_divergence_names_the_lr_and_keeps_the_checkpoints(tmp_path, 
     succeeds(meta + ["--out", out])
     last, best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
     # The saved encoder lr is 1e-4; 1e6 only diverges if the flag wins over it.
-    fails(1, meta + ["--resume", "--iterations", "4", "--encoder-lr", "1e6", "--out", out],
-          "diverged at iteration 3", "encoder_lr 1e+06", "last.pt (iteration 2)", "best.pt are kept",
-          "--resume --encoder-lr 0.0001")
+    fails(
+        1,
+        meta + ["--resume", "--iterations", "4", "--encoder-lr", "1e6", "--out", out],
+        "diverged at iteration 3",
+        "encoder_lr 1e+06",
+        "last.pt (iteration 2)",
+        "best.pt are kept",
+        "--resume --encoder-lr 0.0001",
+    )
     assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
     succeeds(meta + ["--resume", "--iterations", "4", "--encoder-lr", "1e-5", "--out", out])
     lrs = np.loadtxt(out / "metrics.csv", delimiter=",", skiprows=1, usecols=5)
@@ -158,9 +218,16 @@ def test_meta_train_divergence_at_the_first_update(tmp_path, pretrained):
     out = tmp_path / "meta"
     # Iteration 0 (the pretrained start, validated before any update) is checkpointed: the run
     # continues from there with a lower lr.
-    fails(1, META + ["--pretrained", pretrained / "best.pt", "--head-lr", "1e6", "--out", out],
-          "diverged at iteration 1", "the norm of θ", "head_lr 1e+06", "last.pt (iteration 0)",
-          "best.pt are kept", "--resume --head-lr 0.001")
+    fails(
+        1,
+        META + ["--pretrained", pretrained / "best.pt", "--head-lr", "1e6", "--out", out],
+        "diverged at iteration 1",
+        "the norm of θ",
+        "head_lr 1e+06",
+        "last.pt (iteration 0)",
+        "best.pt are kept",
+        "--resume --head-lr 0.001",
+    )
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["iteration"] == 0 and [row["iteration"] for row in state["metrics"]] == [0]
 
@@ -171,22 +238,37 @@ def test_meta_train_inner_divergence_at_the_first_validation(tmp_path, pretraine
     # 16 val tasks: whether a huge step overshoots depends on the support images (a separable
     # support set may just be fitted harder), so one task alone may or may not diverge.
     out = tmp_path / "meta"
-    fails(1, META + ["--pretrained", pretrained / "best.pt", "--inner-lr", "1e6", "--val-tasks", "16", "--out", out],
-          "diverged at iteration 0 (its validation, before any update)",
-          "the inner loop diverged: the support loss went from", "inner_lr 1e+06", "no checkpoint was written yet",
-          "--inner-lr 0.01")
+    fails(
+        1,
+        META + ["--pretrained", pretrained / "best.pt", "--inner-lr", "1e6", "--val-tasks", "16", "--out", out],
+        "diverged at iteration 0 (its validation, before any update)",
+        "the inner loop diverged: the support loss went from",
+        "inner_lr 1e+06",
+        "no checkpoint was written yet",
+        "--inner-lr 0.01",
+    )
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
 
-@pytest.mark.parametrize("recipe", [{"lr": 0.05},
-                                    {"lr": 1e-3, "optimizer": "adamw", "warmup_steps": 4, "label_smoothing": 0.1}])
+@pytest.mark.parametrize(
+    "recipe", [{"lr": 0.05}, {"lr": 1e-3, "optimizer": "adamw", "warmup_steps": 4, "label_smoothing": 0.1}]
+)
 def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch, recipe):
     # On resume the schedule is rebuilt and stepped to where the run was (so that a new lr can
     # take its place); that must give the very lr sequence of an uninterrupted run.
     module = sys.modules["mtl_plugin.training.pretrain"]
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
-    config = PretrainConfig(backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=3, val_tasks=2,
-                            val_ways=3, val_queries=2, schedule="cosine", **recipe)
+    config = PretrainConfig(
+        backbone="conv4",
+        epochs=3,
+        batch_size=16,
+        steps_per_epoch=3,
+        val_tasks=2,
+        val_ways=3,
+        val_queries=2,
+        schedule="cosine",
+        **recipe,
+    )
     full = pretrain(bench, config, tmp_path / "full", progress=False)
     real = module.evaluate
     # Killed in epoch 2, at its validation.
@@ -202,9 +284,19 @@ def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch, recipe):
 
 def test_warmup_rises_linearly_to_the_lr_then_follows_the_schedule(tmp_path):
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
-    config = PretrainConfig(backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=3, val_tasks=2,
-                            val_ways=3, val_queries=2, schedule="cosine", lr=1e-3, optimizer="adamw",
-                            warmup_steps=4)
+    config = PretrainConfig(
+        backbone="conv4",
+        epochs=3,
+        batch_size=16,
+        steps_per_epoch=3,
+        val_tasks=2,
+        val_ways=3,
+        val_queries=2,
+        schedule="cosine",
+        lr=1e-3,
+        optimizer="adamw",
+        warmup_steps=4,
+    )
     pretrain(bench, config, tmp_path / "run", progress=False)
     # The lr after each epoch: step 3 ends the 4 warmup steps (1 to 4 quarters of the lr), then
     # the cosine runs over the 5 steps left: 2 of them at step 6, all at step 9.
@@ -223,21 +315,30 @@ def test_a_run_saved_before_the_adamw_options_resumes(tmp_path):
         del state["config"][name]
     torch.save(state, tmp_path / "last.pt")
     succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--out", tmp_path])
-    fails(2, PRETRAIN + ["--resume", "--epochs", "2", "--optimizer", "adamw", "--out", tmp_path],
-          "optimizer 'sgd' -> 'adamw'", "--override")
+    fails(
+        2,
+        PRETRAIN + ["--resume", "--epochs", "2", "--optimizer", "adamw", "--out", tmp_path],
+        "optimizer 'sgd' -> 'adamw'",
+        "--override",
+    )
 
 
 def test_the_record_of_a_config_keeps_the_later_options_out_at_their_defaults():
     # The bench names its pretraining folder by a digest of this record: older folders stay valid.
     assert set(PretrainConfig.quick().record()) == set(asdict(PretrainConfig())) - {
-        "optimizer", "warmup_steps", "label_smoothing"}
+        "optimizer",
+        "warmup_steps",
+        "label_smoothing",
+    }
     assert PretrainConfig(optimizer="adamw", label_smoothing=0.1).record()["optimizer"] == "adamw"
 
 
 # 3. Wrong numbers are refused before any work.
 
-@pytest.mark.parametrize("flag, value", [("--shots", "0"), ("--shots", "-1"), ("--queries", "0"),
-                                         ("--ways", "1"), ("--tasks", "0")])
+
+@pytest.mark.parametrize(
+    "flag, value", [("--shots", "0"), ("--shots", "-1"), ("--queries", "0"), ("--ways", "1"), ("--tasks", "0")]
+)
 def test_evaluate_refuses_impossible_task_shapes(pretrained, flag, value):
     fails(2, EVALUATE + ["--checkpoint", pretrained / "best.pt", flag, value], flag)
 
@@ -248,12 +349,12 @@ def test_evaluate_refuses_tasks_the_split_cannot_give(pretrained):
 
 # 4. No silent overwrite, no silent config drift.
 
+
 def test_pretrain_refuses_to_overwrite_a_run(tmp_path):
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
     best = (out / "best.pt").read_bytes()
-    fails(2, PRETRAIN + ["--lr", "0.01", "--out", out], "already holds a pretraining run", "--resume",
-          "--overwrite")
+    fails(2, PRETRAIN + ["--lr", "0.01", "--out", out], "already holds a pretraining run", "--resume", "--overwrite")
     fails(2, PRETRAIN + ["--resume", "--lr", "0.01", "--out", out], "finished", "--overwrite")
     fails(2, PRETRAIN + ["--resume", "--overwrite", "--out", out], "pass one of them")
     assert (out / "best.pt").read_bytes() == best
@@ -267,11 +368,11 @@ def test_resume_refuses_settings_that_change_the_experiment(tmp_path):
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
     fails(2, PRETRAIN + ["--resume", "--epochs", "2", "--seed", "1", "--out", out], "seed 0 -> 1", "--override")
-    fails(2, PRETRAIN + ["--resume", "--epochs", "2", "--schedule", "cosine", "--out", out], "schedule",
-          "--override")
+    fails(2, PRETRAIN + ["--resume", "--epochs", "2", "--schedule", "cosine", "--out", out], "schedule", "--override")
     fails(2, PRETRAIN + ["--override", "--out", tmp_path / "other"], "--resume")
-    fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--image-size", "32", "--out", out], "other data",
-          "image_size 28")
+    fails(
+        1, PRETRAIN + ["--resume", "--epochs", "2", "--image-size", "32", "--out", out], "other data", "image_size 28"
+    )
     succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--seed", "1", "--override", "--out", out])
 
 
@@ -332,8 +433,9 @@ def test_library_meta_train_refuses_to_start_over_a_run(tmp_path, pretrained):
 
 def test_library_pretrain_refuses_to_start_over_a_run(tmp_path, pretrained):
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
-    config = PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2,
-                            val_ways=3, val_queries=2)
+    config = PretrainConfig(
+        backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_ways=3, val_queries=2
+    )
     with pytest.raises(UsageError, match="already holds"):
         pretrain(bench, config, pretrained, resume=False, progress=False)
     with pytest.raises(UsageError, match="lr 0.1 -> 0.01|new lr changes nothing"):
@@ -342,14 +444,16 @@ def test_library_pretrain_refuses_to_start_over_a_run(tmp_path, pretrained):
 
 # 5. User mistakes: one Error line, no traceback.
 
+
 def _mini_imagenet_pickle(path, cut: bool):
     archive = {"image_data": np.zeros((4, 84, 84, 3), np.uint8), "class_dict": {"a": [0, 1], "b": [2, 3]}}
     data = pickle.dumps(archive)
     path.write_bytes(data[: len(data) // 2] if cut else data)
 
 
-@pytest.mark.parametrize("case", ["missing root", "empty folder", "missing split", "empty class folder",
-                                  "garbage pkl", "truncated pkl"])
+@pytest.mark.parametrize(
+    "case", ["missing root", "empty folder", "missing split", "empty class folder", "garbage pkl", "truncated pkl"]
+)
 def test_bad_data_is_exit_1(tmp_path, case):
     root = tmp_path / "data"
     if case == "missing root":
@@ -376,14 +480,17 @@ def test_bad_data_is_exit_1(tmp_path, case):
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("args, phrases", [
-    (["--data", "imagenet-21k"], ["unknown data set 'imagenet-21k'", "kanji"]),
-    (["--backbone", "nope"], ["unknown backbone 'nope'", "resnet12"]),
-    (["--image-size", "3"], ["--image-size 8"]),
-    (["--backbone", "resnet12", "--image-size", "12"], ["too small for resnet12", "--image-size 16"]),
-    (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
-    (["--val-queries", "6"], ["val split", "has 6 images but a task needs 7"]),
-])
+@pytest.mark.parametrize(
+    "args, phrases",
+    [
+        (["--data", "imagenet-21k"], ["unknown data set 'imagenet-21k'", "kanji"]),
+        (["--backbone", "nope"], ["unknown backbone 'nope'", "resnet12"]),
+        (["--image-size", "3"], ["--image-size 8"]),
+        (["--backbone", "resnet12", "--image-size", "12"], ["too small for resnet12", "--image-size 16"]),
+        (["--device", "gpu"], ["--device 'gpu'", "cpu"]),
+        (["--val-queries", "6"], ["val split", "has 6 images but a task needs 7"]),
+    ],
+)
 def test_bad_pretrain_arguments_are_exit_2(tmp_path, args, phrases):
     # The last --backbone wins, so PRETRAIN's conv4 is replaced where a case names another.
     fails(2, PRETRAIN + args + ["--out", tmp_path / "out"], *phrases)
@@ -391,23 +498,35 @@ def test_bad_pretrain_arguments_are_exit_2(tmp_path, args, phrases):
 
 def test_unknown_backbone_in_meta_train_and_bench(tmp_path):
     fails(2, ["meta-train", "--backbone", "nope", "--out", tmp_path / "meta"], "unknown backbone 'nope'")
-    fails(2, ["bench", "--profile", "quick", "--backbone", "nope", "--out", tmp_path / "bench"],
-          "unknown backbone 'nope'")
+    fails(
+        2, ["bench", "--profile", "quick", "--backbone", "nope", "--out", tmp_path / "bench"], "unknown backbone 'nope'"
+    )
     assert not (tmp_path / "bench").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("command", ["pretrain", "evaluate", "meta-train", "bench"])
 def test_cuda_without_a_gpu_is_exit_2(tmp_path, command):
-    args = {"pretrain": PRETRAIN, "evaluate": EVALUATE + ["--checkpoint", tmp_path / "x.pt"],
-            "meta-train": ["meta-train"], "bench": ["bench"]}[command]
+    args = {
+        "pretrain": PRETRAIN,
+        "evaluate": EVALUATE + ["--checkpoint", tmp_path / "x.pt"],
+        "meta-train": ["meta-train"],
+        "bench": ["bench"],
+    }[command]
     fails(2, args + ["--device", "cuda", "--out", tmp_path / "out"], "--device cuda", "no CUDA GPU", "cpu")
 
 
-@pytest.mark.parametrize("case, phrase", [("missing", "no checkpoint there"), ("empty", "empty (0 bytes)"),
-                                          ("truncated", "truncated"), ("text", "not a PyTorch checkpoint"),
-                                          ("tensor", "not a checkpoint written by mtl"),
-                                          ("pretrain last.pt", "resumable state of mtl pretrain")])
+@pytest.mark.parametrize(
+    "case, phrase",
+    [
+        ("missing", "no checkpoint there"),
+        ("empty", "empty (0 bytes)"),
+        ("truncated", "truncated"),
+        ("text", "not a PyTorch checkpoint"),
+        ("tensor", "not a checkpoint written by mtl"),
+        ("pretrain last.pt", "resumable state of mtl pretrain"),
+    ],
+)
 def test_bad_checkpoint_is_exit_1(tmp_path, pretrained, case, phrase):
     path = tmp_path / "best.pt"
     if case == "empty":
@@ -436,26 +555,37 @@ def test_load_checkpoint_is_safe_and_names_bad_files(tmp_path):
     assert load_checkpoint(tmp_path / "plain.pt") == {"step": 3}
 
 
-@pytest.mark.parametrize("args, code, phrase", [
-    (["kanji", "--num-classes", "1"], 2, "num_classes=1"),
-    (["kanji", "--image-size", "4"], 2, "image_size=4"),
-    (["info", "folder"], 2, "needs root="),
-    (["info", "mini-imagenet", "--root", "nowhere"], 1, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, code, phrase",
+    [
+        (["kanji", "--num-classes", "1"], 2, "num_classes=1"),
+        (["kanji", "--image-size", "4"], 2, "image_size=4"),
+        (["info", "folder"], 2, "needs root="),
+        (["info", "mini-imagenet", "--root", "nowhere"], 1, "does not exist"),
+    ],
+)
 def test_data_command_mistakes_are_exit_2_and_bad_files_exit_1(tmp_path, args, code, phrase):
     fails(code, ["data"] + args + (["--cache-dir", tmp_path] if args[0] == "kanji" else []), phrase)
 
 
 def test_checkpoint_of_other_image_size_or_channels_is_exit_1(tmp_path, pretrained):
-    fails(1, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--image-size", "32"],
-          "kanji images of 1 x 28 px", "gives 1 x 32 px")
+    fails(
+        1,
+        EVALUATE + ["--checkpoint", pretrained / "best.pt", "--image-size", "32"],
+        "kanji images of 1 x 28 px",
+        "gives 1 x 32 px",
+    )
     for split in ("train", "val", "test"):
         for c in range(3):
             (tmp_path / split / f"c{c}").mkdir(parents=True)
             for k in range(3):
                 Image.new("RGB", (28, 28)).save(tmp_path / split / f"c{c}" / f"{k}.png")
-    fails(1, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--data", "folder", "--root", tmp_path],
-          "1 x 28 px", "folder gives 3 x 28 px")
+    fails(
+        1,
+        EVALUATE + ["--checkpoint", pretrained / "best.pt", "--data", "folder", "--root", tmp_path],
+        "1 x 28 px",
+        "folder gives 3 x 28 px",
+    )
     # Without --image-size the checkpoint's size is used.
     assert "test 3-way 1-shot" in succeeds(EVALUATE + ["--checkpoint", pretrained / "best.pt"])
 
@@ -464,26 +594,33 @@ def test_checkpoint_of_other_image_size_or_channels_is_exit_1(tmp_path, pretrain
 def test_output_folder_that_cannot_be_written_is_exit_2(tmp_path, command):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    args = {"pretrain": PRETRAIN, "meta-train": ["meta-train", "--backbone", "conv4", "--ways", "3",
-                                                 "--queries", "2", "--device", "cpu"],
-            "bench": ["bench", "--profile", "quick", "--device", "cpu"]}[command]
+    args = {
+        "pretrain": PRETRAIN,
+        "meta-train": ["meta-train", "--backbone", "conv4", "--ways", "3", "--queries", "2", "--device", "cpu"],
+        "bench": ["bench", "--profile", "quick", "--device", "cpu"],
+    }[command]
     fails(2, args + ["--out", blocker / "run"], "--out", "cannot write there")
 
 
 # 6. Mistakes found before the long work, not after it.
 
+
 def test_evaluate_checks_its_output_file_before_evaluating(tmp_path, pretrained):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    output = fails(2, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--out", blocker / "r.json"],
-                   "cannot write there")
+    output = fails(
+        2, EVALUATE + ["--checkpoint", pretrained / "best.pt", "--out", blocker / "r.json"], "cannot write there"
+    )
     assert "%" not in output
 
 
 def test_bench_checks_tasks_and_data_before_pretraining(tmp_path):
     fails(2, ["bench", "--profile", "quick", "--ways", "1", "--out", tmp_path / "b"], "--ways")
-    fails(1, ["bench", "--profile", "quick", "--data", "folder", "--root", tmp_path / "none",
-              "--out", tmp_path / "b"], "expected the folder")
+    fails(
+        1,
+        ["bench", "--profile", "quick", "--data", "folder", "--root", tmp_path / "none", "--out", tmp_path / "b"],
+        "expected the folder",
+    )
     assert not (tmp_path / "b" / "pretrain").exists()
 
 
@@ -497,6 +634,7 @@ def test_typed_errors_stay_value_and_file_errors_for_library_users(tmp_path):
 
 # Issue #22. 1. A run folder is never lost or mixed.
 
+
 def test_evaluate_out_may_not_be_its_checkpoint(tmp_path, pretrained):
     model = tmp_path / "best.pt"
     model.write_bytes((pretrained / "best.pt").read_bytes())
@@ -507,8 +645,9 @@ def test_evaluate_out_may_not_be_its_checkpoint(tmp_path, pretrained):
 @pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
 def test_meta_train_out_may_not_hold_its_pretrained_checkpoint(tmp_path, pretrained, flags):
     before = {path.name: path.read_bytes() for path in pretrained.iterdir()}
-    fails(2, META + ["--pretrained", pretrained / "best.pt", "--out", pretrained] + flags,
-          "holds the input --pretrained")
+    fails(
+        2, META + ["--pretrained", pretrained / "best.pt", "--out", pretrained] + flags, "holds the input --pretrained"
+    )
     assert {path.name: path.read_bytes() for path in pretrained.iterdir()} == before
 
 
@@ -516,8 +655,10 @@ def _hold_in_another_process(folder):
     """A process holding ``folder`` as a run would; it has printed its pid once the lock is held."""
     import subprocess
 
-    code = ("import sys, time; from mtl_plugin.training.run_log import hold_run_folder\n"
-            "with hold_run_folder(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n")
+    code = (
+        "import sys, time; from mtl_plugin.training.run_log import hold_run_folder\n"
+        "with hold_run_folder(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -529,8 +670,13 @@ def test_a_run_folder_is_held_for_the_whole_run(tmp_path, pretrained):
     out = tmp_path / "run"
     holder = _hold_in_another_process(out)
     try:
-        fails(2, PRETRAIN + ["--out", out], f"--out {out} is in use by another mtl run",
-              f"process {holder.pid}", "another --out")
+        fails(
+            2,
+            PRETRAIN + ["--out", out],
+            f"--out {out} is in use by another mtl run",
+            f"process {holder.pid}",
+            "another --out",
+        )
         fails(2, META + ["--pretrained", pretrained / "best.pt", "--out", out], "in use by another mtl run")
         bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
         with pytest.raises(UsageError, match="in use by another mtl run"):
@@ -565,8 +711,13 @@ def test_a_killed_runs_temporary_files_are_removed(tmp_path):
         (out / name).write_bytes(b"half a file")
     (out / "notes.tmp").write_text("the user's own file")
     succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--out", out])
-    assert sorted(path.name for path in out.iterdir()) == ["best.pt", "curve.png", "last.pt", "metrics.csv",
-                                                           "notes.tmp"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "best.pt",
+        "curve.png",
+        "last.pt",
+        "metrics.csv",
+        "notes.tmp",
+    ]
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, pretrained, monkeypatch):
@@ -590,9 +741,12 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
 
 # Issue #22. 2. Ctrl-C.
 
+
 @pytest.mark.parametrize("command", ["pretrain", "meta-train"])
 def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path, pretrained, monkeypatch, command):
-    module = sys.modules[{"pretrain": "mtl_plugin.training.pretrain", "meta-train": "mtl_plugin.training.meta_training"}[command]]
+    module = sys.modules[
+        {"pretrain": "mtl_plugin.training.pretrain", "meta-train": "mtl_plugin.training.meta_training"}[command]
+    ]
     monkeypatch.setattr(module, "evaluate", raising_at_call(module.evaluate, 1))
     args = PRETRAIN if command == "pretrain" else META + ["--pretrained", pretrained / "best.pt"]
     fails(130, args + ["--out", tmp_path / "run"], "interrupted (Ctrl-C)", f"mtl {command}", "--resume")
@@ -604,6 +758,7 @@ def test_ctrl_c_in_evaluate_exits_130(pretrained, monkeypatch):
 
 
 # Issue #22. 3. No wrong result with exit 0.
+
 
 def _nan_copy(source, target, entry):
     """``source`` saved to ``target`` with the first floating-point tensor of ``state[entry]`` set to NaN."""
@@ -618,10 +773,18 @@ def _nan_copy(source, target, entry):
 
 def test_a_checkpoint_with_nan_weights_is_refused_at_load(tmp_path, pretrained):
     name = _nan_copy(pretrained / "best.pt", tmp_path / "nan" / "best.pt", "backbone")
-    fails(1, EVALUATE + ["--checkpoint", tmp_path / "nan" / "best.pt"], f"backbone.{name} holds NaN or infinite",
-          "a run that did not diverge")
-    fails(1, META + ["--pretrained", tmp_path / "nan" / "best.pt", "--out", tmp_path / "meta"], "--pretrained",
-          "NaN or infinite")
+    fails(
+        1,
+        EVALUATE + ["--checkpoint", tmp_path / "nan" / "best.pt"],
+        f"backbone.{name} holds NaN or infinite",
+        "a run that did not diverge",
+    )
+    fails(
+        1,
+        META + ["--pretrained", tmp_path / "nan" / "best.pt", "--out", tmp_path / "meta"],
+        "--pretrained",
+        "NaN or infinite",
+    )
     meta = tmp_path / "good-meta"
     succeeds(META + ["--pretrained", pretrained / "best.pt", "--out", meta])
     _nan_copy(meta / "best.pt", tmp_path / "nan-meta" / "best.pt", "learner")
@@ -653,14 +816,19 @@ def test_resume_on_another_or_changed_image_folder_is_refused(tmp_path):
     succeeds(PRETRAIN + FOLDER + ["--root", data, "--out", out])
     # Another folder with as many classes (was: resumed on it, exit 0).
     other = _image_folder(tmp_path / "other", seed=1)
-    fails(1, PRETRAIN + FOLDER + ["--root", other, "--resume", "--epochs", "2", "--out", out], "other data",
-          "data.content")
+    fails(
+        1,
+        PRETRAIN + FOLDER + ["--root", other, "--resume", "--epochs", "2", "--out", out],
+        "other data",
+        "data.content",
+    )
     # The same folder, one training image replaced in place.
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / "train" / "c0" / "0.png")
     fails(1, PRETRAIN + FOLDER + ["--root", data, "--resume", "--epochs", "2", "--out", out], "data.content")
     # A copy of the folder elsewhere is the same data.
     copy = tmp_path / "copy"
     import shutil
+
     shutil.copytree(other, copy)
     assert get_benchmark("folder", root=copy).content == get_benchmark("folder", root=other).content
 
@@ -675,8 +843,13 @@ def test_hidden_folders_are_not_classes(tmp_path):
     bench = get_benchmark("folder", root=data)
     assert [len(getattr(bench, split).labels) for split in ("train", "val", "test")] == [4, 4, 4]
     assert len(bench.train) == 16
-    fails(2, PRETRAIN + FOLDER + ["--root", data, "--val-ways", "5", "--out", tmp_path / "run"], "val split",
-          "ways=5", "(4)")
+    fails(
+        2,
+        PRETRAIN + FOLDER + ["--root", data, "--val-ways", "5", "--out", tmp_path / "run"],
+        "val split",
+        "ways=5",
+        "(4)",
+    )
 
 
 def test_sixteen_bit_grayscale_images_are_scaled_not_white(tmp_path):
@@ -692,8 +865,9 @@ def test_sixteen_bit_grayscale_images_are_scaled_not_white(tmp_path):
 
 def test_pretraining_on_one_train_class_is_refused(tmp_path):
     data = _image_folder(tmp_path / "data", classes=(1, 4, 4))
-    fails(1, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "the train split has 1 class",
-          "at least 2")
+    fails(
+        1, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "the train split has 1 class", "at least 2"
+    )
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
@@ -707,12 +881,19 @@ def test_diverging_test_time_adaptation_is_an_error_not_chance(tmp_path, pretrai
         weights[name] = weights[name] * 100
     torch.save(state, tmp_path / "large.pt")
     args = EVALUATE + ["--checkpoint", tmp_path / "large.pt", "--shots", "4"]
-    fails(1, args, "test-time adaptation diverged", "the support loss went from", "inner_lr 0.01",
-          "--inner-lr, e.g. 0.001")
+    fails(
+        1,
+        args,
+        "test-time adaptation diverged",
+        "the support loss went from",
+        "inner_lr 0.01",
+        "--inner-lr, e.g. 0.001",
+    )
     assert "test 3-way 4-shot" in succeeds(args + ["--inner-lr", "1e-6"])
 
 
 # Issue #22. 4. Tracebacks for bad input or a full disk.
+
 
 @pytest.mark.parametrize("failure", ["OSError", "RuntimeError"])
 def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_checkpoints(tmp_path, monkeypatch, failure):
@@ -734,8 +915,14 @@ def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_checkpoints(t
         monkeypatch.setattr(atomic_io.os, "fsync", full)
     else:
         monkeypatch.setattr(atomic_io.torch, "save", full)
-    fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--out", out], "could not be written",
-          "No space left on device" if failure == "OSError" else "unexpected pos", "is kept", "--resume")
+    fails(
+        1,
+        PRETRAIN + ["--resume", "--epochs", "2", "--out", out],
+        "could not be written",
+        "No space left on device" if failure == "OSError" else "unexpected pos",
+        "is kept",
+        "--resume",
+    )
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
@@ -754,7 +941,9 @@ def test_evaluate_out_on_a_full_disk_fails_before_the_tasks_run(tmp_path, pretra
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomic_io.os, "posix_fallocate", full)
-    monkeypatch.setattr(pipeline_cli, "evaluate", lambda *a, **k: pytest.fail("ran the tasks before taking --out's room"))
+    monkeypatch.setattr(
+        pipeline_cli, "evaluate", lambda *a, **k: pytest.fail("ran the tasks before taking --out's room")
+    )
     args = EVALUATE + ["--checkpoint", pretrained / "best.pt", "--out", out]
     fails(1, args, "result.json: could not be written", "No space left on device", "is kept")
     assert out.read_text() == "before\n" and [path.name for path in tmp_path.iterdir()] == ["result.json"]
@@ -774,12 +963,19 @@ def test_evaluate_out_on_a_full_disk_fails_before_the_tasks_run(tmp_path, pretra
 @pytest.mark.parametrize("command", ["pretrain", "meta-train", "evaluate", "bench", "data"])
 @pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
 def test_seeds_out_of_range_are_exit_2_in_every_command(tmp_path, command, seed):
-    args = {"pretrain": PRETRAIN + ["--seed", seed], "meta-train": META + ["--seed", seed],
-            "evaluate": EVALUATE + ["--checkpoint", tmp_path / "x.pt", "--seed", seed],
-            "bench": ["bench", "--profile", "quick", "--seed", seed],
-            "data": ["data", "kanji", "--seed", seed]}[command]
-    fails(2, args + (["--cache-dir", tmp_path] if command == "data" else ["--out", tmp_path / "out"]), "--seed",
-          "0<=x<=4294967295")
+    args = {
+        "pretrain": PRETRAIN + ["--seed", seed],
+        "meta-train": META + ["--seed", seed],
+        "evaluate": EVALUATE + ["--checkpoint", tmp_path / "x.pt", "--seed", seed],
+        "bench": ["bench", "--profile", "quick", "--seed", seed],
+        "data": ["data", "kanji", "--seed", seed],
+    }[command]
+    fails(
+        2,
+        args + (["--cache-dir", tmp_path] if command == "data" else ["--out", tmp_path / "out"]),
+        "--seed",
+        "0<=x<=4294967295",
+    )
     fails(2, PRETRAIN + ["--data-seed", seed, "--out", tmp_path / "out"], "--data-seed")
     with pytest.raises(UsageError, match="a seed is an integer from 0 to"):
         PretrainConfig(seed=int(seed))
@@ -792,9 +988,25 @@ def test_ss_report_needs_one_or_more_input_channels(channels):
 
 def test_a_backbone_that_does_not_take_the_image_size_is_refused_before_the_data(tmp_path):
     # The data folder does not exist: the backbone is checked first.
-    fails(2, PRETRAIN + ["--backbone", "vit_b_16", "--image-size", "16", "--data", "folder", "--root",
-                         tmp_path / "none", "--out", tmp_path / "run"],
-          "vit_b_16 does not take images of 16 px", "Expected 224 but got 16", "--image-size")
+    fails(
+        2,
+        PRETRAIN
+        + [
+            "--backbone",
+            "vit_b_16",
+            "--image-size",
+            "16",
+            "--data",
+            "folder",
+            "--root",
+            tmp_path / "none",
+            "--out",
+            tmp_path / "run",
+        ],
+        "vit_b_16 does not take images of 16 px",
+        "Expected 224 but got 16",
+        "--image-size",
+    )
     fails(2, PRETRAIN + ["--image-size", "100000", "--out", tmp_path / "run"], "--image-size 2048 or less")
 
 
@@ -803,30 +1015,46 @@ def test_a_checkpoint_with_an_absurd_image_size_is_refused_before_building(tmp_p
     state["model"]["image_size"] = 100000
     torch.save(state, tmp_path / "best.pt")
     fails(1, EVALUATE + ["--checkpoint", tmp_path / "best.pt"], "image_size 100000", "damaged")
-    fails(1, META + ["--pretrained", tmp_path / "best.pt", "--out", tmp_path / "meta"], "--pretrained",
-          "image_size 100000")
+    fails(
+        1,
+        META + ["--pretrained", tmp_path / "best.pt", "--out", tmp_path / "meta"],
+        "--pretrained",
+        "image_size 100000",
+    )
 
 
-@pytest.mark.parametrize("class_dict, phrase", [
-    ({"a": [0, 1], "b": [2, 9]}, "class 'b' of 'class_dict' lists image 9, but the file holds images 0 to 3"),
-    ({"a": [0, 1], "b": [-1, 2]}, "lists image -1"),
-    ({"a": [0, 1, 2, 3], "b": []}, "class 'b' of 'class_dict' lists no image"),
-])
+@pytest.mark.parametrize(
+    "class_dict, phrase",
+    [
+        ({"a": [0, 1], "b": [2, 9]}, "class 'b' of 'class_dict' lists image 9, but the file holds images 0 to 3"),
+        ({"a": [0, 1], "b": [-1, 2]}, "lists image -1"),
+        ({"a": [0, 1, 2, 3], "b": []}, "class 'b' of 'class_dict' lists no image"),
+    ],
+)
 def test_a_mini_imagenet_pickle_with_a_bad_class_dict_is_exit_1(tmp_path, class_dict, phrase):
     root = tmp_path / "data"
     root.mkdir()
     archive = {"image_data": np.zeros((4, 84, 84, 3), np.uint8), "class_dict": class_dict}
     (root / "mini-imagenet-cache-train.pkl").write_bytes(pickle.dumps(archive))
-    fails(1, PRETRAIN + ["--data", "mini-imagenet", "--root", root, "--out", tmp_path / "out"],
-          "mini-imagenet-cache-train.pkl", phrase)
+    fails(
+        1,
+        PRETRAIN + ["--data", "mini-imagenet", "--root", root, "--out", tmp_path / "out"],
+        "mini-imagenet-cache-train.pkl",
+        phrase,
+    )
 
 
 # Issue #22. 5. Messages that misled, values accepted that should not be.
 
-@pytest.mark.parametrize("args, phrase", [
-    (["--optimizer", "adam"], "'adam' is not one of 'sgd', 'adamw'"), (["--warmup-steps", "-1"], "x>=0"),
-    (["--label-smoothing", "1"], "0<=x<1"),
-])
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["--optimizer", "adam"], "'adam' is not one of 'sgd', 'adamw'"),
+        (["--warmup-steps", "-1"], "x>=0"),
+        (["--label-smoothing", "1"], "0<=x<1"),
+    ],
+)
 def test_bad_optimizer_warmup_or_label_smoothing_is_exit_2(tmp_path, args, phrase):
     fails(2, PRETRAIN + args + ["--out", tmp_path / "run"], args[0], phrase)
 
@@ -838,10 +1066,16 @@ def test_non_finite_pretrain_rates_are_exit_2(tmp_path, args):
         PretrainConfig(**{args[0][2:].replace("-", "_"): float(args[1])})
 
 
-@pytest.mark.parametrize("command, args", [
-    ("meta-train", ["--encoder-lr", "inf"]), ("meta-train", ["--inner-lr", "nan"]), ("evaluate", ["--inner-lr", "inf"]),
-    ("evaluate", ["--inner-steps", "-5"]), ("evaluate", ["--tasks", "1"]),
-])
+@pytest.mark.parametrize(
+    "command, args",
+    [
+        ("meta-train", ["--encoder-lr", "inf"]),
+        ("meta-train", ["--inner-lr", "nan"]),
+        ("evaluate", ["--inner-lr", "inf"]),
+        ("evaluate", ["--inner-steps", "-5"]),
+        ("evaluate", ["--tasks", "1"]),
+    ],
+)
 def test_meta_train_and_evaluate_refuse_values_that_would_mislead(tmp_path, pretrained, command, args):
     base = META if command == "meta-train" else EVALUATE + ["--checkpoint", pretrained / "best.pt"]
     fails(2, base + args + ["--out", tmp_path / "out"], args[0])
@@ -868,15 +1102,17 @@ def test_best_pt_without_last_pt_points_to_overwrite_only(tmp_path, flags):
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
     (out / "last.pt").unlink()
-    error = fails(2, PRETRAIN + flags + ["--out", out], "holds best.pt but no last.pt", "cannot be resumed",
-                  "--overwrite")
+    error = fails(
+        2, PRETRAIN + flags + ["--out", out], "holds best.pt but no last.pt", "cannot be resumed", "--overwrite"
+    )
     assert "pass --resume" not in error
 
 
 def test_a_split_of_one_class_does_not_suggest_one_way(tmp_path):
     data = _image_folder(tmp_path / "data", classes=(4, 1, 4))
-    error = fails(2, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "val split",
-                  "holds 1 class", "add classes")
+    error = fails(
+        2, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "val split", "holds 1 class", "add classes"
+    )
     assert "at most 1" not in error
 
 
@@ -888,8 +1124,11 @@ def test_the_same_images_in_two_splits_are_warned_about(tmp_path):
         warnings.simplefilter("error")
         get_benchmark("folder", root=data)  # disjoint splits: no warning
     shutil.copy(data / "test" / "c1" / "2.png", data / "train" / "c3" / "copy.png")
-    with pytest.warns(UserWarning, match=r"1 image\(s\) of the test split are also in the train split .*"
-                                         r"test/c1/2.png = train/c3/copy.png"):
+    with pytest.warns(
+        UserWarning,
+        match=r"1 image\(s\) of the test split are also in the train split .*"
+        r"test/c1/2.png = train/c3/copy.png",
+    ):
         get_benchmark("folder", root=data)
 
 
@@ -899,8 +1138,12 @@ def test_a_run_of_another_command_in_out_is_named(tmp_path, pretrained, flags):
 
     out = tmp_path / "run"
     shutil.copytree(pretrained, out)
-    error = fails(2, META + ["--pretrained", pretrained / "best.pt", "--out", out] + flags,
-                  "holds a run of another command ('pretrain' checkpoints), not a meta-training run", "--overwrite")
+    error = fails(
+        2,
+        META + ["--pretrained", pretrained / "best.pt", "--out", out] + flags,
+        "holds a run of another command ('pretrain' checkpoints), not a meta-training run",
+        "--overwrite",
+    )
     assert "pass --resume" not in error
 
 
@@ -908,8 +1151,9 @@ def test_a_finished_pretraining_is_returned_with_a_line_saying_so(tmp_path, caps
     # Issue #25: resume=True is the default, so a second script's pretrain(...) on the same folder
     # gets the first run's backbone; it must say so rather than return it silently.
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
-    config = PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2,
-                            val_ways=3, val_queries=2)
+    config = PretrainConfig(
+        backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_ways=3, val_queries=2
+    )
     first = pretrain(bench, config, tmp_path / "pre", progress=False)
     capsys.readouterr()
     again = pretrain(bench, config, tmp_path / "pre", progress=True)

@@ -1,11 +1,12 @@
 """Speed switches of the meta-train step: each gives the plain path's result to float tolerance."""
+
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-from test_pipeline import fixed_tasks, tiny_backbone, tiny_benchmark, tiny_config
 import torch
+from test_pipeline import fixed_tasks, tiny_backbone, tiny_benchmark, tiny_config
 
 from mtl_plugin.errors import UsageError
 from mtl_plugin.meta_transfer import MetaTransferLearner
@@ -20,8 +21,9 @@ EXACT = {"support_without_graph": True, "batch_tasks": True, "images_per_pass": 
 
 
 def learner_for(speedups: Speedups, bn: str = "frozen", **config) -> MetaTransferLearner:
-    return MetaTransferLearner(SSAdapter(tiny_backbone(), bn=bn), ways=3, config=tiny_config(**config),
-                               speedups=speedups)
+    return MetaTransferLearner(
+        SSAdapter(tiny_backbone(), bn=bn), ways=3, config=tiny_config(**config), speedups=speedups
+    )
 
 
 def meta_gradient(speedups: Speedups, bn: str = "frozen", **config) -> tuple:
@@ -49,16 +51,23 @@ def assert_same_step(plain: tuple, fast: tuple) -> None:
 
 
 @pytest.mark.parametrize("switch", EXACT)
-@pytest.mark.parametrize("head_init,first_order,bn", [
-    ("kaiming", True, "frozen"),     # where support_without_graph applies
-    ("prototype", True, "frozen"),   # the support features carry gradient: it must not apply
-    ("kaiming", False, "frozen"),
-    ("kaiming", True, "train"),      # BN statistics tie tasks and support to query: per-task joint passes
-])
+@pytest.mark.parametrize(
+    "head_init,first_order,bn",
+    [
+        ("kaiming", True, "frozen"),  # where support_without_graph applies
+        ("prototype", True, "frozen"),  # the support features carry gradient: it must not apply
+        ("kaiming", False, "frozen"),
+        ("kaiming", True, "train"),  # BN statistics tie tasks and support to query: per-task joint passes
+    ],
+)
 def test_each_exact_switch_gives_the_plain_paths_weights(switch, head_init, first_order, bn):
     plain = meta_gradient(Speedups.none(), bn=bn, head_init=head_init, first_order=first_order)
-    fast = meta_gradient(dataclasses.replace(Speedups.none(), **{switch: EXACT[switch]}), bn=bn, head_init=head_init,
-                         first_order=first_order)
+    fast = meta_gradient(
+        dataclasses.replace(Speedups.none(), **{switch: EXACT[switch]}),
+        bn=bn,
+        head_init=head_init,
+        first_order=first_order,
+    )
     assert_same_step(plain, fast)
 
 
@@ -77,7 +86,7 @@ def test_images_per_pass_splits_the_encoder_batch_only_with_frozen_bn():
         return sizes
 
     assert passes("frozen") == [4, 4, 2]
-    assert passes("train") == [10]   # batch statistics over the whole batch, as without the switch
+    assert passes("train") == [10]  # batch statistics over the whole batch, as without the switch
 
 
 def test_support_without_graph_encodes_the_support_under_no_grad_only_where_it_applies():
@@ -88,8 +97,8 @@ def test_support_without_graph_encodes_the_support_under_no_grad_only_where_it_a
         learner.meta_train_step(fixed_tasks(tiny_benchmark().train, learner.config, count=1))
         return modes
 
-    assert grad_modes(head_init="kaiming", first_order=True) == [False, True]   # support, then query
-    assert grad_modes(head_init="prototype", first_order=True) == [True]        # one joint pass
+    assert grad_modes(head_init="kaiming", first_order=True) == [False, True]  # support, then query
+    assert grad_modes(head_init="prototype", first_order=True) == [True]  # one joint pass
     assert grad_modes(head_init="kaiming", first_order=False) == [True]
 
 
@@ -114,9 +123,9 @@ def test_sliced_batch_statistics_equal_one_pass_per_slice():
     with per_slice_batch_statistics(together, [4, 5]):
         output = together(images)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-    for name, buffer in apart.named_buffers():   # running statistics updated slice by slice
+    for name, buffer in apart.named_buffers():  # running statistics updated slice by slice
         torch.testing.assert_close(dict(together.named_buffers())[name], buffer, rtol=1e-5, atol=1e-6)
-    together(images)   # outside the block: one pass, one set of statistics again
+    together(images)  # outside the block: one pass, one set of statistics again
     assert not any("forward" in module.__dict__ for module in together.modules())
 
 
@@ -131,8 +140,9 @@ def test_a_hard_task_group_is_drawn_only_after_the_normal_tasks_are_recorded():
             assert len(recorded) == 2, "the hard tasks were drawn before the normal ones were recorded"
             yield tasks[2:]
 
-    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config,
-                                  speedups=Speedups(batch_tasks=True))
+    learner = MetaTransferLearner(
+        SSAdapter(tiny_backbone()), ways=3, config=config, speedups=Speedups(batch_tasks=True)
+    )
     result = learner.meta_train_step(MetaBatchLike(), on_task=lambda task, logits, y: recorded.append(task))
     assert result.tasks == 4 and recorded == tasks
 
@@ -142,8 +152,9 @@ def test_a_diverging_task_in_a_batch_is_named_by_its_place():
     tasks = fixed_tasks(tiny_benchmark().train, config, count=3)
     sx, sy, qx, qy = tasks[1]
     tasks[1] = (sx, sy, qx * float("nan"), qy)
-    learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config,
-                                  speedups=Speedups(batch_tasks=True))
+    learner = MetaTransferLearner(
+        SSAdapter(tiny_backbone()), ways=3, config=config, speedups=Speedups(batch_tasks=True)
+    )
     with pytest.raises(NonFiniteLossError, match="task 2 of the meta-batch"):
         learner.meta_train_step(tasks)
     assert all(p.grad is None for p in learner.meta_parameters())
@@ -197,6 +208,7 @@ def test_compile_that_fails_warns_and_runs_eagerly(monkeypatch):
     def broken(module):
         def call(*args):
             raise RuntimeError("no C++ compiler found")
+
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -209,8 +221,9 @@ def test_compile_that_fails_warns_and_runs_eagerly(monkeypatch):
 
 def test_speedups_add_nothing_to_the_state_dict():
     plain = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(), speedups=Speedups.none())
-    fast = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config(),
-                               speedups=Speedups(compile=True, autocast="bf16"))
+    fast = MetaTransferLearner(
+        SSAdapter(tiny_backbone()), ways=3, config=tiny_config(), speedups=Speedups(compile=True, autocast="bf16")
+    )
     assert list(plain.state_dict()) == list(fast.state_dict())
 
 

@@ -123,8 +123,9 @@ def test_scale_shapes_for_every_conv_kind():
 
 def test_auto_granularity_leaves_the_papers_backbones_as_the_paper_counts():
     # Conv4 has 3x3 convs only: "auto" is the paper's scale per kernel.
-    assert ([s.shape for s in SSAdapter(conv4()).scales]
-            == [s.shape for s in SSAdapter(conv4(), granularity="kernel").scales])
+    assert [s.shape for s in SSAdapter(conv4()).scales] == [
+        s.shape for s in SSAdapter(conv4(), granularity="kernel").scales
+    ]
     # ResNet-12's 1x1 shortcuts alone get one scale per channel under "auto"; the benchmark's
     # MTL rows keep the paper's "kernel", and with it the paper's count.
     auto, kernel = SSAdapter(resnet12()), SSAdapter(resnet12(), granularity="kernel")
@@ -216,12 +217,18 @@ def test_last_block_is_named_as_the_user_names_modules():
     assert last_block(torchvision.models.resnet18()) == "layer4.1"
 
 
-@pytest.mark.parametrize("build, layers, expected", [
-    (torchvision.models.resnet18, ["layer4"], ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0",
-                                              "layer4.1.conv1", "layer4.1.conv2"]),
-    (resnet12, "layers.3", ["layers.3.conv1", "layers.3.conv2", "layers.3.conv3", "layers.3.shortcut.0"]),
-    (resnet12, lambda name, conv: conv.kernel_size == (1, 1), [f"layers.{i}.shortcut.0" for i in range(4)]),
-])
+@pytest.mark.parametrize(
+    "build, layers, expected",
+    [
+        (
+            torchvision.models.resnet18,
+            ["layer4"],
+            ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2"],
+        ),
+        (resnet12, "layers.3", ["layers.3.conv1", "layers.3.conv2", "layers.3.conv3", "layers.3.shortcut.0"]),
+        (resnet12, lambda name, conv: conv.kernel_size == (1, 1), [f"layers.{i}.shortcut.0" for i in range(4)]),
+    ],
+)
 def test_ss_on_a_subset_of_layers(build, layers, expected):
     generator = torch.Generator().manual_seed(0)
     backbone = build().eval()
@@ -348,7 +355,10 @@ def test_build_backbone_feature_dims():
     assert build_backbone("conv4", in_channels=1, image_size=28).feature_dim == 64
     net = build_backbone("resnet18-small", in_channels=1)
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, net.feature_dim)
-    assert build_backbone("conv4", num_classes=5, image_size=28, in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (2, 5)
+    assert build_backbone("conv4", num_classes=5, image_size=28, in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (
+        2,
+        5,
+    )
     with pytest.raises(ValueError, match="unknown torchvision architecture"):
         build_backbone("resnet9000")
 
@@ -360,7 +370,7 @@ def test_a_fully_connected_model_gets_ss_per_neuron():
     expected = mlp(x)
     adapter = SSAdapter(mlp)
     assert [tuple(p.shape) for p in adapter.ss_parameters()] == [(8, 1), (8,), (4, 1), (4,)]
-    assert torch.allclose(adapter(x), expected)          # Φ1 = 1, Φ2 = 0: the model unchanged
+    assert torch.allclose(adapter(x), expected)  # Φ1 = 1, Φ2 = 0: the model unchanged
     with torch.no_grad():
         for parameter in adapter.ss_parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))

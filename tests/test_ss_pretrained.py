@@ -1,4 +1,5 @@
 """SSConfig, an adapter saved with its config (save_pretrained / from_pretrained) and load_learner."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import stat
 
 import pytest
 import torch
+from test_pipeline import SIDE, tiny_benchmark, tiny_config
 
 from mtl_plugin import SSAdapter, SSConfig, load_learner
 from mtl_plugin.backbones import build_backbone, conv4
@@ -16,7 +18,6 @@ from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.training.checkpoints import encoder_record
 from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
-from test_pipeline import SIDE, tiny_benchmark, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,8 +66,9 @@ def test_save_pretrained_and_from_pretrained_rebuild_the_adapter(tmp_path):
     backbone = conv4()
     fresh = conv4()
     fresh.load_state_dict(backbone.state_dict())
-    adapter = _perturbed(SSAdapter(backbone, granularity="channel", layers=["layers.8", "layers.12"],
-                                   output_scaling=True))
+    adapter = _perturbed(
+        SSAdapter(backbone, granularity="channel", layers=["layers.8", "layers.12"], output_scaling=True)
+    )
     folder = adapter.save_pretrained(tmp_path / "ss")
     assert sorted(os.listdir(folder)) == ["ss_config.json", "ss_weights.pt"]
     assert json.loads((folder / "ss_config.json").read_text()) == adapter.config.to_dict()
@@ -100,8 +102,9 @@ def _meta_trained(tmp_path, ss: SSConfig, model_info: bool = True):
     bench = tiny_benchmark()
     torch.manual_seed(0)
     backbone = build_backbone("conv4", in_channels=1, image_size=SIDE)
-    learner = MetaTransferLearner(SSAdapter.from_config(backbone, ss), ways=3,
-                                  config=tiny_config(iterations=2, val_every=2, val_tasks=2))
+    learner = MetaTransferLearner(
+        SSAdapter.from_config(backbone, ss), ways=3, config=tiny_config(iterations=2, val_every=2, val_tasks=2)
+    )
     record = {"backbone": "conv4", "in_channels": 1, "image_size": SIDE, **encoder_record(ss)}
     meta_train(learner, bench, tmp_path / "meta", progress=False, model_info=record if model_info else None)
     return learner, tmp_path / "meta" / "best.pt"
@@ -126,7 +129,11 @@ def test_load_learner_refuses_what_it_cannot_rebuild(tmp_path):
     with pytest.raises(DataError, match="does not record its model.*model_info") as caught:
         load_learner(best)
     assert "in Python" not in str(caught.value)
-    pretrain(tiny_benchmark(), PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3,
-                                              val_queries=3), tmp_path / "pre", progress=False)
+    pretrain(
+        tiny_benchmark(),
+        PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3, val_queries=3),
+        tmp_path / "pre",
+        progress=False,
+    )
     with pytest.raises(DataError, match="load_pretrained"):
         load_learner(tmp_path / "pre" / "best.pt")

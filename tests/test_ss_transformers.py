@@ -4,6 +4,7 @@ Exact at initialisation and after ``fold()``, the definition checked against han
 weights (the packed and the separate q/k/v projections), and the meta-gradient through
 learn2learn, higher and torch.func equal to the hand-written one, as for convs in test_ss.py.
 """
+
 import copy
 import warnings
 
@@ -11,6 +12,7 @@ import learn2learn as l2l
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ss import _hand_written_reference, _higher, _learn2learn, _perturb, _task, _torch_func
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchvision.models import VisionTransformer
@@ -18,13 +20,12 @@ from torchvision.models import VisionTransformer
 from mtl_plugin import SSAdapter
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.ss import SSShareWarning, last_block
-from test_ss import _hand_written_reference, _higher, _learn2learn, _perturb, _task, _torch_func
 
 
 def tiny_vit(image_size: int = 16) -> VisionTransformer:
     torch.manual_seed(0)
     vit = VisionTransformer(image_size=image_size, patch_size=8, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16)
-    vit.heads = nn.Identity()   # the few-shot head replaces the classifier
+    vit.heads = nn.Identity()  # the few-shot head replaces the classifier
     return vit
 
 
@@ -40,8 +41,11 @@ class CrossAttention(nn.Module):
 
 
 def _inputs(generator):
-    return (torch.randn(2, 3, 16, generator=generator), torch.randn(2, 4, 12, generator=generator),
-            torch.randn(2, 4, 10, generator=generator))
+    return (
+        torch.randn(2, 3, 16, generator=generator),
+        torch.randn(2, 4, 12, generator=generator),
+        torch.randn(2, 4, 10, generator=generator),
+    )
 
 
 def test_a_vit_gets_ss_on_its_patch_conv_attention_and_mlps():
@@ -97,8 +101,9 @@ def test_separate_qkv_projections_follow_the_definition(bias):
         attention.v_proj_weight.mul_(scale[32:])
         attention.in_proj_bias = nn.Parameter(shift.detach().clone() if not bias else attention.in_proj_bias + shift)
         attention.out_proj.weight.mul_(adapter.scales[1])
-        attention.out_proj.bias = nn.Parameter(adapter.shifts[1].detach().clone() if not bias
-                                               else attention.out_proj.bias + adapter.shifts[1])
+        attention.out_proj.bias = nn.Parameter(
+            adapter.shifts[1].detach().clone() if not bias else attention.out_proj.bias + adapter.shifts[1]
+        )
         tolerance = 1e-6 * reference.abs().max()
         assert torch.allclose(adapter(*inputs), expected(*inputs), atol=tolerance, rtol=0)
         folded = adapter.fold()
@@ -157,5 +162,7 @@ def test_the_last_block_of_a_vit_is_its_last_encoder_layer():
     # torchvision's classifier, replaced by build_backbone, is not a block.
     assert last_block(build_backbone("vit_b_16", image_size=224)) == "encoder.layers.encoder_layer_11"
     adapter = SSAdapter(vit, layers=[last_block(vit)])
-    assert adapter.conv_names == [f"encoder.layers.encoder_layer_1.{name}"
-                                  for name in ("self_attention", "self_attention.out_proj", "mlp.0", "mlp.3")]
+    assert adapter.conv_names == [
+        f"encoder.layers.encoder_layer_1.{name}"
+        for name in ("self_attention", "self_attention.out_proj", "mlp.0", "mlp.3")
+    ]

@@ -6,10 +6,10 @@ smallest model of each family that has none under it (alexnet, vgg11, vit_b_16,
 maxvit_t), so that a new family fails here whatever its size. Every model is checked
 by ``benchmarks/ss_zoo.py``'s ``check_model``, which runs all 80, big ones included.
 """
-import pytest
-import torchvision
 
+import pytest
 from benchmark_scripts import loaded_script
+
 from mtl_plugin.ss_layers import SHARE_BOUND
 
 # 30 M parameters: resnet50, swin_t and convnext_tiny are in; build, forward, fold and

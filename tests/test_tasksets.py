@@ -24,13 +24,15 @@ def test_get_tasksets_is_shaped_like_learn2learns():
         assert data.shape[0] == 12 and set(labels.tolist()) == {0, 1, 2}
     # Seeded: the same call gives the same tasks.
     again = get_tasksets("kanji", train_ways=5, train_samples=2, test_ways=3, test_samples=4, **TINY)
-    assert torch.equal(again.train.sample()[0], get_tasksets(
-        "kanji", train_ways=5, train_samples=2, test_ways=3, test_samples=4, **TINY).train.sample()[0])
+    assert torch.equal(
+        again.train.sample()[0],
+        get_tasksets("kanji", train_ways=5, train_samples=2, test_ways=3, test_samples=4, **TINY).train.sample()[0],
+    )
 
 
 def test_tasks_a_split_cannot_give_are_refused_before_training():
     with pytest.raises(UsageError, match="the val split cannot give these tasks"):
-        get_tasksets("kanji", train_samples=2, test_samples=7, **TINY)   # 6 images per class
+        get_tasksets("kanji", train_samples=2, test_samples=7, **TINY)  # 6 images per class
     with pytest.raises(UsageError, match="train_ways=1"):
         get_tasksets("kanji", train_ways=1, **TINY)
 
@@ -53,12 +55,20 @@ def test_our_task_transforms_take_learn2learns_arguments_plus_a_seed():
         theirs = inspect.signature(getattr(l2l.data.transforms, name).__init__).parameters
         ours = inspect.signature(getattr(tasks, name).__init__).parameters
         assert [(p.name, p.default) for p in theirs.values()] == [
-            (p.name, p.default) for p in ours.values() if p.kind is not p.KEYWORD_ONLY]
+            (p.name, p.default) for p in ours.values() if p.kind is not p.KEYWORD_ONLY
+        ]
         assert ours["seed"].kind is inspect.Parameter.KEYWORD_ONLY
 
     md = get_benchmark("kanji", **TINY).train
     with_replacement = tasks.KShots(md, k=10, replacement=True, seed=0)(tasks.NWays(md, n=2, seed=0)(None))
-    assert len(with_replacement) == 20                  # 10 per class although a class has 6 images
-    in_order = l2l.data.Taskset(md, [tasks.NWays(md, n=3, seed=1), tasks.KShots(md, k=1, seed=1),
-                                     l2l.data.transforms.LoadData(md), tasks.RemapLabels(md, shuffle=False)])
+    assert len(with_replacement) == 20  # 10 per class although a class has 6 images
+    in_order = l2l.data.Taskset(
+        md,
+        [
+            tasks.NWays(md, n=3, seed=1),
+            tasks.KShots(md, k=1, seed=1),
+            l2l.data.transforms.LoadData(md),
+            tasks.RemapLabels(md, shuffle=False),
+        ],
+    )
     assert in_order.sample()[1].tolist() == [0, 1, 2]

@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/throughput.py on its tiniest matrix: it runs and writes the columns it promises."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,30 @@ from benchmark_scripts import loaded_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COLUMNS = ["backbone", "px", "shots", "order", "head_init", "meta_batch", "bn", "granularity", "config",
-           "support_without_graph", "batch_tasks", "output_scaling", "channels_last", "compile", "images_per_pass",
-           "autocast", "tasks/s", "s/step", "warm-up s", "vs reference", "vs plain", "peak MB"]
+COLUMNS = [
+    "backbone",
+    "px",
+    "shots",
+    "order",
+    "head_init",
+    "meta_batch",
+    "bn",
+    "granularity",
+    "config",
+    "support_without_graph",
+    "batch_tasks",
+    "output_scaling",
+    "channels_last",
+    "compile",
+    "images_per_pass",
+    "autocast",
+    "tasks/s",
+    "s/step",
+    "warm-up s",
+    "vs reference",
+    "vs plain",
+    "peak MB",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +43,29 @@ def throughput():
 
 def test_tiniest_matrix_writes_every_column(throughput, tmp_path, capsys):
     csv = tmp_path / "out" / "throughput.csv"
-    frame = throughput.main(["--backbone", "conv4", "--image-size", "16", "--shots", "1", "--meta-batch", "2",
-                             "--inner-steps", "2", "--repeats", "1", "--threads", "1", "--no-memory",
-                             "--levers", "batch_tasks", "--csv", str(csv)])
+    frame = throughput.main(
+        [
+            "--backbone",
+            "conv4",
+            "--image-size",
+            "16",
+            "--shots",
+            "1",
+            "--meta-batch",
+            "2",
+            "--inner-steps",
+            "2",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--no-memory",
+            "--levers",
+            "batch_tasks",
+            "--csv",
+            str(csv),
+        ]
+    )
     written = pd.read_csv(csv)
     assert list(written.columns) == COLUMNS
     assert len(written) == len(frame)
@@ -41,24 +83,47 @@ def test_tiniest_matrix_writes_every_column(throughput, tmp_path, capsys):
 
 
 def test_levers_that_cannot_act_are_shown_off_and_not_toggled(throughput):
-    base = throughput.Case("learner", "", "conv4", 16, 1, order="second", head_init="kaiming", meta_batch=1,
-                           bn="frozen", granularity="kernel", output_scaling=False,
-                           speedups=throughput.Speedups())
+    base = throughput.Case(
+        "learner",
+        "",
+        "conv4",
+        16,
+        1,
+        order="second",
+        head_init="kaiming",
+        meta_batch=1,
+        bn="frozen",
+        granularity="kernel",
+        output_scaling=False,
+        speedups=throughput.Speedups(),
+    )
     rows = throughput.learner_cases(base, list(throughput.LEVERS), {"images_per_pass": [16], "autocast": ["bf16"]})
     defaults = rows[0]
     assert not defaults.speedups.support_without_graph and not defaults.speedups.batch_tasks
     labels = [row.label for row in rows]
-    assert not any(lever in label for label in labels
-                   for lever in ("support_without_graph", "batch_tasks", "output_scaling"))
+    assert not any(
+        lever in label for label in labels for lever in ("support_without_graph", "batch_tasks", "output_scaling")
+    )
     assert "defaults + autocast=bf16" in labels and "defaults + images_per_pass=16" in labels
     assert [row.speedups for row in rows].count(throughput.Speedups.none()) == 1
     assert len(set(labels)) == len(labels)
 
 
 def test_memory_child_measures_its_own_steps(throughput):
-    case = throughput.Case("reference", throughput.REFERENCE, "conv4", 16, 1, order="first", head_init="kaiming",
-                           meta_batch=1, bn="frozen", granularity="kernel", output_scaling=False,
-                           speedups=throughput.Speedups.none())
+    case = throughput.Case(
+        "reference",
+        throughput.REFERENCE,
+        "conv4",
+        16,
+        1,
+        order="first",
+        head_init="kaiming",
+        meta_batch=1,
+        bn="frozen",
+        granularity="kernel",
+        output_scaling=False,
+        speedups=throughput.Speedups.none(),
+    )
     assert throughput.Case.from_json(case.to_json()) == case
     # A child of this (larger) process: ru_maxrss, inherited through fork and exec, would read 0.
     args = argparse.Namespace(inner_steps=2, device="cpu", threads=1)

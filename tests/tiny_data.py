@@ -1,8 +1,8 @@
 """Tiny in-memory few-shot data for tests: each class a fixed random pattern plus noise."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import learn2learn as l2l
 import torch
@@ -37,7 +37,7 @@ class TinyBenchmark:
     train: l2l.data.MetaDataset
     val: l2l.data.MetaDataset
     test: l2l.data.MetaDataset
-    train_augmented: Optional[l2l.data.MetaDataset] = None
+    train_augmented: l2l.data.MetaDataset | None = None
     channels: int = 1
     image_size: int = 16
     standard: bool = False

@@ -19,11 +19,20 @@ Example::
     result = run_bench(BenchConfig.quick(methods=("protonet", "mtl"), shots=(1,)))
     print(result.table.to_string(index=False))
 """
+
 import importlib
 from typing import Any
 
-_RUNNER_NAMES = ("BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench",
-                 "shared_pretraining", "work_dir")
+_RUNNER_NAMES = (
+    "BenchConfig",
+    "BenchResult",
+    "PROFILES",
+    "SUITES",
+    "pretrain_config_for",
+    "run_bench",
+    "shared_pretraining",
+    "work_dir",
+)
 
 __all__ = list(_RUNNER_NAMES)
 

@@ -17,11 +17,12 @@ Example::
     frame = paired_comparisons(accuracies, shots=(1, 5))
     plot_accuracy_vs_parameters(cells, counts, "ablation.png", title="kanji")
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
 import pandas as pd
 import torch
@@ -31,8 +32,16 @@ from mtl_plugin.bench.methods import build_method
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.training.io import atomic_save_figure
 
-__all__ = ["CLAIMS", "COMPARISON_CLAIMS", "ablation_note", "learned_parameter_counts", "paired_comparisons",
-           "paired_difference", "paired_verdict", "plot_accuracy_vs_parameters"]
+__all__ = [
+    "CLAIMS",
+    "COMPARISON_CLAIMS",
+    "ablation_note",
+    "learned_parameter_counts",
+    "paired_comparisons",
+    "paired_difference",
+    "paired_verdict",
+    "plot_accuracy_vs_parameters",
+]
 
 # (claim as the paper makes it, the row it says is better, the row it says is worse)
 CLAIMS: tuple[tuple[str, str, str], ...] = (
@@ -57,7 +66,7 @@ COMPARISON_CLAIMS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def learned_parameter_counts(config, benchmark, methods: Iterable[str]) -> dict[str, Optional[int]]:
+def learned_parameter_counts(config, benchmark, methods: Iterable[str]) -> dict[str, int | None]:
     """Parameters each row's outer loop updates; ``None`` for rows that meta-learn nothing countable.
 
     Args:
@@ -78,9 +87,17 @@ def learned_parameter_counts(config, benchmark, methods: Iterable[str]) -> dict[
         return build_backbone(config.backbone, in_channels=benchmark.channels, image_size=benchmark.image_size)
 
     context = BenchContext(
-        benchmark=benchmark, ways=config.ways, shots=config.shots[0], queries=config.queries, seed=config.seed,
-        work_dir=Path("."), profile=config.profile, device=torch.device("cpu"),
-        pretrained_backbone=architecture, backbone_name=config.backbone, progress=False,
+        benchmark=benchmark,
+        ways=config.ways,
+        shots=config.shots[0],
+        queries=config.queries,
+        seed=config.seed,
+        work_dir=Path("."),
+        profile=config.profile,
+        device=torch.device("cpu"),
+        pretrained_backbone=architecture,
+        backbone_name=config.backbone,
+        progress=False,
     )
     counts = {}
     for name in methods:
@@ -110,12 +127,13 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
 
 
 def paired_verdict(difference: float, ci95: float) -> str:
-    """"holds" when the CI of a paired difference is above 0, "reversed" below 0, else "within CI"."""
+    """ "holds" when the CI of a paired difference is above 0, "reversed" below 0, else "within CI"."""
     return "holds" if difference - ci95 > 0 else "reversed" if difference + ci95 < 0 else "within CI"
 
 
-def paired_comparisons(accuracies: dict[tuple[str, int], list[float]], shots: Iterable[int],
-                       pairs: Iterable[tuple[str, str, str]] = CLAIMS) -> pd.DataFrame:
+def paired_comparisons(
+    accuracies: dict[tuple[str, int], list[float]], shots: Iterable[int], pairs: Iterable[tuple[str, str, str]] = CLAIMS
+) -> pd.DataFrame:
     """Claims tested on the per-task accuracies of the same seeded test tasks.
 
     Args:
@@ -144,13 +162,23 @@ def paired_comparisons(accuracies: dict[tuple[str, int], list[float]], shots: It
             if len(a) != len(b):
                 raise ValueError(f"{better} and {worse} ({shot}-shot) were not evaluated on the same tasks")
             mean, ci = paired_difference(a, b)
-            rows.append({"claim": claim, "shots": shot, "better": better, "worse": worse,
-                         "difference": round(mean, 2), "ci95": round(ci, 2), "verdict": paired_verdict(mean, ci)})
+            rows.append(
+                {
+                    "claim": claim,
+                    "shots": shot,
+                    "better": better,
+                    "worse": worse,
+                    "difference": round(mean, 2),
+                    "ci95": round(ci, 2),
+                    "verdict": paired_verdict(mean, ci),
+                }
+            )
     return pd.DataFrame(rows, columns=["claim", "shots", "better", "worse", "difference", "ci95", "verdict"])
 
 
-def plot_accuracy_vs_parameters(cells: pd.DataFrame, counts: dict[str, Optional[int]], path: Union[str, Path],
-                                title: str = "") -> bool:
+def plot_accuracy_vs_parameters(
+    cells: pd.DataFrame, counts: dict[str, int | None], path: str | Path, title: str = ""
+) -> bool:
     """Accuracy ± CI against learned parameters (log scale), one marker per shot setting.
 
     Args:
@@ -177,8 +205,9 @@ def plot_accuracy_vs_parameters(cells: pd.DataFrame, counts: dict[str, Optional[
     markers = "osD^vP*X"
     for index, (shot, group) in enumerate(counted.groupby("shots")):
         x = [counts[m] for m in group["method"]]
-        axis.errorbar(x, group["accuracy"], yerr=group["ci95"], fmt=markers[index % len(markers)], capsize=3,
-                      label=f"{shot}-shot")
+        axis.errorbar(
+            x, group["accuracy"], yerr=group["ci95"], fmt=markers[index % len(markers)], capsize=3, label=f"{shot}-shot"
+        )
         if index == 0:  # one label per row is enough; the other settings sit on the same verticals
             placed: list[tuple[float, float]] = []
             for xi, yi, method in zip(x, group["accuracy"], group["method"]):
@@ -201,9 +230,13 @@ def _signed(row) -> str:
     return f"{row['difference']:+.2f} ± {row['ci95']:.2f}"
 
 
-def ablation_note(accuracies: dict[tuple[str, int], list[float]], shots: Iterable[int],
-                  counts: Optional[dict[str, Optional[int]]] = None, reference: str = "mtl",
-                  claims: Iterable[tuple[str, str, str]] = CLAIMS) -> tuple[pd.DataFrame, str]:
+def ablation_note(
+    accuracies: dict[tuple[str, int], list[float]],
+    shots: Iterable[int],
+    counts: dict[str, int | None] | None = None,
+    reference: str = "mtl",
+    claims: Iterable[tuple[str, str, str]] = CLAIMS,
+) -> tuple[pd.DataFrame, str]:
     """The closing note of a bench table: which rows differ from ``reference``, and which claims hold.
 
     Args:
@@ -227,21 +260,28 @@ def ablation_note(accuracies: dict[tuple[str, int], list[float]], shots: Iterabl
     claims = paired_comparisons(accuracies, shots, claims)
     rows = sorted({method for method, _ in accuracies} - {reference})
     against = paired_comparisons(accuracies, shots, [(f"{m} vs {reference}", m, reference) for m in rows])
-    lines = ["", "Closing note: paired differences over the same test tasks, in points, ± 95% CI "
-             "(1.96·std/√n of the per-task differences).", ""]
+    lines = [
+        "",
+        "Closing note: paired differences over the same test tasks, in points, ± 95% CI "
+        "(1.96·std/√n of the per-task differences).",
+        "",
+    ]
     for shot in shots:
         mine = against[against["shots"] == shot]
         apart = [f"{r['better']} ({_signed(r)})" for _, r in mine.iterrows() if r["verdict"] != "within CI"]
         within = [r["better"] for _, r in mine.iterrows() if r["verdict"] == "within CI"]
         if len(mine):
-            lines.append(f"- {shot}-shot, rows apart from {reference} by more than the CI: "
-                         f"{', '.join(apart) or 'none'}; within the CI: {', '.join(within) or 'none'}.")
+            lines.append(
+                f"- {shot}-shot, rows apart from {reference} by more than the CI: "
+                f"{', '.join(apart) or 'none'}; within the CI: {', '.join(within) or 'none'}."
+            )
     for _, r in claims.iterrows():
-        lines.append(f"- {r['claim']} ({r['better']} − {r['worse']}), {r['shots']}-shot: "
-                     f"{_signed(r)}: {r['verdict']}.")
+        lines.append(f"- {r['claim']} ({r['better']} − {r['worse']}), {r['shots']}-shot: {_signed(r)}: {r['verdict']}.")
     ss, ft = (counts or {}).get(reference), (counts or {}).get("ft-all")
     if ss and ft:
-        lines.append(f"- SS learns far fewer parameters than FT: {reference} {ss:,} against ft-all {ft:,} "
-                     f"({100 * ss / ft:.1f}%).")
+        lines.append(
+            f"- SS learns far fewer parameters than FT: {reference} {ss:,} against ft-all {ft:,} "
+            f"({100 * ss / ft:.1f}%)."
+        )
     frame = pd.concat([f for f in (claims, against) if len(f)] or [claims], ignore_index=True)
     return frame, "\n".join(lines) + "\n"

@@ -11,10 +11,10 @@ Example::
     entry = published_accuracy("mini-imagenet", "mtl-ht", ways=5, shots=1)
     print(entry.cell)  # "61.20 ± 1.80"
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import pandas as pd
 
@@ -30,7 +30,7 @@ class PublishedResult:
     ways: int
     shots: int
     accuracy: float
-    ci95: Optional[float]
+    ci95: float | None
     backbone: str
     source: str
     verified: bool = False
@@ -103,8 +103,11 @@ def _rows() -> list[PublishedResult]:
     for method, backbone, figures in (
         ("matchingnet", "Conv4", {"mini-imagenet": ((43.4, 0.8), (55.3, 0.7))}),
         ("meta-lstm", "Conv4", {"mini-imagenet": ((43.6, 0.8), (60.6, 0.7))}),
-        ("tadam", "ResNet-12", {"mini-imagenet": ((58.5, 0.3), (76.7, 0.3)),
-                                "fc100": ((40.1, 0.4), (56.1, 0.4), (61.6, 0.5))}),
+        (
+            "tadam",
+            "ResNet-12",
+            {"mini-imagenet": ((58.5, 0.3), (76.7, 0.3)), "fc100": ((40.1, 0.4), (56.1, 0.4), (61.6, 0.5))},
+        ),
     ):
         for dataset, cells in figures.items():
             for shots, (acc, ci) in zip((1, 5, 10), cells):
@@ -135,7 +138,7 @@ def _rows() -> list[PublishedResult]:
 PUBLISHED: tuple[PublishedResult, ...] = tuple(_rows())
 
 
-def published_accuracy(dataset: str, method: str, ways: int, shots: int) -> Optional[PublishedResult]:
+def published_accuracy(dataset: str, method: str, ways: int, shots: int) -> PublishedResult | None:
     """The published figure for this cell, or ``None`` where nobody published one."""
     for row in PUBLISHED:
         if (row.dataset, row.method, row.ways, row.shots) == (dataset, method, ways, shots):

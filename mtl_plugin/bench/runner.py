@@ -21,15 +21,16 @@ Example::
     result = run_bench(config)
     print(result.table.to_string(index=False))
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -65,8 +66,16 @@ from mtl_plugin.training.meta_training import plot_meta_curves
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 
-__all__ = ["BenchConfig", "BenchResult", "PROFILES", "SUITES", "pretrain_config_for", "run_bench", "shared_pretraining",
-           "work_dir"]
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "PROFILES",
+    "SUITES",
+    "pretrain_config_for",
+    "run_bench",
+    "shared_pretraining",
+    "work_dir",
+]
 
 PROFILES = ("quick", "paper")
 WALL_CLOCK = "wall-clock (s)"
@@ -96,23 +105,23 @@ class BenchConfig:
     """
 
     dataset: str = "kanji"
-    root: Optional[str] = None
+    root: str | None = None
     ways: int = 5
     shots: tuple = (1, 5)
     queries: int = 15
     suite: str = "comparison"
-    methods: Optional[tuple] = None
+    methods: tuple | None = None
     profile: str = "paper"
     test_tasks: int = 600
     backbone: str = "resnet12"
-    image_size: Optional[int] = None
+    image_size: int | None = None
     seed: int = 0
     out: Path = Path("bench-out")
     device: str = "auto"
     progress: bool = True
     dataset_options: dict = field(default_factory=dict)
     # The shared pretraining run; None: the profile's (see pretrain_config_for).
-    pretrain: Optional[PretrainConfig] = None
+    pretrain: PretrainConfig | None = None
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -139,7 +148,7 @@ class BenchConfig:
         return SUITES[self.suite] if self.methods is None else self.methods
 
     @classmethod
-    def quick(cls, **changes) -> "BenchConfig":
+    def quick(cls, **changes) -> BenchConfig:
         """The whole table on the embedded data set on 2 CPU cores (19.5 minutes on an AMD EPYC
         without AVX-512 as ``make bench`` runs it, two single-threaded processes; see the README's "Results").
 
@@ -171,7 +180,7 @@ def pretrain_config_for(config: BenchConfig) -> PretrainConfig:
     return PretrainConfig.quick(backbone=config.backbone, seed=config.seed)
 
 
-def _device(name: str, queue: Optional[WorkQueue]) -> torch.device:
+def _device(name: str, queue: WorkQueue | None) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name) if queue is None else process_device(torch.device(name))
@@ -182,7 +191,7 @@ class _SharedPretraining:
 
     def __init__(self, run: Callable[[], nn.Module]):
         self._run = run
-        self._model: Optional[nn.Module] = None
+        self._model: nn.Module | None = None
         self.seconds = 0.0
 
     def __call__(self) -> nn.Module:
@@ -201,17 +210,28 @@ def _pretrain_key(config: BenchConfig, benchmark) -> dict:
     # Everything that changes the shared pretraining run, the images themselves included
     # (a new kanji generator gives new images under the same settings).
     return {
-        "dataset": config.dataset, "root": config.root, "image_size": config.image_size,
-        "seed": config.seed, "dataset_options": config.dataset_options,
-        "data": benchmark_identity(benchmark), "pretrain": pretrain_config_for(config).record(),
+        "dataset": config.dataset,
+        "root": config.root,
+        "image_size": config.image_size,
+        "seed": config.seed,
+        "dataset_options": config.dataset_options,
+        "data": benchmark_identity(benchmark),
+        "pretrain": pretrain_config_for(config).record(),
     }
 
 
 def _cell_key(config: BenchConfig, benchmark, method: str, shots: int) -> dict:
-    # Everything that changes a cell's number: a cached cell is reused only if all match.
+    # Everything that changes a cell's number: a cached cell is reused only if all match. The
+    # method's config too: a budget or setting changed in a new version must not reuse old cells.
     return {
-        **_pretrain_key(config, benchmark), "ways": config.ways, "shots": shots, "queries": config.queries,
-        "method": method, "profile": config.profile, "test_tasks": config.test_tasks,
+        **_pretrain_key(config, benchmark),
+        "ways": config.ways,
+        "shots": shots,
+        "queries": config.queries,
+        "method": method,
+        "method_config": asdict(build_method(method, config.profile).config),
+        "profile": config.profile,
+        "test_tasks": config.test_tasks,
         "backbone": config.backbone,
     }
 
@@ -233,7 +253,7 @@ def work_dir(config: BenchConfig, benchmark, method: str, shots: int) -> Path:
     return config.out / "work" / method / f"{config.ways}w{shots}s-{_digest(key)}"
 
 
-def _cached_cell(path: Path, key: dict) -> Optional[dict]:
+def _cached_cell(path: Path, key: dict) -> dict | None:
     """The cell stored at ``path`` if it was computed for ``key``; a corrupt file counts as stale."""
     try:
         cached = json.loads(path.read_text())
@@ -250,9 +270,17 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
         return cached
     method = build_method(method_name, config.profile)
     context = BenchContext(
-        benchmark=benchmark, ways=config.ways, shots=shots, queries=config.queries, seed=config.seed,
-        work_dir=work_dir(config, benchmark, method_name, shots), profile=config.profile,
-        device=device, pretrained_backbone=shared, backbone_name=config.backbone, progress=config.progress,
+        benchmark=benchmark,
+        ways=config.ways,
+        shots=shots,
+        queries=config.queries,
+        seed=config.seed,
+        work_dir=work_dir(config, benchmark, method_name, shots),
+        profile=config.profile,
+        device=device,
+        pretrained_backbone=shared,
+        backbone_name=config.backbone,
+        progress=config.progress,
     )
     start, pretraining_before = time.perf_counter(), shared.seconds
     method.fit(context)
@@ -261,25 +289,32 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     fit_seconds = time.perf_counter() - start - (shared.seconds - pretraining_before)
     evaluation = EvaluationConfig(config.ways, shots, config.queries, config.test_tasks, config.seed)
     start = time.perf_counter()
-    result = evaluate(method.predict, benchmark.test, evaluation, progress=config.progress,
-                      description=f"{method_name} {shots}-shot")
+    result = evaluate(
+        method.predict, benchmark.test, evaluation, progress=config.progress, description=f"{method_name} {shots}-shot"
+    )
     result_seconds = time.perf_counter() - start
     cell = {
-        "key": key, **result.as_dict(), "accuracies": result.accuracies,
+        "key": key,
+        **result.as_dict(),
+        "accuracies": result.accuracies,
         "backbone": method.describe_backbone() or config.backbone,
-        "fit_seconds": fit_seconds, "eval_seconds": result_seconds,
+        "fit_seconds": fit_seconds,
+        "eval_seconds": result_seconds,
     }
     atomic_write_text(path, json.dumps(cell, indent=1))
     return cell
 
 
 def _cell_line(cell: dict, method: str, ways: int, shots: int) -> str:
-    return (f"{method} {ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
-            f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)")
+    return (
+        f"{method} {ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
+        f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)"
+    )
 
 
-def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: str,
-           counts: Optional[dict] = None) -> pd.DataFrame:
+def _table(
+    config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: str, counts: dict | None = None
+) -> pd.DataFrame:
     """One row per method; with ``counts`` (the ablation suite) also what each row adapts and
     its learned-parameter count, beside the accuracy cells."""
     rows = []
@@ -289,8 +324,9 @@ def _table(config: BenchConfig, cells: pd.DataFrame, standard: bool, dataset: st
         row = {"method": method}
         if counts is not None:
             row["adapts"] = spec.adapts
-        row.update({"backbone": mine["backbone"].iloc[0],
-                    "setting": "transductive" if spec.transductive else "inductive"})
+        row.update(
+            {"backbone": mine["backbone"].iloc[0], "setting": "transductive" if spec.transductive else "inductive"}
+        )
         if counts is not None:
             row[LEARNED] = "—" if counts.get(method) is None else counts[method]
         for shots in config.shots:
@@ -316,8 +352,7 @@ def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
         mine = cells[cells["shots"] == shots].set_index("method").loc[list(config.rows)]
         positions = [m + i * width for m in range(len(config.rows))]
         axis.bar(positions, mine["accuracy"], width, yerr=mine["ci95"], capsize=3, label=f"{shots}-shot")
-    axis.set_xticks([m + 0.4 - width / 2 for m in range(len(config.rows))], list(config.rows),
-                    rotation=30, ha="right")
+    axis.set_xticks([m + 0.4 - width / 2 for m in range(len(config.rows))], list(config.rows), rotation=30, ha="right")
     axis.set_ylabel(f"{config.ways}-way accuracy (%) ± 95% CI")
     axis.set_title(f"{config.dataset}, {config.test_tasks} test tasks, {config.profile} profile")
     axis.legend()
@@ -347,8 +382,9 @@ def _check_before_work(config: BenchConfig, benchmark) -> None:
     check_output_dir(config.out)
 
 
-def shared_pretraining(config: BenchConfig, benchmark, device: torch.device,
-                       queue: Optional[WorkQueue] = None) -> _SharedPretraining:
+def shared_pretraining(
+    config: BenchConfig, benchmark, device: torch.device, queue: WorkQueue | None = None
+) -> _SharedPretraining:
     """The bench's shared pretraining run in ``config.out``: run on first call (or read back
     when finished), then a fresh copy of the backbone per call. Under torchrun (``queue``),
     rank 0 runs it and the other ranks wait for it to finish and read its ``best.pt``.
@@ -361,16 +397,18 @@ def shared_pretraining(config: BenchConfig, benchmark, device: torch.device,
     name = f"{benchmark.name}-{config.backbone}-{benchmark.image_size}px-{_digest(_pretrain_key(config, benchmark))}"
     pretrain_dir = config.out / "pretrain" / name
     if queue is not None and queue.rank != 0:
+
         def read_back() -> nn.Module:
             wait_for_pretraining(queue)
             return load_pretrained(pretrain_dir / "best.pt", device)
 
         return _SharedPretraining(read_back)
-    return _SharedPretraining(lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir,
-                                               device=device, progress=config.progress))
+    return _SharedPretraining(
+        lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir, device=device, progress=config.progress)
+    )
 
 
-def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optional[BenchResult]:
+def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> BenchResult | None:
     """Fit and evaluate every method of ``config``; write the table as CSV, Markdown and LaTeX.
 
     The task shape, the backbone and the output folder are checked before any training.
@@ -382,16 +420,23 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optio
         # One progress bar at a time on the terminal the processes share; the others print a line per cell.
         config = replace(config, progress=config.progress and queue.rank == 0)
         wait_for_data(queue)
-    benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size,
-                              seed=config.seed, **config.dataset_options)
+    benchmark = get_benchmark(
+        config.dataset, root=config.root, image_size=config.image_size, seed=config.seed, **config.dataset_options
+    )
     _check_before_work(config, benchmark)
     device = _device(config.device, queue)
     shared = shared_pretraining(config, benchmark, device, queue)
     if queue is not None:
         announce_data(queue)
-        share_cells(queue, [(method, shots) for shots in config.shots for method in config.rows], shared,
-                    lambda method, shots: _cell_line(_run_cell(config, benchmark, method, shots, shared, device),
-                                                     method, config.ways, shots), echo)
+        share_cells(
+            queue,
+            [(method, shots) for shots in config.shots for method in config.rows],
+            shared,
+            lambda method, shots: _cell_line(
+                _run_cell(config, benchmark, method, shots, shared, device), method, config.ways, shots
+            ),
+            echo,
+        )
         if queue.rank != 0:
             return None
     records, accuracies = [], {}
@@ -401,8 +446,9 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optio
             accuracies[method, shots] = cell["accuracies"]
             if queue is None:
                 echo(_cell_line(cell, method, config.ways, shots))
-            records.append({"method": method, "shots": shots,
-                            **{k: v for k, v in cell.items() if k not in ("key", "accuracies")}})
+            records.append(
+                {"method": method, "shots": shots, **{k: v for k, v in cell.items() if k not in ("key", "accuracies")}}
+            )
     cells = pd.DataFrame(records)
     ablation = config.suite == "ablation"
     counts = learned_parameter_counts(config, benchmark, config.rows) if ablation else None
@@ -411,28 +457,38 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Optio
     stem = f"{benchmark.name}-{config.ways}way-{config.profile}" + ("-ablation" if ablation else "")
     files = {kind: config.out / f"{stem}.{kind}" for kind in ("csv", "md", "tex")}
     files["timings"] = config.out / f"{stem}-timings.csv"
-    caption = (f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
-               f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile; "
-               f"wall-clock = fit + evaluation, without the shared pretraining ({shared.seconds:.0f} s this run)")
-    note = ("published columns: other papers' numbers under their own protocols (mtl_plugin/bench/published.py), "
-            "not ours" if benchmark.standard else "")
+    caption = (
+        f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
+        f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile; "
+        f"wall-clock = fit + evaluation, without the shared pretraining ({shared.seconds:.0f} s this run)"
+    )
+    note = (
+        "published columns: other papers' numbers under their own protocols (mtl_plugin/bench/published.py), not ours"
+        if benchmark.standard
+        else ""
+    )
     # Results only: timings differ between machines, the results must not.
     atomic_write_text(files["csv"], table.drop(columns=[WALL_CLOCK]).to_csv(index=False))
-    atomic_write_text(files["timings"], cells[["method", "shots", "fit_seconds", "eval_seconds"]]
-                      .to_csv(index=False, float_format="%.1f"))
+    atomic_write_text(
+        files["timings"],
+        cells[["method", "shots", "fit_seconds", "eval_seconds"]].to_csv(index=False, float_format="%.1f"),
+    )
     closing = ""
     if "mtl" in config.rows:
         files["claims"] = config.out / f"{stem}-claims.csv"
-        comparisons, closing = ablation_note(accuracies, config.shots, counts,
-                                             claims=CLAIMS if ablation else COMPARISON_CLAIMS)
+        comparisons, closing = ablation_note(
+            accuracies, config.shots, counts, claims=CLAIMS if ablation else COMPARISON_CLAIMS
+        )
         atomic_write_text(files["claims"], comparisons.to_csv(index=False))
     if ablation:
         files["parameters"] = config.out / f"{stem}-parameters.png"
-        if not plot_accuracy_vs_parameters(cells, counts, files["parameters"],
-                                           title=f"{benchmark.name}: what to adapt after pretraining"):
+        if not plot_accuracy_vs_parameters(
+            cells, counts, files["parameters"], title=f"{benchmark.name}: what to adapt after pretraining"
+        ):
             del files["parameters"]
-    atomic_write_text(files["md"], f"{caption}\n\n{table.to_markdown(index=False)}\n" + (f"\n{note}\n" if note else "")
-                      + closing)
+    atomic_write_text(
+        files["md"], f"{caption}\n\n{table.to_markdown(index=False)}\n" + (f"\n{note}\n" if note else "") + closing
+    )
     atomic_write_text(files["tex"], table.to_latex(index=False, caption=caption, label=f"tab:{stem}"))
     files["png"] = config.out / f"{stem}-accuracy.png"
     _plot(config, cells, files["png"])

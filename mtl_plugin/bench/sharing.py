@@ -12,10 +12,11 @@ Example::
     if queue is not None:
         wait_for_data(queue)        # ranks 1..n-1: until rank 0 has the data set
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -28,7 +29,7 @@ __all__ = ["announce_data", "join", "process_device", "share_cells", "wait_for_d
 _DATA_READY, _PRETRAINED = "data-ready", "pretrained"
 
 
-def join() -> Optional[WorkQueue]:
+def join() -> WorkQueue | None:
     """The bench's queue of the torchrun job this process belongs to; ``None`` without torchrun or with one process."""
     return WorkQueue.join("mtl-bench")
 
@@ -63,8 +64,13 @@ def process_device(device: torch.device) -> torch.device:
     return device
 
 
-def share_cells(queue: WorkQueue, cells: list[tuple[str, int]], pretrain: Callable[[], object],
-                run: Callable[[str, int], str], echo: Callable[[str], None]) -> None:
+def share_cells(
+    queue: WorkQueue,
+    cells: list[tuple[str, int]],
+    pretrain: Callable[[], object],
+    run: Callable[[str, int], str],
+    echo: Callable[[str], None],
+) -> None:
     """Compute cells until none is left; rank 0 pretrains first, then joins, and returns once every process is done.
 
     Args:

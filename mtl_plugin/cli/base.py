@@ -11,6 +11,7 @@ Example::
     @click.option("--seed", type=SEED, default=0)
     def pretrain_command(seed): ...
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,8 +39,10 @@ def _interrupted(ctx: click.Context) -> _Interrupted:
     command = " ".join(ctx.command_path.split()[1:]) or ctx.command_path
     params = {param.name for param in ctx.command.params}
     if "resume" in params:
-        hint = (f"the checkpoints already written in --out are kept; run the same mtl {command} command with "
-                f"--resume to continue from the last one")
+        hint = (
+            f"the checkpoints already written in --out are kept; run the same mtl {command} command with "
+            f"--resume to continue from the last one"
+        )
     elif command == "bench":
         hint = "the finished cells in --out are kept; run the same mtl bench command again to continue"
     else:
@@ -83,4 +86,3 @@ class Group(_ShowsUserErrors, click.Group):
     """
 
     command_class = Command
-

@@ -5,6 +5,7 @@ Example::
     mtl bench --profile quick                     # what `make bench` runs
     mtl bench --data mini-imagenet --root ~/data --profile paper --shots 1,5
 """
+
 from __future__ import annotations
 
 import time
@@ -20,6 +21,7 @@ from mtl_plugin.data.benchmark import image_size_of
 
 __all__ = ["bench"]
 
+
 def _csv(kind):
     def parse(ctx, param, value):
         if value is None:
@@ -27,13 +29,14 @@ def _csv(kind):
         try:
             return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
         except ValueError:
-            raise click.BadParameter(f"{value!r}: give a comma-separated list, e.g. 1,5")
+            raise click.BadParameter(f"{value!r}: give a comma-separated list, e.g. 1,5") from None
 
     return parse
 
 
 def _default(name: str) -> str:
     """``[default: paper X; quick Y]`` read from the two profiles' configs (the same value once)."""
+
     def show(value) -> str:
         if value is None:
             return "the data set's"
@@ -47,38 +50,57 @@ _PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
 
 
 @click.command("bench", cls=Command)
-@click.option("--data", "dataset", default=None,
-              help=f"kanji (embedded), mini-imagenet, tiered-imagenet, fc100, cifarfs, omniglot or folder. "
-                   f"{_default('dataset')}")
-@click.option("--root", default=None, type=click.Path(), help="Folder holding the data set's files (nothing is downloaded).")
+@click.option(
+    "--data",
+    "dataset",
+    default=None,
+    help=f"kanji (embedded), mini-imagenet, tiered-imagenet, fc100, cifarfs, omniglot or folder. {_default('dataset')}",
+)
+@click.option(
+    "--root", default=None, type=click.Path(), help="Folder holding the data set's files (nothing is downloaded)."
+)
 @click.option("--ways", default=None, type=click.IntRange(min=2), help=f"Classes per task. {_default('ways')}")
 @click.option("--shots", default=None, callback=_csv(int), help=f"Shot settings, comma-separated. {_default('shots')}")
 @click.option("--queries", default=None, type=click.IntRange(min=1), help=f"Queries per class. {_default('queries')}")
-@click.option("--suite", type=click.Choice(list(SUITES)), default=None,
-              help=f"comparison: the methods; ablation: what to adapt after pretraining (FT/SS rows, HT modes, "
-                   f"granularity, bn), with learned parameters, a plot and the paper's claims checked. "
-                   f"{_default('suite')}")
+@click.option(
+    "--suite",
+    type=click.Choice(list(SUITES)),
+    default=None,
+    help=f"comparison: the methods; ablation: what to adapt after pretraining (FT/SS rows, HT modes, "
+    f"granularity, bn), with learned parameters, a plot and the paper's claims checked. "
+    f"{_default('suite')}",
+)
 @click.option("--methods", default=None, callback=_csv(str), help="Comma-separated rows, instead of the suite's.")
-@click.option("--profile", type=click.Choice(PROFILES), default=None,
-              help="quick: the whole table on 2 CPU cores, 28 px; paper: the papers' budgets and image sizes "
-                   "(for a GPU). [default: paper with a GPU, else quick]")
-@click.option("--test-tasks", default=None, type=click.IntRange(min=2),
-              help=f"Test tasks per cell. {_default('test_tasks')}")
+@click.option(
+    "--profile",
+    type=click.Choice(PROFILES),
+    default=None,
+    help="quick: the whole table on 2 CPU cores, 28 px; paper: the papers' budgets and image sizes "
+    "(for a GPU). [default: paper with a GPU, else quick]",
+)
+@click.option(
+    "--test-tasks", default=None, type=click.IntRange(min=2), help=f"Test tasks per cell. {_default('test_tasks')}"
+)
 @click.option("--backbone", default=None, help=f"Backbone of the pretrained methods. {_default('backbone')}")
-@click.option("--image-size", default=None, type=int,
-              help=f"Image side in pixels, for every data set. {_default('image_size')}")
+@click.option(
+    "--image-size", default=None, type=int, help=f"Image side in pixels, for every data set. {_default('image_size')}"
+)
 @click.option("--seed", default=None, type=SEED, help=f"Seed of the test tasks and of every method. {_default('seed')}")
 @click.option("--out", default=None, type=click.Path(), help=f"Output folder, reused to resume. {_default('out')}")
 @click.option("--device", default=None, help=f"cpu, cuda or auto. {_default('device')}")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench(profile, quiet, **given):
-    """Every method (or ablation row) on the same seeded test tasks: prints the table, writes CSV, Markdown, LaTeX and plots."""
+    """Every method (or ablation row) on the same seeded test tasks.
+
+    Prints the table and writes it as CSV, Markdown and LaTeX, with its plots."""
     import torch
 
     if profile is None:
         profile = "paper" if torch.cuda.is_available() else "quick"
-        click.echo(f"mtl bench: --profile {profile}, chosen for this machine "
-                   f"({'a GPU' if profile == 'paper' else 'no GPU'}); pass --profile to choose")
+        click.echo(
+            f"mtl bench: --profile {profile}, chosen for this machine "
+            f"({'a GPU' if profile == 'paper' else 'no GPU'}); pass --profile to choose"
+        )
     try:
         config = bench_config_from(profile, progress=False if quiet else None, **given)
     except ValueError as error:
@@ -96,4 +118,6 @@ def bench(profile, quiet, **given):
         return  # a torchrun process other than rank 0: rank 0 prints the table
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
         click.echo("\n" + result.table.to_string(index=False))
-    click.echo(f"\nwall-clock {time.perf_counter() - start:.0f} s; wrote " + ", ".join(str(p) for p in result.files.values()))
+    click.echo(
+        f"\nwall-clock {time.perf_counter() - start:.0f} s; wrote " + ", ".join(str(p) for p in result.files.values())
+    )

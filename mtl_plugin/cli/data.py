@@ -10,12 +10,13 @@ Example::
 A bad option ends as one ``Error: ...`` line with exit code 2, missing or damaged files with
 exit code 1 (see :mod:`mtl_plugin.errors`).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import click
 
@@ -52,15 +53,29 @@ def data() -> None:
 @click.option("--num-classes", default=_DEFAULTS.num_classes, show_default=True, help="Kanji (classes) to draw.")
 @click.option("--instances", default=_DEFAULTS.instances, show_default=True, help="Simulated writers per kanji.")
 @click.option("--image-size", default=_DEFAULTS.image_size, show_default=True, help="Pixels per side (28, 32 or 84).")
-@click.option("--seed", type=SEED, default=_DEFAULTS.seed, show_default=True,
-              help="Fixes the kanji, their split and the writers.")
-@click.option("--style", type=click.Choice(sorted(STYLES)), default=_DEFAULTS.style, show_default=True,
-              help="wild: pose, pen, dropped strokes, contrast, noise and clutter; clean: mild variation only.")
+@click.option(
+    "--seed", type=SEED, default=_DEFAULTS.seed, show_default=True, help="Fixes the kanji, their split and the writers."
+)
+@click.option(
+    "--style",
+    type=click.Choice(sorted(STYLES)),
+    default=_DEFAULTS.style,
+    show_default=True,
+    help="wild: pose, pen, dropped strokes, contrast, noise and clutter; clean: mild variation only.",
+)
 @click.option("--workers", type=int, default=None, help="Processes to draw with [default: all usable cores].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Cache folder [default: $MTL_DATA/kanji or ~/.cache/mtl_plugin/kanji].")
-@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write a PNG grid of samples here: one row per class, one column per writer.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cache folder [default: $MTL_DATA/kanji or ~/.cache/mtl_plugin/kanji].",
+)
+@click.option(
+    "--preview",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a PNG grid of samples here: one row per class, one column per writer.",
+)
 @click.option("--preview-classes", default=10, show_default=True, help="Rows in the preview.")
 def kanji(
     num_classes: int,
@@ -68,17 +83,18 @@ def kanji(
     image_size: int,
     seed: int,
     style: str,
-    workers: Optional[int],
-    cache_dir: Optional[Path],
-    preview: Optional[Path],
+    workers: int | None,
+    cache_dir: Path | None,
+    preview: Path | None,
     preview_classes: int,
 ) -> None:
     """Generate (or load from the cache) the kanji data set drawn from KanjiVG (CC BY-SA 3.0)."""
     start = time.perf_counter()
     # Every value KanjiConfig and the drawing refuse is one of the flags.
     with _typed_errors(UsageError):
-        config = KanjiConfig(num_classes=num_classes, instances=instances, image_size=image_size, seed=seed,
-                             style=style)
+        config = KanjiConfig(
+            num_classes=num_classes, instances=instances, image_size=image_size, seed=seed, style=style
+        )
         result = load_kanji(config, cache_dir=cache_dir, workers=workers)
     elapsed = time.perf_counter() - start
     train, val, test = result.split_sizes
@@ -100,10 +116,14 @@ def kanji(
 
 @data.command()
 @click.argument("name", type=click.Choice(KNOWN_BENCHMARKS))
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder holding the data set's files [default: $MTL_DATA/NAME].")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder holding the data set's files [default: $MTL_DATA/NAME].",
+)
 @click.option("--image-size", type=int, default=None, help="Pixels per side [default: the data set's usual size].")
-def info(name: str, root: Optional[Path], image_size: Optional[int]) -> None:
+def info(name: str, root: Path | None, image_size: int | None) -> None:
     """Load a data set from local files and print its classes and images per split."""
     # get_benchmark names bad flags with UsageError; anything else it refuses is in the files.
     with _typed_errors(DataError):

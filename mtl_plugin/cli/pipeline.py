@@ -7,6 +7,7 @@ Example::
     mtl meta-train --data kanji --pretrained runs/pre/best.pt --hard-tasks --out runs/meta --resume --encoder-lr 1e-5
     mtl evaluate --data kanji --checkpoint runs/meta/best.pt --shots 1 --tasks 600
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ import math
 from contextlib import nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Optional
 
 import click
 import torch
@@ -46,7 +46,7 @@ __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
 _RESULT_BYTES = 64 * 1024
 
 
-def _benchmark(data: str, root: Optional[str], image_size: Optional[int], data_seed: int):
+def _benchmark(data: str, root: str | None, image_size: int | None, data_seed: int):
     from mtl_plugin.data import get_benchmark
 
     # get_benchmark checks the size too, in API terms; checked first so that the message names the flag.
@@ -57,11 +57,22 @@ def _benchmark(data: str, root: Optional[str], image_size: Optional[int], data_s
 def _data_options(command):
     command = click.option("--data", default="kanji", show_default=True, help="Data set name (see mtl data).")(command)
     command = click.option("--root", default=None, help="Folder with the data set's files.")(command)
-    command = click.option("--image-size", type=int, default=None, help="Image side (default: the data set's).")(command)
-    command = click.option("--data-seed", type=SEED, default=0, show_default=True,
-                           help="Seed of the data set's own draws (kanji generation, splits).")(command)
-    command = click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                           show_default=True, help="cpu, cuda or cuda:N (default: cuda if there is a GPU).")(command)
+    command = click.option("--image-size", type=int, default=None, help="Image side (default: the data set's).")(
+        command
+    )
+    command = click.option(
+        "--data-seed",
+        type=SEED,
+        default=0,
+        show_default=True,
+        help="Seed of the data set's own draws (kanji generation, splits).",
+    )(command)
+    command = click.option(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        show_default=True,
+        help="cpu, cuda or cuda:N (default: cuda if there is a GPU).",
+    )(command)
     return command
 
 
@@ -76,12 +87,17 @@ def _config_options(config_class, table: list[tuple]):
     """One ``--flag`` per ``(field, type, help)`` of ``table`` (``--flag/--no-flag`` for a bool):
     default ``None`` (the config's, or on ``--resume`` the saved run's), the config's default
     stated in the help."""
+
     def decorate(command):
         for name, kind, text in reversed(table):
             flag = name.replace("_", "-")
             declaration = f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}"
-            command = click.option(declaration, default=None, help=f"{text} {_default(config_class, name)}",
-                                   **({} if kind is bool else {"type": kind}))(command)
+            command = click.option(
+                declaration,
+                default=None,
+                help=f"{text} {_default(config_class, name)}",
+                **({} if kind is bool else {"type": kind}),
+            )(command)
         return command
 
     return decorate
@@ -106,8 +122,11 @@ _PRETRAIN_OPTIONS = [
     ("optimizer", click.Choice(OPTIMIZERS), "sgd (Nesterov momentum) or adamw (e.g. for a vision transformer)."),
     ("lr", _RATE, "Learning rate."),
     ("weight_decay", _FiniteRange(min=0), "Weight decay (L2 for sgd, decoupled for adamw)."),
-    ("schedule", click.Choice(SCHEDULES),
-     f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0."),
+    (
+        "schedule",
+        click.Choice(SCHEDULES),
+        f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0.",
+    ),
     ("warmup_steps", _COUNT, "Steps of linear warmup to --lr before the schedule, which runs over the rest."),
     ("label_smoothing", _FiniteRange(min=0, max=1, max_open=True), "Label smoothing of the cross-entropy."),
     ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),
@@ -127,14 +146,21 @@ _META_TRAIN_OPTIONS = [
     ("encoder_lr", _RATE, "Adam lr of SS (Φ)."),
     ("head_lr", _RATE, "Adam lr of the head init θ."),
     ("first_order", bool, "Drop second-order terms of the meta-gradient."),
-    ("head_init", click.Choice(HEAD_INITS), "Where each task's head starts: prototype (its support set's class "
-                                            "means, whatever the label order) or kaiming (the official code's θ)."),
+    (
+        "head_init",
+        click.Choice(HEAD_INITS),
+        "Where each task's head starts: prototype (its support set's class "
+        "means, whatever the label order) or kaiming (the official code's θ).",
+    ),
     ("iterations", _POSITIVE, "Outer steps."),
     ("meta_batch", _POSITIVE, "Normal tasks per iteration."),
     ("hard_tasks", bool, "Add the hard-task meta-batch."),
     ("hard_meta_batch", _COUNT, "Hard tasks per iteration."),
-    ("hard_task_mode", click.Choice(HARD_TASK_MODES),
-     "resample: new images of the failure classes; reuse: the failed images."),
+    (
+        "hard_task_mode",
+        click.Choice(HARD_TASK_MODES),
+        "resample: new images of the failure classes; reuse: the failed images.",
+    ),
     ("val_every", _POSITIVE, "Iterations between validations."),
     ("val_tasks", _POSITIVE, "Tasks per validation."),
     ("checkpoint_every", _POSITIVE, "Iterations between last.pt saves."),
@@ -142,8 +168,11 @@ _META_TRAIN_OPTIONS = [
 ]
 # How the encoder runs (mtl_plugin.speedups): nothing here changes what is learned, but --autocast.
 _SPEEDUP_OPTIONS = [
-    ("support_without_graph", bool, "First order with the kaiming head and frozen BN: encode the support "
-                                    "without a graph."),
+    (
+        "support_without_graph",
+        bool,
+        "First order with the kaiming head and frozen BN: encode the support without a graph.",
+    ),
     ("batch_tasks", bool, "A meta-batch's tasks through the backbone in one pass (BN statistics per task)."),
     ("images_per_pass", _POSITIVE, "At most this many images per encoder pass (frozen BN)."),
     ("channels_last", bool, "Images in channels-last memory format."),
@@ -159,14 +188,21 @@ def _overrides(config_class, values: dict) -> dict:
 
 def _run_options(command):
     """The run-folder flags that ``pretrain`` and ``meta-train`` share, and ``--quiet``."""
-    for option in reversed([
-        click.option("--resume", is_flag=True, help="Continue the run in --out (a finished one is reused); "
-                                                    "learning rates given here replace the saved ones."),
-        click.option("--overwrite", is_flag=True, help="Delete the run in --out and train anew."),
-        click.option("--override", is_flag=True,
-                     help="With --resume: continue under flags that differ from the saved run's."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--resume",
+                is_flag=True,
+                help="Continue the run in --out (a finished one is reused); "
+                "learning rates given here replace the saved ones.",
+            ),
+            click.option("--overwrite", is_flag=True, help="Delete the run in --out and train anew."),
+            click.option(
+                "--override", is_flag=True, help="With --resume: continue under flags that differ from the saved run's."
+            ),
+            click.option("--quiet", is_flag=True, help="No progress bars."),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -179,11 +215,17 @@ def _check_override(resume: bool, override: bool) -> None:
 @click.command("pretrain", cls=Command)
 @_data_options
 @_config_options(PretrainConfig, _PRETRAIN_OPTIONS)
-@click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True,
-              help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/pretrain",
+    show_default=True,
+    help="Run folder: best.pt, last.pt, metrics.csv, curve.png.",
+)
 @_run_options
-def pretrain_command(data, root, image_size, data_seed, device, out, resume, overwrite, override, quiet,
-                     **values) -> None:
+def pretrain_command(
+    data, root, image_size, data_seed, device, out, resume, overwrite, override, quiet, **values
+) -> None:
     """Train backbone + linear head on all meta-train classes; keep the best backbone (head dropped)."""
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device, "--device"))
@@ -196,37 +238,71 @@ def pretrain_command(data, root, image_size, data_seed, device, out, resume, ove
         check_backbone(config.backbone, image_size_of(data, image_size, "--image-size"), "--image-size")
         bench = _benchmark(data, root, image_size, data_seed)
         check_tasks(bench, config.val_ways, config.val_shots + config.val_queries, splits=("val",))
-        pretrain(bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override,
-                 progress=not quiet)
+        pretrain(
+            bench, config, out, device=device, resume=resume, overwrite=overwrite, override=override, progress=not quiet
+        )
     if distributed.is_main():
         click.echo(f"best backbone: {Path(out) / 'best.pt'}")
 
 
 @click.command("meta-train", cls=Command)
 @_data_options
-@click.option("--pretrained", type=click.Path(dir_okay=False), default=None,
-              help="best.pt of mtl pretrain. Without it: the scratch ablation (random backbone, all weights learned).")
+@click.option(
+    "--pretrained",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="best.pt of mtl pretrain. Without it: the scratch ablation (random backbone, all weights learned).",
+)
 @click.option("--backbone", default="resnet12", show_default=True, help="Backbone of the scratch ablation.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default=SSConfig.paper().granularity,
-              show_default=True,
-              help="SS scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
-                   "convs, per channel on 1x1 convs.")
-@click.option("--output-scaling", is_flag=True,
-              help="With --granularity channel: scale each conv's output, not its weight (the same function).")
+@click.option(
+    "--granularity",
+    type=click.Choice(GRANULARITIES),
+    default=SSConfig.paper().granularity,
+    show_default=True,
+    help="SS scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
+    "convs, per channel on 1x1 convs.",
+)
+@click.option(
+    "--output-scaling",
+    is_flag=True,
+    help="With --granularity channel: scale each conv's output, not its weight (the same function).",
+)
 @_config_options(MetaTrainConfig, _META_TRAIN_OPTIONS)
 @_config_options(Speedups, _SPEEDUP_OPTIONS)
-@click.option("--out", type=click.Path(file_okay=False), default="runs/meta", show_default=True,
-              help="Run folder: best.pt, last.pt, metrics.csv, curve.png.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/meta",
+    show_default=True,
+    help="Run folder: best.pt, last.pt, metrics.csv, curve.png.",
+)
 @_run_options
-def meta_train_command(data, root, image_size, data_seed, device, pretrained, backbone, granularity,
-                       output_scaling, out, resume, overwrite, override, quiet, **values) -> None:
+def meta_train_command(
+    data,
+    root,
+    image_size,
+    data_seed,
+    device,
+    pretrained,
+    backbone,
+    granularity,
+    output_scaling,
+    out,
+    resume,
+    overwrite,
+    override,
+    quiet,
+    **values,
+) -> None:
     """Meta-learn SS and the few-shot head's initialisation on a pretrained backbone."""
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device, "--device"))
     _check_override(resume, override)
     if output_scaling and (granularity != "channel" or not pretrained):
-        raise UsageError("--output-scaling needs --granularity channel and --pretrained: it moves SS's one scale per "
-                         "output channel from the weight to the output")
+        raise UsageError(
+            "--output-scaling needs --granularity channel and --pretrained: it moves SS's one scale per "
+            "output channel from the weight to the output"
+        )
     check_not_input(out, {"--pretrained": pretrained, "--root": root}, "--out")
     # Held before the folder is read: a second run started at the same moment is refused.
     with hold_run_folder(out, "--out"):
@@ -236,8 +312,7 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
         config = MetaTrainConfig(**{**saved, **_overrides(MetaTrainConfig, values)})
         speedups = Speedups(**_overrides(Speedups, values))
         if pretrained:
-            state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained,
-                                              "--pretrained")
+            state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained, "--pretrained")
             # The backbone only fits images of the size it was trained on: that is the default.
             image_size = state["model"]["image_size"] if image_size is None else image_size
         else:
@@ -252,41 +327,98 @@ def meta_train_command(data, root, image_size, data_seed, device, pretrained, ba
             model.load_state_dict(state["backbone"])
             encoder = SSAdapter.from_config(model, ss)
         else:
-            info = {"backbone": backbone, "in_channels": bench.channels, "image_size": bench.image_size,
-                    "data": benchmark_identity(bench), **encoder_record(None)}
+            info = {
+                "backbone": backbone,
+                "in_channels": bench.channels,
+                "image_size": bench.image_size,
+                "data": benchmark_identity(bench),
+                **encoder_record(None),
+            }
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 encoder = build_pretrained(info)
         learner = MetaTransferLearner(encoder, config.ways, config, speedups=speedups).to(device)
-        result = meta_train(learner, bench, out, resume=resume, overwrite=overwrite, override=override,
-                            progress=not quiet, model_info=info)
+        result = meta_train(
+            learner,
+            bench,
+            out,
+            resume=resume,
+            overwrite=overwrite,
+            override=override,
+            progress=not quiet,
+            model_info=info,
+        )
     if distributed.is_main():
-        click.echo(f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
-                   f"{result.best_checkpoint}")
+        click.echo(
+            f"best val accuracy {result.best_accuracy:.2f} % at iteration {result.best_iteration}: "
+            f"{result.best_checkpoint}"
+        )
 
 
 @click.command("evaluate", cls=Command)
 @_data_options
-@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True,
-              help="best.pt of mtl meta-train (or of mtl pretrain: a head started at the class means is adapted).")
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
-              help="The split the tasks come from.")
-@click.option("--ways", type=click.IntRange(min=2), default=EvaluationConfig.ways, show_default=True,
-              help="Classes per task.")
-@click.option("--shots", type=click.IntRange(min=1), default=EvaluationConfig.shots, show_default=True,
-              help="Support images per class.")
-@click.option("--queries", type=click.IntRange(min=1), default=EvaluationConfig.queries, show_default=True,
-              help="Query images per class.")
-@click.option("--tasks", type=click.IntRange(min=2), default=EvaluationConfig.tasks, show_default=True,
-              help="Test tasks (2 or more: one task has no confidence interval).")
-@click.option("--seed", type=SEED, default=EvaluationConfig.seed, show_default=True,
-              help="Task seed: same seed, same tasks.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="best.pt of mtl meta-train (or of mtl pretrain: a head started at the class means is adapted).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val"]),
+    default="test",
+    show_default=True,
+    help="The split the tasks come from.",
+)
+@click.option(
+    "--ways", type=click.IntRange(min=2), default=EvaluationConfig.ways, show_default=True, help="Classes per task."
+)
+@click.option(
+    "--shots",
+    type=click.IntRange(min=1),
+    default=EvaluationConfig.shots,
+    show_default=True,
+    help="Support images per class.",
+)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=1),
+    default=EvaluationConfig.queries,
+    show_default=True,
+    help="Query images per class.",
+)
+@click.option(
+    "--tasks",
+    type=click.IntRange(min=2),
+    default=EvaluationConfig.tasks,
+    show_default=True,
+    help="Test tasks (2 or more: one task has no confidence interval).",
+)
+@click.option(
+    "--seed", type=SEED, default=EvaluationConfig.seed, show_default=True, help="Task seed: same seed, same tasks."
+)
 @click.option("--inner-steps", type=_COUNT, default=None, help="Adaptation steps (default: the checkpoint's).")
 @click.option("--inner-lr", type=_RATE, default=None, help="Step size of the adaptation (default: the checkpoint's).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate_command(data, root, image_size, data_seed, device, checkpoint, split, ways, shots, queries,
-                     tasks, seed, inner_steps, inner_lr, out, quiet) -> None:
+def evaluate_command(
+    data,
+    root,
+    image_size,
+    data_seed,
+    device,
+    checkpoint,
+    split,
+    ways,
+    shots,
+    queries,
+    tasks,
+    seed,
+    inner_steps,
+    inner_lr,
+    out,
+    quiet,
+) -> None:
     """Mean accuracy ± 95% CI over seeded N-way K-shot tasks."""
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device, "--device"))
@@ -302,8 +434,10 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
         elif state["kind"] == META_KIND:
             check_learner_checkpoint(state, checkpoint, "--checkpoint")
         else:
-            raise DataError(f"--checkpoint {checkpoint}: a {state['kind']!r} checkpoint; give the best.pt of "
-                            f"mtl pretrain or mtl meta-train")
+            raise DataError(
+                f"--checkpoint {checkpoint}: a {state['kind']!r} checkpoint; give the best.pt of "
+                f"mtl pretrain or mtl meta-train"
+            )
         info = state["model"]
         # The backbone only fits images of the size it was trained on: that is the default.
         bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
@@ -316,8 +450,9 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
             backbone.load_state_dict(state["backbone"])
             learner = MetaTransferLearner(backbone.requires_grad_(False), ways, MetaTrainConfig(ways=ways)).to(device)
         if learner.config.head_init == "kaiming" and learner.ways != ways:
-            raise click.BadParameter(f"{checkpoint} holds a {learner.ways}-way head; pass --ways {learner.ways}",
-                                     param_hint="--ways")
+            raise click.BadParameter(
+                f"{checkpoint} holds a {learner.ways}-way head; pass --ways {learner.ways}", param_hint="--ways"
+            )
         if inner_steps is not None:
             learner.config.test_inner_steps = inner_steps
         if inner_lr is not None:
@@ -326,15 +461,27 @@ def evaluate_command(data, root, image_size, data_seed, device, checkpoint, spli
         try:
             result = evaluate(learner.predict, getattr(bench, split), config, progress=not quiet)
         except NonFiniteLossError as error:
-            remedy = (f"pass a lower --inner-lr, e.g. {learner.config.inner_lr / 10:.3g}, or fewer --inner-steps"
-                      if "inner_lr" in error.settings else "check the images for NaN or infinite values")
-            raise NonFiniteLossError(f"--checkpoint {checkpoint}: the test-time adaptation diverged, so its accuracy "
-                                     f"would be chance, not a result ({error}); {remedy}",
-                                     settings=error.settings) from error
+            remedy = (
+                f"pass a lower --inner-lr, e.g. {learner.config.inner_lr / 10:.3g}, or fewer --inner-steps"
+                if "inner_lr" in error.settings
+                else "check the images for NaN or infinite values"
+            )
+            raise NonFiniteLossError(
+                f"--checkpoint {checkpoint}: the test-time adaptation diverged, so its accuracy "
+                f"would be chance, not a result ({error}); {remedy}",
+                settings=error.settings,
+            ) from error
         if not distributed.is_main():
             return
         click.echo(f"{split} {ways}-way {shots}-shot: {result}")
         if out:
-            record = dict(result.as_dict(), checkpoint=str(checkpoint), split=split, ways=ways, shots=shots,
-                          queries=queries, seed=seed)
+            record = dict(
+                result.as_dict(),
+                checkpoint=str(checkpoint),
+                split=split,
+                ways=ways,
+                shots=shots,
+                queries=queries,
+                seed=seed,
+            )
             write_out(json.dumps(record, indent=2) + "\n")

@@ -4,6 +4,7 @@ Example::
 
     mtl ss-report resnet12 --granularity channel
 """
+
 from __future__ import annotations
 
 import click
@@ -18,11 +19,17 @@ __all__ = ["ss_report"]
 
 @click.command("ss-report", cls=Command)
 @click.argument("backbone", default="resnet18")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default=SSConfig().granularity, show_default=True,
-              help="One scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
-                   "convs, per channel on 1x1 convs (SSAdapter's default).")
-@click.option("--in-channels", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Image channels the backbone takes.")
+@click.option(
+    "--granularity",
+    type=click.Choice(GRANULARITIES),
+    default=SSConfig().granularity,
+    show_default=True,
+    help="One scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
+    "convs, per channel on 1x1 convs (SSAdapter's default).",
+)
+@click.option(
+    "--in-channels", type=click.IntRange(min=1), default=3, show_default=True, help="Image channels the backbone takes."
+)
 @click.option("--all-layers/--summary", default=False, help="Print every layer, not only the first and last.")
 def ss_report(backbone: str, granularity: str, in_channels: int, all_layers: bool) -> None:
     """How many parameters SS learns for BACKBONE (resnet12, conv4, resnet18-small, any torchvision model),

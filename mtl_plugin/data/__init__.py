@@ -6,11 +6,20 @@ Example::
     bench = get_benchmark("kanji")                     # generated once, then cached in $MTL_DATA
     tasks = build_taskset(bench.test, ways=5, shots=1, queries=15, num_tasks=600, seed=0)
 """
+
 from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark
 from mtl_plugin.data.cache import data_home
 from mtl_plugin.data.kanji import KanjiConfig, load_kanji
 from mtl_plugin.data.tasksets import get_tasksets
 from mtl_plugin.tasks import build_taskset
 
-__all__ = ["KNOWN_BENCHMARKS", "FewShotBenchmark", "get_benchmark", "get_tasksets", "build_taskset", "data_home",
-           "KanjiConfig", "load_kanji"]
+__all__ = [
+    "KNOWN_BENCHMARKS",
+    "FewShotBenchmark",
+    "get_benchmark",
+    "get_tasksets",
+    "build_taskset",
+    "data_home",
+    "KanjiConfig",
+    "load_kanji",
+]

@@ -7,6 +7,7 @@ Example::
     tasks = bench.taskset("test", ways=5, shots=1, queries=3, num_tasks=10, seed=0)
     x, y = tasks.sample()          # x: 20 x 1 x 28 x 28, y: 0..4
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import learn2learn as l2l
 import numpy as np
@@ -28,8 +29,14 @@ from mtl_plugin.data.transforms import RECIPES, eval_transform, train_transform
 from mtl_plugin.errors import UsageError
 from mtl_plugin.tasks import build_taskset, check_task_shape
 
-__all__ = ["KNOWN_BENCHMARKS", "FewShotBenchmark", "benchmark_identity", "check_tasks", "get_benchmark",
-           "image_size_of"]
+__all__ = [
+    "KNOWN_BENCHMARKS",
+    "FewShotBenchmark",
+    "benchmark_identity",
+    "check_tasks",
+    "get_benchmark",
+    "image_size_of",
+]
 
 KNOWN_BENCHMARKS = ("kanji", "mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot", "folder")
 _STANDARD = ("mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot")
@@ -144,7 +151,7 @@ def _canonical(name: str) -> str:
     return key
 
 
-def image_size_of(name: str, image_size: Optional[int] = None, option: str = "image_size") -> int:
+def image_size_of(name: str, image_size: int | None = None, option: str = "image_size") -> int:
     """The image side :func:`get_benchmark` gives ``name`` for ``image_size`` (``None``: its usual one).
 
     Cheap (no file is read), so command lines can check a backbone against it first.
@@ -230,16 +237,19 @@ def _drop_small(dataset: ImageClassDataset, min_per_class: int, split: str, name
     small = [f"{n} ({c})" for n, c in zip(dataset.class_names, counts) if c < min_per_class]
     if small:
         shown = ", ".join(small[:10]) + (f" and {len(small) - 10} more" if len(small) > 10 else "")
-        warnings.warn(f"{name} {split}: skipping {len(small)} classes with fewer than {min_per_class} images: {shown}")
+        warnings.warn(
+            f"{name} {split}: skipping {len(small)} classes with fewer than {min_per_class} images: {shown}",
+            stacklevel=2,
+        )
     return drop_small_classes(dataset, min_per_class)
 
 
 def get_benchmark(
     name: str,
-    root: Optional[Union[str, os.PathLike]] = None,
-    image_size: Optional[int] = None,
+    root: str | os.PathLike | None = None,
+    image_size: int | None = None,
     seed: int = 0,
-    min_per_class: Optional[int] = None,
+    min_per_class: int | None = None,
     **options,
 ) -> FewShotBenchmark:
     """Load a few-shot data set by name; see ``KNOWN_BENCHMARKS``.
@@ -303,11 +313,15 @@ def get_benchmark(
     test_tf = eval_transform(recipe, size)
     for dataset in splits.values():
         dataset.mode = recipe.mode
-    splits = {s: d.with_transform(test_tf, memoise=_fits_in_memory(len(d), recipe.channels, size))
-              for s, d in splits.items()}
+    splits = {
+        s: d.with_transform(test_tf, memoise=_fits_in_memory(len(d), recipe.channels, size)) for s, d in splits.items()
+    }
     # Without augmentation the pretraining reads the train split as it is (and shares its memo).
-    augmented = (splits["train"] if recipe.augmentation == "none"
-                 else splits["train"].with_transform(train_transform(recipe, size)))
+    augmented = (
+        splits["train"]
+        if recipe.augmentation == "none"
+        else splits["train"].with_transform(train_transform(recipe, size))
+    )
     settings = {k: v for k, v in options.items() if k not in _HOW_LOADED}
     if key in _SEEDED:
         settings["seed"] = seed

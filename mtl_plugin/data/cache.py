@@ -11,6 +11,7 @@ Example::
     save_verified_array(path, np.zeros((2, 28, 28), np.uint8), {"seed": 0})
     pixels, manifest, problem = load_verified_array(path, {"seed": 0})
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,6 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -72,7 +72,7 @@ def save_verified_array(path: os.PathLike, array: np.ndarray, metadata: dict) ->
     return manifest
 
 
-def load_verified_array(path: os.PathLike, metadata: dict) -> Tuple[Optional[np.ndarray], Optional[dict], str]:
+def load_verified_array(path: os.PathLike, metadata: dict) -> tuple[np.ndarray | None, dict | None, str]:
     """Load a cached array if it is complete, matches ``metadata`` and its checksum.
 
     Returns ``(array, manifest, "")`` on success, else ``(None, None, why)``.

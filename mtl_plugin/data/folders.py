@@ -13,13 +13,14 @@ Example::
     train = image_folder_split("my_data", "train")     # an ImageClassDataset
     train.class_names[:3], train.class_counts()[:3]
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, List, Mapping, Tuple
 
 from mtl_plugin.data.images import FileSource, ImageClassDataset
 from mtl_plugin.errors import DataError, MissingDataError, UsageError
@@ -35,11 +36,11 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _images_in(folder: Path) -> List[Path]:
+def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def class_folders_dataset(folders: Iterable[Tuple[str, Path]]) -> ImageClassDataset:
+def class_folders_dataset(folders: Iterable[tuple[str, Path]]) -> ImageClassDataset:
     """One class per ``(name, folder)``, labelled 0..n-1 in the given order.
 
     Raises:
@@ -57,8 +58,10 @@ def class_folders_dataset(folders: Iterable[Tuple[str, Path]]) -> ImageClassData
         names.append(name)
         images = _images_in(folder)
         if not images:
-            raise DataError(f"class folder {folder} holds no {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} "
-                            f"image; add its images or remove the folder")
+            raise DataError(
+                f"class folder {folder} holds no {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} "
+                f"image; add its images or remove the folder"
+            )
         paths.extend(images)
         labels.extend([label] * len(images))
     return ImageClassDataset(FileSource(paths), labels, names)
@@ -82,11 +85,14 @@ def image_folder_split(root: os.PathLike, split: str) -> ImageClassDataset:
     if not folder.is_dir():
         raise MissingDataError(
             f"image folder data set: expected the folder {folder} holding one sub-folder per class "
-            f"with {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images (layout root/{{train,val,test}}/<class>/<image>)"
+            f"with {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images "
+            f"(layout root/{{train,val,test}}/<class>/<image>)"
         )
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
     if not classes:
-        raise MissingDataError(f"image folder data set: {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
+        raise MissingDataError(
+            f"image folder data set: {folder} has no class sub-folders (expected {folder}/<class>/<image>)"
+        )
     return class_folders_dataset((p.name, p) for p in classes)
 
 
@@ -123,7 +129,10 @@ def folder_content(root: os.PathLike, splits: Mapping[str, ImageClassDataset]) -
             if earlier[0] != split:
                 shared.setdefault((earlier[0], split), []).append((earlier[1], name))
     for (one, other), pairs in shared.items():
-        warnings.warn(f"image folder data set {root}: {len(pairs)} image(s) of the {other} split are also in the "
-                      f"{one} split (same bytes, e.g. {pairs[0][1]} = {pairs[0][0]}); a result on images seen in "
-                      f"another split is not a few-shot result: keep each image in one split", stacklevel=2)
+        warnings.warn(
+            f"image folder data set {root}: {len(pairs)} image(s) of the {other} split are also in the "
+            f"{one} split (same bytes, e.g. {pairs[0][1]} = {pairs[0][0]}); a result on images seen in "
+            f"another split is not a few-shot result: keep each image in one split",
+            stacklevel=2,
+        )
     return digest.hexdigest()

@@ -14,12 +14,13 @@ Example::
     dataset = ImageClassDataset(ArraySource(pixels), labels=[0, 0, 1, 1], class_names=["a", "b"])
     meta = as_meta_dataset(dataset)      # meta.labels == [0, 1]
 """
+
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 import learn2learn as l2l
 import numpy as np
@@ -156,10 +157,10 @@ class ImageClassDataset(Dataset):
         source,
         labels: Sequence[int],
         class_names: Sequence[str],
-        transform: Optional[Callable] = None,
-        mode: Optional[str] = None,
-        indices: Optional[Sequence[int]] = None,
-        rotations: Optional[Sequence[int]] = None,
+        transform: Callable | None = None,
+        mode: str | None = None,
+        indices: Sequence[int] | None = None,
+        rotations: Sequence[int] | None = None,
         memoise: bool = False,
     ):
         self.source = source
@@ -172,7 +173,7 @@ class ImageClassDataset(Dataset):
         # Decoding a 28 px image and converting it to a tensor took longer than a Conv4
         # forward on it (0.3-0.4 ms against about 0.2 ms on a 2-core CPU): evaluation and
         # pretraining re-read the same images thousands of times.
-        self._memo: Optional[dict] = {} if memoise else None
+        self._memo: dict | None = {} if memoise else None
         if len(self.indices) != len(self.labels):
             raise DataError(f"{len(self.indices)} indices but {len(self.labels)} labels")
         if self.labels and (min(self.labels) < 0 or max(self.labels) >= len(self.class_names)):
@@ -204,15 +205,21 @@ class ImageClassDataset(Dataset):
             image = self.transform(image)
         return image
 
-    def with_transform(self, transform: Optional[Callable], memoise: bool = False) -> "ImageClassDataset":
+    def with_transform(self, transform: Callable | None, memoise: bool = False) -> ImageClassDataset:
         """The same images and labels under another transform (e.g. training augmentation);
         ``memoise`` as in the constructor (nothing read under the old transform is kept)."""
         return ImageClassDataset(
-            self.source, self.labels, self.class_names, transform, self.mode, self.indices, self.rotations,
+            self.source,
+            self.labels,
+            self.class_names,
+            transform,
+            self.mode,
+            self.indices,
+            self.rotations,
             memoise,
         )
 
-    def subset(self, keep: Sequence[int]) -> "ImageClassDataset":
+    def subset(self, keep: Sequence[int]) -> ImageClassDataset:
         """Only the items in ``keep``, with their classes renumbered ``0..m-1`` in order."""
         kept_labels = sorted({self.labels[k] for k in keep})
         renumber = {old: new for new, old in enumerate(kept_labels)}
@@ -227,7 +234,7 @@ class ImageClassDataset(Dataset):
             self.memoised,
         )
 
-    def class_counts(self) -> List[int]:
+    def class_counts(self) -> list[int]:
         """Number of items in each class, indexed by label."""
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_names)).tolist()
 

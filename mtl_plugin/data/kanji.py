@@ -36,6 +36,7 @@ Example::
     data.split_classes("train")  # code points of the training classes
     clean = load_kanji(KanjiConfig(num_classes=30, instances=6, style="clean"))
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,11 +45,12 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -81,20 +83,46 @@ _CLUTTER_POOL = 256  # kanji whose strokes make the background clutter
 _CLUTTER_RUN = 3  # strokes at most in one piece of clutter
 
 # The drawing parameters of each style; lengths in KanjiVG units (the character box is 109 wide).
-STYLES: Dict[str, Dict[str, Any]] = {
+STYLES: dict[str, dict[str, Any]] = {
     "clean": dict(
-        stroke_width=(5.0, 8.0), stroke_shift=1.5, stroke_turn_degrees=4.0, stroke_scale=0.05,
-        control_jitter=0.8, field_amplitude=2.0, field_wavelength=(60.0, 160.0), turn_degrees=6.0,
-        scale=(0.82, 1.0), shear=0.12, shift=4.0, drop_stroke=0.0, ink=(1.0, 1.0), background=(0.0, 0.0),
-        noise=0.0, clutter=0, clutter_ink=(0.25, 0.6),
+        stroke_width=(5.0, 8.0),
+        stroke_shift=1.5,
+        stroke_turn_degrees=4.0,
+        stroke_scale=0.05,
+        control_jitter=0.8,
+        field_amplitude=2.0,
+        field_wavelength=(60.0, 160.0),
+        turn_degrees=6.0,
+        scale=(0.82, 1.0),
+        shear=0.12,
+        shift=4.0,
+        drop_stroke=0.0,
+        ink=(1.0, 1.0),
+        background=(0.0, 0.0),
+        noise=0.0,
+        clutter=0,
+        clutter_ink=(0.25, 0.6),
     ),
     # Calibrated on the validation split with benchmarks/kanji_calibration.py (see its docstring):
     # re-calibrated for a pretraining that converges, by more lost strokes, noise and brighter clutter.
     "wild": dict(
-        stroke_width=(3.5, 9.0), stroke_shift=3.0, stroke_turn_degrees=8.0, stroke_scale=0.1,
-        control_jitter=1.5, field_amplitude=4.0, field_wavelength=(40.0, 140.0), turn_degrees=12.0,
-        scale=(0.68, 1.04), shear=0.25, shift=12.0, drop_stroke=0.2, ink=(0.6, 1.0), background=(0.0, 0.25),
-        noise=0.08, clutter=5, clutter_ink=(0.35, 0.8),
+        stroke_width=(3.5, 9.0),
+        stroke_shift=3.0,
+        stroke_turn_degrees=8.0,
+        stroke_scale=0.1,
+        control_jitter=1.5,
+        field_amplitude=4.0,
+        field_wavelength=(40.0, 140.0),
+        turn_degrees=12.0,
+        scale=(0.68, 1.04),
+        shear=0.25,
+        shift=12.0,
+        drop_stroke=0.2,
+        ink=(0.6, 1.0),
+        background=(0.0, 0.25),
+        noise=0.08,
+        clutter=5,
+        clutter_ink=(0.35, 0.8),
     ),
 }
 _RANGES = ("stroke_width", "field_wavelength", "scale", "ink", "background", "clutter_ink")
@@ -134,27 +162,27 @@ class KanjiConfig:
     instances: int = 20  # Omniglot has 20 drawers per character.
     image_size: int = 28
     seed: int = 0
-    split_fractions: Tuple[float, float, float] = (0.6, 0.2, 0.2)
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     # Dense kanji turn into blobs at 28 px; 10 strokes still leaves 2,300+ candidates.
     max_strokes: int = 10
     style: str = "wild"
-    stroke_width: Optional[Tuple[float, float]] = None
-    stroke_shift: Optional[float] = None
-    stroke_turn_degrees: Optional[float] = None
-    stroke_scale: Optional[float] = None
-    control_jitter: Optional[float] = None
-    field_amplitude: Optional[float] = None
-    field_wavelength: Optional[Tuple[float, float]] = None
-    turn_degrees: Optional[float] = None
-    scale: Optional[Tuple[float, float]] = None
-    shear: Optional[float] = None
-    shift: Optional[float] = None
-    drop_stroke: Optional[float] = None
-    ink: Optional[Tuple[float, float]] = None
-    background: Optional[Tuple[float, float]] = None
-    noise: Optional[float] = None
-    clutter: Optional[int] = None
-    clutter_ink: Optional[Tuple[float, float]] = None
+    stroke_width: tuple[float, float] | None = None
+    stroke_shift: float | None = None
+    stroke_turn_degrees: float | None = None
+    stroke_scale: float | None = None
+    control_jitter: float | None = None
+    field_amplitude: float | None = None
+    field_wavelength: tuple[float, float] | None = None
+    turn_degrees: float | None = None
+    scale: tuple[float, float] | None = None
+    shear: float | None = None
+    shift: float | None = None
+    drop_stroke: float | None = None
+    ink: tuple[float, float] | None = None
+    background: tuple[float, float] | None = None
+    noise: float | None = None
+    clutter: int | None = None
+    clutter_ink: tuple[float, float] | None = None
     curve_steps: int = 6  # line pieces per Bézier segment
 
     def __post_init__(self):
@@ -173,7 +201,7 @@ class KanjiConfig:
         self._check_drawing(self.resolved())
 
     @staticmethod
-    def _check_drawing(drawing: "KanjiConfig") -> None:
+    def _check_drawing(drawing: KanjiConfig) -> None:
         for name in _RANGES:
             value = getattr(drawing, name)
             if not isinstance(value, (tuple, list)) or len(value) != 2 or not 0 <= value[0] <= value[1]:
@@ -189,8 +217,17 @@ class KanjiConfig:
                 f"background={drawing.background} must stay below ink={drawing.ink} so strokes stay lighter "
                 f"than the paper: lower background or raise ink"
             )
-        for name in ("stroke_shift", "stroke_turn_degrees", "stroke_scale", "control_jitter", "field_amplitude",
-                     "turn_degrees", "shear", "shift", "noise"):
+        for name in (
+            "stroke_shift",
+            "stroke_turn_degrees",
+            "stroke_scale",
+            "control_jitter",
+            "field_amplitude",
+            "turn_degrees",
+            "shear",
+            "shift",
+            "noise",
+        ):
             if getattr(drawing, name) < 0:
                 raise ValueError(f"{name}={getattr(drawing, name)}: must be 0 or more")
         if not 0 <= drawing.drop_stroke <= 1:
@@ -198,7 +235,7 @@ class KanjiConfig:
         if not isinstance(drawing.clutter, (int, np.integer)) or drawing.clutter < 0:
             raise ValueError(f"clutter={drawing.clutter}: a whole number of pieces, 0 (none) or more")
 
-    def resolved(self) -> "KanjiConfig":
+    def resolved(self) -> KanjiConfig:
         """This configuration with every drawing field left at ``None`` set to its style's value.
 
         Returns:
@@ -211,7 +248,7 @@ class KanjiConfig:
         unset = {name: value for name, value in STYLES[self.style].items() if getattr(self, name) is None}
         return replace(self, **unset) if unset else self
 
-    def split_sizes(self) -> Tuple[int, int, int]:
+    def split_sizes(self) -> tuple[int, int, int]:
         """Number of classes in train, val and test (every split gets at least one)."""
         total = sum(self.split_fractions)
         val = max(1, round(self.num_classes * self.split_fractions[1] / total))
@@ -235,9 +272,9 @@ class KanjiData:
     """
 
     pixels: np.ndarray
-    code_points: List[int]
-    split_sizes: Tuple[int, int, int]
-    manifest: Dict = field(default_factory=dict)
+    code_points: list[int]
+    split_sizes: tuple[int, int, int]
+    manifest: dict = field(default_factory=dict)
 
     def _range(self, split: str) -> slice:
         if split not in SPLITS:
@@ -249,7 +286,7 @@ class KanjiData:
         """``(classes, instances, H, W)`` images of one split."""
         return self.pixels[self._range(split)]
 
-    def split_classes(self, split: str) -> List[int]:
+    def split_classes(self, split: str) -> list[int]:
         """Code points of the classes of one split, in label order."""
         return self.code_points[self._range(split)]
 
@@ -265,8 +302,7 @@ def kanjivg_folder() -> Path:
         distribution = importlib_metadata.distribution("kanjivg")
     except importlib_metadata.PackageNotFoundError:
         raise ModuleNotFoundError(
-            "the 'kanji' data set is drawn from KanjiVG's strokes: install them with "
-            "`pip install kanjivg`"
+            "the 'kanji' data set is drawn from KanjiVG's strokes: install them with `pip install kanjivg`"
         ) from None
     folder = Path(distribution.locate_file("kanji"))
     if not folder.is_dir():
@@ -279,7 +315,7 @@ def _kanjivg_version() -> str:
     return importlib_metadata.version("kanjivg")
 
 
-def kanji_strokes(code_point: int, folder: Optional[Path] = None) -> List[str]:
+def kanji_strokes(code_point: int, folder: Path | None = None) -> list[str]:
     """The SVG path data of each stroke of ``code_point``, in writing order.
 
     Example::
@@ -292,7 +328,7 @@ def kanji_strokes(code_point: int, folder: Optional[Path] = None) -> List[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _stroke_counts(folder: Path) -> Tuple[Tuple[int, int], ...]:
+def _stroke_counts(folder: Path) -> tuple[tuple[int, int], ...]:
     """``(code point, strokes)`` of every kanji (no variants, no kana), in code-point order."""
     found = []
     for path in sorted(folder.glob("*.svg")):
@@ -305,12 +341,12 @@ def _stroke_counts(folder: Path) -> Tuple[Tuple[int, int], ...]:
     return tuple(found)
 
 
-def _candidates(config: KanjiConfig, folder: Path) -> List[int]:
+def _candidates(config: KanjiConfig, folder: Path) -> list[int]:
     """Code points of the kanji with at most ``max_strokes`` strokes: the possible classes."""
     return [code_point for code_point, strokes in _stroke_counts(folder) if strokes <= config.max_strokes]
 
 
-def _clutter_kanji(config: KanjiConfig, folder: Path) -> List[int]:
+def _clutter_kanji(config: KanjiConfig, folder: Path) -> list[int]:
     """The seeded pool of kanji whose strokes make the clutter: more strokes than any class may have."""
     heavier = [code_point for code_point, strokes in _stroke_counts(folder) if strokes > config.max_strokes]
     if not heavier:
@@ -322,13 +358,13 @@ def _clutter_kanji(config: KanjiConfig, folder: Path) -> List[int]:
     return sorted(rng.choice(heavier, size=min(_CLUTTER_POOL, len(heavier)), replace=False).tolist())
 
 
-@functools.lru_cache(maxsize=None)
-def _parsed_kanji(folder: Path, code_point: int) -> Tuple[np.ndarray, ...]:
+@functools.cache
+def _parsed_kanji(folder: Path, code_point: int) -> tuple[np.ndarray, ...]:
     # Every worker parses the clutter pool once, not once per class.
     return tuple(parse_strokes(kanji_strokes(code_point, folder)))
 
 
-def choose_classes(config: KanjiConfig, folder: Optional[Path] = None) -> Tuple[List[int], Tuple[int, int, int]]:
+def choose_classes(config: KanjiConfig, folder: Path | None = None) -> tuple[list[int], tuple[int, int, int]]:
     """The seeded choice of kanji and their split: code points train-then-val-then-test.
 
     Example::
@@ -357,7 +393,7 @@ def _rotation(degrees: float) -> np.ndarray:
     return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
 
 
-def _simulated_writer(strokes: List[np.ndarray], rng: np.random.Generator, config: KanjiConfig):
+def _simulated_writer(strokes: list[np.ndarray], rng: np.random.Generator, config: KanjiConfig):
     """Deform each stroke's control points ``(segments, 4, 2)``; return them and pen widths."""
     centre = np.full(2, _CANVAS / 2)
     waves = []
@@ -365,7 +401,9 @@ def _simulated_writer(strokes: List[np.ndarray], rng: np.random.Generator, confi
         direction = rng.normal(size=2)
         direction /= np.linalg.norm(direction) + 1e-12
         wavelength = rng.uniform(*config.field_wavelength)
-        waves.append((direction * 2 * np.pi / wavelength, rng.uniform(0, 2 * np.pi), rng.normal(0, config.field_amplitude, 2)))
+        waves.append(
+            (direction * 2 * np.pi / wavelength, rng.uniform(0, 2 * np.pi), rng.normal(0, config.field_amplitude, 2))
+        )
     glob = (
         _rotation(rng.normal(0, config.turn_degrees))
         @ np.array([[1.0, rng.uniform(-config.shear, config.shear)], [0.0, 1.0]])
@@ -391,7 +429,7 @@ def _simulated_writer(strokes: List[np.ndarray], rng: np.random.Generator, confi
     return deformed, widths
 
 
-def parse_strokes(stroke_data: Sequence[str]) -> List[np.ndarray]:
+def parse_strokes(stroke_data: Sequence[str]) -> list[np.ndarray]:
     """Each stroke's cubic Bézier control points, ``(segments, 4, 2)``, in KanjiVG units.
 
     Example::
@@ -450,7 +488,7 @@ def rasterise(polylines: Sequence[np.ndarray], widths: Sequence[float], size: in
     return np.round(_coverage(polylines, widths, size) * 255).astype(np.uint8)
 
 
-def _kept_strokes(count: int, rng: np.random.Generator, chance: float) -> List[int]:
+def _kept_strokes(count: int, rng: np.random.Generator, chance: float) -> list[int]:
     """Indices of the strokes the writer draws: each is left out with ``chance``, a quarter of them at most."""
     dropped = np.flatnonzero(rng.random(count) < chance)
     # A kanji of 3 strokes or fewer keeps them all: one missing stroke may well make another kanji.
@@ -519,7 +557,7 @@ def render_kanji(
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def _render_class(job: Tuple[int, List[str], KanjiConfig, Path, List[int]]) -> np.ndarray:
+def _render_class(job: tuple[int, list[str], KanjiConfig, Path, list[int]]) -> np.ndarray:
     code_point, stroke_data, config, folder, clutter_kanji = job
     strokes = parse_strokes(stroke_data)
     others = [_parsed_kanji(folder, other) for other in clutter_kanji]
@@ -545,7 +583,7 @@ def _default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def generate_kanji(config: KanjiConfig, workers: Optional[int] = None, progress: bool = True) -> KanjiData:
+def generate_kanji(config: KanjiConfig, workers: int | None = None, progress: bool = True) -> KanjiData:
     """Generate the data set without touching the cache (see :func:`load_kanji`).
 
     ``workers`` processes draw the classes (default: one for small jobs, else
@@ -572,8 +610,8 @@ def generate_kanji(config: KanjiConfig, workers: Optional[int] = None, progress:
 
 def load_kanji(
     config: KanjiConfig = KanjiConfig(),
-    cache_dir: Optional[os.PathLike] = None,
-    workers: Optional[int] = None,
+    cache_dir: os.PathLike | None = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> KanjiData:
     """The kanji data set for ``config``: read from the cache, or generated and cached.

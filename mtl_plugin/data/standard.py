@@ -42,13 +42,14 @@ Example::
     test = read_split("fc100", "~/data/fc100", "test")
     len(test.class_names)     # 20
 """
+
 from __future__ import annotations
 
 import os
 import pickle
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List
 
 import learn2learn as l2l
 import numpy as np
@@ -66,8 +67,16 @@ _L2L_MODE = {"train": "train", "val": "validation", "test": "test"}
 OMNIGLOT_SPLIT = (1100, 100, 423)
 # What unpickling raises on garbage, truncated or foreign bytes (a truncated file ends in EOFError,
 # random bytes in UnpicklingError or a bad opcode argument, a pickle of other classes in an import error).
-_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-                  IndexError, KeyError)
+_PICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+)
 
 
 def _require(path: Path, name: str, fmt: str) -> Path:
@@ -98,8 +107,10 @@ def _read_mini_imagenet(root: Path, split: str) -> ImageClassDataset:
         with open(path, "rb") as handle:
             archive = pickle.load(handle)
     except _PICKLE_ERRORS as error:
-        raise DataError(f"{path}: not a readable pickle, truncated or damaged ({type(error).__name__}: "
-                        f"{error}); replace it with a complete copy of the mini-ImageNet file") from error
+        raise DataError(
+            f"{path}: not a readable pickle, truncated or damaged ({type(error).__name__}: "
+            f"{error}); replace it with a complete copy of the mini-ImageNet file"
+        ) from error
     if not isinstance(archive, dict) or "image_data" not in archive or "class_dict" not in archive:
         raise DataError(f"{path}: expected a dict with keys 'image_data' and 'class_dict'")
     pixels = np.asarray(archive["image_data"])
@@ -109,18 +120,24 @@ def _read_mini_imagenet(root: Path, split: str) -> ImageClassDataset:
         try:
             indices = np.asarray(archive["class_dict"][name], dtype=np.int64).reshape(-1)
         except (TypeError, ValueError) as error:
-            raise DataError(f"{path}: class {name!r} of 'class_dict' is not a list of image indices ({error}); "
-                            f"replace it with a complete copy of the mini-ImageNet file") from error
+            raise DataError(
+                f"{path}: class {name!r} of 'class_dict' is not a list of image indices ({error}); "
+                f"replace it with a complete copy of the mini-ImageNet file"
+            ) from error
         if not indices.size:
             # An empty class fails only deep inside training, when a task draws it.
-            raise DataError(f"{path}: class {name!r} of 'class_dict' lists no image; replace it with a complete "
-                            f"copy of the mini-ImageNet file")
+            raise DataError(
+                f"{path}: class {name!r} of 'class_dict' lists no image; replace it with a complete "
+                f"copy of the mini-ImageNet file"
+            )
         # A negative index would wrap around to another image instead of failing.
         outside = indices[(indices < 0) | (indices >= len(pixels))]
         if outside.size:
-            raise DataError(f"{path}: class {name!r} of 'class_dict' lists image {int(outside[0])}, but the file "
-                            f"holds images 0 to {len(pixels) - 1}; replace it with a complete copy of the "
-                            f"mini-ImageNet file")
+            raise DataError(
+                f"{path}: class {name!r} of 'class_dict' lists image {int(outside[0])}, but the file "
+                f"holds images 0 to {len(pixels) - 1}; replace it with a complete copy of the "
+                f"mini-ImageNet file"
+            )
         labels[indices] = label
     if (labels < 0).any():
         raise DataError(f"{path}: image {int(np.argmax(labels < 0))} belongs to no class in 'class_dict'")
@@ -134,8 +151,10 @@ def _read_tiered_imagenet(root: Path, split: str) -> ImageClassDataset:
     try:
         dataset = l2l.vision.datasets.TieredImagenet(str(root), mode=_L2L_MODE[split], download=False)
     except _PICKLE_ERRORS as error:
-        raise DataError(f"{folder}: unreadable tieredImageNet pickles, truncated or damaged ({error!r}); "
-                        f"replace them with complete copies") from error
+        raise DataError(
+            f"{folder}: unreadable tieredImageNet pickles, truncated or damaged ({error!r}); "
+            f"replace them with complete copies"
+        ) from error
     labels, names = _relabel(dataset.labels, str(images))
     return ImageClassDataset(EncodedSource(dataset.images, origin=str(images)), labels, names)
 
@@ -149,8 +168,9 @@ def _read_fc100(root: Path, split: str) -> ImageClassDataset:
     try:
         dataset = l2l.vision.datasets.FC100(str(root), mode=_L2L_MODE[split], download=False)
     except _PICKLE_ERRORS as error:
-        raise DataError(f"{path}: unreadable FC100 pickle, truncated or damaged ({error!r}); "
-                        f"replace it with a complete copy") from error
+        raise DataError(
+            f"{path}: unreadable FC100 pickle, truncated or damaged ({error!r}); replace it with a complete copy"
+        ) from error
     labels, names = _relabel(dataset.labels, str(path))
     return ImageClassDataset(ArraySource(np.asarray(dataset.images), origin=str(path)), labels, names)
 
@@ -170,10 +190,10 @@ def _read_cifarfs(root: Path, split: str) -> ImageClassDataset:
     return class_folders_dataset((name, data / name) for name in names)
 
 
-def _omniglot_characters(root: Path) -> List[Path]:
+def _omniglot_characters(root: Path) -> list[Path]:
     # Background set first, each set in sorted order: the order the seeded split shuffles.
     base = root / "omniglot-py"
-    characters: List[Path] = []
+    characters: list[Path] = []
     for part in ("images_background", "images_evaluation"):
         folder = _require(base / part, "omniglot", "<alphabet>/<character>/*.png, as torchvision unpacks Omniglot")
         for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -209,7 +229,7 @@ def _read_omniglot(root: Path, split: str, seed: int = 0, rotations: bool = True
     )
 
 
-STANDARD_READERS: Dict[str, Callable[..., ImageClassDataset]] = {
+STANDARD_READERS: dict[str, Callable[..., ImageClassDataset]] = {
     "mini-imagenet": _read_mini_imagenet,
     "tiered-imagenet": _read_tiered_imagenet,
     "fc100": _read_fc100,

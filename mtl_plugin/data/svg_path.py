@@ -11,10 +11,10 @@ Example::
     points = flatten(segments, steps=8)   # (9, 2) array
     assert points.shape == (9, 2)
 """
+
 from __future__ import annotations
 
 import re
-from typing import List
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def _quadratic(p0: np.ndarray, q: np.ndarray, p1: np.ndarray) -> np.ndarray:
     return np.array([p0, p0 + 2.0 / 3.0 * (q - p0), p1 + 2.0 / 3.0 * (q - p1), p1])
 
 
-def parse_path(d: str) -> List[np.ndarray]:
+def parse_path(d: str) -> list[np.ndarray]:
     """Parse SVG path data into cubic Bézier segments (absolute ``(4, 2)`` arrays).
 
     Supports M/m, L/l, H/h, V/v, C/c, S/s, Q/q, T/t and Z/z, implicit repetition
@@ -50,7 +50,7 @@ def parse_path(d: str) -> List[np.ndarray]:
     leftover = _TOKEN.sub("", d).replace(",", "").split()
     if leftover:
         raise ValueError(f"unsupported SVG path data {leftover[0]!r} in {d[:60]!r}: only M L H V C S Q T Z")
-    segments: List[np.ndarray] = []
+    segments: list[np.ndarray] = []
     current = np.zeros(2)
     start = np.zeros(2)
     last_cubic_control = None
@@ -116,7 +116,7 @@ def parse_path(d: str) -> List[np.ndarray]:
     return segments
 
 
-def flatten(segments: List[np.ndarray], steps: int = 8) -> np.ndarray:
+def flatten(segments: list[np.ndarray], steps: int = 8) -> np.ndarray:
     """Sample each cubic segment at ``steps`` intervals; return one ``(n, 2)`` polyline.
 
     Example::

@@ -11,9 +11,8 @@ Example::
     train_tasks, validation_tasks, test_tasks = get_tasksets("kanji", train_samples=2, test_samples=2)
     data, labels = train_tasks.sample()
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from learn2learn.vision.benchmarks import BenchmarkTasksets
 
@@ -30,9 +29,9 @@ def get_tasksets(
     test_ways: int = 5,
     test_samples: int = 10,
     num_tasks: int = -1,
-    root: Optional[str] = None,
+    root: str | None = None,
     *,
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     seed: int = 0,
     **options,
 ) -> BenchmarkTasksets:
@@ -68,8 +67,12 @@ def get_tasksets(
         tasksets = get_tasksets("kanji", train_ways=5, train_samples=2, test_ways=5, test_samples=2)
         data, labels = tasksets.train.sample()     # 10 images, labels 0..4
     """
-    for option, value, least in (("train_ways", train_ways, 2), ("test_ways", test_ways, 2),
-                                 ("train_samples", train_samples, 1), ("test_samples", test_samples, 1)):
+    for option, value, least in (
+        ("train_ways", train_ways, 2),
+        ("test_ways", test_ways, 2),
+        ("train_samples", train_samples, 1),
+        ("test_samples", test_samples, 1),
+    ):
         if value < least:
             raise UsageError(f"{option}={value}: use {least} or more")
     benchmark = get_benchmark(name, root=root, image_size=image_size, seed=seed, **options)

@@ -17,10 +17,11 @@ Example::
     test_tf = eval_transform(recipe, 84)      # PIL image -> normalised 3x84x84 tensor
     pretrain_tf = train_transform(recipe, 84)
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torchvision import transforms as T
@@ -49,8 +50,8 @@ class ImageRecipe:
 
     native_size: int
     channels: int
-    mean: Optional[Tuple[float, ...]] = None
-    std: Optional[Tuple[float, ...]] = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     invert: bool = False
     crop_ratio: float = 1.0
     augmentation: str = "none"
@@ -64,7 +65,7 @@ class ImageRecipe:
         return "L" if self.channels == 1 else "RGB"
 
 
-RECIPES: Dict[str, ImageRecipe] = {
+RECIPES: dict[str, ImageRecipe] = {
     "mini-imagenet": ImageRecipe(84, 3, _CIFAR_MEAN, _CIFAR_STD, crop_ratio=80 / 92, augmentation="resized-crop"),
     "tiered-imagenet": ImageRecipe(84, 3, _CIFAR_MEAN, _CIFAR_STD, crop_ratio=80 / 92, augmentation="resized-crop"),
     "fc100": ImageRecipe(32, 3, _CIFAR_MEAN, _CIFAR_STD, augmentation="padded-crop", colour_jitter=0.4),

@@ -38,6 +38,7 @@ Example::
             if not task.hard:
                 tracker.record(task.classes, query_logits, query_labels, indices=task.indices)
 """
+
 from mtl_plugin.hard_tasks.meta_batch import HardTaskMetaBatch, MetaBatch, SampledTask, record_task
 from mtl_plugin.hard_tasks.tracker import ClassAccuracyTracker, TaskAccuracy, task_classes
 from mtl_plugin.hard_tasks.transform import HardTaskTransform

@@ -8,19 +8,20 @@ Example::
         ...
         record_task(batch, query_logits, query_labels)
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import learn2learn as l2l
 import torch
 
-from mtl_plugin.tasks import RandomLike, as_random
-from mtl_plugin.training import distributed
-
 from mtl_plugin.hard_tasks.tracker import ClassAccuracyTracker, TaskAccuracy, task_classes
 from mtl_plugin.hard_tasks.transform import HardTaskTransform
+from mtl_plugin.tasks import RandomLike, as_random
+from mtl_plugin.training import distributed
 
 __all__ = ["HardTaskMetaBatch", "MetaBatch", "SampledTask", "record_task"]
 
@@ -48,13 +49,13 @@ class SampledTask:
     classes: tuple
     indices: tuple
     hard: bool = False
-    tracker: Optional["ClassAccuracyTracker"] = field(default=None, repr=False, compare=False)
+    tracker: ClassAccuracyTracker | None = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         yield self.data
         yield self.labels
 
-    def record(self, logits: torch.Tensor, query_labels: torch.Tensor) -> Optional[TaskAccuracy]:
+    def record(self, logits: torch.Tensor, query_labels: torch.Tensor) -> TaskAccuracy | None:
         """Record a normal task's query logits (or predictions) in its tracker; a hard task is not recorded.
 
         Args:
@@ -83,7 +84,7 @@ class SampledTask:
         return self.tracker.record(self.classes, logits, query_labels, indices=self.indices)
 
 
-def record_task(task: Any, logits: torch.Tensor, query_labels: torch.Tensor) -> Optional[TaskAccuracy]:
+def record_task(task: Any, logits: torch.Tensor, query_labels: torch.Tensor) -> TaskAccuracy | None:
     """Record a task's query results for the hard-task meta-batch; any other task is left alone.
 
     One line in a learn2learn ``fast_adapt``, where the query logits and labels are at hand,
@@ -141,8 +142,8 @@ class MetaBatch:
     """
 
     normal: list
-    _sampler: "HardTaskMetaBatch" = field(repr=False)
-    _hard: Optional[list] = field(default=None, repr=False)
+    _sampler: HardTaskMetaBatch = field(repr=False)
+    _hard: list | None = field(default=None, repr=False)
 
     def hard(self) -> list:
         """The ``k'`` hard tasks; the first call draws them from the failures recorded so far."""
@@ -200,7 +201,7 @@ class HardTaskMetaBatch:
         tasks: l2l.data.Taskset,
         hard_tasks: l2l.data.Taskset,
         k: int,
-        k_hard: Optional[int] = None,
+        k_hard: int | None = None,
         seed: RandomLike = None,
     ):
         k_hard = k if k_hard is None else k_hard
@@ -233,11 +234,11 @@ class HardTaskMetaBatch:
         cls,
         tasks: l2l.data.Taskset,
         k: int,
-        k_hard: Optional[int] = None,
+        k_hard: int | None = None,
         mode: str = "resample",
-        history_decay: Optional[float] = 0.9,
+        history_decay: float | None = 0.9,
         seed: RandomLike = None,
-    ) -> "HardTaskMetaBatch":
+    ) -> HardTaskMetaBatch:
         """The hard-task meta-batch of an ordinary ``Taskset``, its tracker and hard ``Taskset`` built for you.
 
         The hard tasks take the normal tasks' transforms with the first (``NWays``, ours or
@@ -265,8 +266,10 @@ class HardTaskMetaBatch:
         transforms = list(tasks.task_transforms or [])
         ways = getattr(transforms[0], "n", None) if transforms else None
         if not isinstance(ways, int):
-            raise ValueError("the first of tasks.task_transforms must draw the classes (NWays, with its n): "
-                             "build the hard Taskset yourself with a HardTaskTransform in its place")
+            raise ValueError(
+                "the first of tasks.task_transforms must draw the classes (NWays, with its n): "
+                "build the hard Taskset yourself with a HardTaskTransform in its place"
+            )
         rng = as_random(seed)
         tracker = ClassAccuracyTracker(tasks.dataset, seed=rng, history_decay=history_decay)
         first = HardTaskTransform(tasks.dataset, n=ways, tracker=tracker, mode=mode, seed=rng)

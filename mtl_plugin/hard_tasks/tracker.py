@@ -6,11 +6,12 @@ Example::
     tracker.record(task.classes, query_logits, query_y, indices=task.indices)
     print(tracker.failure_classes)
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
-from typing import Hashable, Optional, Sequence
 
 import learn2learn as l2l
 import torch
@@ -68,8 +69,7 @@ def task_classes(dataset: l2l.data.MetaDataset, description: Sequence[DataDescri
     expected = list(range(len(mapping)))
     if sorted(mapping) != expected:
         raise ValueError(
-            f"task labels {sorted(mapping)} are not 0..{len(mapping) - 1}: "
-            f"end the transforms with RemapLabels"
+            f"task labels {sorted(mapping)} are not 0..{len(mapping) - 1}: end the transforms with RemapLabels"
         )
     return tuple(mapping[j] for j in expected)
 
@@ -93,8 +93,8 @@ class TaskAccuracy:
 
     accuracies: dict
     failure: Hashable
-    failure_indices: Optional[tuple] = None
-    margins: Optional[dict] = None
+    failure_indices: tuple | None = None
+    margins: dict | None = None
 
     def rank(self, label: Hashable) -> tuple:
         """How badly ``label`` did, lowest first when sorted: its accuracy, then its margin (inf if unknown)."""
@@ -140,7 +140,7 @@ class ClassAccuracyTracker:
         self,
         dataset: l2l.data.MetaDataset,
         seed: RandomLike = None,
-        history_decay: Optional[float] = 0.9,
+        history_decay: float | None = 0.9,
     ):
         if history_decay is not None and not 0.0 <= history_decay < 1.0:
             raise ValueError(f"history_decay={history_decay} must be in [0, 1), or None to keep no history")
@@ -208,7 +208,7 @@ class ClassAccuracyTracker:
         classes: Sequence,
         predictions_or_logits: torch.Tensor,
         targets: torch.Tensor,
-        indices: Optional[Sequence[int]] = None,
+        indices: Sequence[int] | None = None,
     ) -> TaskAccuracy:
         """Store each class's query accuracy (and margin, given logits) in one task; return them and the failure.
 
@@ -284,7 +284,7 @@ class ClassAccuracyTracker:
         margin = true - best_other
         return {label: margin[targets == j].mean().item() for j, label in enumerate(classes) if (targets == j).any()}
 
-    def _indices_of(self, failure, classes: list, indices: Optional[Sequence[int]]) -> Optional[tuple]:
+    def _indices_of(self, failure, classes: list, indices: Sequence[int] | None) -> tuple | None:
         if indices is None:
             return None
         chosen = []

@@ -5,15 +5,15 @@ Example::
     hard = Taskset(md, [HardTaskTransform(md, n=5, tracker=tracker, seed=0),
                         KShots(md, k=16, seed=0), LoadData(md), RemapLabels(md, seed=0)])
 """
+
 from __future__ import annotations
 
 import learn2learn as l2l
 from learn2learn.data.task_dataset import DataDescription
 from torch.utils.data import get_worker_info
 
-from mtl_plugin.tasks import NWays, RandomLike, as_random
-
 from mtl_plugin.hard_tasks.tracker import ClassAccuracyTracker
+from mtl_plugin.tasks import NWays, RandomLike, as_random
 
 __all__ = ["MODES", "HardTaskTransform"]
 
@@ -75,9 +75,7 @@ class HardTaskTransform:
     ):
         labels = list(dataset.labels)
         if not 1 <= n <= len(labels):
-            raise ValueError(
-                f"n={n} must be between 1 and the number of classes in the data set ({len(labels)})"
-            )
+            raise ValueError(f"n={n} must be between 1 and the number of classes in the data set ({len(labels)})")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} must be one of {MODES}")
         foreign = sorted(tracker.labels - set(labels), key=repr)

@@ -23,11 +23,11 @@ Example::
     learner = load_learner("runs/meta/best.pt")
     logits = learner.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import fields
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ __all__ = ["build_encoder", "check_learner_checkpoint", "encoder_record", "learn
 _SS_FIELDS = {f.name for f in fields(SSConfig)}
 
 
-def encoder_record(ss: Optional[SSConfig]) -> dict:
+def encoder_record(ss: SSConfig | None) -> dict:
     """The model record's entries for an encoder: SS with ``ss``, or (``None``) the backbone itself, all learned.
 
     Example::
@@ -76,7 +76,7 @@ def build_encoder(record: dict) -> nn.Module:
     return SSAdapter.from_config(backbone, ss)
 
 
-def check_learner_checkpoint(state: dict, path: Union[str, os.PathLike], argument: str = "checkpoint") -> dict:
+def check_learner_checkpoint(state: dict, path: str | os.PathLike, argument: str = "checkpoint") -> dict:
     """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a meta-training
     checkpoint that records its model, before anything is built from it.
 
@@ -96,18 +96,21 @@ def check_learner_checkpoint(state: dict, path: Union[str, os.PathLike], argumen
         state = check_learner_checkpoint(read_checkpoint("runs/meta/best.pt"), "runs/meta/best.pt")
     """
     if state["kind"] != CHECKPOINT_KIND:
-        raise DataError(f"{argument} {path}: a {state['kind']!r} checkpoint, not one of meta-training; give the "
-                        f"best.pt of meta_train (a pretraining best.pt loads with load_pretrained)")
+        raise DataError(
+            f"{argument} {path}: a {state['kind']!r} checkpoint, not one of meta-training; give the "
+            f"best.pt of meta_train (a pretraining best.pt loads with load_pretrained)"
+        )
     if "backbone" not in state["model"]:
-        raise DataError(f"{argument} {path} does not record its model: meta_train wrote it without model_info, so "
-                        f"the file alone cannot rebuild the learner; give the best.pt of a meta_train run given "
-                        f"model_info, as mtl meta-train gives it (see load_learner)")
+        raise DataError(
+            f"{argument} {path} does not record its model: meta_train wrote it without model_info, so "
+            f"the file alone cannot rebuild the learner; give the best.pt of a meta_train run given "
+            f"model_info, as mtl meta-train gives it (see load_learner)"
+        )
     check_model_record(state["model"], path, argument)
     return state
 
 
-def learner_from_checkpoint(state: dict, path: Union[str, os.PathLike],
-                            argument: str = "checkpoint") -> MetaTransferLearner:
+def learner_from_checkpoint(state: dict, path: str | os.PathLike, argument: str = "checkpoint") -> MetaTransferLearner:
     """The learner a checked meta-training checkpoint (:func:`check_learner_checkpoint`) holds, on the CPU.
 
     Args:
@@ -131,8 +134,10 @@ def learner_from_checkpoint(state: dict, path: Union[str, os.PathLike],
     try:
         encoder = build_encoder(state["model"])
     except ValueError as error:
-        raise DataError(f"{argument} {path}: its model record is not one mtl builds ({error}); the file is "
-                        f"damaged or was written by another version of mtl") from error
+        raise DataError(
+            f"{argument} {path}: its model record is not one mtl builds ({error}); the file is "
+            f"damaged or was written by another version of mtl"
+        ) from error
     learner = MetaTransferLearner(encoder, config.ways, config)
     try:
         load_learner_state(learner, state["learner"], f"{argument} {path}")
@@ -142,8 +147,9 @@ def learner_from_checkpoint(state: dict, path: Union[str, os.PathLike],
     return learner
 
 
-def load_learner(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                 argument: str = "checkpoint") -> MetaTransferLearner:
+def load_learner(
+    path: str | os.PathLike, device: str | torch.device = "cpu", argument: str = "checkpoint"
+) -> MetaTransferLearner:
     """The learner a meta-training checkpoint (``best.pt`` or ``last.pt``) was written by, with its weights.
 
     Args:

@@ -20,6 +20,7 @@ Example::
     if is_main():
         save_checkpoint(state, "runs/meta/last.pt")
 """
+
 from __future__ import annotations
 
 import atexit
@@ -28,8 +29,9 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,16 +91,20 @@ def rank_seed(seed: int) -> int:
     return seed + RANK_SEED_STRIDE * rank()
 
 
-_KEPT = ("The checkpoints already written are kept: run the same command again (pretrain and meta-train with "
-         "--resume to continue).")
+_KEPT = (
+    "The checkpoints already written are kept: run the same command again (pretrain and meta-train with "
+    "--resume to continue)."
+)
 # What gloo and nccl say when the other end of a collective has gone.
 _PEER_LOST = ("closed by peer", "remote worker", "Connection reset")
 
 
 def _stopped_by_launcher(signum: int, frame: Any) -> None:
     # torchrun stops every other process when one fails: say so, once, instead of dying silently.
-    sys.stderr.write(f"Error: rank {rank()} was stopped by torchrun because another process of the job failed "
-                     f"(torchrun names it below). {_KEPT}\n")
+    sys.stderr.write(
+        f"Error: rank {rank()} was stopped by torchrun because another process of the job failed "
+        f"(torchrun names it below). {_KEPT}\n"
+    )
     sys.stderr.flush()
     os._exit(128 + signum)
 
@@ -108,8 +114,10 @@ def _peer_lost(kind: type, error: BaseException, trace: Any) -> None:
     if isinstance(error, getattr(dist, "DistError", ())) or any(text in str(error) for text in _PEER_LOST):
         # gloo starts its message with the source line: "[.../pair.cc:561] Connection closed by peer ...".
         cause = re.sub(r"^\[[^\]]*\]\s*", "", str(error).splitlines()[0]).split(". ")[0]
-        sys.stderr.write(f"Error: rank {rank()} lost another process of the job, which likely failed (torchrun "
-                         f"names it below; here: {cause}). {_KEPT}\n")
+        sys.stderr.write(
+            f"Error: rank {rank()} lost another process of the job, which likely failed (torchrun "
+            f"names it below; here: {cause}). {_KEPT}\n"
+        )
         return
     sys.__excepthook__(kind, error, trace)
 
@@ -142,8 +150,10 @@ def setup(device: torch.device) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise UsageError(f"torchrun started local rank {local} but only {torch.cuda.device_count()} GPUs are "
-                             f"visible: pass --nproc_per_node {torch.cuda.device_count()} or fewer")
+            raise UsageError(
+                f"torchrun started local rank {local} but only {torch.cuda.device_count()} GPUs are "
+                f"visible: pass --nproc_per_node {torch.cuda.device_count()} or fewer"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -168,9 +178,11 @@ def check_same_job(saved_ranks: int, path: Any) -> None:
         check_same_job(state.get("world_size", 1), "runs/meta/last.pt")
     """
     if saved_ranks != world_size():
-        raise UsageError(f"{path} was written by a job of {saved_ranks} process(es), this one has {world_size()}: "
-                         f"resume with torchrun --nproc_per_node {saved_ranks} (over all nodes; without torchrun "
-                         f"for 1), --overwrite to train anew, or another --out")
+        raise UsageError(
+            f"{path} was written by a job of {saved_ranks} process(es), this one has {world_size()}: "
+            f"resume with torchrun --nproc_per_node {saved_ranks} (over all nodes; without torchrun "
+            f"for 1), --overwrite to train anew, or another --out"
+        )
 
 
 def _teardown() -> None:
@@ -219,7 +231,7 @@ def all_sum(values: list[float]) -> list[float]:
     return summed.tolist()
 
 
-def raise_if_any(error: Optional[BaseException]) -> None:
+def raise_if_any(error: BaseException | None) -> None:
     """Raise the error of the lowest rank that had one, on every rank; return if none had.
 
     A rank that raised alone would leave the others waiting in the next collective.
@@ -265,13 +277,15 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], count: int) -
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
     grads = [parameter.grad for parameter in parameters]
-    flat = torch.cat([grad.reshape(-1) for grad in grads] + [torch.tensor([float(count)], device=grads[0].device,
-                                                                          dtype=grads[0].dtype)])
+    flat = torch.cat(
+        [grad.reshape(-1) for grad in grads]
+        + [torch.tensor([float(count)], device=grads[0].device, dtype=grads[0].dtype)]
+    )
     dist.all_reduce(flat)
     total = flat[-1]
     offset = 0
     for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad) / total)
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad) / total)
         offset += grad.numel()
 
 
@@ -310,12 +324,13 @@ class WorkQueue:
     # the work waited for (a pretraining) may take hours. torchrun stops the job if a process dies.
     POLL_SECONDS = 0.5
 
-    def __init__(self, store: "dist.Store", rank: int, size: int, name: str):
+    def __init__(self, store: dist.Store, rank: int, size: int, name: str):
         self.store, self.rank, self.size, self.name = store, rank, size, name
 
     @classmethod
-    def join(cls, name: str) -> Optional["WorkQueue"]:
-        """The queue ``name`` of the torchrun job this process belongs to; ``None`` without torchrun or with one process."""
+    def join(cls, name: str) -> WorkQueue | None:
+        """The queue ``name`` of the torchrun job this process belongs to; ``None`` without torchrun
+        or with one process."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return None
         store, rank, size = next(dist.rendezvous("env://"))

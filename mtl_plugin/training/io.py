@@ -9,24 +9,33 @@ Example::
     atomic_write_text("run/results.csv", frame.to_csv(index=False))
     state = read_checkpoint("run/last.pt", require_kind=False)
 """
+
 from __future__ import annotations
 
 import errno
 import os
 import pickle
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, Union
+from typing import IO, Any
 
 import torch
 
 from mtl_plugin.errors import DataError, MissingDataError, OutputError
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
-__all__ = ["atomic_open", "atomic_save", "atomic_save_figure", "atomic_write_text", "atomic_write_bytes",
-           "read_checkpoint", "reserved_output"]
+__all__ = [
+    "atomic_open",
+    "atomic_save",
+    "atomic_save_figure",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "read_checkpoint",
+    "reserved_output",
+]
 
 
 def _umask() -> int:
@@ -66,9 +75,11 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
 
 
 def _output_error(path: Path, reason: str) -> OutputError:
-    return OutputError(f"{path}: could not be written ({reason}); the version there before, if any, is kept: "
-                       f"free space on that disk (or write elsewhere) and run the command again (mtl pretrain "
-                       f"and meta-train with --resume)")
+    return OutputError(
+        f"{path}: could not be written ({reason}); the version there before, if any, is kept: "
+        f"free space on that disk (or write elsewhere) and run the command again (mtl pretrain "
+        f"and meta-train with --resume)"
+    )
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -145,7 +156,7 @@ def reserved_output(path: PathLike, size: int) -> Iterator[Callable[[str], None]
             os.unlink(tmp)
 
 
-def _write_failure(error: BaseException) -> Optional[str]:
+def _write_failure(error: BaseException) -> str | None:
     """Why writing failed, if ``error`` says the file system refused the bytes (full, quota, read-only)."""
     if isinstance(error, OSError):
         return error.strerror or str(error)
@@ -185,7 +196,7 @@ def _first_sentence(error: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0] if text else "no message"
 
 
-def _first_non_finite(value: Any, name: str = "") -> Optional[str]:
+def _first_non_finite(value: Any, name: str = "") -> str | None:
     """The name of the first floating-point tensor in ``value`` (nested dicts, lists, tuples) that holds a
     NaN or an infinity, or ``None``."""
     if isinstance(value, torch.Tensor):
@@ -203,8 +214,9 @@ def _first_non_finite(value: Any, name: str = "") -> Optional[str]:
     return None
 
 
-def read_checkpoint(path: PathLike, option: str = "checkpoint", map_location: Any = "cpu",
-                    require_kind: bool = True) -> dict:
+def read_checkpoint(
+    path: PathLike, option: str = "checkpoint", map_location: Any = "cpu", require_kind: bool = True
+) -> dict:
     """Load a checkpoint written by ``mtl``, turning every way a file can be wrong into a :class:`DataError`.
 
     The file is loaded with ``weights_only=True``: a file that holds anything but tensors,
@@ -239,8 +251,10 @@ def read_checkpoint(path: PathLike, option: str = "checkpoint", map_location: An
     start_anew = "pass --overwrite to train anew there, or another --out"
     complete = start_anew if in_run_folder else "give a complete best.pt written by mtl"
     if not path.is_file():
-        raise MissingDataError(f"{option} {path}: no checkpoint there (no such file); give the best.pt "
-                               f"written by mtl pretrain or mtl meta-train")
+        raise MissingDataError(
+            f"{option} {path}: no checkpoint there (no such file); give the best.pt "
+            f"written by mtl pretrain or mtl meta-train"
+        )
     if path.stat().st_size == 0:
         raise DataError(f"{option} {path}: the file is empty (0 bytes), e.g. a copy that failed; {complete}")
     with open(path, "rb") as handle:
@@ -248,8 +262,10 @@ def read_checkpoint(path: PathLike, option: str = "checkpoint", map_location: An
     # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle); anything else is another
     # kind of file, on which torch.load fails in arbitrary ways.
     if not start.startswith((b"PK\x03\x04", b"\x80")):
-        raise DataError(f"{option} {path}: not a PyTorch checkpoint (it starts with {start!r}, not a "
-                        f"torch.save archive); give the best.pt written by mtl")
+        raise DataError(
+            f"{option} {path}: not a PyTorch checkpoint (it starts with {start!r}, not a "
+            f"torch.save archive); give the best.pt written by mtl"
+        )
     try:
         # Ours hold tensors, numbers, strings and plain containers only (RNG states, configs,
         # metrics), which the safe unpickler accepts.
@@ -259,25 +275,31 @@ def read_checkpoint(path: PathLike, option: str = "checkpoint", map_location: An
             # torch's message: a preamble, the refused object, a pointer to its docs; keep the middle.
             paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
             reason = " ".join(paragraphs[1:-1]) or "objects other than tensors"
-            raise DataError(f"{option} {path}: refused, it holds Python objects that a safe load does not "
-                            f"build ({reason}); checkpoints of mtl hold tensors only, so this file was not "
-                            f"written by mtl: do not load it") from error
-        raise DataError(f"{option} {path}: not a readable PyTorch checkpoint ({error}); "
-                        f"give the best.pt written by mtl") from error
+            raise DataError(
+                f"{option} {path}: refused, it holds Python objects that a safe load does not "
+                f"build ({reason}); checkpoints of mtl hold tensors only, so this file was not "
+                f"written by mtl: do not load it"
+            ) from error
+        raise DataError(
+            f"{option} {path}: not a readable PyTorch checkpoint ({error}); give the best.pt written by mtl"
+        ) from error
     except (EOFError, RuntimeError, KeyError, IndexError, ValueError) as error:
         # What torch.load raises on a truncated archive or damaged bytes.
-        raise DataError(f"{option} {path}: not a readable PyTorch checkpoint, truncated or another kind of "
-                        f"file ({type(error).__name__}: {_first_sentence(error)}); {complete}") from error
+        raise DataError(
+            f"{option} {path}: not a readable PyTorch checkpoint, truncated or another kind of "
+            f"file ({type(error).__name__}: {_first_sentence(error)}); {complete}"
+        ) from error
     if not isinstance(state, dict) or (require_kind and "kind" not in state):
-        what = ("it has no 'kind' entry" if isinstance(state, dict)
-                else f"it holds a {type(state).__name__}, not a dict")
-        raise DataError(f"{option} {path}: a PyTorch file, but not a checkpoint written by mtl pretrain or "
-                        f"mtl meta-train ({what})")
+        what = "it has no 'kind' entry" if isinstance(state, dict) else f"it holds a {type(state).__name__}, not a dict"
+        raise DataError(
+            f"{option} {path}: a PyTorch file, but not a checkpoint written by mtl pretrain or mtl meta-train ({what})"
+        )
     broken = _first_non_finite(state)
     if broken is not None:
         # Every number computed from such weights is NaN or chance level: refuse rather than report it.
         remedy = start_anew if in_run_folder else "give the checkpoint of a run that did not diverge"
-        raise DataError(f"{option} {path}: {broken} holds NaN or infinite values (the weights of a diverged or "
-                        f"damaged run), so nothing computed from it is right; {remedy}")
+        raise DataError(
+            f"{option} {path}: {broken} holds NaN or infinite values (the weights of a diverged or "
+            f"damaged run), so nothing computed from it is right; {remedy}"
+        )
     return state
-

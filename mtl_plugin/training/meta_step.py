@@ -15,11 +15,13 @@ Example::
         result = trainer.step([taskset.sample() for _ in range(2)])
         trainer.scheduler.step()
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -147,8 +149,9 @@ class MetaTrainer:
         config = self.learner.config
         for group, name in zip(self.optimizer.param_groups, self.lr_names):
             group.update(lr=getattr(config, name), initial_lr=getattr(config, name))
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step,
-                                                         gamma=config.lr_gamma)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=config.lr_step, gamma=config.lr_gamma
+        )
         fast_forward(self.scheduler, steps)
 
     def suspects(self, unmoved: tuple[str, ...]) -> tuple[str, ...]:
@@ -188,8 +191,12 @@ class MetaTrainer:
         return NonFiniteLossError(str(error), settings=self.suspects(()))
 
     def _group_norms(self) -> torch.Tensor:
-        return torch.stack([torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in g["params"]]))
-                            for g in self.optimizer.param_groups])
+        return torch.stack(
+            [
+                torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in g["params"]]))
+                for g in self.optimizer.param_groups
+            ]
+        )
 
     def _check_step(self, before: torch.Tensor) -> None:
         """Raise if the outer step just taken made Φ or θ non-finite, or blew their norm up."""
@@ -198,8 +205,9 @@ class MetaTrainer:
             if not math.isfinite(new):
                 raise NonFiniteLossError(f"a value of {_WHAT[name]} became NaN or infinite", settings=(name,))
             if new > STEP_GROWTH_LIMIT * old > 0:
-                raise NonFiniteLossError(f"the norm of {_WHAT[name]} went from {old:.3g} to {new:.3g} in one step",
-                                         settings=(name,))
+                raise NonFiniteLossError(
+                    f"the norm of {_WHAT[name]} went from {old:.3g} to {new:.3g} in one step", settings=(name,)
+                )
         # Batch-norm statistics that train (scratch encoders, bn="train") are checked too.
         if not all_finite(self.learner.encoder.buffers()):
             raise NonFiniteLossError("a batch-norm statistic became NaN or infinite", settings=self.suspects(()))
@@ -262,8 +270,10 @@ class MetaTrainer:
                 values = [loss.item() for loss, _ in results]
                 for number, (value, (_, logits)) in enumerate(zip(values, results), start=len(losses) + 1):
                     if not math.isfinite(value) or value > DIVERGENCE_FACTOR * math.log(logits.shape[1]):
-                        raise NonFiniteLossError(f"the query loss of task {number} of the meta-batch is "
-                                                 f"{value:.3g}", settings=self.suspects(("inner_lr",)))
+                        raise NonFiniteLossError(
+                            f"the query loss of task {number} of the meta-batch is {value:.3g}",
+                            settings=self.suspects(("inner_lr",)),
+                        )
                 # One backward per group frees its graph before the next group is encoded.
                 sum(loss for loss, _ in results).backward()
                 for task, (_, _, _, query_y), value, (_, logits) in zip(group, parsed, values, results):

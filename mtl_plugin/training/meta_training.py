@@ -14,14 +14,16 @@ Example::
     result = meta_train(learner, get_benchmark("kanji"), "runs/meta")
     print(result.best_accuracy, result.best_checkpoint)
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+from typing import Any
 
 import learn2learn as l2l
 import pandas as pd
@@ -34,8 +36,7 @@ from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
 from mtl_plugin.training import distributed
-from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
-from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.training.io import atomic_save_figure, atomic_write_text, read_checkpoint
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import (
     NonFiniteLossError,
@@ -85,14 +86,16 @@ class MetaTrainResult:
         return self.run_dir / "metrics.csv"
 
 
-def _share(config: MetaTrainConfig) -> Tuple[int, int]:
+def _share(config: MetaTrainConfig) -> tuple[int, int]:
     """The normal and hard tasks of a meta-batch that this rank draws: its 1/N share of each."""
     ranks = distributed.world_size()
     for name in ("meta_batch", "hard_meta_batch"):
         value = getattr(config, name)
         if value % ranks and (name == "meta_batch" or config.hard_tasks):
-            raise UsageError(f"--{name.replace('_', '-')} {value}: the tasks of a meta-batch are divided among the "
-                             f"{ranks} processes of the job, so give a multiple of {ranks} (or run fewer processes)")
+            raise UsageError(
+                f"--{name.replace('_', '-')} {value}: the tasks of a meta-batch are divided among the "
+                f"{ranks} processes of the job, so give a multiple of {ranks} (or run fewer processes)"
+            )
     return config.meta_batch // ranks, config.hard_meta_batch // ranks
 
 
@@ -108,12 +111,13 @@ class _TaskStream:
         seed = distributed.rank_seed(config.seed)
         self.tasks = build_taskset(dataset, config.ways, config.shots, config.queries, -1, seed)
         rngs = {id(t.rng): t.rng for t in self.tasks.task_transforms if hasattr(t, "rng")}
-        self.rngs: List[random.Random] = list(rngs.values())
+        self.rngs: list[random.Random] = list(rngs.values())
         self.sampler = None
         if config.hard_tasks:
             meta_dataset = self.tasks.dataset
-            self.tracker = ClassAccuracyTracker(meta_dataset, seed=random.Random(seed + 1),
-                                                history_decay=config.hard_history_decay)
+            self.tracker = ClassAccuracyTracker(
+                meta_dataset, seed=random.Random(seed + 1), history_decay=config.hard_history_decay
+            )
             hard_rng = random.Random(seed + 2)
             hard_tasks = l2l.data.Taskset(
                 meta_dataset,
@@ -126,12 +130,16 @@ class _TaskStream:
                 num_tasks=-1,
             )
             self.sampler = HardTaskMetaBatch(
-                self.tasks, hard_tasks, k=self.normal, k_hard=hard, seed=random.Random(seed + 3),
+                self.tasks,
+                hard_tasks,
+                k=self.normal,
+                k_hard=hard,
+                seed=random.Random(seed + 3),
             )
             # The tracker's own generator travels in its state_dict.
             self.rngs += [hard_rng, self.sampler.rng]
 
-    def next_batch(self) -> Tuple[Iterable, Optional[Callable]]:
+    def next_batch(self) -> tuple[Iterable, Callable | None]:
         if self.sampler is None:
             # With num_tasks=-1 every read draws a fresh task from the private generators.
             return [self.tasks[0] for _ in range(self.normal)], None
@@ -159,8 +167,9 @@ def _lower(config: MetaTrainConfig, name: str) -> float:
     return default if value > default else value / 10
 
 
-def _stopped(error: NonFiniteLossError, iteration: int, config: MetaTrainConfig, log: RunLog,
-             saved: Optional[int]) -> NonFiniteLossError:
+def _stopped(
+    error: NonFiniteLossError, iteration: int, config: MetaTrainConfig, log: RunLog, saved: int | None
+) -> NonFiniteLossError:
     """The message of a diverged run: where, the likely lr and what to run next."""
     lrs = " or ".join(f"{name} {getattr(config, name):.3g}" for name in error.settings)
     flags = " ".join(f"--{name.replace('_', '-')} {_lower(config, name):.3g}" for name in error.settings)
@@ -177,29 +186,33 @@ def _stopped(error: NonFiniteLossError, iteration: int, config: MetaTrainConfig,
     else:
         kept = f"no checkpoint was written yet; start again {remedy}"
     where = f"{iteration}{' (its validation, before any update)' if iteration == 0 else ''}"
-    return NonFiniteLossError(f"meta-training diverged at iteration {where}: {error}. {cause}: {kept}",
-                              settings=error.settings)
+    return NonFiniteLossError(
+        f"meta-training diverged at iteration {where}: {error}. {cause}: {kept}", settings=error.settings
+    )
 
 
-def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, identity: dict, override: bool,
-            log: RunLog) -> Tuple[int, float, int, list]:
+def _resume(
+    learner: MetaTransferLearner, stream: _TaskStream, state: dict, identity: dict, override: bool, log: RunLog
+) -> tuple[int, float, int, list]:
     """Load the run saved in ``state`` (its ``last.pt``) after checking that it is the same run."""
     config, path = learner.config, log.last_path
     saved_identity = dict(state["model"], **({"train_data": state["data"]} if "data" in state else {}))
-    check_same_run(path, saved_identity, identity, state["config"], asdict(config), _MAY_CHANGE_ON_RESUME,
-                   override)
+    check_same_run(path, saved_identity, identity, state["config"], asdict(config), _MAY_CHANGE_ON_RESUME, override)
     distributed.check_same_job(state.get("world_size", 1), path)
     new_lrs = [name for name in _LEARNING_RATES if state["config"].get(name) != getattr(config, name)]
     if new_lrs and state["iteration"] >= config.iterations:
-        raise UsageError(f"{path}: the run is finished (iteration {state['iteration']} of {config.iterations}), so "
-                         f"a new {new_lrs[0]} changes nothing: pass more --iterations to continue it, --overwrite "
-                         f"to train anew, or another --out")
+        raise UsageError(
+            f"{path}: the run is finished (iteration {state['iteration']} of {config.iterations}), so "
+            f"a new {new_lrs[0]} changes nothing: pass more --iterations to continue it, --overwrite "
+            f"to train anew, or another --out"
+        )
     try:
         load_learner_state(learner, state["learner"], str(path))
         stream.load_state(state["streams"][distributed.rank()] if "streams" in state else state["stream"])
     except ValueError as error:
-        raise DataError(f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, "
-                        f"or another --out") from error
+        raise DataError(
+            f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, or another --out"
+        ) from error
     learner.trainer.optimizer.load_state_dict(state["optimizer"])
     # The config's lrs replace the saved ones (the remedy for a diverged run); the schedule is
     # rebuilt under them and brought to the step the run had reached.
@@ -211,10 +224,10 @@ def _resume(learner: MetaTransferLearner, stream: "_TaskStream", state: dict, id
 def meta_train(
     learner: MetaTransferLearner,
     benchmark: Any,
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
-    model_info: Optional[dict] = None,
+    model_info: dict | None = None,
     overwrite: bool = False,
     override: bool = False,
 ) -> MetaTrainResult:
@@ -286,8 +299,16 @@ def meta_train(
         return _meta_train(learner, benchmark, out_dir, resume, progress, model_info, overwrite, override)
 
 
-def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str, Path], resume: bool,
-                progress: bool, model_info: Optional[dict], overwrite: bool, override: bool) -> MetaTrainResult:
+def _meta_train(
+    learner: MetaTransferLearner,
+    benchmark: Any,
+    out_dir: str | Path,
+    resume: bool,
+    progress: bool,
+    model_info: dict | None,
+    overwrite: bool,
+    override: bool,
+) -> MetaTrainResult:
     """:func:`meta_train` in its held run folder."""
     config = learner.config
     previous = previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl meta-train", "meta-training run")
@@ -309,8 +330,9 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
     # The last iteration checkpointed (None: nothing saved yet).
     saved = start if previous is not None else None
     val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
-    bar = progress_bar(range(start, config.iterations), initial=start, total=config.iterations,
-               desc="meta-train", disable=not progress)
+    bar = progress_bar(
+        range(start, config.iterations), initial=start, total=config.iterations, desc="meta-train", disable=not progress
+    )
     # A fresh run is validated before its first meta-update too (iteration 0), so that the curve
     # shows what meta-training adds to the pretrained model and the start can be kept as the best.
     for index in itertools.chain([-1] if previous is None else [], bar):
@@ -322,11 +344,21 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
             except NonFiniteLossError as error:
                 raise _stopped(error, iteration, config, log, saved) from error
             trainer.scheduler.step()
-            row = {"iteration": iteration, "loss": step.loss, "accuracy": step.accuracy,
-                   "normal_accuracy": step.normal_accuracy, "hard_accuracy": step.hard_accuracy}
+            row = {
+                "iteration": iteration,
+                "loss": step.loss,
+                "accuracy": step.accuracy,
+                "normal_accuracy": step.normal_accuracy,
+                "hard_accuracy": step.hard_accuracy,
+            }
         else:
-            row = {"iteration": 0, "loss": math.nan, "accuracy": math.nan, "normal_accuracy": math.nan,
-                   "hard_accuracy": math.nan}
+            row = {
+                "iteration": 0,
+                "loss": math.nan,
+                "accuracy": math.nan,
+                "normal_accuracy": math.nan,
+                "hard_accuracy": math.nan,
+            }
         row.update(encoder_lr=trainer.optimizer.param_groups[0]["lr"], val_accuracy=math.nan, val_ci95=math.nan)
         improved = False
         if iteration % config.val_every == 0 or iteration == config.iterations:
@@ -336,19 +368,25 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
                 # The validation tasks' adaptation diverged: their accuracy would be chance, not a result.
                 raise _stopped(trainer.blame(error), iteration, config, log, saved) from error
             row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
-            validation += [{"iteration": iteration, "task": task, "accuracy": accuracy}
-                           for task, accuracy in enumerate(result.accuracies)]
+            validation += [
+                {"iteration": iteration, "task": task, "accuracy": accuracy}
+                for task, accuracy in enumerate(result.accuracies)
+            ]
             improved = result.beats(best_accuracy)
         log.append(row)
         if improved:
             best_accuracy, best_iteration = result.mean, iteration
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}",
-                        val=f"{best_accuracy:.1f}" if best_accuracy > -math.inf else "-")
+        bar.set_postfix(
+            loss=f"{row['loss']:.3f}",
+            acc=f"{row['accuracy']:.1f}",
+            val=f"{best_accuracy:.1f}" if best_accuracy > -math.inf else "-",
+        )
         # A new best.pt comes with a last.pt, so that a run folder holding best.pt can always resume.
         if improved or iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             if not all_finite(learner.state_dict().values()):
-                error = NonFiniteLossError("a weight or batch-norm statistic is not finite",
-                                           settings=trainer.suspects(()))
+                error = NonFiniteLossError(
+                    "a weight or batch-norm statistic is not finite", settings=trainer.suspects(())
+                )
                 raise _stopped(error, iteration, config, log, saved)
             # Each rank's task generators, so that every rank resumes its own stream.
             streams = distributed.all_gather([stream.state()])
@@ -356,19 +394,35 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
             if not main:
                 continue
             log.drop_replaced_run()
-            header = {"kind": CHECKPOINT_KIND, "model": model, "data": data, "config": asdict(config),
-                      "iteration": iteration, "world_size": len(streams), "learner": learner.state_dict()}
+            header = {
+                "kind": CHECKPOINT_KIND,
+                "model": model,
+                "data": data,
+                "config": asdict(config),
+                "iteration": iteration,
+                "world_size": len(streams),
+                "learner": learner.state_dict(),
+            }
             if improved:
                 save_checkpoint(dict(header, val_accuracy=result.mean), log.best_path)
             save_checkpoint(
-                dict(header, optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
-                     stream=streams[0], best_accuracy=best_accuracy, best_iteration=best_iteration,
-                     metrics=log.rows, validation=validation, **({"streams": streams} if len(streams) > 1 else {})),
+                dict(
+                    header,
+                    optimizer=trainer.optimizer.state_dict(),
+                    scheduler=trainer.scheduler.state_dict(),
+                    stream=streams[0],
+                    best_accuracy=best_accuracy,
+                    best_iteration=best_iteration,
+                    metrics=log.rows,
+                    validation=validation,
+                    **({"streams": streams} if len(streams) > 1 else {}),
+                ),
                 log.last_path,
             )
             log.write()
-            atomic_write_text(validation_path, pd.DataFrame(validation, columns=["iteration", "task", "accuracy"])
-                              .to_csv(index=False))
+            atomic_write_text(
+                validation_path, pd.DataFrame(validation, columns=["iteration", "task", "accuracy"]).to_csv(index=False)
+            )
             plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
     distributed.barrier()
     if log.best_path.is_file():
@@ -377,7 +431,7 @@ def _meta_train(learner: MetaTransferLearner, benchmark: Any, out_dir: Union[str
     return MetaTrainResult(Path(out_dir), config.iterations, best_accuracy, best_iteration)
 
 
-def plot_meta_curves(runs: List[Tuple[str, pd.DataFrame]], path: Union[str, Path], title: str = "") -> None:
+def plot_meta_curves(runs: list[tuple[str, pd.DataFrame]], path: str | Path, title: str = "") -> None:
     """Draw meta-training curves: validation accuracy, and normal against hard tasks' training accuracy.
 
     Args:
@@ -408,8 +462,9 @@ def plot_meta_curves(runs: List[Tuple[str, pd.DataFrame]], path: Union[str, Path
         for column, style in (("normal_accuracy", "-"), ("hard_accuracy", "--")):
             if column in frame and frame[column].notna().any():
                 smooth = frame[column].rolling(window, min_periods=1).mean()
-                training.plot(frame["iteration"], smooth, style, color=color,
-                              label=f"{prefix}{column.split('_')[0]} tasks")
+                training.plot(
+                    frame["iteration"], smooth, style, color=color, label=f"{prefix}{column.split('_')[0]} tasks"
+                )
     validation.set_ylabel("validation accuracy (%)")
     training.set_ylabel("training query accuracy (%), running mean")
     for axis in (validation, training):

@@ -20,12 +20,13 @@ Example::
     backbone = pretrain(get_benchmark("kanji"), PretrainConfig(backbone="conv4", epochs=5), "runs/pre")
     features = backbone(images)                      # (B, backbone.feature_dim)
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ class PretrainConfig:
     schedule: str = "step"
     lr_step: int = 30
     lr_gamma: float = 0.2
-    steps_per_epoch: Optional[int] = None
+    steps_per_epoch: int | None = None
     val_ways: int = 5
     val_shots: int = 1
     val_queries: int = 15
@@ -108,7 +109,7 @@ class PretrainConfig:
     label_smoothing: float = 0.0
 
     @classmethod
-    def quick(cls, backbone: str = "conv4", seed: int = 0) -> "PretrainConfig":
+    def quick(cls, backbone: str = "conv4", seed: int = 0) -> PretrainConfig:
         """A CPU-sized run, the one ``mtl bench --profile quick`` shares between its rows: 4,000
         steps of 64 images (40 epochs of 100) at lr 0.1 with a cosine schedule, validated on 50
         tasks an epoch. On kanji (28 px, Conv4) it ends at 93 % training accuracy in about 5
@@ -118,8 +119,16 @@ class PretrainConfig:
 
             backbone = pretrain(get_benchmark("kanji"), PretrainConfig.quick(), "runs/pretrain")
         """
-        return cls(backbone=backbone, epochs=40, batch_size=64, lr=0.1, schedule="cosine", steps_per_epoch=100,
-                   val_tasks=50, seed=seed)
+        return cls(
+            backbone=backbone,
+            epochs=40,
+            batch_size=64,
+            lr=0.1,
+            schedule="cosine",
+            steps_per_epoch=100,
+            val_tasks=50,
+            seed=seed,
+        )
 
     def record(self) -> dict[str, Any]:
         """The config as a dict, the options added later (optimizer, warmup, label smoothing)
@@ -136,8 +145,11 @@ class PretrainConfig:
             "optimizer" in PretrainConfig.quick().record()   # False
         """
         defaults = PretrainConfig()
-        return {name: value for name, value in asdict(self).items()
-                if name not in _LATER_OPTIONS or value != getattr(defaults, name)}
+        return {
+            name: value
+            for name, value in asdict(self).items()
+            if name not in _LATER_OPTIONS or value != getattr(defaults, name)
+        }
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -148,24 +160,34 @@ class PretrainConfig:
             raise UsageError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        minimums = {"epochs": 1, "batch_size": 1, "lr_step": 1, "val_tasks": 1, "val_ways": 2, "val_shots": 1,
-                    "val_queries": 1}
+        minimums = {
+            "epochs": 1,
+            "batch_size": 1,
+            "lr_step": 1,
+            "val_tasks": 1,
+            "val_ways": 2,
+            "val_shots": 1,
+            "val_queries": 1,
+        }
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= {minimum}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise UsageError(f"steps_per_epoch={self.steps_per_epoch} must be >= 1 or None")
         if not 0 < self.lr < math.inf or not 0 <= self.weight_decay < math.inf or not 0 <= self.momentum < 1:
-            raise UsageError(f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}: "
-                             f"need a finite lr > 0, a finite weight_decay >= 0 and 0 <= momentum < 1")
+            raise UsageError(
+                f"lr={self.lr}, weight_decay={self.weight_decay}, momentum={self.momentum}: "
+                f"need a finite lr > 0, a finite weight_decay >= 0 and 0 <= momentum < 1"
+            )
         check_seed(self.seed)
 
 
 def _optimizer(parameters, config: PretrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        parameters, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+    )
 
 
 def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
@@ -173,8 +195,7 @@ def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
         return _warmup_schedule(optimizer, config, steps_per_epoch)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step * steps_per_epoch,
-                                           gamma=config.lr_gamma)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step * steps_per_epoch, gamma=config.lr_gamma)
 
 
 def _warmup_schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
@@ -185,8 +206,10 @@ def _warmup_schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
     """
     warmup, total = config.warmup_steps, config.epochs * steps_per_epoch
     if warmup >= total:
-        raise UsageError(f"warmup_steps={warmup} must be fewer than the run's {total} steps "
-                         f"({config.epochs} epochs of {steps_per_epoch})")
+        raise UsageError(
+            f"warmup_steps={warmup} must be fewer than the run's {total} steps "
+            f"({config.epochs} epochs of {steps_per_epoch})"
+        )
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -198,12 +221,11 @@ def _warmup_schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _previous_run(out_dir: Path, resume: bool, overwrite: bool) -> Optional[dict]:
+def _previous_run(out_dir: Path, resume: bool, overwrite: bool) -> dict | None:
     return previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl pretrain", "pretraining run")
 
 
-def run_config(out_dir: Union[str, Path], changes: dict, resume: bool = False,
-               overwrite: bool = False) -> PretrainConfig:
+def run_config(out_dir: str | Path, changes: dict, resume: bool = False, overwrite: bool = False) -> PretrainConfig:
     """The config a run in ``out_dir`` trains with: the saved run's when resuming one, else the
     defaults; ``changes`` (the settings the user gave) on top.
 
@@ -241,31 +263,37 @@ def _check_resumable(state: dict, config: PretrainConfig, info: dict, override: 
         may_change += ("epochs",)
     check_same_run(path, state["model"], info, saved, asdict(config), may_change, override)
     if state["epoch"] >= config.epochs and config.lr != saved["lr"]:
-        raise UsageError(f"{path}: the run is finished (epoch {state['epoch']} of {config.epochs}), so a new lr changes "
-                         f"nothing: pass --overwrite to train anew with lr {config.lr}, or another --out")
+        raise UsageError(
+            f"{path}: the run is finished (epoch {state['epoch']} of {config.epochs}), so a new lr changes "
+            f"nothing: pass --overwrite to train anew with lr {config.lr}, or another --out"
+        )
 
 
 def _diverged(what: str, epoch: int, step: int, lr: float, log: RunLog, saved_epoch: int) -> NonFiniteLossError:
     if saved_epoch:
-        kept = (f"{log.last_path} (epoch {saved_epoch}) and {log.best_path} are kept as they were; continue "
-                f"with a lower lr, e.g. --resume --lr {lr / 10:.3g}")
+        kept = (
+            f"{log.last_path} (epoch {saved_epoch}) and {log.best_path} are kept as they were; continue "
+            f"with a lower lr, e.g. --resume --lr {lr / 10:.3g}"
+        )
     else:
         kept = f"no checkpoint was written yet; start again with a lower lr, e.g. --lr {lr / 10:.3g}"
-    return NonFiniteLossError(f"pretraining diverged at epoch {epoch}, step {step}: {what} at lr {lr:.3g}. "
-                              f"The learning rate is likely too high: {kept}")
+    return NonFiniteLossError(
+        f"pretraining diverged at epoch {epoch}, step {step}: {what} at lr {lr:.3g}. "
+        f"The learning rate is likely too high: {kept}"
+    )
 
 
 def pretrain(
     benchmark: Any,
-    config: Optional[PretrainConfig] = None,
-    out_dir: Union[str, Path] = "runs/pretrain",
-    device: Union[str, torch.device] = "cpu",
+    config: PretrainConfig | None = None,
+    out_dir: str | Path = "runs/pretrain",
+    device: str | torch.device = "cpu",
     resume: bool = True,
     progress: bool = True,
     overwrite: bool = False,
     override: bool = False,
     *,
-    backbone: Optional[nn.Module] = None,
+    backbone: nn.Module | None = None,
 ) -> nn.Module:
     """Pretrain ``config.backbone`` (or the user's ``backbone``) on ``benchmark.train_augmented``
     and return its best feature extractor.
@@ -321,8 +349,9 @@ def pretrain(
     _check_before_run(benchmark, config)
     # Held from before the folder is read to the end, so that no second run can mix its files in.
     with hold_run_folder(out_dir):
-        return _pretrain(benchmark, config, Path(out_dir), torch.device(device), resume, progress, overwrite,
-                         override, backbone)
+        return _pretrain(
+            benchmark, config, Path(out_dir), torch.device(device), resume, progress, overwrite, override, backbone
+        )
 
 
 def _check_before_run(benchmark: Any, config: PretrainConfig) -> None:
@@ -330,16 +359,29 @@ def _check_before_run(benchmark: Any, config: PretrainConfig) -> None:
     num_classes = len(benchmark.train_augmented.labels)
     if num_classes < 2:
         # One class: the loss is 0 from the first step and the accuracy 100 %, and nothing is learned.
-        raise DataError(f"the train split has {num_classes} class; pretraining learns to tell the train classes apart, "
-                        f"which takes at least 2: add classes to the train split")
+        raise DataError(
+            f"the train split has {num_classes} class; pretraining learns to tell the train classes apart, "
+            f"which takes at least 2: add classes to the train split"
+        )
     ranks = distributed.world_size()
     if config.batch_size % ranks:
-        raise UsageError(f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
-                         f"the job, so give a multiple of {ranks} (or run fewer processes)")
+        raise UsageError(
+            f"--batch-size {config.batch_size}: each batch is divided among the {ranks} processes of "
+            f"the job, so give a multiple of {ranks} (or run fewer processes)"
+        )
 
 
-def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: torch.device, resume: bool,
-              progress: bool, overwrite: bool, override: bool, users: Optional[nn.Module]) -> nn.Module:
+def _pretrain(
+    benchmark: Any,
+    config: PretrainConfig,
+    out_dir: Path,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    overwrite: bool,
+    override: bool,
+    users: nn.Module | None,
+) -> nn.Module:
     """:func:`pretrain` in its held run folder."""
     num_classes = len(benchmark.train_augmented.labels)
     ranks, main = distributed.world_size(), distributed.is_main()
@@ -350,13 +392,16 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
     progress = progress and main
     distributed.barrier()
     name = config.backbone if users is None else f"module:{type(users).__name__}"
-    info = {"backbone": name, "in_channels": benchmark.channels, "image_size": benchmark.image_size,
-            "data": benchmark_identity(benchmark)}
+    info = {
+        "backbone": name,
+        "in_channels": benchmark.channels,
+        "image_size": benchmark.image_size,
+        "data": benchmark_identity(benchmark),
+    }
     if previous is not None:
         _check_resumable(previous, config, info, override, log.last_path)
         distributed.check_same_job(previous.get("world_size", 1), log.last_path)
-    val_config = EvaluationConfig(config.val_ways, config.val_shots, config.val_queries, config.val_tasks,
-                                  config.seed)
+    val_config = EvaluationConfig(config.val_ways, config.val_shots, config.val_queries, config.val_tasks, config.seed)
     train = benchmark.train_augmented
     diverged_loss = DIVERGENCE_FACTOR * max(math.log(num_classes), 1.0)
     # fork_rng: augmentation draws from torch's global generator; seed it for this run only.
@@ -370,11 +415,14 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
         if ranks > 1:
             # Same initial weights on every rank (DDP also broadcasts rank 0's); each rank its own augmentations.
             torch.manual_seed(distributed.rank_seed(config.seed))
-            model = nn.parallel.DistributedDataParallel(classifier, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+            model = nn.parallel.DistributedDataParallel(
+                classifier, device_ids=[device.index] if device.type == "cuda" else None
+            )
             if progress:
-                tqdm.write(f"pretrain: {ranks} processes x batch {batch_size} = effective batch {config.batch_size}, "
-                           f"lr {config.lr:g} (the lr of one process with batch {config.batch_size})")
+                tqdm.write(
+                    f"pretrain: {ranks} processes x batch {batch_size} = effective batch {config.batch_size}, "
+                    f"lr {config.lr:g} (the lr of one process with batch {config.batch_size})"
+                )
         steps_per_epoch = math.ceil(math.ceil(len(train) / ranks) / batch_size)
         if config.steps_per_epoch is not None:
             steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
@@ -396,12 +444,17 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                 # A finished run is returned as it is: say so, or a second script would silently get
                 # the first one's backbone.
                 if start >= config.epochs:
-                    tqdm.write(f"pretrain: {out_dir} holds a finished run (epoch {start} of {config.epochs}, best "
-                               f"val {best_accuracy:.2f} %): returning its best.pt; to train anew pass "
-                               f"overwrite=True (mtl pretrain --overwrite) or another folder")
+                    tqdm.write(
+                        f"pretrain: {out_dir} holds a finished run (epoch {start} of {config.epochs}, best "
+                        f"val {best_accuracy:.2f} %): returning its best.pt; to train anew pass "
+                        f"overwrite=True (mtl pretrain --overwrite) or another folder"
+                    )
                 else:
-                    changed = (f" with lr {config.lr:g} (was {previous['config']['lr']:g})"
-                               if config.lr != previous["config"]["lr"] else "")
+                    changed = (
+                        f" with lr {config.lr:g} (was {previous['config']['lr']:g})"
+                        if config.lr != previous["config"]["lr"]
+                        else ""
+                    )
                     tqdm.write(f"pretrain: resuming {out_dir} after epoch {start} of {config.epochs}{changed}")
         else:
             scheduler = _schedule(optimizer, config, steps_per_epoch)
@@ -409,8 +462,13 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
         for epoch in range(start + 1, config.epochs + 1):
             classifier.train()
             loader = _loader(train, config, epoch, batch_size)
-            bar = progress_bar(loader, total=steps_per_epoch, desc=f"pretrain {epoch}/{config.epochs}",
-                       disable=not progress, leave=False)
+            bar = progress_bar(
+                loader,
+                total=steps_per_epoch,
+                desc=f"pretrain {epoch}/{config.epochs}",
+                disable=not progress,
+                leave=False,
+            )
             losses, correct, seen = [], 0, 0
             for step, (images, labels) in enumerate(bar):
                 if step == steps_per_epoch:
@@ -421,8 +479,9 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                 value = loss.item()
                 diverged = None
                 if not math.isfinite(value) or value > diverged_loss:
-                    diverged = _diverged(f"the loss is {value:.3g}", epoch, step + 1,
-                                         optimizer.param_groups[0]["lr"], log, start)
+                    diverged = _diverged(
+                        f"the loss is {value:.3g}", epoch, step + 1, optimizer.param_groups[0]["lr"], log, start
+                    )
                 # Under torchrun every rank stops together: one stopping alone would leave the
                 # others waiting in the gradients' all-reduce.
                 distributed.raise_if_any(diverged)
@@ -430,8 +489,9 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                 loss.backward()
                 optimizer.step()
                 if not all_finite(classifier.parameters()):
-                    raise _diverged("a weight became NaN or infinite", epoch, step + 1,
-                                    optimizer.param_groups[0]["lr"], log, start)
+                    raise _diverged(
+                        "a weight became NaN or infinite", epoch, step + 1, optimizer.param_groups[0]["lr"], log, start
+                    )
                 scheduler.step()
                 losses.append(value)
                 correct += (logits.argmax(1) == labels).sum().item()
@@ -439,13 +499,26 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                 bar.set_postfix(loss=f"{value:.3f}", acc=f"{100.0 * correct / seen:.1f}")
             # Batch-norm statistics are not parameters: check everything that is about to be saved.
             if not all_finite(classifier.state_dict().values()):
-                raise _diverged("a batch-norm statistic became NaN or infinite", epoch, steps_per_epoch,
-                                optimizer.param_groups[0]["lr"], log, start)
+                raise _diverged(
+                    "a batch-norm statistic became NaN or infinite",
+                    epoch,
+                    steps_per_epoch,
+                    optimizer.param_groups[0]["lr"],
+                    log,
+                    start,
+                )
             result = evaluate(nearest_centroid(backbone), benchmark.val, val_config, progress=False)
             loss_sum, steps, correct, seen = distributed.all_sum([sum(losses), len(losses), correct, seen])
-            log.append({"epoch": epoch, "loss": loss_sum / steps, "accuracy": 100.0 * correct / seen,
-                        "lr": optimizer.param_groups[0]["lr"], "val_accuracy": result.mean,
-                        "val_ci95": result.ci95})
+            log.append(
+                {
+                    "epoch": epoch,
+                    "loss": loss_sum / steps,
+                    "accuracy": 100.0 * correct / seen,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "val_accuracy": result.mean,
+                    "val_ci95": result.ci95,
+                }
+            )
             if progress:
                 tqdm.write(f"pretrain epoch {epoch}: loss {log.rows[-1]['loss']:.3f}, val {result}")
             improved = result.beats(best_accuracy)
@@ -457,14 +530,34 @@ def _pretrain(benchmark: Any, config: PretrainConfig, out_dir: Path, device: tor
                 continue
             log.drop_replaced_run()
             if improved:
-                save_checkpoint({"kind": CHECKPOINT_KIND, "model": info, "config": asdict(config),
-                                 "epoch": epoch, "val_accuracy": result.mean,
-                                 "backbone": backbone.state_dict()}, log.best_path)
-            save_checkpoint({"kind": CHECKPOINT_KIND, "model": info, "config": asdict(config), "epoch": epoch,
-                             "world_size": ranks, "classifier": classifier.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "torch_rng": torch_rngs[0], "best_accuracy": best_accuracy, "metrics": log.rows,
-                             **({"torch_rngs": torch_rngs} if ranks > 1 else {})}, log.last_path)
+                save_checkpoint(
+                    {
+                        "kind": CHECKPOINT_KIND,
+                        "model": info,
+                        "config": asdict(config),
+                        "epoch": epoch,
+                        "val_accuracy": result.mean,
+                        "backbone": backbone.state_dict(),
+                    },
+                    log.best_path,
+                )
+            save_checkpoint(
+                {
+                    "kind": CHECKPOINT_KIND,
+                    "model": info,
+                    "config": asdict(config),
+                    "epoch": epoch,
+                    "world_size": ranks,
+                    "classifier": classifier.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch_rngs[0],
+                    "best_accuracy": best_accuracy,
+                    "metrics": log.rows,
+                    **({"torch_rngs": torch_rngs} if ranks > 1 else {}),
+                },
+                log.last_path,
+            )
             log.write(curve=("epoch", "val_accuracy"))
     distributed.barrier()
     if users is None:
@@ -477,10 +570,14 @@ def _loader(train: Any, config: PretrainConfig, epoch: int, batch_size: int) -> 
     """One epoch's batches of this rank: a seeded shuffle, split among the ranks under torchrun."""
     if distributed.world_size() == 1:
         return torch.utils.data.DataLoader(
-            train, batch_size=batch_size, shuffle=True, drop_last=len(train) > batch_size,
+            train,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=len(train) > batch_size,
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
         )
     sampler = torch.utils.data.DistributedSampler(train, shuffle=True, seed=config.seed * 100_003)
     sampler.set_epoch(epoch)
-    return torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler,
-                                       drop_last=len(sampler) > batch_size)
+    return torch.utils.data.DataLoader(
+        train, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) > batch_size
+    )

@@ -13,10 +13,11 @@ Example::
     backbone = load_pretrained("runs/pre/best.pt")
     features = backbone(images)                      # (B, backbone.feature_dim)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -25,8 +26,14 @@ from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from mtl_plugin.errors import DataError
 from mtl_plugin.training.io import read_checkpoint
 
-__all__ = ["CHECKPOINT_KIND", "build_pretrained", "check_backbone_fits", "check_model_record",
-           "check_pretrain_checkpoint", "load_pretrained"]
+__all__ = [
+    "CHECKPOINT_KIND",
+    "build_pretrained",
+    "check_backbone_fits",
+    "check_model_record",
+    "check_pretrain_checkpoint",
+    "load_pretrained",
+]
 
 CHECKPOINT_KIND = "pretrain"
 
@@ -41,7 +48,7 @@ def build_pretrained(info: dict) -> nn.Module:
     return build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"])
 
 
-def check_model_record(info: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
+def check_model_record(info: dict, path: str | Path, option: str = "checkpoint") -> dict:
     """Check the ``model`` entry of a checkpoint before anything is built or loaded from it.
 
     Returns:
@@ -56,15 +63,22 @@ def check_model_record(info: dict, path: Union[str, Path], option: str = "checkp
         check_model_record(state["model"], "runs/pre/best.pt")
     """
     size, channels = info.get("image_size"), info.get("in_channels")
-    if (not isinstance(info.get("backbone"), str) or not isinstance(size, int)
-            or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE or not isinstance(channels, int) or channels < 1):
-        raise DataError(f"{option} {path}: its model record (backbone {info.get('backbone')!r}, image_size {size!r}, "
-                        f"in_channels {channels!r}) is not one of a model mtl trains (images of {MIN_IMAGE_SIZE} to "
-                        f"{MAX_IMAGE_SIZE} px, 1 or more channels); the file is damaged or was not written by mtl")
+    if (
+        not isinstance(info.get("backbone"), str)
+        or not isinstance(size, int)
+        or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+        or not isinstance(channels, int)
+        or channels < 1
+    ):
+        raise DataError(
+            f"{option} {path}: its model record (backbone {info.get('backbone')!r}, image_size {size!r}, "
+            f"in_channels {channels!r}) is not one of a model mtl trains (images of {MIN_IMAGE_SIZE} to "
+            f"{MAX_IMAGE_SIZE} px, 1 or more channels); the file is damaged or was not written by mtl"
+        )
     return info
 
 
-def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str = "checkpoint") -> dict:
+def check_pretrain_checkpoint(state: dict, path: str | Path, option: str = "checkpoint") -> dict:
     """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a pretrain ``best.pt``.
 
     Returns:
@@ -79,16 +93,20 @@ def check_pretrain_checkpoint(state: dict, path: Union[str, Path], option: str =
         state = check_pretrain_checkpoint(read_checkpoint("runs/pre/best.pt"), "runs/pre/best.pt")
     """
     if state["kind"] != CHECKPOINT_KIND:
-        raise DataError(f"{option} {path}: a {state['kind']!r} checkpoint, not one of mtl pretrain; "
-                        f"give the best.pt written by mtl pretrain")
+        raise DataError(
+            f"{option} {path}: a {state['kind']!r} checkpoint, not one of mtl pretrain; "
+            f"give the best.pt written by mtl pretrain"
+        )
     if "backbone" not in state:
-        raise DataError(f"{option} {path}: the resumable state of mtl pretrain (last.pt), which holds no "
-                        f"best backbone; give best.pt from the same folder")
+        raise DataError(
+            f"{option} {path}: the resumable state of mtl pretrain (last.pt), which holds no "
+            f"best backbone; give best.pt from the same folder"
+        )
     check_model_record(state["model"], path, option)
     return state
 
 
-def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], option: str = "checkpoint") -> None:
+def check_backbone_fits(info: dict, benchmark: Any, path: str | Path, option: str = "checkpoint") -> None:
     """Check that the images of ``benchmark`` have the shape the backbone described by ``info`` was trained on.
 
     Raises:
@@ -109,7 +127,7 @@ def check_backbone_fits(info: dict, benchmark: Any, path: Union[str, Path], opti
         )
 
 
-def load_pretrained(path: Union[str, Path], map_location: Any = "cpu") -> nn.Module:
+def load_pretrained(path: str | Path, map_location: Any = "cpu") -> nn.Module:
     """The feature extractor saved in a pretrain ``best.pt``.
 
     Args:

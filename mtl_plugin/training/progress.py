@@ -11,10 +11,12 @@ Example::
     for step in progress_bar(range(1000), desc="pretrain"):
         ...
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable, Optional, TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -44,7 +46,7 @@ class _LogBar(tqdm):
     def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
         super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
-    def set_description(self, desc: Optional[str] = None, refresh: bool = True) -> None:
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
         super().set_description(desc, refresh=False)
 
 
@@ -53,7 +55,7 @@ def _is_terminal(stream: Any) -> bool:
     return bool(isatty and isatty())
 
 
-def progress_bar(iterable: Optional[Iterable] = None, **options: Any) -> tqdm:
+def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
     """``tqdm(iterable, **options)``, as plain lines every :data:`LOG_INTERVAL_S` s when not on a terminal.
 
     Args:

@@ -20,14 +20,16 @@ replace or refuse), :func:`check_same_run` (a resumed run keeps its data, model 
 experiment settings), :func:`fast_forward` (a schedule rebuilt under a new lr) and
 :func:`all_finite` with :data:`DIVERGENCE_FACTOR` (divergence checks).
 """
+
 from __future__ import annotations
 
 import os
 import random
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 
@@ -36,7 +38,7 @@ from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.training import distributed
 from mtl_plugin.training.io import atomic_save, atomic_save_figure, atomic_write_text, read_checkpoint
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 __all__ = [
     "DIVERGENCE_FACTOR",
@@ -156,7 +158,7 @@ def fast_forward(scheduler: Any, steps: int) -> None:
             scheduler.step()
 
 
-def _lock(folder: Path, option: str) -> Optional[int]:
+def _lock(folder: Path, option: str) -> int | None:
     """Take the lock of ``folder`` without waiting; return the descriptor that holds it, or ``None``
     (with a warning) where the file system has no locks."""
     import fcntl
@@ -166,22 +168,27 @@ def _lock(folder: Path, option: str) -> Optional[int]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
-            raise UsageError(f"{option} {folder}: cannot write there ({error.strerror or error}); "
-                             f"pass a folder you can write to") from error
+            raise UsageError(
+                f"{option} {folder}: cannot write there ({error.strerror or error}); pass a folder you can write to"
+            ) from error
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise UsageError(f"{option} {folder} is in use by another mtl run (process {holder or 'unknown'}); "
-                             f"wait for it to end, or pass another {option}") from None
+            raise UsageError(
+                f"{option} {folder} is in use by another mtl run (process {holder or 'unknown'}); "
+                f"wait for it to end, or pass another {option}"
+            ) from None
         except OSError as error:
             os.close(fd)
             # Some network and cluster file systems refuse flock (e.g. Lustre mounted noflock): refusing
             # to run there at all would cost more than the race the lock guards against.
-            warnings.warn(f"{option} {folder}: cannot lock {path} ({error.strerror or error}), so nothing stops "
-                          f"another run from writing there at the same time; start one run per folder",
-                          stacklevel=4)
+            warnings.warn(
+                f"{option} {folder}: cannot lock {path} ({error.strerror or error}), so nothing stops "
+                f"another run from writing there at the same time; start one run per folder",
+                stacklevel=4,
+            )
             return None
         # The previous holder removes the file as it lets go: if it did so after our open, the lock is on a
         # file no one else will find, so take it again on the file that is there now.
@@ -265,8 +272,7 @@ def hold_run_folder(out_dir: PathLike, option: str = "out_dir") -> Iterator[Path
                 key.rmdir()
 
 
-def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, command: str,
-                 run: str) -> Optional[dict]:
+def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, command: str, run: str) -> dict | None:
     """The ``last.pt`` state a training command continues from, or ``None`` to start a new run in ``out_dir``.
 
     Args:
@@ -291,15 +297,19 @@ def previous_run(out_dir: PathLike, resume: bool, overwrite: bool, kind: str, co
     state = read_checkpoint(last_path, "--out") if last_path.is_file() and not overwrite else None
     if state is not None and state["kind"] != kind:
         # Said first: "pass --resume" would only lead to "not the resumable state of" this command.
-        raise UsageError(f"--out {out_dir} holds a run of another command ({state['kind']!r} checkpoints), not a "
-                         f"{run}: pass another --out, or --overwrite to replace it")
+        raise UsageError(
+            f"--out {out_dir} holds a run of another command ({state['kind']!r} checkpoints), not a "
+            f"{run}: pass another --out, or --overwrite to replace it"
+        )
     last = check_run_folder(out_dir, resume, overwrite, run=run)
     if last is None:
         return None
     # best.pt holds weights only; the resumable state also holds the optimiser's.
     if "optimizer" not in state:
-        raise DataError(f"--out {out_dir}: its last.pt is not the resumable state of {command}; "
-                        f"pass --overwrite to train anew there, or another --out")
+        raise DataError(
+            f"--out {out_dir}: its last.pt is not the resumable state of {command}; "
+            f"pass --overwrite to train anew there, or another --out"
+        )
     return state
 
 
@@ -323,8 +333,15 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> tuple[list[str], l
     return shown, unrecorded
 
 
-def check_same_run(path: PathLike, saved_identity: dict, identity: dict, saved_config: dict, config: dict,
-                   may_change: Iterable[str], override: bool) -> None:
+def check_same_run(
+    path: PathLike,
+    saved_identity: dict,
+    identity: dict,
+    saved_config: dict,
+    config: dict,
+    may_change: Iterable[str],
+    override: bool,
+) -> None:
     """Refuse to resume the run saved at ``path`` under other data, another model or other settings.
 
     Args:
@@ -348,18 +365,24 @@ def check_same_run(path: PathLike, saved_identity: dict, identity: dict, saved_c
     """
     different, unrecorded = _differences(saved_identity, identity)
     if different:
-        raise DataError(f"{path} was written for other data or another model: {', '.join(different)}; give "
-                        f"the data and model flags of that run, --overwrite to train anew, or another --out")
+        raise DataError(
+            f"{path} was written for other data or another model: {', '.join(different)}; give "
+            f"the data and model flags of that run, --overwrite to train anew, or another --out"
+        )
     if unrecorded and not override:
-        raise DataError(f"{path} was written by an older mtl that did not record its {', '.join(unrecorded)}, so "
-                        f"resuming cannot check that they are the same: pass --override to resume it anyway, "
-                        f"--overwrite to train anew, or another --out")
+        raise DataError(
+            f"{path} was written by an older mtl that did not record its {', '.join(unrecorded)}, so "
+            f"resuming cannot check that they are the same: pass --override to resume it anyway, "
+            f"--overwrite to train anew, or another --out"
+        )
     changed = [k for k, v in config.items() if k not in may_change and saved_config.get(k) != v]
     if changed and not override:
         shown = ", ".join(f"{k} {saved_config.get(k)!r} -> {config[k]!r}" for k in changed)
-        raise UsageError(f"{path}: resuming with other settings than the saved run's ({shown}) changes the "
-                         f"experiment: drop those flags, pass --override to continue under the new ones, "
-                         f"--overwrite to train anew, or another --out")
+        raise UsageError(
+            f"{path}: resuming with other settings than the saved run's ({shown}) changes the "
+            f"experiment: drop those flags, pass --override to continue under the new ones, "
+            f"--overwrite to train anew, or another --out"
+        )
 
 
 class RunLog:
@@ -375,8 +398,9 @@ class RunLog:
         log.write(curve=("epoch", "val_accuracy"))
     """
 
-    def __init__(self, run_dir: PathLike, rows: Optional[list] = None, replaces: bool = False,
-                 other_files: Sequence[str] = ()):
+    def __init__(
+        self, run_dir: PathLike, rows: list | None = None, replaces: bool = False, other_files: Sequence[str] = ()
+    ):
         """
         Args:
             run_dir: the run's folder (created if missing).
@@ -388,8 +412,17 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list = list(rows or [])
-        self._replaced: list[Path] = ([self.last_path, self.best_path, self.csv_path, self.curve_path,
-                                       *(self.run_dir / name for name in other_files)] if replaces else [])
+        self._replaced: list[Path] = (
+            [
+                self.last_path,
+                self.best_path,
+                self.csv_path,
+                self.curve_path,
+                *(self.run_dir / name for name in other_files),
+            ]
+            if replaces
+            else []
+        )
 
     @property
     def csv_path(self) -> Path:
@@ -420,7 +453,7 @@ class RunLog:
         """Add one row (a flat dict of numbers and strings)."""
         self.rows.append(dict(row))
 
-    def write(self, curve: Optional[Tuple[str, str]] = None) -> None:
+    def write(self, curve: tuple[str, str] | None = None) -> None:
         """Rewrite the CSV, and the PNG of ``curve = (x column, y column)`` if given."""
         import pandas as pd
 
@@ -444,7 +477,7 @@ class RunLog:
         atomic_save_figure(figure, self.curve_path, dpi=100)
 
 
-def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str = "run") -> Optional[Path]:
+def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str = "run") -> Path | None:
     """Decide what a training command does with the run folder ``out_dir``: never overwrite by accident.
 
     A folder holds a run once it has ``last.pt`` or ``best.pt``. Without a run, or with
@@ -476,10 +509,13 @@ def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str 
         return None
     if not last.is_file():
         # Said whether or not --resume was given: "pass --resume" would only lead here.
-        raise UsageError(f"--out {out_dir} holds best.pt but no last.pt, so its run cannot be resumed: pass "
-                         f"--overwrite to train anew there, or another --out")
+        raise UsageError(
+            f"--out {out_dir} holds best.pt but no last.pt, so its run cannot be resumed: pass "
+            f"--overwrite to train anew there, or another --out"
+        )
     if not resume:
-        raise UsageError(f"--out {out_dir} already holds a {run}: pass --resume to continue it (a finished one "
-                         f"is reused), --overwrite to replace it, or another --out")
+        raise UsageError(
+            f"--out {out_dir} already holds a {run}: pass --resume to continue it (a finished one "
+            f"is reused), --overwrite to replace it, or another --out"
+        )
     return last
-

@@ -8,25 +8,42 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
 from mtl_plugin.bench.methods.cosine_finetune import CosineFinetune, CosineFinetuneConfig
 from mtl_plugin.bench.methods.finetune import Finetune, FinetuneConfig
-from mtl_plugin.bench.methods.linear_probe import LinearProbe, LinearProbeConfig, fit_logistic_regression
+from mtl_plugin.bench.methods.linear_probe import LinearProbe, LinearProbeConfig
 from mtl_plugin.bench.methods.maml import MAML, MAMLConfig
+from mtl_plugin.bench.methods.matchingnet import MatchingNet, MatchingNetConfig
+from mtl_plugin.bench.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
 from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
 from mtl_plugin.bench.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
 from mtl_plugin.bench.methods.protonet import ProtoNet, ProtoNetConfig, ProtoNetConv4, ProtoNetConv4Config
-from mtl_plugin.bench.methods.matchingnet import MatchingNet, MatchingNetConfig
-from mtl_plugin.bench.methods.meta_lstm import MetaLSTM, MetaLSTMConfig
-from mtl_plugin.bench.methods.tadam import TADAM, TADAMConfig
 from mtl_plugin.bench.methods.registry import (
-    METHODS, MethodSpec, build_method, list_methods, method_spec, register_method, register_preset,
+    METHODS,
+    MethodSpec,
+    build_method,
+    list_methods,
+    method_spec,
+    register_method,
+    register_preset,
 )
+from mtl_plugin.bench.methods.tadam import TADAM, TADAMConfig
 
-__all__ = ["BenchContext", "FewShotMethod", "METHODS", "METHOD_NAMES", "MethodSpec", "build_method", "list_methods",
-           "method_spec", "register_method", "register_preset"]
+__all__ = [
+    "BenchContext",
+    "FewShotMethod",
+    "METHODS",
+    "METHOD_NAMES",
+    "MethodSpec",
+    "build_method",
+    "list_methods",
+    "method_spec",
+    "register_method",
+    "register_preset",
+]
 
 # The built-in rows, registered here rather than where each class is defined because
 # registration order is the results table's row order (scratch first, mtl's rows last).
@@ -45,7 +62,7 @@ register_method("mtl", config=MTLConfig)(MTL)
 register_method("mtl-ht", config=MTLConfig)(MTLHardTasks)
 
 # The ablation-only rows, presets of mtl and mtl-ht: imported once those are registered.
-from mtl_plugin.bench.methods import ablation  # noqa: E402
+from mtl_plugin.bench.methods import ablation  # noqa: E402, F401
 
 # The names registered on import (the built-in rows); METHODS and list_methods() also see later ones.
 METHOD_NAMES = tuple(METHODS)

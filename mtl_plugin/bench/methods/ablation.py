@@ -25,6 +25,7 @@ Example::
     method.fit(context)
     print(method.learned_parameters(context))
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -45,8 +46,18 @@ __all__ = [
 ]
 
 # The rows of ``mtl bench --suite ablation``, in the paper's order (Table 3).
-ABLATION_SUITE = ("scratch", "ft-head", "ft-last", "ft-all", "ss-last", "mtl", "mtl-ht", "mtl-ht-reuse",
-                  "mtl-channel", "mtl-bn-train")
+ABLATION_SUITE = (
+    "scratch",
+    "ft-head",
+    "ft-last",
+    "ft-all",
+    "ss-last",
+    "mtl",
+    "mtl-ht",
+    "mtl-ht-reuse",
+    "mtl-channel",
+    "mtl-bn-train",
+)
 
 
 # Registration order is row order in METHODS (the comparison table's, for the rows in it).

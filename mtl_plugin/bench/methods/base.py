@@ -11,12 +11,14 @@ Example::
     logits = method.predict(support_x, support_y, query_x, ways=5)
     accuracy = (logits.argmax(1) == query_y).float().mean()
 """
+
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -80,7 +82,7 @@ class TestTimeMethod(FewShotMethod):
     uses_pretraining: ClassVar[bool] = True
 
     def __init__(self):
-        self.backbone: Optional[nn.Module] = None
+        self.backbone: nn.Module | None = None
         self.backbone_label = ""
 
     def fit(self, context: BenchContext) -> None:

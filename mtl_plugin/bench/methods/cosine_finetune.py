@@ -12,11 +12,12 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +51,7 @@ class CosineClassifier(nn.Module):
         self.scale = scale
 
     @classmethod
-    def from_support(
-        cls, features: torch.Tensor, labels: torch.Tensor, ways: int, scale: float
-    ) -> "CosineClassifier":
+    def from_support(cls, features: torch.Tensor, labels: torch.Tensor, ways: int, scale: float) -> CosineClassifier:
         """Weights = L2-normalised class means of ``features``, bias 0.
 
         Example::
@@ -80,7 +79,7 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 def transductive_loss(
     support_logits: torch.Tensor,
     support_y: torch.Tensor,
-    query_logits: Optional[torch.Tensor],
+    query_logits: torch.Tensor | None,
     entropy_weight: float = 1.0,
 ) -> torch.Tensor:
     """Cross-entropy on the support set + ``entropy_weight`` x mean entropy on the queries.
@@ -115,7 +114,7 @@ class CosineFinetuneConfig(FinetuneConfig):
     entropy_weight: float = 1.0
 
     @classmethod
-    def quick(cls) -> "CosineFinetuneConfig":
+    def quick(cls) -> CosineFinetuneConfig:
         """Frozen backbone, classifier trained on cached features: milliseconds per task on CPU.
 
         The lr stays small, as in Dhillon et al.: with lr 0.01 the entropy term
@@ -137,7 +136,7 @@ class CosineFinetune(Finetune):
     name: ClassVar[str] = "cosine-finetune"
     transductive: ClassVar[bool] = True
 
-    def __init__(self, config: Optional[CosineFinetuneConfig] = None):
+    def __init__(self, config: CosineFinetuneConfig | None = None):
         super().__init__(config or CosineFinetuneConfig())
 
     def predict(
@@ -147,7 +146,11 @@ class CosineFinetune(Finetune):
         logits = finetune_on_support(
             self.frozen_backbone(),
             partial(CosineClassifier.from_support, scale=config.scale),
-            support_x, support_y, query_x, ways, config,
+            support_x,
+            support_y,
+            query_x,
+            ways,
+            config,
             loss_fn=partial(transductive_loss, entropy_weight=config.entropy_weight),
             uses_query=True,
         )

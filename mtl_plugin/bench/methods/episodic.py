@@ -1,8 +1,8 @@
 """Episodic training shared by the methods trained from scratch (protonet-conv4, maml, metanet).
 
 Bounded by a number of episodes (never by seconds, so that a seed gives the same model on one
-machine and thread count, and one within float rounding on another), checkpointed atomically in the method's work folder, and resumable: a killed
-bench continues, a finished fit is reused.
+machine and thread count, and one within float rounding on another), checkpointed atomically in
+the method's work folder, and resumable: a killed bench continues, a finished fit is reused.
 
 Example::
 
@@ -11,16 +11,17 @@ Example::
                             {"model": model, "optimizer": optimizer}, work_dir / "checkpoint.pt",
                             fingerprint={"config": asdict(config)}, max_episodes=1000)
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-
 
 from mtl_plugin.bench.methods.base import FewShotMethod
 from mtl_plugin.tasks import build_taskset, split_support_query
@@ -132,7 +133,7 @@ def fit_episodically(
     state: dict[str, Any],
     ways: int,
     queries: int,
-    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> list[float]:
     """:func:`train_episodes` on ``ways``-way ``context.shots``-shot tasks of the meta-train split.
 
@@ -168,12 +169,15 @@ def fit_episodically(
 
     def make_tasks(episode: int):
         # Distinct for every (seed, episode) pair below 2**32 episodes: no two seeds share tasks.
-        return build_taskset(benchmark.train, ways, context.shots, queries,
-                             seed=context.seed * 2**32 + episode)
+        return build_taskset(benchmark.train, ways, context.shots, queries, seed=context.seed * 2**32 + episode)
 
     fingerprint = {
-        "method": name, "config": asdict(config), "ways": ways, "shots": context.shots,
-        "seed": context.seed, "data": [benchmark.channels, benchmark.image_size, len(benchmark.train.labels)],
+        "method": name,
+        "config": asdict(config),
+        "ways": ways,
+        "shots": context.shots,
+        "seed": context.seed,
+        "data": [benchmark.channels, benchmark.image_size, len(benchmark.train.labels)],
     }
     if scheduler is not None:
         state = {**state, "scheduler": scheduler}
@@ -185,13 +189,19 @@ def fit_episodically(
         return loss
 
     return train_episodes(
-        scheduled_step, make_tasks, state, Path(context.work_dir) / "checkpoint.pt", fingerprint,
-        max_episodes=config.max_episodes, checkpoint_every=config.checkpoint_every,
-        progress=context.progress, desc=name,
+        scheduled_step,
+        make_tasks,
+        state,
+        Path(context.work_dir) / "checkpoint.pt",
+        fingerprint,
+        max_episodes=config.max_episodes,
+        checkpoint_every=config.checkpoint_every,
+        progress=context.progress,
+        desc=name,
     )
 
 
-def budget_decay(optimizer: torch.optim.Optimizer, config: Any) -> Optional[torch.optim.lr_scheduler.LambdaLR]:
+def budget_decay(optimizer: torch.optim.Optimizer, config: Any) -> torch.optim.lr_scheduler.LambdaLR | None:
     """The learning rate decayed to zero over the last ``config.budget_decay`` of the budget, if set.
 
     Stepped once per episode, it keeps ``config.lr`` until the last ``budget_decay`` fraction of
@@ -259,7 +269,7 @@ class EpisodicMethod(FewShotMethod):
     uses_pretraining: ClassVar[bool] = False
 
     def __init__(self):
-        self.model: Optional[nn.Module] = None
+        self.model: nn.Module | None = None
         self.device = torch.device("cpu")
         self.losses: list[float] = []
 
@@ -294,9 +304,16 @@ class EpisodicMethod(FewShotMethod):
             optimizer.step()
             return loss.item()
 
-        self.losses = fit_episodically(self.name, context, config, step, {"model": model, "optimizer": optimizer},
-                                       ways=context.ways, queries=config.train_queries,
-                                       scheduler=budget_decay(optimizer, config))
+        self.losses = fit_episodically(
+            self.name,
+            context,
+            config,
+            step,
+            {"model": model, "optimizer": optimizer},
+            ways=context.ways,
+            queries=config.train_queries,
+            scheduler=budget_decay(optimizer, config),
+        )
         self.model = model.eval()
 
     def predict(
@@ -307,4 +324,3 @@ class EpisodicMethod(FewShotMethod):
         with torch.no_grad():
             logits = self.model(support_x.to(self.device), support_y.to(self.device), query_x.to(self.device), ways)
         return logits.to(query_x.device)
-

@@ -12,11 +12,13 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam")
 
 # (support logits, support labels, query logits or None) -> scalar loss
-SupportLoss = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+SupportLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 # (support features, support labels, ways) -> a fresh head
 HeadBuilder = Callable[[torch.Tensor, torch.Tensor, int], nn.Module]
 
@@ -64,7 +66,7 @@ class FinetuneConfig:
     optimizer: str = "sgd"
 
     @classmethod
-    def quick(cls) -> "FinetuneConfig":
+    def quick(cls) -> FinetuneConfig:
         """Frozen backbone, head trained on cached features: milliseconds per task on CPU."""
         return cls(steps=50, head_lr=0.01, train_backbone=False, optimizer="adam")
 
@@ -92,7 +94,7 @@ def zero_linear_head(support_features: torch.Tensor, support_y: torch.Tensor, wa
 
 
 def cross_entropy_on_support(
-    support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: Optional[torch.Tensor]
+    support_logits: torch.Tensor, support_y: torch.Tensor, query_logits: torch.Tensor | None
 ) -> torch.Tensor:
     """Plain cross-entropy on the support set; ``query_logits`` is unused.
 
@@ -164,7 +166,7 @@ class Finetune(TestTimeMethod):
 
     name: ClassVar[str] = "finetune"
 
-    def __init__(self, config: Optional[FinetuneConfig] = None):
+    def __init__(self, config: FinetuneConfig | None = None):
         super().__init__()
         self.config = config or FinetuneConfig()
 

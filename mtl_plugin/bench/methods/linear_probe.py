@@ -20,11 +20,12 @@ Example::
     method.fit(context)  # takes a copy of context.pretrained_backbone()
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ class LinearProbeConfig:
         _check_settings(self.C, self.max_iter, self.tolerance)
 
     @classmethod
-    def quick(cls) -> "LinearProbeConfig":
+    def quick(cls) -> LinearProbeConfig:
         """There is nothing to meta-train, so the quick profile is the paper's setting."""
         return cls()
 
@@ -143,28 +144,38 @@ def fit_logistic_regression(
     if features.dim() != 2:
         raise ValueError(f"features must be 2-D (examples, feature_dim); got shape {tuple(features.shape)}")
     if labels.dim() != 1 or len(labels) != len(features):
-        raise ValueError(f"labels must be 1-D with one label per row of features ({len(features)}); "
-                         f"got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be 1-D with one label per row of features ({len(features)}); got shape {tuple(labels.shape)}"
+        )
     if not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or infinite values")
     labels = labels.to(features.device).long()
     if classes < 2 or bool(((labels < 0) | (labels >= classes)).any()):
-        raise ValueError(f"labels must lie in 0..classes-1 with classes >= 2 (classes={classes}, "
-                         f"labels {sorted(set(labels.tolist()))})")
+        raise ValueError(
+            f"labels must lie in 0..classes-1 with classes >= 2 (classes={classes}, "
+            f"labels {sorted(set(labels.tolist()))})"
+        )
     counts = torch.bincount(labels, minlength=classes)
     if bool((counts == 0).any()):
-        raise ValueError(f"labels must cover every class 0..{classes - 1} (got counts {counts.tolist()}): "
-                         f"a class without an example has no finite intercept; pass classes equal to "
-                         f"the number of classes in the support set")
+        raise ValueError(
+            f"labels must cover every class 0..{classes - 1} (got counts {counts.tolist()}): "
+            f"a class without an example has no finite intercept; pass classes equal to "
+            f"the number of classes in the support set"
+        )
 
     x = features.detach().to(torch.float64)
     weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
     bias = torch.zeros(classes, dtype=torch.float64, device=x.device, requires_grad=True)
     scale = 1.0 / (C * len(x))
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, max_eval=25 * max_iter,
-        tolerance_grad=tolerance, tolerance_change=64 * torch.finfo(torch.float64).eps,
-        history_size=10, line_search_fn="strong_wolfe",
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=25 * max_iter,
+        tolerance_grad=tolerance,
+        tolerance_change=64 * torch.finfo(torch.float64).eps,
+        history_size=10,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
@@ -195,7 +206,7 @@ class LinearProbe(TestTimeMethod):
 
     name: ClassVar[str] = "linear-probe"
 
-    def __init__(self, config: Optional[LinearProbeConfig] = None):
+    def __init__(self, config: LinearProbeConfig | None = None):
         super().__init__()
         self.config = config or LinearProbeConfig()
 
@@ -220,6 +231,5 @@ class LinearProbe(TestTimeMethod):
         backbone, config = self.frozen_backbone(), self.config
         support = F.normalize(embed(backbone, support_x).flatten(1), dim=1)
         query = F.normalize(embed(backbone, query_x).flatten(1), dim=1)
-        weight, bias = fit_logistic_regression(support, support_y, ways, config.C, config.max_iter,
-                                               config.tolerance)
+        weight, bias = fit_logistic_regression(support, support_y, ways, config.C, config.max_iter, config.tolerance)
         return (query @ weight.T + bias).to(query_x.device)

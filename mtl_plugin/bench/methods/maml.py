@@ -10,10 +10,11 @@ Example::
     method.fit(context)  # resumes from context.work_dir / "checkpoint.pt"
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import learn2learn as l2l
 import torch
@@ -52,12 +53,12 @@ class MAMLConfig:
     checkpoint_every: int = 1000
 
     @classmethod
-    def omniglot(cls) -> "MAMLConfig":
+    def omniglot(cls) -> MAMLConfig:
         """Finn et al.'s Omniglot settings: 64 filters, one step of 0.4, meta-batch 32, 3 test steps."""
         return cls(hidden=64, inner_lr=0.4, train_steps=1, test_steps=3, meta_batch=32)
 
     @classmethod
-    def quick(cls) -> "MAMLConfig":
+    def quick(cls) -> MAMLConfig:
         """600 meta-updates for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
         Departs from :meth:`omniglot` where half a minute of training, not
@@ -80,8 +81,16 @@ class MAMLConfig:
         Expected on 2 quiet CPU cores: fitting takes about 18 s at 1 shot and
         28 s at 5 shots; 300 test tasks of 5 ways and 15 queries about 4 s each.
         """
-        return replace(cls.omniglot(), hidden=32, inner_lr=0.1, test_steps=1, meta_batch=2,
-                       train_queries=5, max_episodes=600, checkpoint_every=100)
+        return replace(
+            cls.omniglot(),
+            hidden=32,
+            inner_lr=0.1,
+            test_steps=1,
+            meta_batch=2,
+            train_queries=5,
+            max_episodes=600,
+            checkpoint_every=100,
+        )
 
 
 class MAML(FewShotMethod):
@@ -97,16 +106,22 @@ class MAML(FewShotMethod):
     name: ClassVar[str] = "maml"
     uses_pretraining: ClassVar[bool] = False
 
-    def __init__(self, config: Optional[MAMLConfig] = None):
+    def __init__(self, config: MAMLConfig | None = None):
         self.config = config or MAMLConfig()
-        self.maml: Optional[l2l.algorithms.MAML] = None
+        self.maml: l2l.algorithms.MAML | None = None
         self.ways = 0
         self.device = torch.device("cpu")
         self.losses: list[float] = []
         self.backbone_label = "conv4"
 
-    def _adapted(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
-                 first_order: bool, losses: Optional[list[float]] = None) -> torch.nn.Module:
+    def _adapted(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        steps: int,
+        first_order: bool,
+        losses: list[float] | None = None,
+    ) -> torch.nn.Module:
         learner = self.maml.clone()
         for _ in range(steps):
             loss = F.cross_entropy(learner(support_x), support_y)
@@ -115,8 +130,7 @@ class MAML(FewShotMethod):
             learner.adapt(loss, first_order=first_order)
         return learner
 
-    def support_losses(self, support_x: torch.Tensor, support_y: torch.Tensor,
-                       steps: Optional[int] = None) -> list[float]:
+    def support_losses(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None) -> list[float]:
         """The support cross-entropy before each test-time inner step and after the last one.
 
         A well-chosen step size and number of steps give a non-increasing
@@ -153,8 +167,12 @@ class MAML(FewShotMethod):
         self.ways, self.device = context.ways, context.device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
-            model = conv4(in_channels=benchmark.channels, hidden=config.hidden,
-                          num_classes=context.ways, image_size=benchmark.image_size)
+            model = conv4(
+                in_channels=benchmark.channels,
+                hidden=config.hidden,
+                num_classes=context.ways,
+                image_size=benchmark.image_size,
+            )
         # Train mode for good: batch statistics at meta-train and test time alike.
         model.to(context.device).train()
         self.maml = l2l.algorithms.MAML(model, lr=config.inner_lr, first_order=config.first_order)
@@ -166,19 +184,26 @@ class MAML(FewShotMethod):
             for _ in range(config.meta_batch):
                 x, y = tasks.sample()
                 (support_x, support_y), (query_x, query_y) = split_support_query(x, y, context.shots)
-                learner = self._adapted(support_x.to(context.device), support_y.to(context.device),
-                                        config.train_steps, config.first_order)
+                learner = self._adapted(
+                    support_x.to(context.device), support_y.to(context.device), config.train_steps, config.first_order
+                )
                 # Backward per task: the graph of one task at a time stays in memory.
-                loss = F.cross_entropy(learner(query_x.to(context.device)),
-                                       query_y.to(context.device)) / config.meta_batch
+                loss = (
+                    F.cross_entropy(learner(query_x.to(context.device)), query_y.to(context.device)) / config.meta_batch
+                )
                 loss.backward()
                 total += loss.item()
             optimizer.step()
             return total
 
         self.losses = fit_episodically(
-            self.name, context, config, step, {"model": model, "optimizer": optimizer},
-            ways=context.ways, queries=config.train_queries,
+            self.name,
+            context,
+            config,
+            step,
+            {"model": model, "optimizer": optimizer},
+            ways=context.ways,
+            queries=config.train_queries,
         )
 
     def predict(
@@ -187,12 +212,13 @@ class MAML(FewShotMethod):
         if self.maml is None:
             raise RuntimeError("MAML.predict called before fit(context)")
         if ways != self.ways:
-            raise ValueError(f"ways={ways}, but this MAML was meta-trained with a {self.ways}-way head; "
-                             f"fit it on a context with ways={ways}")
+            raise ValueError(
+                f"ways={ways}, but this MAML was meta-trained with a {self.ways}-way head; "
+                f"fit it on a context with ways={ways}"
+            )
         support_y = support_y.to(self.device).long()
         with torch.enable_grad():
             # Second-order terms only matter for the meta-gradient, never at test time.
-            learner = self._adapted(support_x.to(self.device), support_y, self.config.test_steps,
-                                    first_order=True)
+            learner = self._adapted(support_x.to(self.device), support_y, self.config.test_steps, first_order=True)
         with torch.no_grad():
             return learner(query_x.to(self.device)).to(query_x.device)

@@ -32,10 +32,11 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class MatchingNetConfig:
     checkpoint_every: int = 500
 
     @classmethod
-    def quick(cls) -> "MatchingNetConfig":
+    def quick(cls) -> MatchingNetConfig:
         """600 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
         Departs from the defaults where half a minute of training calls for it
@@ -128,11 +129,12 @@ class MatchingNetModel(nn.Module):
             h = h_hat + query
         return h
 
-    def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                ways: int) -> torch.Tensor:
+    def forward(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
         features = self.encoder(torch.cat([support_x, query_x]))
         support = self.support_embedding(features[: len(support_x)])
-        query = self.query_embedding(features[len(support_x):], support)
+        query = self.query_embedding(features[len(support_x) :], support)
         attention = torch.softmax(F.normalize(query, dim=1) @ F.normalize(support, dim=1).T, dim=1)
         probabilities = attention @ F.one_hot(support_y.long(), ways).to(attention.dtype)
         return probabilities.clamp_min(1e-12).log()
@@ -150,7 +152,7 @@ class MatchingNet(EpisodicMethod):
 
     name: ClassVar[str] = "matchingnet"
 
-    def __init__(self, config: Optional[MatchingNetConfig] = None):
+    def __init__(self, config: MatchingNetConfig | None = None):
         self.config = config or MatchingNetConfig()
         super().__init__()
         self.backbone_label = f"conv4-{self.config.hidden}" + (" + FCE" if self.config.fce else "")
@@ -161,4 +163,3 @@ class MatchingNet(EpisodicMethod):
     def episode_loss(self, output: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         # The model returns log-probabilities: the attention's softmax is part of the method.
         return F.nll_loss(output, query_y)
-

@@ -36,10 +36,11 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,7 @@ class MetaLSTMConfig:
     budget_decay: float = 0.0
 
     @classmethod
-    def quick(cls) -> "MetaLSTMConfig":
+    def quick(cls) -> MetaLSTMConfig:
         """300 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
         Departs from the paper where half a minute of training calls for it
@@ -106,8 +107,9 @@ class MetaLSTMConfig:
         5 ways and 15 queries) takes about half to two thirds of protonet-conv4's
         (``benchmarks/paper_table_budgets.py``).
         """
-        return replace(cls(), hidden=16, lr=5e-3, train_queries=5, max_episodes=300, checkpoint_every=100,
-                       budget_decay=0.2)
+        return replace(
+            cls(), hidden=16, lr=5e-3, train_queries=5, max_episodes=300, checkpoint_every=100, budget_decay=0.2
+        )
 
 
 class MetaLearnerCell(nn.Module):
@@ -127,8 +129,14 @@ class MetaLearnerCell(nn.Module):
         self.forget_bias = nn.Parameter(torch.empty(1).uniform_(4.0, 6.0))
         self.input_bias = nn.Parameter(torch.empty(1).uniform_(-5.0, -4.0))
 
-    def forward(self, h: torch.Tensor, theta: torch.Tensor, gradient: torch.Tensor,
-                forget: torch.Tensor, input_gate: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        h: torch.Tensor,
+        theta: torch.Tensor,
+        gradient: torch.Tensor,
+        forget: torch.Tensor,
+        input_gate: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         """One update.
 
         Args:
@@ -141,10 +149,8 @@ class MetaLearnerCell(nn.Module):
         Returns:
             ``(θ_t, f_t, i_t)``, each ``(n,)``.
         """
-        f = torch.sigmoid(torch.cat([h, theta[:, None], forget[:, None]], 1) @ self.forget_weight
-                          + self.forget_bias)
-        i = torch.sigmoid(torch.cat([h, theta[:, None], input_gate[:, None]], 1) @ self.input_weight
-                          + self.input_bias)
+        f = torch.sigmoid(torch.cat([h, theta[:, None], forget[:, None]], 1) @ self.forget_weight + self.forget_bias)
+        i = torch.sigmoid(torch.cat([h, theta[:, None], input_gate[:, None]], 1) @ self.input_weight + self.input_bias)
         return f * theta - i * gradient, f, i
 
 
@@ -169,7 +175,8 @@ class MetaLSTMModel(nn.Module):
         super().__init__()
         self.config = config
         learner = _batch_statistics_only(
-            conv4(in_channels=channels, hidden=config.hidden, num_classes=ways, image_size=image_size))
+            conv4(in_channels=channels, hidden=config.hidden, num_classes=ways, image_size=image_size)
+        )
         self.shapes = {name: p.shape for name, p in learner.named_parameters()}
         # θ_0, the meta-learner's initial cell state, starts at the learner's default initialisation.
         self.initial = nn.Parameter(torch.cat([p.detach().flatten() for p in learner.parameters()]))
@@ -182,7 +189,7 @@ class MetaLSTMModel(nn.Module):
         """The learner's logits with the flat parameter vector ``theta``."""
         params, start = {}, 0
         for name, shape in self.shapes.items():
-            params[name] = theta[start:start + shape.numel()].view(shape)
+            params[name] = theta[start : start + shape.numel()].view(shape)
             start += shape.numel()
         return functional_call(self.learner, params, (x,))
 
@@ -198,8 +205,9 @@ class MetaLSTMModel(nn.Module):
             with torch.enable_grad():
                 loss = F.cross_entropy(self.learner_logits(current, support_x), support_y)
                 (gradient,) = torch.autograd.grad(loss, current)
-            inputs = torch.cat([preprocess_gradients(gradient, p),
-                                preprocess_gradients(loss.detach().expand(n), p)], dim=1)
+            inputs = torch.cat(
+                [preprocess_gradients(gradient, p), preprocess_gradients(loss.detach().expand(n), p)], dim=1
+            )
             state = self.lstm(inputs, state)
             theta, forget, input_gate = self.cell(state[0], theta, gradient, forget, input_gate)
         return theta
@@ -221,7 +229,7 @@ class MetaLSTM(EpisodicMethod):
     name: ClassVar[str] = "meta-lstm"
     transductive: ClassVar[bool] = True  # batch-norm statistics of the task's queries (see the module)
 
-    def __init__(self, config: Optional[MetaLSTMConfig] = None):
+    def __init__(self, config: MetaLSTMConfig | None = None):
         self.config = config or MetaLSTMConfig()
         super().__init__()
         self.ways = 0
@@ -247,8 +255,14 @@ class MetaLSTM(EpisodicMethod):
             return loss.item()
 
         self.losses = fit_episodically(
-            self.name, context, config, step, {"model": model, "optimizer": optimizer},
-            ways=context.ways, queries=config.train_queries, scheduler=budget_decay(optimizer, config),
+            self.name,
+            context,
+            config,
+            step,
+            {"model": model, "optimizer": optimizer},
+            ways=context.ways,
+            queries=config.train_queries,
+            scheduler=budget_decay(optimizer, config),
         )
         self.model = model
 
@@ -258,8 +272,10 @@ class MetaLSTM(EpisodicMethod):
         if self.model is None:
             raise RuntimeError("MetaLSTM.predict called before fit(context)")
         if ways != self.ways:
-            raise ValueError(f"ways={ways}, but this Meta-LSTM's learner has a {self.ways}-way head; "
-                             f"fit it on a context with ways={ways}")
+            raise ValueError(
+                f"ways={ways}, but this Meta-LSTM's learner has a {self.ways}-way head; "
+                f"fit it on a context with ways={ways}"
+            )
         with torch.no_grad():
             logits = self.model(support_x.to(self.device), support_y.to(self.device), query_x.to(self.device))
         return logits.to(query_x.device)

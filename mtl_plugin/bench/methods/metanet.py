@@ -57,11 +57,13 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional, Sequence, Union
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +108,7 @@ class MetaNetConfig:
     contrastive_margin: float = 1.0
     # The memory read's softmax(s · cos): None is the paper's s = 1; a value, a scale s learned from it
     # (see MetaNetModel.attention_scale).
-    attention_scale: Optional[float] = None
+    attention_scale: float | None = None
     lr: float = 1e-3  # Adam
     gradient_clip: float = 10.0  # on the global gradient norm
     # One task per update. The paper gives no count; this budget is ours.
@@ -117,7 +119,7 @@ class MetaNetConfig:
     budget_decay: float = 0.0
 
     @classmethod
-    def quick(cls) -> "MetaNetConfig":
+    def quick(cls) -> MetaNetConfig:
         """900 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
         Departs from the paper where half a minute of training calls for it
@@ -152,8 +154,16 @@ class MetaNetConfig:
         32 s at 5 shots; 300 test tasks of 5 ways and 15 queries take about 6 s
         and 8 s.
         """
-        return replace(cls(), filters=32, augmented_layers=2, max_episodes=900, train_queries=5,
-                       checkpoint_every=100, attention_scale=10.0, budget_decay=1.0)
+        return replace(
+            cls(),
+            filters=32,
+            augmented_layers=2,
+            max_episodes=900,
+            train_queries=5,
+            checkpoint_every=100,
+            attention_scale=10.0,
+            budget_decay=1.0,
+        )
 
 
 def preprocess_gradients(gradients: torch.Tensor, k: float = 7.0) -> torch.Tensor:
@@ -169,15 +179,13 @@ def preprocess_gradients(gradients: torch.Tensor, k: float = 7.0) -> torch.Tenso
         preprocess_gradients(g)      # shape (2, 2)
     """
     large = gradients.abs() >= math.exp(-k)
-    magnitude = torch.where(
-        large, gradients.abs().clamp_min(math.exp(-k)).log() / k, torch.full_like(gradients, -1.0)
-    )
+    magnitude = torch.where(large, gradients.abs().clamp_min(math.exp(-k)).log() / k, torch.full_like(gradients, -1.0))
     sign = torch.where(large, gradients.sign(), gradients * math.exp(k))
     return torch.stack([magnitude, sign], dim=-1)
 
 
 def read_memory(
-    query_keys: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0
+    query_keys: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float | torch.Tensor = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft memory read: ``softmax(scale · cos(keys, query)) @ values`` for each query (the paper: scale 1).
 
@@ -215,7 +223,7 @@ def contrastive_loss(
     return torch.where(same, squared, apart).mean()
 
 
-def _conv(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.dim() == 5:
         # One kernel per example: a grouped convolution over the batch folded into channels.
         n = h.shape[0]
@@ -280,9 +288,9 @@ class LayerAugmentedConvNet(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        fast: Optional[dict[str, torch.Tensor]] = None,
-        start: Optional[str] = None,
-        stop: Optional[str] = None,
+        fast: dict[str, torch.Tensor] | None = None,
+        start: str | None = None,
+        stop: str | None = None,
     ) -> torch.Tensor:
         """Run the layers from ``start`` (``x`` is its input) through ``stop`` (inclusive)."""
         fast = fast or {}
@@ -294,7 +302,7 @@ class LayerAugmentedConvNet(nn.Module):
             h = self._layer(name, h, fast.get(name))
         return h
 
-    def _layer(self, name: str, h: torch.Tensor, fast: Optional[torch.Tensor]) -> torch.Tensor:
+    def _layer(self, name: str, h: torch.Tensor, fast: torch.Tensor | None) -> torch.Tensor:
         layer = self.layers[name]
         if isinstance(layer, nn.Conv2d):
             out = F.relu(layer(h))
@@ -366,9 +374,7 @@ def _flatten(tensors: dict[str, torch.Tensor], names: Sequence[str], batch_dims:
     return torch.cat([tensors[name].flatten(batch_dims) for name in names], dim=-1)
 
 
-def _unflatten(
-    flat: torch.Tensor, net: LayerAugmentedConvNet, names: Sequence[str]
-) -> dict[str, torch.Tensor]:
+def _unflatten(flat: torch.Tensor, net: LayerAugmentedConvNet, names: Sequence[str]) -> dict[str, torch.Tensor]:
     shapes = [net.layers[name].weight.shape for name in names]
     pieces = flat.split([math.prod(shape) for shape in shapes], dim=-1)
     batch = flat.shape[:-1]
@@ -380,7 +386,7 @@ def _weight_gradients(
     names: Sequence[str],
     loss_of_output,
     h: torch.Tensor,
-    stop: Optional[str] = None,
+    stop: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Gradients of ``loss_of_output(net(h, start=names[0], stop=stop))`` w.r.t. the named slow weights."""
     weights = {f"layers.{name}.weight": net.layers[name].weight.detach() for name in names}
@@ -429,11 +435,10 @@ class MetaNetModel(nn.Module):
         # Learned in log space, so that it stays positive; registered last, so that the other
         # parameters draw the same initial values with it or without it.
         self.log_attention_scale = (
-            None if config.attention_scale is None
-            else nn.Parameter(torch.tensor(math.log(config.attention_scale)))
+            None if config.attention_scale is None else nn.Parameter(torch.tensor(math.log(config.attention_scale)))
         )
 
-    def attention_scale(self) -> Union[float, torch.Tensor]:
+    def attention_scale(self) -> float | torch.Tensor:
         """The scale s of the memory read's softmax(s · cos): 1 (the paper's), or the learned one.
 
         u's keys are ReLU outputs, so the cosine of two keys lies in [0, 1], and early in training the
@@ -502,9 +507,7 @@ class MetaNetModel(nn.Module):
             meta_information = preprocess_gradients(sequence, self.config.gradient_k)
         return _unflatten(self.task_meta(meta_information), u, names)
 
-    def example_fast_weights(
-        self, support_features: torch.Tensor, support_y: torch.Tensor, ways: int
-    ) -> torch.Tensor:
+    def example_fast_weights(self, support_features: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
         """Memory values M: one flat W*_i = m(gradient of b's task loss on x'_i) per support example.
 
         ``support_features`` is the input of b's first augmented layer.
@@ -542,7 +545,7 @@ class MetaNet(EpisodicMethod):
 
     name: ClassVar[str] = "metanet"
 
-    def __init__(self, config: Optional[MetaNetConfig] = None):
+    def __init__(self, config: MetaNetConfig | None = None):
         self.config = config or MetaNetConfig()
         super().__init__()
         self.backbone_label = f"conv{self.config.conv_layers}-{self.config.filters} (b, u)"
@@ -554,4 +557,3 @@ class MetaNet(EpisodicMethod):
                 f"raise max_ways to at least {context.ways}"
             )
         return MetaNetModel(context.benchmark.channels, context.benchmark.image_size, self.config)
-

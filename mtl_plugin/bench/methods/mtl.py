@@ -17,10 +17,11 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ class FinetunedLayers(nn.Module):
         features = encoder(images)
     """
 
-    def __init__(self, backbone: nn.Module, layers: Optional[tuple[str, ...]] = None):
+    def __init__(self, backbone: nn.Module, layers: tuple[str, ...] | None = None):
         super().__init__()
         backbone.requires_grad_(layers is None)
         for name in layers or ():
@@ -79,7 +80,7 @@ class FinetunedLayers(nn.Module):
         self.layers = layers
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "FinetunedLayers":
+    def train(self, mode: bool = True) -> FinetunedLayers:
         super().train(mode)
         for module in self.backbone.modules():
             if isinstance(module, _BatchNorm):
@@ -133,7 +134,7 @@ class MTLConfig:
     scratch_encoder_lr: float = 1e-3
     # The outer lr of the FT ablation rows, which meta-learn pretrained weights themselves
     # (None: Φ's; the paper gives no other).
-    finetune_encoder_lr: Optional[float] = None
+    finetune_encoder_lr: float | None = None
     speedups: Speedups = field(default_factory=Speedups)
     adapt: str = "ss"
     blocks: str = "all"
@@ -156,11 +157,11 @@ class MTLConfig:
         return self.ss.bn
 
     @property
-    def layers(self) -> Optional[tuple[str, ...]]:
+    def layers(self) -> tuple[str, ...] | None:
         return self.ss.layers
 
     @classmethod
-    def quick(cls) -> "MTLConfig":
+    def quick(cls) -> MTLConfig:
         """100 iterations of 4 tasks (mtl: 4 normal; mtl-ht: 2 normal + 2 hard), 20 inner steps, small validation.
 
         About 35-50 CPU-seconds per shot setting at 28 px (Conv4, one thread; the three
@@ -182,10 +183,22 @@ class MTLConfig:
         79.3 % at 1e-4) and every other setting was within its CI of 1e-3 (on the earlier,
         800-step pretraining; not re-checked on the current one).
         """
-        return cls(meta=MetaTrainConfig(iterations=100, meta_batch=2, hard_meta_batch=2, lr_step=100,
-                                        inner_steps=20, test_inner_steps=50, encoder_lr=1e-3, head_lr=1e-2,
-                                        val_every=50, val_tasks=50, checkpoint_every=50),
-                   finetune_encoder_lr=1e-4)
+        return cls(
+            meta=MetaTrainConfig(
+                iterations=100,
+                meta_batch=2,
+                hard_meta_batch=2,
+                lr_step=100,
+                inner_steps=20,
+                test_inner_steps=50,
+                encoder_lr=1e-3,
+                head_lr=1e-2,
+                val_every=50,
+                val_tasks=50,
+                checkpoint_every=50,
+            ),
+            finetune_encoder_lr=1e-4,
+        )
 
 
 class MTL(FewShotMethod):
@@ -206,9 +219,9 @@ class MTL(FewShotMethod):
     uses_pretraining: ClassVar[bool] = True
     hard_tasks: ClassVar[bool] = False
 
-    def __init__(self, config: Optional[MTLConfig] = None):
+    def __init__(self, config: MTLConfig | None = None):
         self.config = config or MTLConfig()
-        self.learner: Optional[MetaTransferLearner] = None
+        self.learner: MetaTransferLearner | None = None
         self.backbone_label = ""
 
     def ss_config(self, backbone: nn.Module) -> SSConfig:
@@ -217,7 +230,7 @@ class MTL(FewShotMethod):
             return replace(self.config.ss, layers=self._last_block(backbone))
         return self.config.ss
 
-    def finetuned_layers(self, backbone: nn.Module) -> Optional[tuple[str, ...]]:
+    def finetuned_layers(self, backbone: nn.Module) -> tuple[str, ...] | None:
         """The modules whose weights a ``finetune`` row's outer loop updates (``None``: all)."""
         return {"all": None, "last": self._last_block(backbone), "none": ()}[self.config.blocks]
 
@@ -240,15 +253,23 @@ class MTL(FewShotMethod):
         """
         meta = self.config.meta
         meta_batch = meta.meta_batch if self.hard_tasks else meta.meta_batch + meta.hard_meta_batch
-        meta = replace(meta, ways=context.ways, shots=context.shots, queries=context.queries, seed=context.seed,
-                       meta_batch=meta_batch, hard_tasks=self.hard_tasks)
+        meta = replace(
+            meta,
+            ways=context.ways,
+            shots=context.shots,
+            queries=context.queries,
+            seed=context.seed,
+            meta_batch=meta_batch,
+            hard_tasks=self.hard_tasks,
+        )
         lr = self.config.finetune_encoder_lr
         return meta if self.config.adapt != "finetune" or lr is None else replace(meta, encoder_lr=lr)
 
     def build_learner(self, context: BenchContext) -> MetaTransferLearner:
         """The encoder and θ of this row, before meta-training."""
-        return MetaTransferLearner(self.encoder(context), context.ways, self.meta_config(context),
-                                   speedups=self.config.speedups)
+        return MetaTransferLearner(
+            self.encoder(context), context.ways, self.meta_config(context), speedups=self.config.speedups
+        )
 
     def learned_parameters(self, context: BenchContext) -> int:
         """How many parameters the outer loop updates (the encoder's trainable ones and θ).
@@ -264,10 +285,15 @@ class MTL(FewShotMethod):
 
     def fit(self, context: BenchContext) -> None:
         learner = self.build_learner(context).to(context.device)
-        model_info = {"backbone": context.backbone_name, "in_channels": context.benchmark.channels,
-                      "image_size": context.benchmark.image_size, "method": self.name}
-        meta_train(learner, context.benchmark, context.work_dir, resume=True, progress=context.progress,
-                   model_info=model_info)
+        model_info = {
+            "backbone": context.backbone_name,
+            "in_channels": context.benchmark.channels,
+            "image_size": context.benchmark.image_size,
+            "method": self.name,
+        }
+        meta_train(
+            learner, context.benchmark, context.work_dir, resume=True, progress=context.progress, model_info=model_info
+        )
         self.learner = learner
         self.backbone_label = context.backbone_name
 
@@ -311,8 +337,9 @@ class Scratch(MTL):
         # Seeded without touching the caller's global generator.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
-            return build_backbone(context.backbone_name, in_channels=benchmark.channels,
-                                  image_size=benchmark.image_size)
+            return build_backbone(
+                context.backbone_name, in_channels=benchmark.channels, image_size=benchmark.image_size
+            )
 
     def meta_config(self, context: BenchContext) -> MetaTrainConfig:
         return replace(super().meta_config(context), encoder_lr=self.config.scratch_encoder_lr)

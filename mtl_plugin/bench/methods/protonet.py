@@ -13,10 +13,11 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ __all__ = [
     "NearestPrototype",
 ]
 
+
 @dataclass
 class ProtoNetConfig:
     """Nearest class mean on the pretrained backbone.
@@ -49,7 +51,7 @@ class ProtoNetConfig:
     distance: str = "squared_euclidean"
 
     @classmethod
-    def quick(cls) -> "ProtoNetConfig":
+    def quick(cls) -> ProtoNetConfig:
         """There is nothing to train, so the quick profile is the paper's setting."""
         return cls()
 
@@ -71,7 +73,7 @@ class NearestPrototype(FewShotMethod):
         if distance not in DISTANCES:
             raise ValueError(f"distance={distance!r} is unknown; use one of {DISTANCES}")
         self.distance = distance
-        self.backbone: Optional[nn.Module] = None
+        self.backbone: nn.Module | None = None
         self.backbone_label = ""
 
     def predict(
@@ -97,7 +99,7 @@ class ProtoNet(NearestPrototype):
     name: ClassVar[str] = "protonet"
     uses_pretraining: ClassVar[bool] = True
 
-    def __init__(self, config: Optional[ProtoNetConfig] = None):
+    def __init__(self, config: ProtoNetConfig | None = None):
         self.config = config or ProtoNetConfig()
         super().__init__(self.config.distance)
 
@@ -128,7 +130,7 @@ class ProtoNetConv4Config:
     checkpoint_every: int = 500
 
     @classmethod
-    def quick(cls) -> "ProtoNetConv4Config":
+    def quick(cls) -> ProtoNetConv4Config:
         """300 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
         Departs from the paper's training where half a minute of training calls
@@ -158,7 +160,7 @@ class ProtoNetConv4(NearestPrototype):
     name: ClassVar[str] = "protonet-conv4"
     uses_pretraining: ClassVar[bool] = False
 
-    def __init__(self, config: Optional[ProtoNetConv4Config] = None):
+    def __init__(self, config: ProtoNetConv4Config | None = None):
         # Snell et al.'s distance, for training and testing alike.
         super().__init__("squared_euclidean")
         self.config = config or ProtoNetConv4Config()
@@ -170,8 +172,9 @@ class ProtoNetConv4(NearestPrototype):
         train_ways = min(config.train_ways, len(benchmark.train.labels))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
-            model = conv4(in_channels=benchmark.channels, hidden=config.hidden,
-                          image_size=benchmark.image_size).to(context.device)
+            model = conv4(in_channels=benchmark.channels, hidden=config.hidden, image_size=benchmark.image_size).to(
+                context.device
+            )
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halve_every, gamma=0.5)
 
@@ -189,9 +192,13 @@ class ProtoNetConv4(NearestPrototype):
             return loss.item()
 
         self.losses = fit_episodically(
-            self.name, context, config, step,
+            self.name,
+            context,
+            config,
+            step,
             {"model": model, "optimizer": optimizer, "scheduler": scheduler},
-            ways=train_ways, queries=config.train_queries,
+            ways=train_ways,
+            queries=config.train_queries,
         )
         self.backbone = model.eval()
         self.backbone_label = "conv4"

@@ -20,16 +20,16 @@ Example::
 
     method = build_method("mtl-lr2x", profile="quick")
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from mtl_plugin.bench.methods.base import FewShotMethod
 
-__all__ = ["METHODS", "MethodSpec", "build_method", "list_methods", "method_spec", "register_method",
-           "register_preset"]
+__all__ = ["METHODS", "MethodSpec", "build_method", "list_methods", "method_spec", "register_method", "register_preset"]
 
 Preset = Callable[[Any], Any]
 
@@ -60,7 +60,7 @@ class MethodSpec:
     name: str
     method: type[FewShotMethod]
     config: type
-    preset: Optional[Preset] = None
+    preset: Preset | None = None
     adapts: str = ""
     ablation_only: bool = False
 
@@ -124,8 +124,11 @@ def register_method(name: str, *, config: type, ablation_only: bool = False) -> 
     """
 
     def register(method_class: type[FewShotMethod]) -> type[FewShotMethod]:
-        _add(MethodSpec(name, method_class, config, adapts=getattr(method_class, "adapts", ""),
-                        ablation_only=ablation_only))
+        _add(
+            MethodSpec(
+                name, method_class, config, adapts=getattr(method_class, "adapts", ""), ablation_only=ablation_only
+            )
+        )
         return method_class
 
     return register
@@ -160,12 +163,21 @@ def register_preset(name: str, *, base: str, adapts: str = "", ablation_only: bo
     def register(preset: Preset) -> Preset:
         parent = method_spec(base)
         if parent.preset is not None:
+
             def composed(config: Any) -> Any:
                 return preset(parent.preset(config))
         else:
             composed = preset
-        _add(MethodSpec(name, parent.method, parent.config, preset=composed, adapts=adapts or parent.adapts,
-                        ablation_only=ablation_only))
+        _add(
+            MethodSpec(
+                name,
+                parent.method,
+                parent.config,
+                preset=composed,
+                adapts=adapts or parent.adapts,
+                ablation_only=ablation_only,
+            )
+        )
         return preset
 
     return register

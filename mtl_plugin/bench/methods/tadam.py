@@ -34,13 +34,14 @@ Example::
     method.fit(context)
     logits = method.predict(support_x, support_y, query_x, ways=5)
 """
+
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ class TADAMConfig:
     checkpoint_every: int = 500
 
     @classmethod
-    def quick(cls) -> "TADAMConfig":
+    def quick(cls) -> TADAMConfig:
         """300 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
         Departs from the paper where half a minute of training calls for it
@@ -103,8 +104,17 @@ class TADAMConfig:
         5 ways and 15 queries) takes about half to two thirds of protonet-conv4's
         (``benchmarks/paper_table_budgets.py``).
         """
-        return replace(cls(), backbone="conv4", optimizer="adam", lr=1e-3, weight_decay=0.0, train_queries=5,
-                       max_episodes=300, lr_decay_every=10_000, checkpoint_every=100)
+        return replace(
+            cls(),
+            backbone="conv4",
+            optimizer="adam",
+            lr=1e-3,
+            weight_decay=0.0,
+            train_queries=5,
+            max_episodes=300,
+            lr_decay_every=10_000,
+            checkpoint_every=100,
+        )
 
 
 def auxiliary_probability(episode: int, max_episodes: int, decay: float = 0.9, steps: int = 20) -> float:
@@ -139,8 +149,10 @@ class TaskEmbeddingNetwork(nn.Module):
         self.beta_scale = nn.Parameter(torch.zeros(len(channels)))  # β₀ per layer
 
     def forward(self, task: torch.Tensor) -> FiLM:
-        return [(1 + self.gamma_scale[k] * g(task), self.beta_scale[k] * b(task))
-                for k, (g, b) in enumerate(zip(self.gamma, self.beta))]
+        return [
+            (1 + self.gamma_scale[k] * g(task), self.beta_scale[k] * b(task))
+            for k, (g, b) in enumerate(zip(self.gamma, self.beta))
+        ]
 
     def penalty(self) -> torch.Tensor:
         """The L2 penalty on the post-multipliers."""
@@ -159,14 +171,17 @@ class TADAMModel(nn.Module):
     def __init__(self, backbone: nn.Module, train_classes: int, alpha_init: float = 1.0):
         super().__init__()
         self.backbone = backbone
-        layers = [module for name, module in backbone.named_modules()
-                  if isinstance(module, nn.BatchNorm2d) and "shortcut" not in name]
+        layers = [
+            module
+            for name, module in backbone.named_modules()
+            if isinstance(module, nn.BatchNorm2d) and "shortcut" not in name
+        ]
         for index, layer in enumerate(layers):
             layer.register_forward_hook(partial(self._apply_film, index))
         self.ten = TaskEmbeddingNetwork(backbone.feature_dim, [layer.num_features for layer in layers])
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.auxiliary_head = nn.Linear(backbone.feature_dim, train_classes)
-        self._film: Optional[FiLM] = None
+        self._film: FiLM | None = None
 
     def _apply_film(self, index: int, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         if self._film is None:
@@ -174,7 +189,7 @@ class TADAMModel(nn.Module):
         gamma, beta = self._film[index]
         return torch.addcmul(beta.view(1, -1, 1, 1), output, gamma.view(1, -1, 1, 1))
 
-    def features(self, x: torch.Tensor, film: Optional[FiLM] = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, film: FiLM | None = None) -> torch.Tensor:
         """The extractor's features, conditioned by ``film`` (one (γ, β) per layer) if given."""
         self._film = film
         try:
@@ -186,11 +201,12 @@ class TADAMModel(nn.Module):
         """The TEN's FiLM parameters for a support set: from the mean of its unconditioned prototypes."""
         return self.ten(class_prototypes(self.features(support_x), support_y, ways).mean(0))
 
-    def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                ways: int) -> torch.Tensor:
+    def forward(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int
+    ) -> torch.Tensor:
         features = self.features(torch.cat([support_x, query_x]), self.task_film(support_x, support_y, ways))
         prototypes = class_prototypes(features[: len(support_x)], support_y, ways)
-        return self.alpha * prototype_logits(features[len(support_x):], prototypes)
+        return self.alpha * prototype_logits(features[len(support_x) :], prototypes)
 
 
 class TADAM(EpisodicMethod):
@@ -205,7 +221,7 @@ class TADAM(EpisodicMethod):
 
     name: ClassVar[str] = "tadam"
 
-    def __init__(self, config: Optional[TADAMConfig] = None):
+    def __init__(self, config: TADAMConfig | None = None):
         self.config = config or TADAMConfig()
         if self.config.optimizer not in ("sgd", "adam"):
             raise ValueError(f"TADAMConfig.optimizer={self.config.optimizer!r}; use 'sgd' or 'adam'")
@@ -221,15 +237,15 @@ class TADAM(EpisodicMethod):
         classes = {label: k for k, label in enumerate(sorted(train.labels))}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
-            backbone = build_backbone(config.backbone, in_channels=benchmark.channels,
-                                      image_size=benchmark.image_size)
+            backbone = build_backbone(config.backbone, in_channels=benchmark.channels, image_size=benchmark.image_size)
             model = TADAMModel(backbone, len(classes), config.alpha_init)
         model.to(context.device).train()
         if config.optimizer == "adam":
             optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         else:
-            optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                        weight_decay=config.weight_decay)
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
         # Stepped once per episode, so its counter is the episode number, checkpointed with it.
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every, gamma=0.1)
 
@@ -242,8 +258,9 @@ class TADAM(EpisodicMethod):
         def step(tasks) -> float:
             episode = scheduler.last_epoch
             rng = random.Random(f"tadam-auxiliary-{context.seed}-{episode}")
-            rho = auxiliary_probability(episode, config.max_episodes, config.auxiliary_decay,
-                                        config.auxiliary_decay_steps)
+            rho = auxiliary_probability(
+                episode, config.max_episodes, config.auxiliary_decay, config.auxiliary_decay_steps
+            )
             if config.auxiliary and rng.random() < rho:
                 loss = auxiliary_loss(rng)
             else:
@@ -257,9 +274,12 @@ class TADAM(EpisodicMethod):
             return loss.item()
 
         self.losses = fit_episodically(
-            self.name, context, config, step,
+            self.name,
+            context,
+            config,
+            step,
             {"model": model, "optimizer": optimizer, "scheduler": scheduler},
-            ways=context.ways, queries=config.train_queries,
+            ways=context.ways,
+            queries=config.train_queries,
         )
         self.model = model.eval()
-
