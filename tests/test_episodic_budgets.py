@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_data import TinyBenchmark, pattern_split
+from tiny_data import TinyBenchmark, pattern_split, tiny_context
 
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.episodic import budget_decay, fit_episodically, train_episodes
@@ -36,18 +36,7 @@ def benchmark() -> TinyBenchmark:
 
 
 def make_context(benchmark: TinyBenchmark, work_dir: Path, seed: int = 0) -> BenchContext:
-    return BenchContext(
-        benchmark=benchmark,
-        ways=WAYS,
-        shots=SHOTS,
-        queries=QUERIES,
-        seed=seed,
-        work_dir=work_dir,
-        profile="quick",
-        device=torch.device("cpu"),
-        pretrained_backbone=lambda: None,
-        progress=False,
-    )
+    return tiny_context(benchmark, work_dir, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=seed)
 
 
 @pytest.mark.parametrize("config_class", CONFIGS)

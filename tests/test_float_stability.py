@@ -15,11 +15,9 @@ from dataclasses import replace
 
 import learn2learn as l2l
 import pytest
-import torch
-from tiny_data import PatternImages, TinyBenchmark, pattern_split
+from tiny_data import PatternImages, TinyBenchmark, pattern_split, tiny_context
 
 from mtl_plugin.bench.methods import build_method
-from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,18 +43,7 @@ def _fit_and_evaluate(name: str, shift: float, work_dir) -> tuple[list[float], o
     benchmark = _benchmark(shift)
     method = build_method(name, "quick")
     method.config = replace(method.config, max_episodes=EPISODES, checkpoint_every=EPISODES)
-    context = BenchContext(
-        benchmark=benchmark,
-        ways=WAYS,
-        shots=SHOTS,
-        queries=QUERIES,
-        seed=0,
-        work_dir=work_dir,
-        profile="quick",
-        device=torch.device("cpu"),
-        pretrained_backbone=lambda: None,
-        progress=False,
-    )
+    context = tiny_context(benchmark, work_dir, ways=WAYS, shots=SHOTS, queries=QUERIES)
     method.fit(context)
     result = evaluate(
         method.predict, benchmark.val, EvaluationConfig(WAYS, SHOTS, QUERIES, TASKS, seed=0), progress=False

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_data import TinyBenchmark, pattern_split
+from tiny_data import TinyBenchmark, pattern_split, tiny_context
 
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.metanet import (
@@ -157,24 +157,14 @@ def test_a_few_updates_reduce_the_loss_on_a_tiny_task():
     assert losses[-1] < 0.8 * losses[0]
 
 
-def tiny_context(tmp_path, ways=3, shots=1) -> BenchContext:
+def metanet_context(tmp_path, ways=3, shots=1) -> BenchContext:
     dataset = pattern_split(6, 4, SIZE, seed=1, noise=0.3)
-    return BenchContext(
-        benchmark=TinyBenchmark(train=dataset, val=dataset, test=dataset, image_size=SIZE),
-        ways=ways,
-        shots=shots,
-        queries=2,
-        seed=0,
-        work_dir=tmp_path,
-        profile="quick",
-        device=torch.device("cpu"),
-        pretrained_backbone=lambda: None,
-        progress=False,
-    )
+    benchmark = TinyBenchmark(train=dataset, val=dataset, test=dataset, image_size=SIZE)
+    return tiny_context(benchmark, tmp_path, ways=ways, shots=shots, queries=2)
 
 
 def test_fit_checkpoints_resumes_and_predicts(tmp_path):
-    context = tiny_context(tmp_path)
+    context = metanet_context(tmp_path)
     method = MetaNet(TINY)
     method.fit(context)
     assert (tmp_path / "checkpoint.pt").exists() and len(method.losses) == TINY.max_episodes
@@ -192,7 +182,7 @@ def test_fit_checkpoints_resumes_and_predicts(tmp_path):
 
 def test_fit_rejects_more_ways_than_outputs(tmp_path):
     with pytest.raises(ValueError, match="max_ways"):
-        MetaNet(replace(TINY, max_ways=2)).fit(tiny_context(tmp_path, ways=3))
+        MetaNet(replace(TINY, max_ways=2)).fit(metanet_context(tmp_path, ways=3))
 
 
 def test_quick_profile_keeps_the_papers_architecture_and_optimiser():

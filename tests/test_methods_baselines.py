@@ -9,7 +9,7 @@ from pathlib import Path
 import learn2learn as l2l
 import pytest
 import torch
-from tiny_data import TinyBenchmark, pattern_split
+from tiny_data import TinyBenchmark, pattern_split, tiny_context
 from torch import nn
 
 from mtl_plugin.backbones import conv4
@@ -59,18 +59,15 @@ def tiny_backbone() -> nn.Module:
 
 
 def make_context(benchmark: TinyBenchmark, work_dir: Path, seed: int = 0) -> BenchContext:
-    return BenchContext(
-        benchmark=benchmark,
+    return tiny_context(
+        benchmark,
+        work_dir,
         ways=WAYS,
         shots=SHOTS,
         queries=QUERIES,
         seed=seed,
-        work_dir=work_dir,
-        profile="quick",
-        device=torch.device("cpu"),
         pretrained_backbone=tiny_backbone,
         backbone_name="conv4-tiny",
-        progress=False,
     )
 
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from test_pipeline import SIDE, tiny_benchmark  # noqa: F401 (fixture)
+from tiny_data import tiny_context
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.bench.methods.base import BenchContext
@@ -23,18 +24,14 @@ def context(tmp_path, name) -> BenchContext:
         torch.manual_seed(0)
         return conv4(in_channels=1, hidden=8, image_size=SIDE)
 
-    return BenchContext(
-        benchmark=tiny_benchmark(),
+    return tiny_context(
+        tiny_benchmark(),
+        tmp_path / name,
         ways=3,
         shots=1,
         queries=3,
-        seed=0,
-        work_dir=tmp_path / name,
-        profile="quick",
-        device=torch.device("cpu"),
         pretrained_backbone=pretrained,
         backbone_name="conv4",
-        progress=False,
     )
 
 

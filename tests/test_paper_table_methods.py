@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_data import TinyBenchmark, pattern_split, raising_at_call
+from tiny_data import TinyBenchmark, pattern_split, raising_at_call, tiny_context
 
 import mtl_plugin.bench.methods.episodic as episodic
 from mtl_plugin.backbones import conv4
@@ -50,18 +50,7 @@ def benchmark() -> TinyBenchmark:
 
 
 def make_context(benchmark: TinyBenchmark, work_dir: Path, shots: int = 2) -> BenchContext:
-    return BenchContext(
-        benchmark=benchmark,
-        ways=WAYS,
-        shots=shots,
-        queries=QUERIES,
-        seed=0,
-        work_dir=work_dir,
-        profile="quick",
-        device=torch.device("cpu"),
-        pretrained_backbone=lambda: None,
-        progress=False,
-    )
+    return tiny_context(benchmark, work_dir, ways=WAYS, shots=shots, queries=QUERIES)
 
 
 def images(count: int, seed: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import learn2learn as l2l
 import torch
 
+from mtl_plugin.bench.methods.base import BenchContext
+
 
 class PatternImages(torch.utils.data.Dataset):
     """(image, int label) pairs, as the real data sets give them."""
@@ -54,3 +56,14 @@ def raising_at_call(function, call: int, error=KeyboardInterrupt):
         return function(*args, **kwargs)
 
     return wrapper
+
+
+def tiny_context(benchmark, work_dir, *, ways: int, shots: int, queries: int, **fields) -> BenchContext:
+    """A bench context for tiny data: the quick profile on the CPU, seed 0, no progress bars and
+    no pretrained backbone unless ``fields`` (any other :class:`BenchContext` field) say otherwise."""
+    defaults = dict(
+        seed=0, profile="quick", device=torch.device("cpu"), pretrained_backbone=lambda: None, progress=False
+    )
+    return BenchContext(
+        benchmark=benchmark, work_dir=work_dir, ways=ways, shots=shots, queries=queries, **{**defaults, **fields}
+    )
