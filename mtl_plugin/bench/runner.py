@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -220,16 +221,17 @@ def _pretrain_key(config: BenchConfig, benchmark) -> dict:
     }
 
 
-def _cell_key(config: BenchConfig, benchmark, method: str, shots: int) -> dict:
+def _cell_key(config: BenchConfig, benchmark, method: str, shots: int, method_config: Any) -> dict:
     # Everything that changes a cell's number: a cached cell is reused only if all match. The
-    # method's config too: a budget or setting changed in a new version must not reuse old cells.
+    # method's config too (that of the row built to run it): a budget or setting changed in a
+    # new version must not reuse old cells.
     return {
         **_pretrain_key(config, benchmark),
         "ways": config.ways,
         "shots": shots,
         "queries": config.queries,
         "method": method,
-        "method_config": asdict(build_method(method, config.profile).config),
+        "method_config": asdict(method_config),
         "profile": config.profile,
         "test_tasks": config.test_tasks,
         "backbone": config.backbone,
@@ -249,7 +251,13 @@ def work_dir(config: BenchConfig, benchmark, method: str, shots: int) -> Path:
         benchmark = get_benchmark(config.dataset, image_size=config.image_size, seed=config.seed)
         metrics = work_dir(config, benchmark, "mtl", 1) / "metrics.csv"
     """
-    key = {k: v for k, v in _cell_key(config, benchmark, method, shots).items() if k != "test_tasks"}
+    key = _cell_key(config, benchmark, method, shots, build_method(method, config.profile).config)
+    return _work_dir(config, method, shots, key)
+
+
+def _work_dir(config: BenchConfig, method: str, shots: int, cell_key: dict) -> Path:
+    """:func:`work_dir` from the cell's key, which all but the test-task count name."""
+    key = {k: v for k, v in cell_key.items() if k != "test_tasks"}
     return config.out / "work" / method / f"{config.ways}w{shots}s-{_digest(key)}"
 
 
@@ -263,19 +271,20 @@ def _cached_cell(path: Path, key: dict) -> dict | None:
 
 
 def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
-    key = _cell_key(config, benchmark, method_name, shots)
+    # Built first: its config keys the cell (and is what runs if the cell is not cached).
+    method = build_method(method_name, config.profile)
+    key = _cell_key(config, benchmark, method_name, shots, method.config)
     path = config.out / "cells" / f"{method_name}-{config.ways}w{shots}s-{_digest(key)}.json"
     cached = _cached_cell(path, key)
     if cached is not None:
         return cached
-    method = build_method(method_name, config.profile)
     context = BenchContext(
         benchmark=benchmark,
         ways=config.ways,
         shots=shots,
         queries=config.queries,
         seed=config.seed,
-        work_dir=work_dir(config, benchmark, method_name, shots),
+        work_dir=_work_dir(config, method_name, shots, key),
         profile=config.profile,
         device=device,
         pretrained_backbone=shared,
