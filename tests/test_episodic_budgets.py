@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tiny_data import TinyBenchmark, pattern_split, tiny_context
 
 from mtl_plugin.bench.methods.base import BenchContext
-from mtl_plugin.bench.methods.episodic import budget_decay, fit_episodically, train_episodes
+from mtl_plugin.bench.methods.episodic import budget_decay, fit_episodically, tail_average, train_episodes
 from mtl_plugin.bench.methods.maml import MAML, MAMLConfig
 from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
 from mtl_plugin.bench.methods.protonet import ProtoNetConv4, ProtoNetConv4Config
@@ -172,6 +172,72 @@ def test_budget_decay_is_off_by_default_and_checked():
     assert budget_decay(optimizer, MetaNetConfig()) is None
     with pytest.raises(ValueError, match="budget_decay=1.5"):
         budget_decay(optimizer, MetaNetConfig(budget_decay=1.5))
+
+
+@dataclass
+class AveragedProbe:
+    max_episodes: int = 10
+    checkpoint_every: int = 3
+    average_last: float = 0.4
+
+
+def averaged_run(benchmark, work_dir: Path, kill_at=None) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A 10-episode run averaging its last 4 iterates; the model and each episode's weights."""
+    config = AveragedProbe()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    iterates: list[torch.Tensor] = []
+
+    def step(tasks) -> float:
+        if kill_at is not None and len(iterates) == kill_at:
+            raise Killed
+        optimizer.zero_grad()
+        model(torch.tensor([[1.0, 2.0], [3.0, -1.0]])).pow(2).sum().backward()
+        optimizer.step()
+        iterates.append(torch.cat([t.detach().flatten().clone() for t in model.state_dict().values()]))
+        return 0.0
+
+    fit_episodically(
+        "probe",
+        make_context(benchmark, work_dir),
+        config,
+        step,
+        {"model": model, "optimizer": optimizer},
+        WAYS,
+        QUERIES,
+    )
+    return model, iterates
+
+
+def test_a_tail_average_ends_as_the_mean_of_the_last_iterates_and_resumes_into_it(benchmark, tmp_path):
+    model, iterates = averaged_run(benchmark, tmp_path / "whole")
+    state = model.state_dict()
+    flat = torch.cat([t.flatten().float() for t in state.values()])
+    expected = torch.stack(iterates[-4:]).mean(0)
+    floats = torch.cat([torch.full((t.numel(),), t.is_floating_point()) for t in state.values()])
+    # Parameters and batch-norm running statistics are the mean of episodes 6-9 ...
+    scale = expected[floats].abs().max()
+    torch.testing.assert_close(flat[floats], expected[floats], rtol=0, atol=1e-6 * scale)
+    assert not torch.allclose(flat[floats], iterates[-1][floats])
+    # ... and the batch counter is the last one's.
+    assert state["1.num_batches_tracked"] == 10
+    with pytest.raises(Killed):
+        averaged_run(benchmark, tmp_path / "killed", kill_at=8)  # the last checkpoint holds episode 6
+    resumed, _ = averaged_run(benchmark, tmp_path / "killed")
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), resumed.state_dict().values()))
+    # A finished run loads into the same average.
+    reused, none = averaged_run(benchmark, tmp_path / "whole")
+    assert none == [] and all(torch.equal(a, b) for a, b in zip(state.values(), reused.state_dict().values()))
+
+
+def test_a_tail_average_is_off_by_default_and_checked():
+    model = torch.nn.Linear(2, 1)
+    assert tail_average(model, MetaNetConfig()) is None
+    with pytest.raises(ValueError, match="average_last=1.5"):
+        tail_average(model, AveragedProbe(average_last=1.5))
+    with pytest.raises(ValueError, match=r"needs the model to average: pass it as state\['model'\]"):
+        tail_average(None, AveragedProbe())
 
 
 TINY_METANET = MetaNetConfig(

@@ -194,6 +194,6 @@ def test_quick_profile_keeps_the_papers_architecture_and_optimiser():
     assert (paper.augmented_layers, quick.augmented_layers) == (3, 2)
     # And a learned read scale with a decaying rate (the paper: softmax(cos), a constant rate).
     assert (paper.attention_scale, paper.budget_decay) == (None, 0.0)
-    assert (quick.attention_scale, quick.budget_decay) == (10.0, 1.0)
+    assert (quick.attention_scale, quick.budget_decay) == (10.0, 0.3)
     for config in (quick, paper):
         assert (config.lr, config.gradient_clip, config.gradient_k) == (1e-3, 10.0, 7.0)

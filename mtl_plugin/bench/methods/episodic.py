@@ -29,7 +29,15 @@ from mtl_plugin.training.io import atomic_save
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import load_checkpoint
 
-__all__ = ["EpisodicMethod", "budget_decay", "fit_episodically", "sample_episode", "train_episodes"]
+__all__ = [
+    "EpisodicMethod",
+    "TailAverage",
+    "budget_decay",
+    "fit_episodically",
+    "sample_episode",
+    "tail_average",
+    "train_episodes",
+]
 
 
 def train_episodes(
@@ -153,6 +161,9 @@ def fit_episodically(
         scheduler: a learning-rate schedule (:func:`budget_decay`) stepped after every
             episode and checkpointed with ``state``; ``None``: the rate stays.
 
+    If ``config.average_last`` is set, ``state["model"]`` ends as the mean of its weights over
+    that last fraction of the episodes (:func:`tail_average`), not as the last iterate.
+
     Returns:
         Every episode's loss.
 
@@ -181,14 +192,19 @@ def fit_episodically(
     }
     if scheduler is not None:
         state = {**state, "scheduler": scheduler}
+    average = tail_average(state.get("model"), config)
+    if average is not None:
+        state = {**state, "average": average}
 
     def scheduled_step(tasks) -> float:
         loss = step(tasks)
         if scheduler is not None:
             scheduler.step()
+        if average is not None:
+            average.update()
         return loss
 
-    return train_episodes(
+    losses = train_episodes(
         scheduled_step,
         make_tasks,
         state,
@@ -199,6 +215,9 @@ def fit_episodically(
         progress=context.progress,
         desc=name,
     )
+    if average is not None:
+        average.apply()
+    return losses
 
 
 def budget_decay(optimizer: torch.optim.Optimizer, config: Any) -> torch.optim.lr_scheduler.LambdaLR | None:
@@ -240,6 +259,96 @@ def budget_decay(optimizer: torch.optim.Optimizer, config: Any) -> torch.optim.l
         return 1.0 if episode < start else 0.5 * (1.0 + math.cos(math.pi * (episode - start) / decaying))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TailAverage:
+    """The mean of a model's weights over the episodes from ``start`` on (Polyak averaging).
+
+    Called once per episode, after the optimiser's step, :meth:`update` adds the model's
+    floating-point state (parameters and batch-norm running statistics) to a running mean
+    from episode ``start`` on; integer buffers keep their last value. :meth:`apply` loads the
+    mean into the model. It has ``state_dict``/``load_state_dict``: checkpoint it with the
+    model, and a resumed run averages exactly as one never interrupted.
+
+    Args:
+        model: the model being trained.
+        start: the first episode (counted from 0) whose weights enter the mean.
+
+    Example::
+
+        average = TailAverage(model, start=240)
+        for episode in range(300):
+            ...; optimizer.step(); average.update()
+        average.apply()                     # model now holds the mean of episodes 240-299
+    """
+
+    def __init__(self, model: nn.Module, start: int):
+        self.model, self.start = model, start
+        self.episode, self.count = 0, 0
+        self.mean: dict[str, torch.Tensor] = {}
+
+    def update(self) -> None:
+        """Count one episode; from ``start`` on, add the model's weights to the mean."""
+        self.episode += 1
+        if self.episode <= self.start:
+            return
+        self.count += 1
+        with torch.no_grad():
+            for key, value in self.model.state_dict().items():
+                if not value.is_floating_point():
+                    continue
+                if key in self.mean:
+                    self.mean[key] += (value - self.mean[key]) / self.count
+                else:
+                    self.mean[key] = value.detach().clone()
+
+    def apply(self) -> None:
+        """Load the mean into the model (nothing to do before episode ``start``)."""
+        if self.count:
+            self.model.load_state_dict({**self.model.state_dict(), **self.mean})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"episode": self.episode, "count": self.count, "mean": dict(self.mean)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.episode, self.count = state["episode"], state["count"]
+        self.mean = {key: value.clone() for key, value in state["mean"].items()}
+
+
+def tail_average(model: nn.Module | None, config: Any) -> TailAverage | None:
+    """A :class:`TailAverage` of ``model`` over the last ``config.average_last`` of the budget, if set.
+
+    The kept model is otherwise the last iterate: under a constant rate one full-size step of
+    a noisy trajectory, whose accuracy floats that differ in the last bit (another CPU,
+    another thread count) move by more than the confidence interval. The mean of the last
+    iterates sits near the centre of where the trajectory wanders (Polyak & Juditsky 1992;
+    stochastic weight averaging, Izmailov et al. 2018), without slowing the learning as a
+    decaying rate does.
+
+    Args:
+        model: the model being trained (``None``: allowed only when nothing is averaged).
+        config: the method's config, with ``max_episodes`` and optionally ``average_last``
+            (a fraction in (0, 1]; 0 or missing: keep the last iterate).
+
+    Returns:
+        The average (checkpoint it with the model), or ``None`` to keep the last iterate.
+
+    Raises:
+        ValueError: ``average_last`` outside [0, 1], or set without a model.
+
+    Example::
+
+        average = tail_average(model, config)    # average.update() after each optimizer.step()
+    """
+    fraction = getattr(config, "average_last", 0.0)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"average_last={fraction} must lie in [0, 1] (the fraction of the budget averaged)")
+    if fraction == 0.0:
+        return None
+    if model is None:
+        raise ValueError(f"average_last={fraction} needs the model to average: pass it as state['model']")
+    total = max(config.max_episodes, 1)
+    return TailAverage(model, start=total - max(round(fraction * total), 1))
 
 
 def sample_episode(tasks: Any, shots: int, device: torch.device) -> tuple[torch.Tensor, ...]:

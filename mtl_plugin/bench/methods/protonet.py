@@ -128,6 +128,9 @@ class ProtoNetConv4Config:
     # Snell et al. stop on validation loss; a fixed budget keeps runs comparable.
     max_episodes: int = 20000
     checkpoint_every: int = 500
+    # The fraction of the budget whose weights are averaged into the kept model (episodic.tail_average);
+    # 0: the last iterate (paper).
+    average_last: float = 0.0
 
     @classmethod
     def quick(cls) -> ProtoNetConv4Config:

@@ -83,6 +83,9 @@ class TADAMConfig:
     train_queries: int = 15
     max_episodes: int = 30_000
     checkpoint_every: int = 500
+    # The fraction of the budget whose weights are averaged into the kept model (episodic.tail_average);
+    # 0: the last iterate (paper).
+    average_last: float = 0.0
 
     @classmethod
     def quick(cls) -> TADAMConfig:

@@ -1,0 +1,86 @@
+"""benchmarks/float_spread.py: how far a row trained from scratch moves when its floats change."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from benchmark_scripts import loaded_script
+from tiny_data import TinyBenchmark, pattern_split
+
+from mtl_plugin.tasks import build_taskset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WAYS, SHOTS, QUERIES, SIZE = 3, 1, 2, 16
+
+
+@pytest.fixture(scope="module")
+def spread():
+    yield from loaded_script("float_spread.py")
+
+
+@pytest.fixture(scope="module")
+def benchmark() -> TinyBenchmark:
+    splits = {
+        name: pattern_split(4, SHOTS + QUERIES + 1, SIZE, seed=k, noise=0.5)
+        for k, name in enumerate(["train", "val", "test"])
+    }
+    return TinyBenchmark(**splits, image_size=SIZE)
+
+
+def test_a_shifted_split_gives_the_same_tasks_on_images_moved_by_the_shift(spread, benchmark):
+    moved = spread.shifted(benchmark.val, 1e-3)
+    assert moved.labels_to_indices == benchmark.val.labels_to_indices
+    x, y = build_taskset(benchmark.val, WAYS, SHOTS, QUERIES, seed=5).sample()
+    moved_x, moved_y = build_taskset(moved, WAYS, SHOTS, QUERIES, seed=5).sample()
+    assert torch.equal(y, moved_y)
+    torch.testing.assert_close(moved_x - x, torch.full_like(x, 1e-3), rtol=0, atol=1e-6)
+    assert spread.shifted(benchmark.val, 0.0) is benchmark.val
+
+
+def test_the_spread_is_largest_minus_smallest_against_the_widest_ci(spread):
+    runs = pd.DataFrame(
+        {
+            "method": ["maml"] * 3 + ["tadam"] * 2,
+            "shots": [1] * 5,
+            "accuracy": [40.0, 41.5, 40.5, 50.0, 52.0],
+            "ci95": [1.2, 1.0, 1.1, 1.0, 1.1],
+        }
+    )
+    table = spread.spread_table(runs)
+    assert table["spread"].tolist() == [1.5, 2.0]
+    assert table["ci95"].tolist() == [1.2, 1.1]
+    assert table["within CI"].tolist() == [False, False]
+    assert spread.spread_table(runs.assign(ci95=2.0))["within CI"].tolist() == [True, True]
+
+
+def test_a_fit_is_kept_with_its_result_and_a_rerun_only_reads_it(spread, benchmark, tmp_path, monkeypatch):
+    settings = {"max_episodes": 3, "checkpoint_every": 3, "train_queries": QUERIES}
+    kwargs = dict(work_dir=tmp_path, split="val", tasks=4, ways=WAYS, queries=QUERIES, seed=0, settings=settings)
+    first = spread.fit_and_validate("protonet-conv4", SHOTS, 1e-6, benchmark, **kwargs)
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("protonet-conv4-1shot-shift1e-06-")
+    assert json.loads(next(folder.glob("val-*.json")).read_text()) == first
+    monkeypatch.setattr(spread, "evaluate", lambda *a, **k: pytest.fail("evaluated a finished fit again"))
+    assert spread.fit_and_validate("protonet-conv4", SHOTS, 1e-6, benchmark, **kwargs) == first
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--methods", "protonet"], "--methods protonet: not a row trained from scratch"),
+        (["--set", "max_episodes"], "--set max_episodes: give FIELD=VALUE"),
+        (["--set", "lr=fast"], "--set lr=fast: give FIELD=VALUE"),
+        (["--methods", "maml", "--set", "nosuch=1"], "maml's config has no such field"),
+    ],
+)
+def test_bad_flags_exit_2_before_any_work(spread, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(spread, "get_benchmark", lambda *a, **k: pytest.fail("loaded data before checking the flags"))
+    with pytest.raises(SystemExit) as exit_info:
+        spread.main(flags, standalone_mode=False)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Error: ") and message in err and len(err.splitlines()) == 1
