@@ -88,8 +88,8 @@ class MAMLConfig:
           the meta-batch of 4: 68.6, 68.5 and 68.3 %. At 1-shot: 44.7, 45.8
           and 45.3 % (CI ± 1.1), 1.5 points below the earlier 46.8 on average.
 
-        Expected on one quiet CPU core: fitting takes about 50 s at 1 shot and
-        2 min at 5 shots; 300 test tasks of 5 ways and 15 queries 10-15 s.
+        Expected on one quiet CPU core: fitting takes about 1 min at 1 shot and
+        2 min at 5 shots; 300 test tasks of 5 ways and 15 queries 12-14 s.
         """
         return replace(
             cls.omniglot(),
