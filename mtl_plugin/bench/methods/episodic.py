@@ -220,6 +220,14 @@ def fit_episodically(
     return losses
 
 
+def _last_episodes(config: Any, field: str, what: str) -> int:
+    """How many of the budget's last episodes ``config.<field>`` (a fraction; missing: 0) covers, at least 1 if set."""
+    fraction = getattr(config, field, 0.0)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{field}={fraction} must lie in [0, 1] (the fraction of the budget {what})")
+    return 0 if fraction == 0.0 else max(round(fraction * max(config.max_episodes, 1)), 1)
+
+
 def budget_decay(optimizer: torch.optim.Optimizer, config: Any) -> torch.optim.lr_scheduler.LambdaLR | None:
     """The learning rate decayed to zero over the last ``config.budget_decay`` of the budget, if set.
 
@@ -246,14 +254,10 @@ def budget_decay(optimizer: torch.optim.Optimizer, config: Any) -> torch.optim.l
 
         scheduler = budget_decay(optimizer, config)   # scheduler.step() after each optimizer.step()
     """
-    fraction = getattr(config, "budget_decay", 0.0)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"budget_decay={fraction} must lie in [0, 1] (the fraction of the budget that decays)")
-    if fraction == 0.0:
+    decaying = _last_episodes(config, "budget_decay", "that decays")
+    if not decaying:
         return None
-    total = max(config.max_episodes, 1)
-    decaying = max(round(fraction * total), 1)
-    start = total - decaying
+    start = max(config.max_episodes, 1) - decaying
 
     def factor(episode: int) -> float:
         return 1.0 if episode < start else 0.5 * (1.0 + math.cos(math.pi * (episode - start) / decaying))
@@ -340,15 +344,12 @@ def tail_average(model: nn.Module | None, config: Any) -> TailAverage | None:
 
         average = tail_average(model, config)    # average.update() after each optimizer.step()
     """
-    fraction = getattr(config, "average_last", 0.0)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"average_last={fraction} must lie in [0, 1] (the fraction of the budget averaged)")
-    if fraction == 0.0:
+    averaged = _last_episodes(config, "average_last", "averaged")
+    if not averaged:
         return None
     if model is None:
-        raise ValueError(f"average_last={fraction} needs the model to average: pass it as state['model']")
-    total = max(config.max_episodes, 1)
-    return TailAverage(model, start=total - max(round(fraction * total), 1))
+        raise ValueError(f"average_last={config.average_last} needs the model to average: pass it as state['model']")
+    return TailAverage(model, start=max(config.max_episodes, 1) - averaged)
 
 
 def sample_episode(tasks: Any, shots: int, device: torch.device) -> tuple[torch.Tensor, ...]:
