@@ -9,8 +9,8 @@ accuracies, their spread (largest minus smallest) and its CI: a row is stable wh
 stays within the CI. The test split is never read.
 
 Fits live in ``--work-dir`` (one folder per row, shot setting and shift, named with a digest of
-the row's config), so a killed run resumes and a rerun only evaluates; each fit's result is
-kept beside it. Run one process per core with ``OMP_NUM_THREADS=1`` (the bench's setting) and
+the row's config), so a killed run resumes, and each fit's result is kept beside it for a
+rerun to read. Run one process per core with ``OMP_NUM_THREADS=1`` (the bench's setting) and
 give them different ``--methods`` or ``--shots``; a last run over everything prints the table.
 
     OMP_NUM_THREADS=1 python benchmarks/float_spread.py --shots 1 --shots 5 --runs 3 \\
