@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 
 from mtl_plugin.bench.methods import METHODS
-from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.mtl import MTLConfig
 from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
 from mtl_plugin.data import get_benchmark
@@ -43,19 +42,7 @@ def main() -> None:
                 method_class, _ = METHODS[name]
                 method = method_class(replace(MTLConfig.quick(), finetune_encoder_lr=lr))
                 work = config.out / "validation" / f"{name}-lr{lr:g}-{shots}s"
-                context = BenchContext(
-                    benchmark=benchmark,
-                    ways=config.ways,
-                    shots=shots,
-                    queries=config.queries,
-                    seed=config.seed,
-                    work_dir=work,
-                    profile=config.profile,
-                    device=torch.device("cpu"),
-                    pretrained_backbone=pretrained,
-                    backbone_name=config.backbone,
-                    progress=False,
-                )
+                context = config.context(benchmark, shots, work, torch.device("cpu"), pretrained)
                 method.fit(context)
                 curve = pd.read_csv(work / "metrics.csv").dropna(subset=["val_accuracy"])
                 for _, point in curve.iterrows():

@@ -446,19 +446,7 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
     plans = []
     for shots in config.shots:
         for row in args.rows:
-            context = BenchContext(
-                benchmark=benchmark,
-                ways=config.ways,
-                shots=shots,
-                queries=config.queries,
-                seed=config.seed,
-                work_dir=run_dir(out, row, shots),
-                profile=config.profile,
-                device=device,
-                pretrained_backbone=pretrained,
-                backbone_name=config.backbone,
-                progress=config.progress,
-            )
+            context = config.context(benchmark, shots, run_dir(out, row, shots), device, pretrained)
             plans.append((row, shots, METHODS[row][0](method_config), context))
     check_existing_runs(plans)
     meta = method_config.meta

@@ -32,7 +32,6 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl_plugin.bench.methods import build_method, list_methods, method_spec
-from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.runner import BenchConfig
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
@@ -124,19 +123,8 @@ def fit_and_validate(
     if result_file.exists():
         return json.loads(result_file.read_text())
     data = replace(benchmark, **{s: shifted(getattr(benchmark, s), shift) for s in ("train", "val", "test")})
-    context = BenchContext(
-        benchmark=data,
-        ways=ways,
-        shots=shots,
-        queries=queries,
-        seed=seed,
-        work_dir=work_dir,
-        profile="quick",
-        device=torch.device("cpu"),
-        pretrained_backbone=lambda: None,
-        backbone_name=QUICK.backbone,
-        progress=False,
-    )
+    bench = replace(QUICK, ways=ways, queries=queries, seed=seed)
+    context = bench.context(data, shots, work_dir, torch.device("cpu"), lambda: None, progress=False)
     work_dir.mkdir(parents=True, exist_ok=True)
     method.fit(context)
     evaluation = EvaluationConfig(ways, shots, queries, tasks, seed=seed)

@@ -29,7 +29,6 @@ import torch
 
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.bench.methods import build_method
-from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.training.io import atomic_save_figure
 
 __all__ = [
@@ -86,19 +85,7 @@ def learned_parameter_counts(config, benchmark, methods: Iterable[str]) -> dict[
     def architecture():
         return build_backbone(config.backbone, in_channels=benchmark.channels, image_size=benchmark.image_size)
 
-    context = BenchContext(
-        benchmark=benchmark,
-        ways=config.ways,
-        shots=config.shots[0],
-        queries=config.queries,
-        seed=config.seed,
-        work_dir=Path("."),
-        profile=config.profile,
-        device=torch.device("cpu"),
-        pretrained_backbone=architecture,
-        backbone_name=config.backbone,
-        progress=False,
-    )
+    context = config.context(benchmark, config.shots[0], Path("."), torch.device("cpu"), architecture, progress=False)
     counts = {}
     for name in methods:
         method = build_method(name, config.profile)

@@ -159,6 +159,36 @@ class BenchConfig:
         base = dict(profile="quick", dataset="kanji", backbone="conv4", test_tasks=300, image_size=28)
         return cls(**{**base, **changes})
 
+    def context(
+        self,
+        benchmark: Any,
+        shots: int,
+        work_dir: Path,
+        device: torch.device,
+        pretrained_backbone: Callable[[], nn.Module],
+        progress: bool | None = None,
+    ) -> BenchContext:
+        """The :class:`BenchContext` a row is fitted in: this config's ways, queries, seed, profile and
+        backbone at ``shots`` shots, with this config's ``progress`` unless ``progress`` is given.
+
+        Example::
+
+            context = config.context(benchmark, 1, out / "work" / "mtl", torch.device("cpu"), shared)
+        """
+        return BenchContext(
+            benchmark=benchmark,
+            ways=self.ways,
+            shots=shots,
+            queries=self.queries,
+            seed=self.seed,
+            work_dir=work_dir,
+            profile=self.profile,
+            device=device,
+            pretrained_backbone=pretrained_backbone,
+            backbone_name=self.backbone,
+            progress=self.progress if progress is None else progress,
+        )
+
 
 @dataclass
 class BenchResult:
@@ -278,19 +308,7 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     cached = _cached_cell(path, key)
     if cached is not None:
         return cached
-    context = BenchContext(
-        benchmark=benchmark,
-        ways=config.ways,
-        shots=shots,
-        queries=config.queries,
-        seed=config.seed,
-        work_dir=_work_dir(config, method_name, shots, key),
-        profile=config.profile,
-        device=device,
-        pretrained_backbone=shared,
-        backbone_name=config.backbone,
-        progress=config.progress,
-    )
+    context = config.context(benchmark, shots, _work_dir(config, method_name, shots, key), device, shared)
     start, pretraining_before = time.perf_counter(), shared.seconds
     method.fit(context)
     # The shared pretraining runs inside the first fit that asks for it; it is reported once,
