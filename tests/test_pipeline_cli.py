@@ -29,6 +29,40 @@ def invoke(command, args):
     return result.output
 
 
+def pretrained_and_meta_trained(tmp_path, *flags: str) -> dict:
+    """The ``best.pt`` of one meta-training iteration (with ``flags``) on a one-epoch pretraining, in ``tmp_path``."""
+    pretrain(
+        tiny_benchmark(),
+        PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3, val_queries=3),
+        tmp_path / "pre",
+        progress=False,
+    )
+    invoke(
+        pipeline_cli.meta_train_command,
+        [
+            "--pretrained",
+            str(tmp_path / "pre" / "best.pt"),
+            "--ways",
+            "3",
+            "--queries",
+            "3",
+            "--iterations",
+            "1",
+            "--inner-steps",
+            "1",
+            "--val-every",
+            "1",
+            "--val-tasks",
+            "2",
+            *flags,
+            "--out",
+            str(tmp_path / "meta"),
+            "--quiet",
+        ],
+    )
+    return torch.load(tmp_path / "meta" / "best.pt", weights_only=True)
+
+
 def test_pretrain_meta_train_evaluate(tmp_path, tiny_data):
     invoke(
         pipeline_cli.pretrain_command,
@@ -114,37 +148,7 @@ def test_pretrain_meta_train_evaluate(tmp_path, tiny_data):
 
 
 def test_kaiming_head_and_checkpoints_from_before_head_init(tmp_path, tiny_data):
-    pretrain(
-        tiny_benchmark(),
-        PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3, val_queries=3),
-        tmp_path / "pre",
-        progress=False,
-    )
-    invoke(
-        pipeline_cli.meta_train_command,
-        [
-            "--pretrained",
-            str(tmp_path / "pre" / "best.pt"),
-            "--ways",
-            "3",
-            "--queries",
-            "3",
-            "--iterations",
-            "1",
-            "--inner-steps",
-            "1",
-            "--val-every",
-            "1",
-            "--val-tasks",
-            "2",
-            "--head-init",
-            "kaiming",
-            "--out",
-            str(tmp_path / "meta"),
-            "--quiet",
-        ],
-    )
-    state = torch.load(tmp_path / "meta" / "best.pt", weights_only=True)
+    state = pretrained_and_meta_trained(tmp_path, "--head-init", "kaiming")
     assert state["config"]["head_init"] == "kaiming" and "head_weight" in state["learner"]
     # A checkpoint written before the option existed holds a Kaiming head and no head_init.
     del state["config"]["head_init"]
@@ -224,35 +228,7 @@ def test_pretrain_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_meta_train_records_its_ss_config_as_checkpoints_always_did(tmp_path, tiny_data):
-    pretrain(
-        tiny_benchmark(),
-        PretrainConfig(backbone="conv4", epochs=1, batch_size=16, val_tasks=2, val_ways=3, val_queries=3),
-        tmp_path / "pre",
-        progress=False,
-    )
-    invoke(
-        pipeline_cli.meta_train_command,
-        [
-            "--pretrained",
-            str(tmp_path / "pre" / "best.pt"),
-            "--ways",
-            "3",
-            "--queries",
-            "3",
-            "--iterations",
-            "1",
-            "--inner-steps",
-            "1",
-            "--val-every",
-            "1",
-            "--val-tasks",
-            "2",
-            "--out",
-            str(tmp_path / "meta"),
-            "--quiet",
-        ],
-    )
-    state = torch.load(tmp_path / "meta" / "best.pt", weights_only=True)
+    state = pretrained_and_meta_trained(tmp_path)
     # The keys of checkpoints written before SSConfig, so that their runs resume as the same model.
     assert set(state["model"]) == {"backbone", "in_channels", "image_size", "data", "encoder", "granularity", "bn"}
     model = state["model"]
