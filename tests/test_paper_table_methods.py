@@ -34,7 +34,15 @@ TINY = {
     ),
     "tadam": (
         TADAM,
-        replace(TADAMConfig.quick(), auxiliary=True, auxiliary_batch=8, lr=0.01, train_queries=2, max_episodes=3, checkpoint_every=1),
+        replace(
+            TADAMConfig.quick(),
+            auxiliary=True,
+            auxiliary_batch=8,
+            lr=0.01,
+            train_queries=2,
+            max_episodes=3,
+            checkpoint_every=1,
+        ),
     ),
 }
 
