@@ -120,9 +120,10 @@ class MetaLSTMConfig:
           and 66.2 % (spread 0.7, CI ± 1.1); 1-shot: 49.5, 50.1 and 50.5 %
           (spread 1.0, CI ± 1.3; at 600: 44.4 % mean).
 
-        Expected on one quiet CPU core: a quick cell (fit, then 300 test tasks of
-        5 ways and 15 queries) takes about as long as protonet-conv4's
-        (``benchmarks/paper_table_budgets.py``).
+        Expected on one quiet CPU core: at 600 episodes a quick cell (fit, then
+        300 test tasks of 5 ways and 15 queries) took about as long as
+        protonet-conv4's (``benchmarks/paper_table_budgets.py``); 1,200 double
+        the fit (not yet re-measured).
         """
         return replace(
             cls(),
