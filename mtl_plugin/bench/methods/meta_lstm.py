@@ -122,8 +122,8 @@ class MetaLSTMConfig:
 
         Expected on one quiet CPU core: at 600 episodes a quick cell (fit, then
         300 test tasks of 5 ways and 15 queries) took about as long as
-        protonet-conv4's (``benchmarks/paper_table_budgets.py``); 1,200 double
-        the fit (not yet re-measured).
+        protonet-conv4's (``benchmarks/paper_table_budgets.py``); at 1,200 the
+        fit is twice as long (not yet re-measured).
         """
         return replace(
             cls(),

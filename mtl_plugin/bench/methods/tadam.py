@@ -112,8 +112,9 @@ class TADAMConfig:
           65.9, 65.4 and 65.6 %, within the CI and 6 points higher.
 
         Expected on one quiet CPU core: a quick cell (fit, then 300 test tasks of
-        5 ways and 15 queries) takes about half to two thirds of protonet-conv4's
-        (``benchmarks/paper_table_budgets.py``).
+        5 ways and 15 queries) took about half to two thirds of protonet-conv4's
+        with co-training (``benchmarks/paper_table_budgets.py``; not yet
+        re-measured without it).
         """
         return replace(
             cls(),
