@@ -192,8 +192,9 @@ def test_quick_profile_keeps_the_papers_architecture_and_optimiser():
     # The departures its docstring gives: narrower conv layers, fewer augmented layers.
     assert (paper.filters, quick.filters) == (64, 32)
     assert (paper.augmented_layers, quick.augmented_layers) == (3, 2)
-    # And a learned read scale with a decaying rate (the paper: softmax(cos), a constant rate).
-    assert (paper.attention_scale, paper.budget_decay) == (None, 0.0)
-    assert (quick.attention_scale, quick.budget_decay) == (10.0, 0.3)
+    # And a learned read scale, a decaying rate and a tail mean (the paper: softmax(cos), a
+    # constant rate, the last iterate).
+    assert (paper.attention_scale, paper.budget_decay, paper.average_last) == (None, 0.0, 0.0)
+    assert (quick.attention_scale, quick.budget_decay, quick.average_last) == (30.0, 0.3, 0.25)
     for config in (quick, paper):
         assert (config.lr, config.gradient_clip, config.gradient_k) == (1e-3, 10.0, 7.0)
