@@ -150,7 +150,7 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **changes) -> BenchConfig:
-        """The whole table on the embedded data set on 2 CPU cores (20.5 minutes on an AMD EPYC
+        """The whole table on the embedded data set on 2 CPU cores (25 minutes on an AMD EPYC
         without AVX-512 as ``make bench`` runs it, two single-threaded processes; see the README's "Results").
 
         Every data set runs at 28 px in this profile (unless ``image_size`` is given): a folder of
