@@ -171,7 +171,7 @@ class MetaNetConfig:
         74.77 % (images unshifted) and 75.02 % (shifted by 1e-6) at 5-shot and
         50.96 % (unshifted) at 1-shot: over the five 5-shot fits, 73.88-75.02 %,
         a spread of 1.14 against a CI of 0.94 (a standard deviation of about
-        0.55 points between fits); over the four 1-shot fits, 0.66 against 1.32.
+        0.55 points between fits); over the four 1-shot fits, 0.66 against 1.36.
         Mean val accuracy of the three shifted fits: 51.0 % at 1-shot and 74.3 %
         at 5-shot (1,800 episodes, scale 10: 46.7 and 68.9 %).
 
