@@ -118,7 +118,12 @@ class MetaLSTMConfig:
           was still rising fast (mean of the three: 61.0 % at 600, 65.0 % at
           900 with a spread of 1.6 again, 66.5 % at 1,200). At 1,200: 66.6, 66.8
           and 66.2 % (spread 0.7, CI ± 1.1); 1-shot: 49.5, 50.1 and 50.5 %
-          (spread 1.0, CI ± 1.3; at 600: 44.4 % mean).
+          (spread 1.0, CI ± 1.3; at 600: 44.4 % mean). Five 5-shot fits on an
+          Intel Xeon (shifts 0 to 4e-6) read 65.2-67.1 % (spread 1.8, CI ± 1.1:
+          beyond it, a standard deviation of about 0.7 between fits), and the
+          cell moved 1.2 points between an AMD EPYC and that Xeon. No variant
+          tried there was steadier (five fits each or four): the decay over the
+          last half 1.4, 2,400 episodes 4.5, a rate of 2e-3 2.4.
 
         Expected on one quiet CPU core: at 600 episodes a quick cell (fit, then
         300 test tasks of 5 ways and 15 queries) took about as long as
