@@ -43,9 +43,15 @@ def test_a_user_loop_with_adam_reproduces_meta_train_step(head_init):
             torch.testing.assert_close(parameter, reference, rtol=1e-5, atol=1e-3 * mine["lr"] * STEPS)
     # Adam's moments agree as well, to the gradients' own scale: the user's optimiser is the trainer's.
     for mine, theirs in zip(optimizer.state_dict()["state"].values(), stepped.optimizer.state_dict()["state"].values()):
-        assert torch.equal(mine["step"], theirs["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-3, atol=1e-4 * float(theirs[key].abs().max()))
+        _assert_adam_state_close(mine, theirs)
+
+
+def _assert_adam_state_close(state: dict, reference: dict) -> None:
+    """One parameter's Adam state: the same step count; moments to 1e-3, and 1e-4 of the reference's largest."""
+    assert torch.equal(state["step"], reference["step"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        scale = float(reference[key].abs().max())
+        torch.testing.assert_close(state[key], reference[key], rtol=1e-3, atol=1e-4 * scale)
 
 
 def _optimised_names(learner: MetaTransferLearner) -> dict[str, int]:
@@ -83,10 +89,7 @@ def test_a_checkpoint_written_before_the_thin_learner_resumes_as_the_uninterrupt
     # so floats agree to their rounding (bit for bit on that CPU).
     pd.testing.assert_frame_equal(old_metrics, new_metrics, rtol=1e-4)
     for index, state in new["optimizer"]["state"].items():
-        assert torch.equal(state["step"], old["optimizer"]["state"][index]["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            reference = old["optimizer"]["state"][index][key]
-            torch.testing.assert_close(state[key], reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()))
+        _assert_adam_state_close(state, old["optimizer"]["state"][index])
     # Adam moves every coordinate by about lr a step whatever its gradient's size, so a coordinate
     # whose gradient is rounding noise (the last shift: an offset of every feature alike, which the
     # prototype head's distances cancel) steps with that noise's sign, which another CPU may flip:
