@@ -8,6 +8,14 @@ machine), evaluates every fit on the same seeded validation tasks, and prints ea
 accuracies, their spread (largest minus smallest) and its CI: a row is stable when the spread
 stays within the CI. The test split is never read.
 
+Beside the spread it prints the standard deviation between fits and what it implies, if fits
+scatter normally: the chance that two fits (two CPUs) differ by more than the CI. The spread of
+three to five fits is itself a rough measure (it grows with the number of fits), and so is a
+standard deviation from so few. Each fit's mean training loss over its last quarter of episodes
+is printed too: where the fits that reached a lower loss score higher, the spread is one of
+training progress (the fits are still learning, and rounding set their pace), not of luck in
+generalisation.
+
 Fits live in ``--work-dir`` (one folder per row, shot setting and shift, named with a digest of
 the row's config), so a killed run resumes, and each fit's result is kept beside it for a
 rerun to read. Run one process per core with ``OMP_NUM_THREADS=1`` (the bench's setting) and
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -129,25 +138,51 @@ def fit_and_validate(
     method.fit(context)
     evaluation = EvaluationConfig(ways, shots, queries, tasks, seed=seed)
     result = evaluate(method.predict, getattr(data, split), evaluation, progress=False)
-    row = {"method": name, "shots": shots, "shift": shift, "accuracy": result.mean, "ci95": result.ci95}
+    losses = getattr(method, "losses", [])
+    tail = losses[-max(len(losses) // 4, 1) :]
+    row = {
+        "method": name,
+        "shots": shots,
+        "shift": shift,
+        "accuracy": result.mean,
+        "ci95": result.ci95,
+        "tail_loss": sum(tail) / len(tail) if tail else None,
+    }
     result_file.write_text(json.dumps(row))
     return row
 
 
+def beyond_ci(sd: float, ci: float) -> float:
+    """The chance that two fits differ by more than ``ci`` if fits scatter normally with ``sd``.
+
+    Their difference is normal with standard deviation ``sd * sqrt(2)``, so the chance is
+    ``erfc(ci / (2 sd))``; 0 when the fits do not scatter at all.
+    """
+    return math.erfc(ci / (2 * sd)) if sd > 0 else 0.0
+
+
 def spread_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per row and shot setting: each run's accuracy, the spread (max - min) and the widest CI."""
+    """Per row and shot setting: each run's accuracy and training loss over its last quarter of
+    episodes (``-`` where the method keeps none), the spread (max - min), the standard deviation
+    between runs, the widest CI and :func:`beyond_ci` of the two."""
+    if "tail_loss" not in runs:
+        runs = runs.assign(tail_loss=None)
     rows = []
     for (name, shots), group in runs.groupby(["method", "shots"], sort=False):
         spread = group["accuracy"].max() - group["accuracy"].min()
+        sd = float(group["accuracy"].std(ddof=1))
         ci = group["ci95"].max()
         rows.append(
             {
                 "method": name,
                 "shots": shots,
                 "runs": " ".join(f"{a:.2f}" for a in group["accuracy"]),
+                "tail losses": " ".join("-" if pd.isna(x) else f"{x:.3f}" for x in group["tail_loss"]),
                 "spread": round(spread, 2),
+                "sd": round(sd, 2),
                 "ci95": round(ci, 2),
                 "within CI": bool(spread <= ci),
+                "P(two fits differ > CI)": round(beyond_ci(sd, ci), 2),
             }
         )
     return pd.DataFrame(rows)

@@ -55,12 +55,27 @@ def test_the_spread_is_largest_minus_smallest_against_the_widest_ci(spread):
     assert table["ci95"].tolist() == [1.2, 1.1]
     assert table["within CI"].tolist() == [False, False]
     assert spread.spread_table(runs.assign(ci95=2.0))["within CI"].tolist() == [True, True]
+    # The standard deviation between runs (n - 1), and the chance it gives two fits to differ by more than the CI.
+    assert table["sd"].tolist() == [0.76, 1.41]
+    assert table["P(two fits differ > CI)"].tolist() == [round(spread.beyond_ci(0.7637626, 1.2), 2), 0.58]
+    # Runs without a training loss (results kept before it was recorded) show "-".
+    assert table["tail losses"].tolist() == ["- - -", "- -"]
+    losses = spread.spread_table(runs.assign(tail_loss=[0.9, 0.8, None, 1.25, 1.0]))["tail losses"]
+    assert losses.tolist() == ["0.900 0.800 -", "1.250 1.000"]
+
+
+def test_two_fits_differ_beyond_the_ci_as_often_as_a_normal_difference_does(spread):
+    # The difference of two fits has standard deviation sd * sqrt(2): beyond 1.96 of those 5 % of the time.
+    assert spread.beyond_ci(0.5, 1.96 * 0.5 * 2**0.5) == pytest.approx(0.05, rel=1e-3)
+    assert spread.beyond_ci(0.5, 0.0) == 1.0
+    assert spread.beyond_ci(0.0, 1.0) == 0.0
 
 
 def test_a_fit_is_kept_with_its_result_and_a_rerun_only_reads_it(spread, benchmark, tmp_path, monkeypatch):
     settings = {"max_episodes": 3, "checkpoint_every": 3, "train_queries": QUERIES}
     kwargs = dict(work_dir=tmp_path, split="val", tasks=4, ways=WAYS, queries=QUERIES, seed=0, settings=settings)
     first = spread.fit_and_validate("protonet-conv4", SHOTS, 1e-6, benchmark, **kwargs)
+    assert first["tail_loss"] > 0  # the mean of its last quarter of episodes' losses (here one of three)
     (folder,) = tmp_path.iterdir()
     assert folder.name.startswith("protonet-conv4-1shot-shift1e-06-")
     assert json.loads(next(folder.glob("val-*.json")).read_text()) == first
