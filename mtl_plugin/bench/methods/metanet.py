@@ -182,7 +182,11 @@ class MetaNetConfig:
         kept. In both, the fits ranked by their training loss over the last
         quarter rank the same on val (at 5-shot but for two fits 0.01 points
         apart): what spreads is how far a fit got, a pace that rounding sets
-        while the fits are still learning.
+        while the fits are still learning. Three 5-shot fits (same Xeon) with
+        10 queries read 76.66-78.14 % (1.48 / 0.88), and with 5,400 episodes
+        (twice this budget) 78.46-80.44 % (1.98 / 0.83), each again ranked by
+        its final training loss: doubling the budget raised 5-shot accuracy by
+        about five points and did not bring its fits together.
 
         Every shot setting gets the same number of episodes: a 5-shot episode
         costs 1.7x a 1-shot one (more support examples through b, u, m and d),
