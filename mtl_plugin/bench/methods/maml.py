@@ -99,8 +99,9 @@ class MAMLConfig:
         rounding set how far it got. (The EPYC's three fits at 300
         had spread 1.07 and 0.29.)
 
-        Expected on one quiet CPU core: fitting takes about 4 min at 1 shot and
-        8 min at 5 shots; 300 test tasks of 5 ways and 15 queries 12-14 s.
+        Expected on one CPU core (the other busy, Intel Xeon, ``make bench``):
+        fitting takes about 3.5 min at 1 shot and 8 min at 5 shots; 300 test
+        tasks of 5 ways and 15 queries 10-14 s.
         """
         return replace(
             cls.omniglot(),

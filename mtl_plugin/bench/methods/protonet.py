@@ -158,7 +158,7 @@ class ProtoNetConv4Config:
         learning fast, and rounding set how far each got.
 
         Expected on one CPU core (the other busy, Intel Xeon): fitting takes
-        about 6 min at 1 shot and 8 min at 5 shots; 300 test tasks of 5 ways
+        about 6 min at 1 shot and 9 min at 5 shots; 300 test tasks of 5 ways
         and 15 queries take 8-10 s.
         """
         return cls(train_ways=20, train_queries=5, max_episodes=2400, checkpoint_every=50)
