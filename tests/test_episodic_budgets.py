@@ -11,11 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_data import TinyBenchmark, pattern_split, tiny_context
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from mtl_plugin.bench.methods.base import BenchContext
-from mtl_plugin.bench.methods.episodic import budget_decay, fit_episodically, tail_average, train_episodes
+from mtl_plugin.bench.methods.episodic import (
+    budget_decay,
+    fit_episodically,
+    sample_episode,
+    tail_average,
+    train_episodes,
+)
 from mtl_plugin.bench.methods.maml import MAML, MAMLConfig
-from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig
+from mtl_plugin.bench.methods.metanet import MetaNet, MetaNetConfig, MetaNetModel
 from mtl_plugin.bench.methods.protonet import ProtoNetConv4, ProtoNetConv4Config
 from mtl_plugin.tasks import build_taskset, split_support_query
 
@@ -254,6 +261,48 @@ TINY = {
     ),
     "metanet": (MetaNet, TINY_METANET),
 }
+
+
+def test_a_meta_batch_update_takes_the_mean_gradient_of_its_tasks(benchmark, tmp_path):
+    # No clipping, so that the update's gradient is the raw mean.
+    config = replace(TINY_METANET, meta_batch=2, max_episodes=1, gradient_clip=1e9)
+    seen: list[list[torch.Tensor]] = []
+
+    def record(optimizer, args, kwargs):
+        # u's classifier head reaches no key, so it gets no gradient: count that as zeros.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        seen.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        method = MetaNet(config)
+        method.fit(make_context(benchmark, tmp_path))
+    finally:
+        hook.remove()
+
+    # The same initial model and the first two tasks of episode 0's sampler (seed 0).
+    torch.manual_seed(0)
+    model = MetaNetModel(1, SIZE, config)
+    tasks = build_taskset(benchmark.train, WAYS, SHOTS, config.train_queries, seed=0)
+    losses = []
+    for _ in range(2):
+        support_x, support_y, query_x, query_y = sample_episode(tasks, SHOTS, torch.device("cpu"))
+        losses.append(F.cross_entropy(model(support_x, support_y, query_x, WAYS), query_y))
+    mean = (losses[0] + losses[1]) / 2
+    params = list(model.parameters())
+    expected = torch.autograd.grad(mean, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+    first_alone = torch.autograd.grad(losses[0], params, allow_unused=True, materialize_grads=True)
+
+    assert len(seen) == 1 and method.losses == pytest.approx([mean.item()], rel=1e-6)
+    norm = torch.cat([g.flatten() for g in expected]).norm()
+    for got, want in zip(seen[0], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * norm)
+    assert not all(torch.allclose(a, b) for a, b in zip(expected, first_alone)), "both tasks should count"
+
+
+def test_a_meta_batch_below_one_is_refused(benchmark, tmp_path):
+    with pytest.raises(ValueError, match=r"meta_batch=0 must be >= 1 \(tasks per update\)"):
+        MetaNet(replace(TINY_METANET, meta_batch=0)).fit(make_context(benchmark, tmp_path))
 
 
 @pytest.mark.parametrize("key", sorted(TINY))

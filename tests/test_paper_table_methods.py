@@ -249,6 +249,14 @@ def test_fit_and_predict(key, shots, benchmark, tmp_path):
     assert logits.shape == (WAYS, WAYS) and torch.isfinite(logits).all()
 
 
+def test_meta_lstm_refuses_a_task_of_other_ways_than_its_head(benchmark, tmp_path):
+    method_class, config = TINY["meta-lstm"]
+    method = method_class(replace(config, max_episodes=1))
+    method.fit(make_context(benchmark, tmp_path))
+    with pytest.raises(ValueError, match=r"ways=4, but this Meta-LSTM's learner has a 3-way head"):
+        method.predict(images(4, 0), torch.arange(4), images(2, 1), ways=4)
+
+
 class Killed(Exception):
     pass
 

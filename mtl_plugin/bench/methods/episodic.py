@@ -392,27 +392,36 @@ class EpisodicMethod(FewShotMethod):
         return nn.functional.cross_entropy(output, query_y)
 
     def fit(self, context: Any) -> None:
-        """Train ``build_model(context)`` with Adam at ``config.lr`` on ``config.max_episodes`` episodes
-        of ``config.train_queries`` queries (gradient norm clipped at ``config.gradient_clip`` if set,
-        the rate decayed to zero by :func:`budget_decay` if ``config.budget_decay``)."""
+        """Train ``build_model(context)`` with Adam at ``config.lr`` on ``config.max_episodes`` updates
+        of ``config.meta_batch`` tasks (missing: 1) of ``config.train_queries`` queries (gradient
+        norm clipped at ``config.gradient_clip`` if set, the rate decayed to zero by
+        :func:`budget_decay` if ``config.budget_decay``)."""
         config = self.config
         self.device = context.device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             model = self.build_model(context)
         model.to(context.device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trained, lr=config.lr)
         clip = getattr(config, "gradient_clip", None)
+        meta_batch = getattr(config, "meta_batch", 1)
+        if meta_batch < 1:
+            raise ValueError(f"meta_batch={meta_batch} must be >= 1 (tasks per update)")
 
         def step(tasks) -> float:
-            support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
-            loss = self.episode_loss(model(support_x, support_y, query_x, context.ways), query_y)
             optimizer.zero_grad()
-            loss.backward()
+            loss_sum = 0.0
+            # One backward per task: the mean's gradient, with one task's graph in memory at a time.
+            for _ in range(meta_batch):
+                support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
+                loss = self.episode_loss(model(support_x, support_y, query_x, context.ways), query_y) / meta_batch
+                loss.backward()
+                loss_sum += loss.item()
             if clip:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
+                nn.utils.clip_grad_norm_(trained, clip)
             optimizer.step()
-            return loss.item()
+            return loss_sum
 
         self.losses = fit_episodically(
             self.name,
