@@ -132,7 +132,11 @@ class MetaLSTMConfig:
           against a CI of 1.3, three fits). A meta-batch of 2 tasks per update
           (``meta_batch=2``; five 5-shot fits each, same Xeon) spread 2.8 over
           600 updates (63.6-66.4 %, the same tasks and cost as this profile) and
-          4.1 over 1,200 (68.0-72.1 %, twice the cost).
+          4.1 over 1,200 (68.0-72.1 %, twice the cost); the rate decayed over the
+          whole budget, 3.4 over three fits (60.6-64.0 %); the mean of the last
+          half of the weights (was a quarter), 64.8-66.7 % over eight fits (1.9
+          against 1.15, a standard deviation of 0.6 against 0.7: no clear gain;
+          1-shot 49.2-49.4 %, three fits).
 
         Expected on one quiet CPU core: at 600 episodes a quick cell (fit, then
         300 test tasks of 5 ways and 15 queries) took about as long as
