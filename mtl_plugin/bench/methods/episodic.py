@@ -1,4 +1,4 @@
-"""Episodic training shared by the methods trained from scratch (protonet-conv4, maml, metanet).
+"""Episodic training shared by the rows trained from scratch (maml, metanet, meta-lstm, ...).
 
 Bounded by a number of episodes (never by seconds, so that a seed gives the same model on one
 machine and thread count, and one within float rounding on another), checkpointed atomically in
