@@ -300,9 +300,11 @@ def test_a_meta_batch_update_takes_the_mean_gradient_of_its_tasks(benchmark, tmp
     assert not all(torch.allclose(a, b) for a, b in zip(expected, first_alone)), "both tasks should count"
 
 
-def test_a_meta_batch_below_one_is_refused(benchmark, tmp_path):
+@pytest.mark.parametrize("key", ["maml", "metanet"])
+def test_a_meta_batch_below_one_is_refused(key, benchmark, tmp_path):
+    method_class, config = TINY[key]
     with pytest.raises(ValueError, match=r"meta_batch=0 must be >= 1 \(tasks per update\)"):
-        MetaNet(replace(TINY_METANET, meta_batch=0)).fit(make_context(benchmark, tmp_path))
+        method_class(replace(config, meta_batch=0)).fit(make_context(benchmark, tmp_path))
 
 
 @pytest.mark.parametrize("key", sorted(TINY))

@@ -34,6 +34,7 @@ __all__ = [
     "TailAverage",
     "budget_decay",
     "fit_episodically",
+    "mean_task_update",
     "sample_episode",
     "tail_average",
     "train_episodes",
@@ -364,6 +365,50 @@ def sample_episode(tasks: Any, shots: int, device: torch.device) -> tuple[torch.
     return support_x, support_y, query_x, query_y
 
 
+def mean_task_update(
+    optimizer: torch.optim.Optimizer,
+    task_loss: Callable[[Any], torch.Tensor],
+    tasks: Any,
+    meta_batch: int = 1,
+    clip: float | None = None,
+) -> float:
+    """One optimiser step on the mean loss of ``meta_batch`` tasks drawn from ``tasks``.
+
+    Each task's loss is backpropagated as soon as it is computed, so the graph of one task at a
+    time stays in memory and the accumulated gradient is that of the mean.
+
+    Args:
+        optimizer: the optimiser to step (its gradients are zeroed first).
+        task_loss: ``tasks -> loss`` of one task it samples from ``tasks``.
+        tasks: the episode's task sampler.
+        meta_batch: tasks per update.
+        clip: if set, the gradient norm of the optimiser's parameters is clipped to it.
+
+    Returns:
+        The mean loss of the tasks.
+
+    Raises:
+        ValueError: ``meta_batch`` below 1.
+
+    Example::
+
+        def step(tasks) -> float:
+            return mean_task_update(optimizer, task_loss, tasks, meta_batch=4)
+    """
+    if meta_batch < 1:
+        raise ValueError(f"meta_batch={meta_batch} must be >= 1 (tasks per update)")
+    optimizer.zero_grad()
+    mean = 0.0
+    for _ in range(meta_batch):
+        loss = task_loss(tasks) / meta_batch
+        loss.backward()
+        mean += loss.item()
+    if clip:
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+    optimizer.step()
+    return mean
+
+
 class EpisodicMethod(FewShotMethod):
     """A method trained episodically from scratch whose ``model(support_x, support_y, query_x, ways)``
     gives the query logits; ``fit`` sets ``self.model``, ``self.device`` and ``self.losses``.
@@ -402,26 +447,16 @@ class EpisodicMethod(FewShotMethod):
             torch.manual_seed(context.seed)
             model = self.build_model(context)
         model.to(context.device).train()
-        trained = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trained, lr=config.lr)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
         clip = getattr(config, "gradient_clip", None)
         meta_batch = getattr(config, "meta_batch", 1)
-        if meta_batch < 1:
-            raise ValueError(f"meta_batch={meta_batch} must be >= 1 (tasks per update)")
+
+        def task_loss(tasks) -> torch.Tensor:
+            support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
+            return self.episode_loss(model(support_x, support_y, query_x, context.ways), query_y)
 
         def step(tasks) -> float:
-            optimizer.zero_grad()
-            loss_sum = 0.0
-            # One backward per task: the mean's gradient, with one task's graph in memory at a time.
-            for _ in range(meta_batch):
-                support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
-                loss = self.episode_loss(model(support_x, support_y, query_x, context.ways), query_y) / meta_batch
-                loss.backward()
-                loss_sum += loss.item()
-            if clip:
-                nn.utils.clip_grad_norm_(trained, clip)
-            optimizer.step()
-            return loss_sum
+            return mean_task_update(optimizer, task_loss, tasks, meta_batch, clip)
 
         self.losses = fit_episodically(
             self.name,

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from mtl_plugin.backbones import conv4
 from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
-from mtl_plugin.bench.methods.episodic import fit_episodically
-from mtl_plugin.tasks import split_support_query
+from mtl_plugin.bench.methods.episodic import fit_episodically, mean_task_update, sample_episode
 
 __all__ = ["MAML", "MAMLConfig"]
 
@@ -204,23 +203,13 @@ class MAML(FewShotMethod):
         self.maml = l2l.algorithms.MAML(model, lr=config.inner_lr, first_order=config.first_order)
         optimizer = torch.optim.Adam(self.maml.parameters(), lr=config.meta_lr)
 
+        def task_loss(tasks) -> torch.Tensor:
+            support_x, support_y, query_x, query_y = sample_episode(tasks, context.shots, context.device)
+            learner = self._adapted(support_x, support_y, config.train_steps, config.first_order)
+            return F.cross_entropy(learner(query_x), query_y)
+
         def step(tasks) -> float:
-            optimizer.zero_grad()
-            total = 0.0
-            for _ in range(config.meta_batch):
-                x, y = tasks.sample()
-                (support_x, support_y), (query_x, query_y) = split_support_query(x, y, context.shots)
-                learner = self._adapted(
-                    support_x.to(context.device), support_y.to(context.device), config.train_steps, config.first_order
-                )
-                # Backward per task: the graph of one task at a time stays in memory.
-                loss = (
-                    F.cross_entropy(learner(query_x.to(context.device)), query_y.to(context.device)) / config.meta_batch
-                )
-                loss.backward()
-                total += loss.item()
-            optimizer.step()
-            return total
+            return mean_task_update(optimizer, task_loss, tasks, config.meta_batch)
 
         self.losses = fit_episodically(
             self.name,
