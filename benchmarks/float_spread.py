@@ -6,7 +6,9 @@ each row's quick profile on the embedded kanji data several times, the images sh
 0, 1e-6, 2e-6, ... (a change of the floats as another CPU makes, cheaply and on one
 machine), evaluates every fit on the same seeded validation tasks, and prints each row's
 accuracies, their spread (largest minus smallest) and its CI: a row is stable when the spread
-stays within the CI. The test split is never read.
+stays within the CI. The test split is never read. A row whose config averages several fits
+(``fits``, as the bench's cells do) counts each mean of its fits as one run: the spread is then
+that of what its table cell holds.
 
 Beside the spread it prints the standard deviation between fits and what it implies, if fits
 scatter normally: the chance that two fits (two CPUs) differ by more than the CI. The spread of
@@ -40,10 +42,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from mtl_plugin.bench.methods import build_method, list_methods, method_spec
+from mtl_plugin.bench.methods import build_method, fit_count, list_methods, method_spec
 from mtl_plugin.bench.runner import BenchConfig
 from mtl_plugin.data import get_benchmark
-from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
 
 SHIFT = 1e-6
 # The bench's quick profile: kanji at 28 px, Conv4 for the rows that take a backbone by name.
@@ -123,10 +125,13 @@ def fit_and_validate(
     seed: int,
     settings: dict | None = None,
 ) -> dict:
-    """One fit of row ``name`` on data shifted by ``shift``; its accuracy on ``tasks`` tasks of ``split``."""
-    method = build_method(name, "quick")
-    method.config = replace(method.config, **(settings or {}))
-    digest = hashlib.sha256(json.dumps(asdict(method.config), sort_keys=True).encode()).hexdigest()[:10]
+    """One run of row ``name`` on data shifted by ``shift``: its accuracy on ``tasks`` tasks of ``split``.
+
+    A run is what the bench's cell holds: one fit, or the per-task mean of the fits a row's config
+    asks for (:func:`~mtl_plugin.bench.methods.fit_count`; each fit with its own seed and folder).
+    """
+    config = replace(build_method(name, "quick").config, **(settings or {}))
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     work_dir = work_dir / f"{name}-{shots}shot-shift{shift:g}-{digest}"
     result_file = work_dir / f"{split}-{ways}way-{tasks}tasks-{queries}queries-seed{seed}.json"
     if result_file.exists():
@@ -134,19 +139,27 @@ def fit_and_validate(
     data = replace(benchmark, **{s: shifted(getattr(benchmark, s), shift) for s in ("train", "val", "test")})
     bench = replace(QUICK, ways=ways, queries=queries, seed=seed)
     context = bench.context(data, shots, work_dir, torch.device("cpu"), lambda: None, progress=False)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    method.fit(context)
     evaluation = EvaluationConfig(ways, shots, queries, tasks, seed=seed)
-    result = evaluate(method.predict, getattr(data, split), evaluation, progress=False)
-    losses = getattr(method, "losses", [])
-    tail = losses[-max(len(losses) // 4, 1) :]
+    results, tails = [], []
+    for fit in range(fit_count(config)):
+        method = build_method(name, "quick")
+        method.config = config
+        fit_context = context.for_fit(fit)
+        fit_context.work_dir.mkdir(parents=True, exist_ok=True)
+        method.fit(fit_context)
+        results.append(evaluate(method.predict, getattr(data, split), evaluation, progress=False))
+        losses = getattr(method, "losses", [])
+        tail = losses[-max(len(losses) // 4, 1) :]
+        tails.append(sum(tail) / len(tail) if tail else None)
+    result = EvaluationResult.mean_of(results)
     row = {
         "method": name,
         "shots": shots,
         "shift": shift,
         "accuracy": result.mean,
         "ci95": result.ci95,
-        "tail_loss": sum(tail) / len(tail) if tail else None,
+        "tail_loss": None if None in tails else sum(tails) / len(tails),
+        "fit_accuracies": [r.mean for r in results],
     }
     result_file.write_text(json.dumps(row))
     return row
@@ -191,7 +204,13 @@ def spread_table(runs: pd.DataFrame) -> pd.DataFrame:
 @click.command()
 @click.option("--methods", multiple=True, help="rows to fit (default: every row trained from scratch)")
 @click.option("--shots", "shots_list", type=int, multiple=True, default=(1, 5), show_default=True)
-@click.option("--runs", type=click.IntRange(2), default=3, show_default=True, help="fits per row: shifts 0, 1e-6, ...")
+@click.option(
+    "--runs",
+    type=click.IntRange(2),
+    default=3,
+    show_default=True,
+    help="runs per row: shifts 0, 1e-6, ... (a run: one fit, or the mean of a row's `fits`)",
+)
 @click.option("--split", type=click.Choice(["val"]), default="val", show_default=True, help="never test")
 @click.option("--tasks", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--ways", type=click.IntRange(2), default=5, show_default=True)
@@ -210,7 +229,7 @@ def main(methods, shots_list, runs, split, tasks, ways, queries, seed, work_dir,
     benchmark = get_benchmark(QUICK.dataset, image_size=QUICK.image_size, seed=QUICK.seed, progress=False)
     print(
         f"float spread: {', '.join(rows)}, {ways}-way {'/'.join(map(str, shots_list))}-shot, "
-        f"{runs} fits each (images shifted by 0 to {(runs - 1) * SHIFT:g}), {tasks} {split} tasks, "
+        f"{runs} runs each (images shifted by 0 to {(runs - 1) * SHIFT:g}), {tasks} {split} tasks, "
         f"{torch.get_num_threads()} torch thread(s)" + (f"; quick config changed: {changes}" if changes else ""),
         flush=True,
     )

@@ -109,6 +109,35 @@ class EvaluationResult:
         """
         return self.mean > accuracy + _TIE
 
+    @classmethod
+    def mean_of(cls, results: list[EvaluationResult]) -> EvaluationResult:
+        """The per-task mean of several models' results on the same tasks.
+
+        The CI of the mean still counts the sampling of tasks only: averaging models narrows the
+        spread between training runs, which no single run's CI shows.
+
+        Args:
+            results: one result per model, all on the same tasks in the same order.
+
+        Returns:
+            A result whose accuracy on each task is the models' mean there; one result is
+            returned as it is.
+
+        Raises:
+            ValueError: no result, or results over different numbers of tasks.
+
+        Example::
+
+            fits = [evaluate(model.predict, benchmark.val, config) for model in models]
+            print(EvaluationResult.mean_of(fits))
+        """
+        if not results or len({len(r.accuracies) for r in results}) != 1:
+            counts = [len(r.accuracies) for r in results]
+            raise ValueError(f"results over {counts} tasks: give one or more results on the same tasks")
+        if len(results) == 1:
+            return results[0]
+        return cls([sum(task) / len(results) for task in zip(*(r.accuracies for r in results))])
+
     def as_dict(self) -> dict:
         """Mean, CI and task count, ready for JSON or a results table."""
         return {"accuracy": self.mean, "ci95": self.ci95, "std": self.std, "tasks": len(self.accuracies)}

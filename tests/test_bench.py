@@ -191,6 +191,64 @@ def test_a_method_whose_settings_changed_is_not_served_its_old_cell(data_home, m
     assert len(list((out / "work" / "protonet-conv4").iterdir())) == 2
 
 
+def test_a_row_that_averages_fits_reports_the_per_task_mean_of_fits_with_their_own_seeds(data_home, monkeypatch):
+    # metanet's quick profile averages 3 fits (its config's `fits`), evaluated on the same test tasks.
+    tiny = _tiny_budgets(bench_module.build_method)
+    contexts = []
+
+    def recording(name, profile):
+        method = tiny(name, profile)
+        fit = method.fit
+
+        def fit_and_record(context):
+            contexts.append(context)
+            fit(context)
+
+        method.fit = fit_and_record
+        return method
+
+    monkeypatch.setattr(bench_module, "build_method", recording)
+    out = data_home / "out"
+    result = run_bench(BenchConfig.quick(methods=("metanet",), out=out, **TINY), echo=lambda line: None)
+    assert [c.seed for c in contexts] == [0, 100_003, 200_006]
+    first = contexts[0].work_dir
+    assert [c.work_dir for c in contexts] == [
+        first,
+        first.with_name(f"{first.name}-fit2"),
+        first.with_name(f"{first.name}-fit3"),
+    ]
+    assert all(c.work_dir.is_dir() for c in contexts)
+    (cell_path,) = (out / "cells").glob("metanet-5w1s-*.json")
+    cell = json.loads(cell_path.read_text())
+    assert cell["fits"] == 3 and len(cell["fit_accuracies"]) == 3 and len(cell["accuracies"]) == 6
+    # The mean of per-task means is the mean of the fits' means (same tasks), up to float rounding.
+    assert cell["accuracy"] == pytest.approx(sum(cell["fit_accuracies"]) / 3, rel=1e-12)
+    assert result.table["1-shot"].iloc[0].endswith("(n=6, 3 fits)")
+    note = result.files["md"].read_text()
+    each = ", ".join(f"{a:.2f}" for a in cell["fit_accuracies"])
+    assert f"metanet: the mean of 3 fits on the same tasks; each fit: 1-shot {each}" in note
+    # A finished cell is read back, not fitted again.
+    contexts.clear()
+    again = run_bench(BenchConfig.quick(methods=("metanet",), out=out, **TINY), echo=lambda line: None)
+    assert contexts == [] and again.table.equals(result.table)
+
+
+def test_a_row_asking_for_no_fit_is_refused_before_the_shared_pretraining(data_home, monkeypatch):
+    real_build = bench_module.build_method
+
+    def no_fits(name, profile):
+        method = real_build(name, profile)
+        if name == "metanet":
+            method.config = replace(method.config, fits=0)
+        return method
+
+    monkeypatch.setattr(bench_module, "build_method", no_fits)
+    monkeypatch.setattr(bench_module, "pretrain", lambda *a, **k: pytest.fail("pretrained before checking fits"))
+    config = BenchConfig.quick(methods=("protonet", "metanet"), out=data_home / "out", **TINY)
+    with pytest.raises(ValueError, match=r"MetaNetConfig\(fits=0\): a cell averages 1 or more fits"):
+        run_bench(config, echo=lambda line: None)
+
+
 def test_a_corrupt_cell_is_recomputed(data_home):
     config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **TINY)
     first = run_bench(config, echo=lambda line: None)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tiny_data import TinyBenchmark, pattern_split, tiny_context
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from mtl_plugin.bench.methods.base import BenchContext
+from mtl_plugin.bench.methods.base import BenchContext, fit_count
 from mtl_plugin.bench.methods.episodic import (
     budget_decay,
     fit_episodically,
@@ -332,3 +332,21 @@ def test_trained_maml_support_loss_does_not_rise_over_its_test_steps(steps, benc
         assert len(losses) == config.test_steps + 1
         assert all(after <= before + 1e-3 for before, after in zip(losses, losses[1:])), losses
         assert losses[-1] < losses[0]
+
+
+def test_each_further_fit_of_a_cell_has_its_own_seed_below_2_32_and_its_own_folder(tmp_path):
+    context = tiny_context(None, tmp_path / "5w1s-abc", ways=5, shots=1, queries=2, seed=2**32 - 2)
+    assert context.for_fit(0) is context
+    second, third = context.for_fit(1), context.for_fit(2)
+    assert (second.seed, third.seed) == ((2**32 - 2 + 100_003) % 2**32, (2**32 - 2 + 200_006) % 2**32)
+    assert (second.work_dir.name, third.work_dir.name) == ("5w1s-abc-fit2", "5w1s-abc-fit3")
+    assert second.work_dir.parent == tmp_path and (second.shots, second.ways) == (1, 5)
+
+
+def test_a_row_is_fitted_as_often_as_its_config_says():
+    assert fit_count(MetaNetConfig()) == 1  # the paper's: one fit
+    assert fit_count(MetaNetConfig.quick()) == 3
+    assert fit_count(ProtoNetConv4Config.quick()) == 1  # no such field: one fit
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"MetaNetConfig\(fits={bad!r}\): a cell averages 1 or more fits"):
+            fit_count(replace(MetaNetConfig(), fits=bad))

@@ -83,6 +83,17 @@ def test_a_fit_is_kept_with_its_result_and_a_rerun_only_reads_it(spread, benchma
     assert spread.fit_and_validate("protonet-conv4", SHOTS, 1e-6, benchmark, **kwargs) == first
 
 
+def test_a_run_of_a_row_that_averages_fits_is_the_mean_its_bench_cell_holds(spread, benchmark, tmp_path):
+    settings = {"max_episodes": 3, "checkpoint_every": 3, "train_queries": QUERIES, "fits": 2}
+    kwargs = dict(work_dir=tmp_path, split="val", tasks=4, ways=WAYS, queries=QUERIES, seed=0, settings=settings)
+    run = spread.fit_and_validate("metanet", SHOTS, 0.0, benchmark, **kwargs)
+    assert len(run["fit_accuracies"]) == 2
+    assert run["accuracy"] == pytest.approx(sum(run["fit_accuracies"]) / 2, rel=1e-12)
+    # Each fit in its own folder, named as the bench names them.
+    first, second = sorted(tmp_path.iterdir())
+    assert second.name == f"{first.name}-fit2" and any(second.iterdir())
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

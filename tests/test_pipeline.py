@@ -373,3 +373,13 @@ def test_pretrain_trains_the_users_own_module(tmp_path):
     best = torch.load(tmp_path / "pre" / "best.pt", weights_only=True)
     assert best["model"]["backbone"] == "module:Sequential"
     assert all(torch.equal(best["backbone"][k], v) for k, v in mine.state_dict().items())
+
+
+def test_the_mean_of_several_results_is_their_per_task_mean():
+    first, second = EvaluationResult([60.0, 80.0, 40.0]), EvaluationResult([70.0, 80.0, 60.0])
+    assert EvaluationResult.mean_of([first, second]).accuracies == [65.0, 80.0, 50.0]
+    assert EvaluationResult.mean_of([first]) is first
+    with pytest.raises(ValueError, match=r"results over \[3, 2\] tasks"):
+        EvaluationResult.mean_of([first, EvaluationResult([50.0, 50.0])])
+    with pytest.raises(ValueError, match=r"results over \[\] tasks"):
+        EvaluationResult.mean_of([])

@@ -45,7 +45,7 @@ from mtl_plugin.bench.ablation_report import (
     learned_parameter_counts,
     plot_accuracy_vs_parameters,
 )
-from mtl_plugin.bench.methods import METHODS, build_method, method_spec
+from mtl_plugin.bench.methods import METHODS, build_method, fit_count, method_spec
 from mtl_plugin.bench.methods.ablation import ABLATION_SUITE
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.published import published_accuracy
@@ -60,7 +60,7 @@ from mtl_plugin.bench.sharing import (
 from mtl_plugin.checks import check_output_dir
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
-from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
 from mtl_plugin.training.distributed import WorkQueue
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.training.meta_training import plot_meta_curves
@@ -297,7 +297,10 @@ def _cached_cell(path: Path, key: dict) -> dict | None:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return cached if isinstance(cached, dict) and cached.get("key") == key else None
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return None
+    # Cells written before rows could average fits hold one fit.
+    return {"fits": 1, "fit_accuracies": [cached.get("accuracy")], **cached}
 
 
 def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
@@ -309,34 +312,59 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     if cached is not None:
         return cached
     context = config.context(benchmark, shots, _work_dir(config, method_name, shots, key), device, shared)
-    start, pretraining_before = time.perf_counter(), shared.seconds
-    method.fit(context)
-    # The shared pretraining runs inside the first fit that asks for it; it is reported once,
-    # on its own, rather than charged to whichever method came first.
-    fit_seconds = time.perf_counter() - start - (shared.seconds - pretraining_before)
     evaluation = EvaluationConfig(config.ways, shots, config.queries, config.test_tasks, config.seed)
-    start = time.perf_counter()
-    result = evaluate(
-        method.predict, benchmark.test, evaluation, progress=config.progress, description=f"{method_name} {shots}-shot"
-    )
-    result_seconds = time.perf_counter() - start
+    fits = fit_count(method.config)
+    results, fit_seconds, eval_seconds = [], 0.0, 0.0
+    for fit in range(fits):
+        method = method if fit == 0 else build_method(method_name, config.profile)
+        start, pretraining_before = time.perf_counter(), shared.seconds
+        method.fit(context.for_fit(fit))
+        # The shared pretraining runs inside the first fit that asks for it; it is reported once,
+        # on its own, rather than charged to whichever method came first.
+        fit_seconds += time.perf_counter() - start - (shared.seconds - pretraining_before)
+        start = time.perf_counter()
+        description = f"{method_name} {shots}-shot" + (f" fit {fit + 1}/{fits}" if fits > 1 else "")
+        results.append(
+            evaluate(method.predict, benchmark.test, evaluation, progress=config.progress, description=description)
+        )
+        eval_seconds += time.perf_counter() - start
+    result = EvaluationResult.mean_of(results)
     cell = {
         "key": key,
         **result.as_dict(),
         "accuracies": result.accuracies,
+        "fits": fits,
+        "fit_accuracies": [r.mean for r in results],
         "backbone": method.describe_backbone() or config.backbone,
         "fit_seconds": fit_seconds,
-        "eval_seconds": result_seconds,
+        "eval_seconds": eval_seconds,
     }
     atomic_write_text(path, json.dumps(cell, indent=1))
     return cell
 
 
+def _counts(cell) -> str:
+    """``n=300``, or ``n=300, 3 fits`` for the mean of several fits."""
+    return f"n={cell['tasks']}" + (f", {cell['fits']} fits" if cell["fits"] > 1 else "")
+
+
 def _cell_line(cell: dict, method: str, ways: int, shots: int) -> str:
     return (
         f"{method} {ways}-way {shots}-shot: {cell['accuracy']:.2f} ± {cell['ci95']:.2f} "
-        f"(n={cell['tasks']}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)"
+        f"({_counts(cell)}, fit {cell['fit_seconds']:.0f} s, eval {cell['eval_seconds']:.0f} s)"
     )
+
+
+def _fits_note(cells: pd.DataFrame) -> str:
+    """What each fit of the cells that average several scored, one line per such row."""
+    lines = []
+    for method, mine in cells[cells["fits"] > 1].groupby("method", sort=False):
+        each = "; ".join(
+            f"{cell['shots']}-shot " + ", ".join(f"{a:.2f}" for a in cell["fit_accuracies"])
+            for _, cell in mine.iterrows()
+        )
+        lines.append(f"{method}: the mean of {mine['fits'].iloc[0]} fits on the same tasks; each fit: {each}")
+    return "\n".join(lines)
 
 
 def _table(
@@ -358,7 +386,7 @@ def _table(
             row[LEARNED] = "—" if counts.get(method) is None else counts[method]
         for shots in config.shots:
             cell = mine[mine["shots"] == shots].iloc[0]
-            row[f"{shots}-shot"] = f"{cell['accuracy']:.2f} ± {cell['ci95']:.2f} (n={cell['tasks']})"
+            row[f"{shots}-shot"] = f"{cell['accuracy']:.2f} ± {cell['ci95']:.2f} ({_counts(cell)})"
         if standard:
             for shots in config.shots:
                 published = published_accuracy(dataset, method, config.ways, shots)
@@ -406,6 +434,8 @@ def _check_before_work(config: BenchConfig, benchmark) -> None:
     for shots in config.shots:
         check_tasks(benchmark, config.ways, shots + config.queries, splits=("val", "test"))
     check_backbone(config.backbone, benchmark.image_size)
+    for method in config.rows:
+        fit_count(build_method(method, config.profile).config)
     check_output_dir(config.out)
 
 
@@ -489,11 +519,12 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
         f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile; "
         f"wall-clock = fit + evaluation, without the shared pretraining ({shared.seconds:.0f} s this run)"
     )
-    note = (
+    published = (
         "published columns: other papers' numbers under their own protocols (mtl_plugin/bench/published.py), not ours"
         if benchmark.standard
         else ""
     )
+    note = "\n\n".join(part for part in (_fits_note(cells), published) if part)
     # Results only: timings differ between machines, the results must not.
     atomic_write_text(files["csv"], table.drop(columns=[WALL_CLOCK]).to_csv(index=False))
     atomic_write_text(

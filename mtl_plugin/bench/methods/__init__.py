@@ -11,7 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod
+from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod, fit_count
 from mtl_plugin.bench.methods.cosine_finetune import CosineFinetune, CosineFinetuneConfig
 from mtl_plugin.bench.methods.finetune import Finetune, FinetuneConfig
 from mtl_plugin.bench.methods.linear_probe import LinearProbe, LinearProbeConfig
@@ -39,6 +39,7 @@ __all__ = [
     "METHOD_NAMES",
     "MethodSpec",
     "build_method",
+    "fit_count",
     "list_methods",
     "method_spec",
     "register_method",

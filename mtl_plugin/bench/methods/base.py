@@ -1,8 +1,10 @@
 """The interface every benchmark method implements.
 
 ``mtl bench`` builds one :class:`BenchContext` per (data set, ways, shots),
-calls :meth:`FewShotMethod.fit` once, then :meth:`FewShotMethod.predict` on the
-same seeded test tasks for every method.
+calls :meth:`FewShotMethod.fit` once (once per fit, each in
+:meth:`BenchContext.for_fit`, for a row whose config asks for several: see
+:func:`fit_count`), then :meth:`FewShotMethod.predict` on the same seeded test
+tasks for every method.
 
 Example::
 
@@ -16,12 +18,45 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from mtl_plugin.checks import MAX_SEED
+
+# Fit k > 0 of a cell trains under seed + k * stride (mod 2**32): distinct from the seeds of the
+# neighbouring bench seeds' own fits (a user who runs seeds 0-4 gets 5 independent cells).
+FIT_SEED_STRIDE = 100_003
+
+
+def fit_count(config: Any) -> int:
+    """How many independent fits a bench cell of a row with ``config`` averages.
+
+    A row whose quick budget leaves its accuracy at the mercy of float rounding (another CPU
+    moves it by more than its CI) sets ``fits`` in its config; the cell is then the per-task
+    mean of that many fits on the same test tasks (see ``mtl bench``). Configs without the
+    field are fitted once.
+
+    Args:
+        config: a row's config dataclass.
+
+    Returns:
+        ``config.fits``, or 1 where the config has no such field.
+
+    Raises:
+        ValueError: ``fits`` that is not an integer of 1 or more.
+
+    Example::
+
+        fit_count(MetaNetConfig.quick())  # 3
+    """
+    fits = getattr(config, "fits", 1)
+    if isinstance(fits, bool) or not isinstance(fits, int) or fits < 1:
+        raise ValueError(f"{type(config).__name__}(fits={fits!r}): a cell averages 1 or more fits; give fits >= 1")
+    return fits
 
 
 @dataclass
@@ -41,6 +76,23 @@ class BenchContext:
     pretrained_backbone: Callable[[], nn.Module]
     backbone_name: str = "resnet12"
     progress: bool = True
+
+    def for_fit(self, fit: int) -> BenchContext:
+        """This context for a cell's fit number ``fit`` (from 0): the first is this context
+        itself; fit k > 0 trains under its own seed, ``seed + k * FIT_SEED_STRIDE`` modulo
+        2**32, in its own folder beside this one's (``<work_dir>-fit<k + 1>``).
+
+        Example::
+
+            second = context.for_fit(1)  # seed 100003 for the bench's seed 0
+        """
+        if fit == 0:
+            return self
+        return replace(
+            self,
+            seed=(self.seed + fit * FIT_SEED_STRIDE) % (MAX_SEED + 1),
+            work_dir=self.work_dir.with_name(f"{self.work_dir.name}-fit{fit + 1}"),
+        )
 
 
 class FewShotMethod(abc.ABC):

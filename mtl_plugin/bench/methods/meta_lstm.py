@@ -84,6 +84,8 @@ class MetaLSTMConfig:
     # The fraction of the budget whose weights are averaged into the kept model (episodic.tail_average);
     # 0: the last iterate (paper).
     average_last: float = 0.0
+    # Independent fits a bench cell averages (bench.methods.base.fit_count); 1: one fit, as a paper reports.
+    fits: int = 1
 
     @classmethod
     def quick(cls) -> MetaLSTMConfig:
@@ -152,6 +154,7 @@ class MetaLSTMConfig:
             checkpoint_every=100,
             budget_decay=0.2,
             average_last=0.25,
+            fits=3,
         )
 
 

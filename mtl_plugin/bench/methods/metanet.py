@@ -122,6 +122,8 @@ class MetaNetConfig:
     # The fraction of the budget whose weights are averaged into the kept model (episodic.tail_average);
     # 0: the last iterate (paper).
     average_last: float = 0.0
+    # Independent fits a bench cell averages (bench.methods.base.fit_count); 1: one fit, as a paper reports.
+    fits: int = 1
 
     @classmethod
     def quick(cls) -> MetaNetConfig:
@@ -216,6 +218,7 @@ class MetaNetConfig:
             attention_scale=30.0,
             budget_decay=0.3,
             average_last=0.25,
+            fits=3,
         )
 
 
