@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from mtl_plugin.bench.methods import build_method, fit_count, list_methods, method_spec
+from mtl_plugin.bench.methods import build_method, fit_count, fit_settings, list_methods, method_spec
 from mtl_plugin.bench.runner import BenchConfig
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
@@ -131,9 +131,13 @@ def fit_and_validate(
     asks for (:func:`~mtl_plugin.bench.methods.fit_count`; each fit with its own seed and folder).
     """
     config = replace(build_method(name, "quick").config, **(settings or {}))
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    fits = fit_count(config)
+    # The folder is named by what makes one fit, so that a run asking for more fits reuses those
+    # already trained; the result file, the mean of the fits, by their number.
+    digest = hashlib.sha256(json.dumps(fit_settings(config), sort_keys=True).encode()).hexdigest()[:10]
     work_dir = work_dir / f"{name}-{shots}shot-shift{shift:g}-{digest}"
-    result_file = work_dir / f"{split}-{ways}way-{tasks}tasks-{queries}queries-seed{seed}.json"
+    mean_of = f"-{fits}fits" if fits > 1 else ""
+    result_file = work_dir / f"{split}-{ways}way-{tasks}tasks-{queries}queries-seed{seed}{mean_of}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     data = replace(benchmark, **{s: shifted(getattr(benchmark, s), shift) for s in ("train", "val", "test")})
@@ -141,7 +145,7 @@ def fit_and_validate(
     context = bench.context(data, shots, work_dir, torch.device("cpu"), lambda: None, progress=False)
     evaluation = EvaluationConfig(ways, shots, queries, tasks, seed=seed)
     results, tails = [], []
-    for fit in range(fit_count(config)):
+    for fit in range(fits):
         method = build_method(name, "quick")
         method.config = config
         fit_context = context.for_fit(fit)

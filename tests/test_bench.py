@@ -231,6 +231,21 @@ def test_a_row_that_averages_fits_reports_the_per_task_mean_of_fits_with_their_o
     contexts.clear()
     again = run_bench(BenchConfig.quick(methods=("metanet",), out=out, **TINY), echo=lambda line: None)
     assert contexts == [] and again.table.equals(result.table)
+    # Asking for more fits trains only the new one: the first three are reused as they are.
+    checkpoints = {path: (path / "checkpoint.pt").read_bytes() for path in (first, *first.parent.glob("*-fit*"))}
+
+    def four_fits(name, profile):
+        method = recording(name, profile)
+        method.config = replace(method.config, fits=4)
+        return method
+
+    monkeypatch.setattr(bench_module, "build_method", four_fits)
+    more = run_bench(BenchConfig.quick(methods=("metanet",), out=out, **TINY), echo=lambda line: None)
+    assert [c.work_dir for c in contexts] == [*sorted(checkpoints), first.with_name(f"{first.name}-fit4")]
+    assert {path: (path / "checkpoint.pt").read_bytes() for path in checkpoints} == checkpoints
+    (four,) = (path for path in (out / "cells").glob("metanet-5w1s-*.json") if path != cell_path)
+    assert json.loads(four.read_text())["fit_accuracies"][:3] == cell["fit_accuracies"]
+    assert more.table["1-shot"].iloc[0].endswith("(n=6, 4 fits)")
 
 
 def test_a_row_asking_for_no_fit_is_refused_before_the_shared_pretraining(data_home, monkeypatch):

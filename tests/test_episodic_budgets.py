@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tiny_data import TinyBenchmark, pattern_split, tiny_context
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from mtl_plugin.bench.methods.base import BenchContext, fit_count
+from mtl_plugin.bench.methods.base import BenchContext, fit_count, fit_settings
 from mtl_plugin.bench.methods.episodic import (
     budget_decay,
     fit_episodically,
@@ -341,6 +341,14 @@ def test_each_further_fit_of_a_cell_has_its_own_seed_below_2_32_and_its_own_fold
     assert (second.seed, third.seed) == ((2**32 - 2 + 100_003) % 2**32, (2**32 - 2 + 200_006) % 2**32)
     assert (second.work_dir.name, third.work_dir.name) == ("5w1s-abc-fit2", "5w1s-abc-fit3")
     assert second.work_dir.parent == tmp_path and (second.shots, second.ways) == (1, 5)
+
+
+def test_a_fit_is_named_by_every_setting_but_the_number_of_fits_its_cell_averages():
+    quick = MetaNetConfig.quick()
+    assert fit_settings(quick) == fit_settings(replace(quick, fits=5))
+    assert fit_settings(quick) != fit_settings(replace(quick, lr=quick.lr / 2))
+    assert "fits" not in fit_settings(quick) and fit_settings(quick)["lr"] == quick.lr
+    assert fit_settings(ProtoNetConv4Config.quick()) == asdict(ProtoNetConv4Config.quick())  # no such field
 
 
 def test_a_row_is_fitted_as_often_as_its_config_says():

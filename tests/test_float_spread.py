@@ -92,6 +92,10 @@ def test_a_run_of_a_row_that_averages_fits_is_the_mean_its_bench_cell_holds(spre
     # Each fit in its own folder, named as the bench names them.
     first, second = sorted(tmp_path.iterdir())
     assert second.name == f"{first.name}-fit2" and any(second.iterdir())
+    # A run that asks for three fits trains only the third, beside the first two.
+    more = spread.fit_and_validate("metanet", SHOTS, 0.0, benchmark, **{**kwargs, "settings": {**settings, "fits": 3}})
+    assert more["fit_accuracies"][:2] == run["fit_accuracies"] and len(more["fit_accuracies"]) == 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == [first.name, second.name, f"{first.name}-fit3"]
 
 
 @pytest.mark.parametrize(

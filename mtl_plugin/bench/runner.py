@@ -45,7 +45,7 @@ from mtl_plugin.bench.ablation_report import (
     learned_parameter_counts,
     plot_accuracy_vs_parameters,
 )
-from mtl_plugin.bench.methods import METHODS, build_method, fit_count, method_spec
+from mtl_plugin.bench.methods import METHODS, build_method, fit_count, fit_settings, method_spec
 from mtl_plugin.bench.methods.ablation import ABLATION_SUITE
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.published import published_accuracy
@@ -281,13 +281,15 @@ def work_dir(config: BenchConfig, benchmark, method: str, shots: int) -> Path:
         benchmark = get_benchmark(config.dataset, image_size=config.image_size, seed=config.seed)
         metrics = work_dir(config, benchmark, "mtl", 1) / "metrics.csv"
     """
-    key = _cell_key(config, benchmark, method, shots, build_method(method, config.profile).config)
-    return _work_dir(config, method, shots, key)
+    method_config = build_method(method, config.profile).config
+    return _work_dir(config, method, shots, _cell_key(config, benchmark, method, shots, method_config), method_config)
 
 
-def _work_dir(config: BenchConfig, method: str, shots: int, cell_key: dict) -> Path:
-    """:func:`work_dir` from the cell's key, which all but the test-task count name."""
-    key = {k: v for k, v in cell_key.items() if k != "test_tasks"}
+def _work_dir(config: BenchConfig, method: str, shots: int, cell_key: dict, method_config: Any) -> Path:
+    """:func:`work_dir` from the cell's key less the test-task count and the number of fits
+    (:func:`~mtl_plugin.bench.methods.base.fit_settings`: a cell that averages more fits
+    reuses those already trained)."""
+    key = {k: v for k, v in cell_key.items() if k != "test_tasks"} | {"method_config": fit_settings(method_config)}
     return config.out / "work" / method / f"{config.ways}w{shots}s-{_digest(key)}"
 
 
@@ -311,7 +313,9 @@ def _run_cell(config, benchmark, method_name, shots, shared, device) -> dict:
     cached = _cached_cell(path, key)
     if cached is not None:
         return cached
-    context = config.context(benchmark, shots, _work_dir(config, method_name, shots, key), device, shared)
+    context = config.context(
+        benchmark, shots, _work_dir(config, method_name, shots, key, method.config), device, shared
+    )
     evaluation = EvaluationConfig(config.ways, shots, config.queries, config.test_tasks, config.seed)
     fits = fit_count(method.config)
     results, fit_seconds, eval_seconds = [], 0.0, 0.0

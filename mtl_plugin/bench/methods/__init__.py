@@ -11,7 +11,7 @@ Example::
 
 from __future__ import annotations
 
-from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod, fit_count
+from mtl_plugin.bench.methods.base import BenchContext, FewShotMethod, fit_count, fit_settings
 from mtl_plugin.bench.methods.cosine_finetune import CosineFinetune, CosineFinetuneConfig
 from mtl_plugin.bench.methods.finetune import Finetune, FinetuneConfig
 from mtl_plugin.bench.methods.linear_probe import LinearProbe, LinearProbeConfig
@@ -40,6 +40,7 @@ __all__ = [
     "MethodSpec",
     "build_method",
     "fit_count",
+    "fit_settings",
     "list_methods",
     "method_spec",
     "register_method",

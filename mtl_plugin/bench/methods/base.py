@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,6 +57,29 @@ def fit_count(config: Any) -> int:
     if isinstance(fits, bool) or not isinstance(fits, int) or fits < 1:
         raise ValueError(f"{type(config).__name__}(fits={fits!r}): a cell averages 1 or more fits; give fits >= 1")
     return fits
+
+
+def fit_settings(config: Any) -> dict:
+    """What makes one fit of a row with ``config``: every field but ``fits``.
+
+    A fit's checkpoint and work folder are named by these settings, not by the number of fits
+    its cell averages, so that raising ``fits`` from 3 to 5 reuses the three fits already
+    trained (fit k's seed and folder do not depend on the count either: see
+    :meth:`BenchContext.for_fit`).
+
+    Args:
+        config: a row's config dataclass.
+
+    Returns:
+        ``dataclasses.asdict(config)`` without its ``fits`` entry.
+
+    Example::
+
+        fit_settings(MetaLSTMConfig.quick()) == fit_settings(replace(MetaLSTMConfig.quick(), fits=5))  # True
+    """
+    settings = asdict(config)
+    settings.pop("fits", None)
+    return settings
 
 
 @dataclass

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from mtl_plugin.bench.methods.base import FewShotMethod
+from mtl_plugin.bench.methods.base import FewShotMethod, fit_settings
 from mtl_plugin.tasks import build_taskset, split_support_query
 from mtl_plugin.training.io import atomic_save
 from mtl_plugin.training.progress import progress_bar
@@ -185,7 +184,7 @@ def fit_episodically(
 
     fingerprint = {
         "method": name,
-        "config": asdict(config),
+        "config": fit_settings(config),
         "ways": ways,
         "shots": context.shots,
         "seed": context.seed,
