@@ -130,6 +130,21 @@ def test_meta_lstm_first_update_is_the_cell_update_on_the_learner_gradient():
     assert torch.allclose(model.adapt(support_x, support_y), expected, atol=1e-6)
 
 
+def test_meta_lstm_with_zero_head_starts_every_task_at_uniform_logits_and_learns_only_the_body():
+    torch.manual_seed(0)
+    model = MetaLSTMModel(1, SIZE, ways=3, config=MetaLSTMConfig(hidden=4, meta_hidden=3, updates=1, zero_head=True))
+    paper = MetaLSTMModel(1, SIZE, ways=3, config=MetaLSTMConfig(hidden=4, meta_hidden=3, updates=1))
+    head = sum(p.numel() for name, p in paper.learner.named_parameters() if name.startswith("head."))
+    assert model.initial.numel() == paper.initial.numel() - head
+    theta_0 = torch.cat([model.initial.detach(), torch.zeros(head)])
+    support_x, support_y = images(6, 0), torch.tensor([0, 0, 1, 1, 2, 2])
+    logits = model.learner_logits(theta_0, support_x)
+    assert torch.equal(logits, torch.zeros(6, 3))  # support loss ln 3, whatever the body
+    query_loss = F.cross_entropy(model(support_x, support_y, images(6, 1)), support_y)
+    query_loss.backward()
+    assert model.initial.grad.abs().sum() > 0
+
+
 def test_meta_lstm_meta_gradient_skips_second_order_terms():
     # θ_1 = f ⊙ θ_0 - i ⊙ g with g (and the loss) treated as inputs: dθ_1/dθ_0 is diagonal,
     # f + θ_0 f (1 - f) w_F,θ - g i (1 - i) w_I,θ, with no Hessian of the learner's loss.
