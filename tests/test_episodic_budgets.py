@@ -312,7 +312,7 @@ def test_checkpoints_load_without_running_code(key, benchmark, tmp_path):
     method_class, config = TINY[key]
     method_class(config).fit(make_context(benchmark, tmp_path))
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert saved["fingerprint"]["config"] == asdict(config)
+    assert saved["fingerprint"]["config"] == fit_settings(config)
     assert saved["episode"] == config.max_episodes and saved["finished"]
 
 
