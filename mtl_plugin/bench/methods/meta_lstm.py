@@ -278,6 +278,7 @@ class MetaLSTMModel(nn.Module):
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> torch.Tensor:
         """θ_T after ``config.updates`` meta-learner steps on the support set (graph kept to θ_0)."""
+        # conv4 registers its head last, so the head's zeros go at the end of the flat vector.
         theta = torch.cat([self.initial, self.initial.new_zeros(self.head_size)])
         n, p = theta.numel(), self.config.preprocess_p
         state = (theta.new_zeros(n, self.config.meta_hidden), theta.new_zeros(n, self.config.meta_hidden))
