@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--shots", default="1", help="comma-separated shot settings")
     args = parser.parse_args()
     config = BenchConfig.quick(out=args.out, progress=False)
-    benchmark = get_benchmark(config.dataset, root=config.root, image_size=config.image_size, seed=config.seed)
+    benchmark = get_benchmark(
+        config.dataset, root=config.root, image_size=config.image_size, data_seed=config.data_seed
+    )
     pretrained = shared_pretraining(config, benchmark, torch.device("cpu"))
     rows = []
     for shots in (int(s) for s in args.shots.split(",")):

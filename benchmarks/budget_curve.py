@@ -435,7 +435,11 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
     csv_path = Path(args.csv) if args.csv else out / "budget-curve" / "budget-curve.csv"
     png_path = Path(args.png) if args.png else out / "budget-curve" / "budget-curve.png"
     benchmark = get_benchmark(
-        config.dataset, root=config.root, image_size=config.image_size, seed=config.seed, **config.dataset_options
+        config.dataset,
+        root=config.root,
+        image_size=config.image_size,
+        data_seed=config.data_seed,
+        **config.dataset_options,
     )
     for shots in config.shots:
         check_tasks(benchmark, config.ways, shots + config.queries, splits=("train", "val"))

@@ -44,7 +44,7 @@ def main(methods, shots, episodes, tasks, queries, seed):
     """Print validation accuracy and seconds per cell for each method and shot setting."""
     torch.set_num_threads(1)
     budgets = {name: int(n) for name, n in (item.split("=") for item in episodes)}
-    benchmark = get_benchmark("kanji", image_size=28, seed=seed, progress=False)
+    benchmark = get_benchmark("kanji", image_size=28, data_seed=seed, progress=False)
     reference: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for shot in (int(s) for s in _split(shots)):

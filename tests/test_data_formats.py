@@ -170,7 +170,7 @@ def write_omniglot(root, alphabets=3, characters=6, drawers=3):
 
 def test_omniglot_uses_rotations_as_classes_and_disjoint_character_splits(tmp_path):
     write_omniglot(tmp_path)
-    bench = get_benchmark("omniglot", root=tmp_path, seed=3)
+    bench = get_benchmark("omniglot", root=tmp_path, data_seed=3)
     assert (bench.channels, bench.image_size) == (1, 28)
     names = {}
     for split in ("train", "val", "test"):
@@ -189,7 +189,7 @@ def test_omniglot_uses_rotations_as_classes_and_disjoint_character_splits(tmp_pa
     assert turned[0][0, 14:, :14].mean() > 0.1
     tasks = bench.taskset("test", ways=5, shots=1, queries=1, num_tasks=2, seed=0)
     assert tasks[0][0].shape == (10, 1, 28, 28)
-    unrotated = get_benchmark("omniglot", root=tmp_path, seed=3, rotations=False)
+    unrotated = get_benchmark("omniglot", root=tmp_path, data_seed=3, rotations=False)
     assert unrotated.num_train_classes * 4 == bench.num_train_classes
 
 

@@ -87,7 +87,7 @@ def tiny_kanji(monkeypatch, data_home):
     def benchmark(data, root, image_size, data_seed):
         if data == "kanji":
             return get_benchmark(
-                "kanji", root=root, image_size=image_size, seed=data_seed, progress=False, **TINY_KANJI
+                "kanji", root=root, image_size=image_size, data_seed=data_seed, progress=False, **TINY_KANJI
             )
         return real(data, root, image_size, data_seed)
 

@@ -86,6 +86,12 @@ _PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
     "--image-size", default=None, type=int, help=f"Image side in pixels, for every data set. {_default('image_size')}"
 )
 @click.option("--seed", default=None, type=SEED, help=f"Seed of the test tasks and of every method. {_default('seed')}")
+@click.option(
+    "--data-seed",
+    default=None,
+    type=SEED,
+    help=f"Seed of the data set's own draws (kanji generation, splits). {_default('data_seed')}",
+)
 @click.option("--out", default=None, type=click.Path(), help=f"Output folder, reused to resume. {_default('out')}")
 @click.option("--device", default=None, help=f"cpu, cuda or auto. {_default('device')}")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

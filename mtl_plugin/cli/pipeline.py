@@ -23,6 +23,7 @@ from mtl_plugin.backbones import check_backbone
 from mtl_plugin.checks import check_device, check_not_input, check_output_file
 from mtl_plugin.cli.base import SEED, Command
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
+from mtl_plugin.data.leak import check_unseen
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.hard_tasks.transform import MODES as HARD_TASK_MODES
@@ -51,7 +52,7 @@ def _benchmark(data: str, root: str | None, image_size: int | None, data_seed: i
 
     # get_benchmark checks the size too, in API terms; checked first so that the message names the flag.
     image_size_of(data, image_size, "--image-size")
-    return get_benchmark(data, root=root, image_size=image_size, seed=data_seed)
+    return get_benchmark(data, root=root, image_size=image_size, data_seed=data_seed)
 
 
 def _data_options(command):
@@ -321,6 +322,7 @@ def meta_train_command(
         check_tasks(bench, config.ways, config.shots + config.queries, splits=("train", "val"))
         if pretrained:
             check_backbone_fits(state["model"], bench, pretrained, "--pretrained")
+            check_unseen(state.get("classes"), bench, f"--pretrained {pretrained}")
             ss = SSConfig(granularity=granularity, output_scaling=output_scaling)
             info = dict(state["model"], **encoder_record(ss))
             model = build_pretrained(info)
@@ -347,6 +349,7 @@ def meta_train_command(
             override=override,
             progress=not quiet,
             model_info=info,
+            trained_classes=state.get("classes") if pretrained else None,
         )
     if distributed.is_main():
         click.echo(
@@ -443,6 +446,8 @@ def evaluate_command(
         bench = _benchmark(data, root, info["image_size"] if image_size is None else image_size, data_seed)
         check_backbone_fits(info, bench, checkpoint, "--checkpoint")
         check_tasks(bench, ways, shots + queries, splits=(split,))
+        if split != "train":
+            check_unseen(state.get("classes"), bench, f"--checkpoint {checkpoint}")
         if state["kind"] == META_KIND:
             learner = learner_from_checkpoint(state, checkpoint, "--checkpoint").to(device)
         else:

@@ -48,7 +48,7 @@ _LOADER_OPTIONS = {
 }
 # Options that change how the data is produced, not what it is.
 _HOW_LOADED = {"cache_dir", "workers", "progress"}
-# The data sets whose contents depend on get_benchmark's seed.
+# The data sets whose contents depend on get_benchmark's data_seed.
 _SEEDED = ("kanji", "omniglot")
 MIN_IMAGE_SIZE = 8
 # Far above any few-shot benchmark's (84 px; ImageNet models 224-518): larger is a typo or a damaged record,
@@ -248,7 +248,7 @@ def get_benchmark(
     name: str,
     root: str | os.PathLike | None = None,
     image_size: int | None = None,
-    seed: int = 0,
+    data_seed: int = 0,
     min_per_class: int | None = None,
     **options,
 ) -> FewShotBenchmark:
@@ -265,8 +265,11 @@ def get_benchmark(
             is downloaded); for kanji, the cache folder of the generated arrays.
         image_size: image side; default the data set's usual one (84 for mini/tiered-ImageNet
             and folders, 32 for CIFAR-FS/FC100, 28 for Omniglot and kanji).
-        seed: fixes what is drawn at random: the generated kanji and their class split, and
-            Omniglot's character split.
+        data_seed: part of the data set, as its name is: it fixes what the data set itself
+            draws at random (the generated kanji and their class split, Omniglot's character
+            split). Not a task seed: tasks are seeded where they are drawn
+            (:meth:`FewShotBenchmark.taskset`, :func:`~mtl_plugin.data.get_tasksets`), so that
+            every seed of an experiment sees the same classes in the same split.
         min_per_class: skip classes with fewer images (with a warning), e.g. ``shots + queries``;
             without it such a class raises an error when tasks are built.
         **options: for kanji, ``num_classes``, ``instances``, any other
@@ -288,6 +291,11 @@ def get_benchmark(
     """
     key = _canonical(name)
     unknown = set(options) - _LOADER_OPTIONS.get(key, set())
+    if "seed" in unknown:
+        raise UsageError(
+            "get_benchmark takes no seed: data_seed= is the data set's own draw (its classes and split); "
+            "seed the tasks where they are drawn, e.g. benchmark.taskset(..., seed=s)"
+        )
     if unknown:
         allowed = sorted(_LOADER_OPTIONS.get(key, set())) or "none"
         raise UsageError(f"{key}: unknown option(s) {sorted(unknown)}; accepted options: {allowed}")
@@ -296,7 +304,7 @@ def get_benchmark(
     if key == "kanji":
         # For kanji, root (if given) is the cache folder the generated arrays live in.
         kanji_options = dict(options, cache_dir=options.get("cache_dir", root))
-        splits, content = _kanji_splits(size, seed, kanji_options)
+        splits, content = _kanji_splits(size, data_seed, kanji_options)
     else:
         content = ""
         if root is None and key == "folder":
@@ -306,7 +314,7 @@ def get_benchmark(
             splits = {s: image_folder_split(folder, s) for s in ("train", "val", "test")}
             content = folder_content(folder, splits)
         else:
-            extra = dict(options, seed=seed) if key == "omniglot" else {}
+            extra = dict(options, seed=data_seed) if key == "omniglot" else {}
             splits = {s: read_split(key, folder, s, **extra) for s in ("train", "val", "test")}
     if min_per_class is not None:
         splits = {s: _drop_small(d, min_per_class, s, key) for s, d in splits.items()}
@@ -324,7 +332,8 @@ def get_benchmark(
     )
     settings = {k: v for k, v in options.items() if k not in _HOW_LOADED}
     if key in _SEEDED:
-        settings["seed"] = seed
+        # Recorded as "seed", the name earlier checkpoints and bench folders hold it under.
+        settings["seed"] = data_seed
     if min_per_class is not None:
         settings["min_per_class"] = min_per_class
     return FewShotBenchmark(

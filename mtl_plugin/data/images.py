@@ -75,6 +75,10 @@ class ArraySource:
     def __getitem__(self, index: int) -> Image.Image:
         return Image.fromarray(self.pixels[index])
 
+    def raw(self, index: int) -> bytes:
+        """The image as stored, for content digests."""
+        return self.pixels[index].tobytes()
+
     def describe(self, index: int) -> str:
         return f"{self.origin}[{index}]"
 
@@ -103,6 +107,10 @@ class EncodedSource:
             raise DataError(f"corrupt image {self.describe(index)}: {error}; replace the file") from error
         return _eight_bit(image)
 
+    def raw(self, index: int) -> bytes:
+        """The image as stored, for content digests."""
+        return bytes(self.blobs[index])
+
     def describe(self, index: int) -> str:
         return f"{self.origin}[{index}]"
 
@@ -130,6 +138,15 @@ class FileSource:
                 return _eight_bit(image.copy())
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise DataError(f"corrupt or unreadable image {path}: {error}; remove or replace it") from error
+
+    def raw(self, index: int) -> bytes:
+        """The image as stored, for content digests."""
+        try:
+            return self.paths[index].read_bytes()
+        except OSError as error:
+            raise DataError(
+                f"unreadable image {self.paths[index]}: {error}; fix its permissions or remove it"
+            ) from error
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])

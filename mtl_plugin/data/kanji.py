@@ -44,6 +44,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -632,9 +634,18 @@ def load_kanji(
         return KanjiData(pixels, list(manifest["code_points"]), sizes, manifest)
     if problem != "not generated yet":
         warnings.warn(f"kanji cache {path}: {problem}; generating it again", stacklevel=2)
+    start = time.perf_counter()
     data = generate_kanji(config, workers=workers, progress=progress)
     data.manifest = save_verified_array(
         path, data.pixels, dict(identity, code_points=data.code_points, split_sizes=list(data.split_sizes))
+    )
+    # Generation takes minutes for the full set: say once what was made, how long it took and where
+    # it is, so that a run that regenerates (new settings or data seed) is not a silent wait.
+    print(
+        f"kanji: generated {len(data.code_points):,} classes x {config.instances} images at "
+        f"{config.image_size} px (data seed {config.seed}) in {time.perf_counter() - start:.0f} s; "
+        f"cached in {path}",
+        file=sys.stderr,
     )
     return data
 

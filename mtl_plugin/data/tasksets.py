@@ -2,8 +2,10 @@
 
 A learn2learn script swaps its data line and keeps the rest:
 ``tasksets = get_tasksets("kanji", train_ways=5, train_samples=2, test_ways=5, test_samples=2)``.
-The tasks are seeded (every run and every method sees the same ones), and the number of
-images per class a task needs is checked against every split before anything trains.
+The tasks are seeded (every run and every method sees the same ones); the seed draws tasks
+only, never the data set's classes or their split, so :func:`~mtl_plugin.data.get_benchmark`
+with the same ``data_seed`` (default 0) gives the classes a pretraining must stay within. The
+number of images per class a task needs is checked against every split before anything trains.
 
 Example::
 
@@ -33,6 +35,7 @@ def get_tasksets(
     *,
     image_size: int | None = None,
     seed: int = 0,
+    data_seed: int = 0,
     **options,
 ) -> BenchmarkTasksets:
     """Train, validation and test ``Taskset``s of a data set, as learn2learn's ``get_tasksets`` returns them.
@@ -51,7 +54,9 @@ def get_tasksets(
         num_tasks: tasks per ``Taskset`` (-1: a new task at every sample).
         root: the data set's folder.
         image_size: image side; ``None``: the data set's usual one.
-        seed: fixes the tasks drawn.
+        seed: fixes the tasks drawn, and nothing else.
+        data_seed: the data set's own draw (see :func:`~mtl_plugin.data.get_benchmark`); pretrain
+            with the same one.
         **options: passed to :func:`~mtl_plugin.data.get_benchmark` (e.g. kanji's ``num_classes``).
 
     Returns:
@@ -75,7 +80,7 @@ def get_tasksets(
     ):
         if value < least:
             raise UsageError(f"{option}={value}: use {least} or more")
-    benchmark = get_benchmark(name, root=root, image_size=image_size, seed=seed, **options)
+    benchmark = get_benchmark(name, root=root, image_size=image_size, data_seed=data_seed, **options)
     check_tasks(benchmark, train_ways, train_samples, splits=("train",))
     check_tasks(benchmark, test_ways, test_samples, splits=("val", "test"))
     # queries=0: learn2learn's *_samples already counts support and query images together.

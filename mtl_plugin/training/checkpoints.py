@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
+from typing import Any
 
 import torch
 from torch import nn
 
+from mtl_plugin.data.leak import check_unseen
 from mtl_plugin.errors import DataError
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
@@ -148,7 +150,12 @@ def learner_from_checkpoint(state: dict, path: str | os.PathLike, argument: str 
 
 
 def load_learner(
-    path: str | os.PathLike, device: str | torch.device = "cpu", argument: str = "checkpoint"
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    argument: str = "checkpoint",
+    *,
+    benchmark: Any = None,
+    allow_seen_classes: bool = False,
 ) -> MetaTransferLearner:
     """The learner a meta-training checkpoint (``best.pt`` or ``last.pt``) was written by, with its weights.
 
@@ -157,6 +164,9 @@ def load_learner(
             given a ``model_info`` record (see the module's docstring).
         device: where the learner goes.
         argument: the name the caller gave ``path``, for the messages.
+        benchmark: the data the learner is to be evaluated on: none of its val or test classes
+            may be among the checkpoint's training classes (:func:`~mtl_plugin.data.leak.check_unseen`).
+        allow_seen_classes: skip that check, for a deliberate transfer study.
 
     Returns:
         The learner, its encoder rebuilt by the record (the backbone by name, SS with the
@@ -166,11 +176,15 @@ def load_learner(
         MissingDataError: no file at ``path``.
         DataError: an unreadable or unsafe file, not a meta-training checkpoint, one without a
             model record, or weights that do not fit the recorded model.
+        ClassLeakError: the learner was trained on a val or test class of ``benchmark``.
 
     Example::
 
-        learner = load_learner("runs/meta/best.pt", device="cuda")
-        result = evaluate(learner.predict, get_benchmark("kanji").test, EvaluationConfig(shots=1))
+        benchmark = get_benchmark("kanji")
+        learner = load_learner("runs/meta/best.pt", device="cuda", benchmark=benchmark)
+        result = evaluate(learner.predict, benchmark.test, EvaluationConfig(shots=1))
     """
     state = check_learner_checkpoint(read_checkpoint(path, argument), path, argument)
+    if benchmark is not None:
+        check_unseen(state.get("classes"), benchmark, f"{argument} {path}", allow_seen_classes)
     return learner_from_checkpoint(state, path, argument).to(device)

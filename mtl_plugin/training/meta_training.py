@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from mtl_plugin.data.benchmark import benchmark_identity
+from mtl_plugin.data.leak import check_unseen, class_record, merge_records
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.meta_config import MetaTrainConfig
@@ -230,6 +231,9 @@ def meta_train(
     model_info: dict | None = None,
     overwrite: bool = False,
     override: bool = False,
+    *,
+    trained_classes: dict | None = None,
+    allow_seen_classes: bool = False,
 ) -> MetaTrainResult:
     """Meta-train ``learner`` on ``benchmark.train``, validating on ``benchmark.val``.
 
@@ -266,11 +270,16 @@ def meta_train(
             first checkpoint (a run that fails before that leaves it as it was).
         override: with ``resume``, continue under settings of the config that differ from
             the saved run's (other than the lrs and ``iterations``, which may always change).
+        trained_classes: the classes the encoder was trained on before, e.g. its pretraining
+            checkpoint's ``classes``; recorded with ``benchmark.train``'s in the checkpoints.
+        allow_seen_classes: skip the leak guard, for a deliberate transfer study.
 
     Returns:
         Where the run is and its best validation accuracy.
 
     Raises:
+        ClassLeakError: a val or test class of ``benchmark`` is in ``trained_classes`` or in its
+            train split (:func:`~mtl_plugin.data.leak.check_unseen`).
         UsageError: ``meta_batch`` (or ``hard_meta_batch``) is not a multiple of the processes;
             a run resumed by another number of processes; another process holds ``out_dir``
             (:func:`~mtl_plugin.training.run_log.hold_run_folder`);
@@ -294,9 +303,12 @@ def meta_train(
     # Before the folder is made. The train split is checked by build_taskset; check val now rather
     # than at the first validation.
     check_task_shape(benchmark.val, config.ways, config.shots + config.queries)
+    # Every class the learner has seen, its pretraining's and this run's: none may be a val or test class.
+    classes = merge_records(trained_classes, class_record(benchmark.train, getattr(benchmark, "name", None)))
+    check_unseen(classes, benchmark, "the learner", allow_seen_classes)
     # Held from before the folder is read to the end, so that no second run can mix its files in.
     with hold_run_folder(out_dir):
-        return _meta_train(learner, benchmark, out_dir, resume, progress, model_info, overwrite, override)
+        return _meta_train(learner, benchmark, out_dir, resume, progress, model_info, overwrite, override, classes)
 
 
 def _meta_train(
@@ -308,8 +320,9 @@ def _meta_train(
     model_info: dict | None,
     overwrite: bool,
     override: bool,
+    classes: dict,
 ) -> MetaTrainResult:
-    """:func:`meta_train` in its held run folder."""
+    """:func:`meta_train` in its held run folder; ``classes`` the learner's training classes."""
     config = learner.config
     previous = previous_run(out_dir, resume, overwrite, CHECKPOINT_KIND, "mtl meta-train", "meta-training run")
     stream = _TaskStream(benchmark.train, config)
@@ -398,6 +411,7 @@ def _meta_train(
                 "kind": CHECKPOINT_KIND,
                 "model": model,
                 "data": data,
+                "classes": classes,
                 "config": asdict(config),
                 "iteration": iteration,
                 "world_size": len(streams),

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from mtl_plugin.checks import check_seed
 from mtl_plugin.data.benchmark import benchmark_identity
+from mtl_plugin.data.leak import class_record
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
@@ -109,23 +110,31 @@ class PretrainConfig:
     label_smoothing: float = 0.0
 
     @classmethod
-    def quick(cls, backbone: str = "conv4", seed: int = 0) -> PretrainConfig:
+    def quick(
+        cls, backbone: str = "conv4", seed: int = 0, *, epochs: int = 40, steps_per_epoch: int = 100
+    ) -> PretrainConfig:
         """A CPU-sized run, the one ``mtl bench --profile quick`` shares between its rows: 4,000
         steps of 64 images (40 epochs of 100) at lr 0.1 with a cosine schedule, validated on 50
         tasks an epoch. On kanji (28 px, Conv4) it ends at 93 % training accuracy in about 5
-        minutes on 2 CPU threads, 10 on one (README "Results").
+        minutes on 2 CPU threads (docs/results.md).
+
+        Args:
+            backbone: the backbone's name.
+            seed: the run's seed.
+            epochs: the budget in epochs; the cosine schedule ends with it.
+            steps_per_epoch: steps of 64 images an epoch.
 
         Example::
 
-            backbone = pretrain(get_benchmark("kanji"), PretrainConfig.quick(), "runs/pretrain")
+            backbone = pretrain(get_benchmark("kanji"), PretrainConfig.quick(epochs=16), "runs/pretrain")
         """
         return cls(
             backbone=backbone,
-            epochs=40,
+            epochs=epochs,
             batch_size=64,
             lr=0.1,
             schedule="cosine",
-            steps_per_epoch=100,
+            steps_per_epoch=steps_per_epoch,
             val_tasks=50,
             seed=seed,
         )
@@ -398,6 +407,8 @@ def _pretrain(
         "image_size": benchmark.image_size,
         "data": benchmark_identity(benchmark),
     }
+    # The classes this backbone learns, by content: later stages check no val or test class is among them.
+    classes = class_record(benchmark.train, getattr(benchmark, "name", None))
     if previous is not None:
         _check_resumable(previous, config, info, override, log.last_path)
         distributed.check_same_job(previous.get("world_size", 1), log.last_path)
@@ -534,6 +545,7 @@ def _pretrain(
                     {
                         "kind": CHECKPOINT_KIND,
                         "model": info,
+                        "classes": classes,
                         "config": asdict(config),
                         "epoch": epoch,
                         "val_accuracy": result.mean,
@@ -545,6 +557,7 @@ def _pretrain(
                 {
                     "kind": CHECKPOINT_KIND,
                     "model": info,
+                    "classes": classes,
                     "config": asdict(config),
                     "epoch": epoch,
                     "world_size": ranks,

@@ -23,6 +23,7 @@ from torch import nn
 
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from mtl_plugin.data.leak import check_unseen
 from mtl_plugin.errors import DataError
 from mtl_plugin.training.io import read_checkpoint
 
@@ -127,12 +128,18 @@ def check_backbone_fits(info: dict, benchmark: Any, path: str | Path, option: st
         )
 
 
-def load_pretrained(path: str | Path, map_location: Any = "cpu") -> nn.Module:
+def load_pretrained(
+    path: str | Path, map_location: Any = "cpu", *, benchmark: Any = None, allow_seen_classes: bool = False
+) -> nn.Module:
     """The feature extractor saved in a pretrain ``best.pt``.
 
     Args:
         path: the ``best.pt`` written by :func:`pretrain` (or ``mtl pretrain``).
         map_location: where to load the weights.
+        benchmark: the data the backbone is to be meta-trained or evaluated on: none of its val
+            or test classes may be among the checkpoint's training classes
+            (:func:`~mtl_plugin.data.leak.check_unseen`).
+        allow_seen_classes: skip that check, for a deliberate transfer study.
 
     Returns:
         The backbone (no head), rebuilt by its recorded name, with the best epoch's weights.
@@ -140,12 +147,15 @@ def load_pretrained(path: str | Path, map_location: Any = "cpu") -> nn.Module:
     Raises:
         MissingDataError: no file at ``path``.
         DataError: an unreadable file, or not a pretrain ``best.pt``.
+        ClassLeakError: the backbone was trained on a val or test class of ``benchmark``.
 
     Example::
 
-        backbone = load_pretrained("runs/pretrain/best.pt")
+        backbone = load_pretrained("runs/pretrain/best.pt", benchmark=get_benchmark("kanji"))
     """
     state = check_pretrain_checkpoint(read_checkpoint(path, "checkpoint", map_location), path, "checkpoint")
+    if benchmark is not None:
+        check_unseen(state.get("classes"), benchmark, f"checkpoint {path}", allow_seen_classes)
     backbone = build_pretrained(state["model"])
     backbone.load_state_dict(state["backbone"])
     return backbone
