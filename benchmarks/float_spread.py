@@ -6,9 +6,10 @@ each row's quick profile on the embedded kanji data several times, the images sh
 0, 1e-6, 2e-6, ... (a change of the floats as another CPU makes, cheaply and on one
 machine), evaluates every fit on the same seeded validation tasks, and prints each row's
 accuracies, their spread (largest minus smallest) and its CI: a row is stable when the spread
-stays within the CI. The test split is never read. A row whose config averages several fits
-(``fits``, as the bench's cells do) counts each mean of its fits as one run: the spread is then
-that of what its table cell holds.
+stays within the CI. The test split is never read. A row whose config asks for several fits
+(``--set fits=3``, as a bench cell may) counts each mean of its fits as one run: the spread is
+then that of what such a table cell holds. What each row's profile measured:
+``docs/profiles.md``.
 
 Beside the spread it prints the standard deviation between fits and what it implies, if fits
 scatter normally: the chance that two fits (two CPUs) differ by more than the CI. The spread of
@@ -230,7 +231,7 @@ def main(methods, shots_list, runs, split, tasks, ways, queries, seed, work_dir,
     except ValueError as error:
         print(f"Error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    benchmark = get_benchmark(QUICK.dataset, image_size=QUICK.image_size, seed=QUICK.seed, progress=False)
+    benchmark = get_benchmark(QUICK.dataset, image_size=QUICK.image_size, data_seed=QUICK.data_seed, progress=False)
     print(
         f"float spread: {', '.join(rows)}, {ways}-way {'/'.join(map(str, shots_list))}-shot, "
         f"{runs} runs each (images shifted by 0 to {(runs - 1) * SHIFT:g}), {tasks} {split} tasks, "

@@ -23,7 +23,7 @@ Two more functions run in the same turns, for the ratio columns:
   meta-batch and BN mode.
 * a plain forward+backward of the bare backbone (all weights trainable, linear head, cross
   entropy) on all the meta-batch's images in one batch: ``vs plain`` = seconds per meta-step over
-  this (the ratio the former ``benchmarks/meta_step.py`` measured).
+  this.
 
 Every function of one (backbone, px, shots) group is warmed up (``torch.compile`` compiles
 there; ``warm-up s`` is that first call) and then timed in turns, ``--repeats`` times, so that

@@ -35,10 +35,10 @@ FIT_SEED_STRIDE = 100_003
 def fit_count(config: Any) -> int:
     """How many independent fits a bench cell of a row with ``config`` averages.
 
-    A row whose quick budget leaves its accuracy at the mercy of float rounding (another CPU
-    moves it by more than its CI) sets ``fits`` in its config; the cell is then the per-task
-    mean of that many fits on the same test tasks (see ``mtl bench``). Configs without the
-    field are fitted once.
+    A bench cell is one fit, as a paper reports. A config with a ``fits`` field may ask for
+    more: the cell is then the per-task mean of that many fits on the same test tasks (see
+    ``mtl bench``; ``benchmarks/float_spread.py --set fits=N`` measures how far such a mean
+    moves between CPUs). Configs without the field are fitted once.
 
     Args:
         config: a row's config dataclass.
@@ -51,7 +51,8 @@ def fit_count(config: Any) -> int:
 
     Example::
 
-        fit_count(MetaNetConfig.quick())  # 3
+        fit_count(MetaNetConfig.quick())                  # 1
+        fit_count(replace(MetaNetConfig.quick(), fits=3))  # 3
     """
     fits = getattr(config, "fits", 1)
     if isinstance(fits, bool) or not isinstance(fits, int) or fits < 1:

@@ -63,47 +63,19 @@ class MAMLConfig:
     def quick(cls) -> MAMLConfig:
         """1,200 meta-updates of 4 tasks for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
-        Departs from :meth:`omniglot` where minutes of training, not 60,000
-        meta-updates, call for it (each change picked on the validation split
-        of the embedded kanji data set, "wild" style):
+        Departs from :meth:`omniglot` where minutes of training, not 60,000 meta-updates, call for it:
 
-        * one inner step at test time, as in training (Omniglot: 3): a briefly
-          meta-trained initialisation overshoots after the step it was trained
-          for (5-way 5-shot validation accuracy after 230 updates with steps of
-          0.4: 66 % with 1 test step, 48 % with 3);
-        * an inner step size of 0.1 (Omniglot: 0.4), which learns faster per
-          meta-update here (after 300 updates, 52 % at 1 shot and 75 % at 5
-          shots; 0.4 gave 52 % after 450 updates and 66 % after 230);
-        * 32 filters (mini-ImageNet's width) and 5 queries per class (Omniglot:
-          K, mini-ImageNet: 15), about 3.5x cheaper per task;
-        * a meta-batch of 4 (Omniglot: 32), and the model kept is the mean of
-          the weights of the last 25 % of the meta-updates
-          (:func:`~mtl_plugin.bench.methods.episodic.tail_average`; Finn et al.:
-          the last iterate). With 600 meta-updates of 2 tasks (an earlier quick
-          profile) and the mean alone, three fits on shifted images (below)
-          spread 1.8 points at 5-shot on an AMD EPYC; with the meta-batch of 4,
-          0.3.
+        * ``test_steps=1`` (Omniglot: 3), as in training: a briefly meta-trained initialisation
+          overshoots after the step it was trained for;
+        * ``inner_lr=0.1`` (Omniglot: 0.4): learns faster per meta-update here;
+        * ``hidden=32`` (mini-ImageNet's width) and ``train_queries=5`` (Omniglot: K,
+          mini-ImageNet: 15): about 3.5x cheaper per task;
+        * ``meta_batch=4`` (Omniglot: 32) and ``average_last=0.25`` (Finn et al.: the last
+          iterate): a steadier meta-gradient and kept model than 2 tasks or the last iterate;
+        * ``max_episodes=1200``: where fits stop moving with the floats; shorter runs were still
+          learning fast when they stopped, and rounding set how far they got.
 
-        The budget is where fits stop moving with the floats: three fits on
-        images shifted by 0, 1e-6 and 2e-6 (``benchmarks/float_spread.py``, val,
-        300 tasks, an Intel Xeon) read, at 1-shot and 5-shot:
-
-        ==================  =========================  =========================
-        meta-updates of 4   1-shot: val %, spread/CI   5-shot: val %, spread/CI
-        ==================  =========================  =========================
-        300 (earlier)       44.5-46.5, 1.98 / 1.16     67.5-69.4, 1.88 / 0.91
-        600                 52.2-53.8, 1.61 / 1.18     75.9-76.3, 0.45 / 0.84
-        1,200 (this)        60.1-60.8, 0.70 / 1.27     83.0-83.2, 0.17 / 0.73
-        ==================  =========================  =========================
-
-        At 300 the fit with the lower training loss over the last quarter was
-        always ahead: the run was still learning fast when it stopped, and
-        rounding set how far it got. (The EPYC's three fits at 300
-        had spread 1.07 and 0.29.)
-
-        Expected on one CPU core (the other busy, Intel Xeon, ``make bench``):
-        fitting takes about 3.5 min at 1 shot and 8 min at 5 shots; 300 test
-        tasks of 5 ways and 15 queries 10-14 s.
+        Measurements: docs/profiles.md#maml
         """
         return replace(
             cls.omniglot(),

@@ -76,24 +76,15 @@ class MatchingNetConfig:
     def quick(cls) -> MatchingNetConfig:
         """600 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
-        Departs from the defaults where half a minute of training calls for it
-        (each change picked on the validation split of the embedded kanji data
-        set, 5-way, 150 tasks):
+        Departs from the defaults where half a minute of training calls for it:
 
-        * one read step of the attention LSTM (default: 5): after 600 episodes,
-          K = 5 gave 50 % at 1 shot and 37 % at 5 shots, below FCE switched off
-          (49 % and 59 %); K = 1 gave 53 % and 64 %;
-        * 5 queries per class in training (tests use 15);
-        * the model kept is the mean of the weights of the last 25 % of the episodes
-          (:func:`~mtl_plugin.bench.methods.episodic.tail_average`; the paper's:
-          the last iterate): three fits on images shifted by 0, 1e-6 and 2e-6
-          (``benchmarks/float_spread.py``) spread by 2.75 points at 5-shot with the
-          last iterate (CI ± 1.05), by 0.40 with the mean, and the mean scored 1.8
-          points higher; at 1-shot 0.76 (CI ± 1.3; last iterate: 0.95).
+        * ``read_steps=1`` (default: 5): after a short run, five read steps scored below FCE
+          switched off, and one step above it;
+        * ``train_queries=5`` (tests: 15): cheaper episodes;
+        * ``average_last=0.25`` (paper: the last iterate): the mean of the last quarter's weights
+          keeps the 5-shot cell within its CI when floats change, and scores higher.
 
-        Expected on one quiet CPU core: a quick cell (fit, then 300 test tasks of
-        5 ways and 15 queries) takes about half to two thirds of protonet-conv4's
-        (``benchmarks/paper_table_budgets.py``).
+        Measurements: docs/profiles.md#matchingnet
         """
         return replace(cls(), read_steps=1, train_queries=5, max_episodes=600, checkpoint_every=100, average_last=0.25)
 

@@ -93,95 +93,22 @@ class MetaLSTMConfig:
 
     @classmethod
     def quick(cls) -> MetaLSTMConfig:
-        """1,200 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
+        """1,200 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores); departs from the
+        paper where minutes of training call for it:
 
-        Departs from the paper where half a minute of training calls for it
-        (each change picked on the validation split of the embedded kanji data
-        set, 5-way, 150 tasks):
-
-        * a 16-filter learner (the paper's: 32): the meta-learner runs once per
-          learner parameter, so the learner's size sets the cost (7,300
-          parameters: 70 ms per task of 5 updates on one thread; 28,500: 205 ms);
-        * a meta-learning rate of 5e-3 (the paper's: 1e-3): the input gate
-          starts near e^-4.5, and 300 Adam steps of 1e-3 barely open it (1-shot:
-          30 % with 1e-3, 47 % with 5e-3);
-        * 5 queries per class in training (tests use 15);
-        * the meta-learning rate decayed to 0 on a half cosine over the last 20 %
-          of the episodes (the paper's: constant;
-          :func:`~mtl_plugin.bench.methods.episodic.budget_decay`): at a constant
-          rate the model kept was one full step of a noisy run, and one against
-          two torch threads moved 5-shot validation accuracy from 51.8 % to 50.0 %
-          (CI ± 1.1; with the decay: 52.2 % and 53.1 %);
-        * 600 episodes (was 300), and the model kept is the mean of the weights
-          of the last 25 % of them (:func:`~mtl_plugin.bench.methods.episodic.tail_average`):
-          at 300 the run idled near chance (query loss about 1.60, ln 5 = 1.61)
-          for half its budget and ended mid take-off, at a time set by float
-          rounding: three fits on images shifted by 0, 1e-6 and 2e-6
-          (``benchmarks/float_spread.py``, val) spread by 2.7 points at 1-shot
-          and 3.6 at 5-shot (CI ± 1.1). At 600: 0.8 at 1-shot (44.6, 44.7, 43.8 %)
-          and 1.6 at 5-shot (60.2, 61.8, 61.1 %, CI ± 1.1: still beyond it; 600
-          episodes without the mean: 0.2 and 2.0);
-        * 1,200 episodes (was 600): at 600 the 5-shot fits ended while accuracy
-          was still rising fast (mean of the three: 61.0 % at 600, 65.0 % at
-          900 with a spread of 1.6 again, 66.5 % at 1,200). At 1,200: 66.6, 66.8
-          and 66.2 % (spread 0.7, CI ± 1.1); 1-shot: 49.5, 50.1 and 50.5 %
-          (spread 1.0, CI ± 1.3; at 600: 44.4 % mean). Five 5-shot fits on an
-          Intel Xeon (shifts 0 to 4e-6) read 65.2-67.1 % (spread 1.8, CI ± 1.1:
-          beyond it, a standard deviation of about 0.7 between fits), and the
-          cell moved 1.2 points between an AMD EPYC and that Xeon. No variant
-          tried there was steadier (five fits each or four): the decay over the
-          last half 1.4, 2,400 episodes 4.5, a rate of 2e-3 2.4; 15 training
-          queries per class (the tests' count, so the batch statistics of the
-          queries come from as many images in training as at test time) raised
-          5-shot accuracy to 68.5-72.7 % but spread 4.2 (four fits), and with a
-          rate of 2e-3 69.7-72.3 % and 2.6 (five; 1-shot 49.2-50.6 %, 1.4
-          against a CI of 1.3, three fits). A meta-batch of 2 tasks per update
-          (``meta_batch=2``; five 5-shot fits each, same Xeon) spread 2.8 over
-          600 updates (63.6-66.4 %, the same tasks and cost as this profile) and
-          4.1 over 1,200 (68.0-72.1 %, twice the cost); the rate decayed over the
-          whole budget, 3.4 over three fits (60.6-64.0 %); the mean of the last
-          half of the weights (was a quarter), 64.8-66.7 % over eight fits (1.9
-          against 1.15, a standard deviation of 0.6 against 0.7: no clear gain;
-          1-shot 49.2-49.4 %, three fits).
-        * the mean of three fits (``fits=3``, each under its own seed; the first
-          is the single fit above): three such means on shifted images read
-          65.87, 65.21 and 65.25 % at 5-shot (spread 0.66 against a CI of 0.94;
-          the nine fits 63.52-66.58 %). The fits' spread within a seed (1.07
-          points) still gives a mean of three a chance of about 0.28 to move past
-          its CI on another CPU (a single fit: 0.54).
-        * the head of θ_0 zero and not meta-learned (``zero_head``; was learned,
-          as in the paper), and the mean of five fits (was three). Labels are
-          dealt to the head's rows at random in every task, so a learned
-          class-specific head start carries nothing a task can use and can only
-          make the learner's first prediction confidently wrong (the
-          permutation argument of Ye & Chao, ICLR 2022, and the "zeroing trick"
-          of Kao et al., ICLR 2022, both for MAML). In 24 fits without it
-          (5-shot, val, 8 seeds on images shifted by 0 to 2e-6) the support loss
-          at θ_0 grew from 1.6 to 5-9 over training; in one fit it reached 9 near
-          episode 700, the support loss after the five updates rose with it (1.29
-          against 0.43 in the same seed's fit on unshifted images), the training
-          loss climbed from 1.00 to 1.26, and the fit ended at 56.1 % against
-          63.5-67.3 % for the others. With the zero head (32 fits, 8 seeds on
-          images shifted by 0 to 3e-6): 64.8-71.1 %, mean 67.9 % (was 65.2 %), no
-          training loss (in blocks of a hundred episodes) rose more than 0.1
-          above its lowest before (the collapsed fit: 0.26), a standard
-          deviation within a seed of 0.87 points: the mean of five fits moves past
-          its CI on another CPU with chance about 0.10 (three: 0.21; eight: 0.04),
-          and four such means read 67.91, 67.13, 67.66 and 67.74 % (spread 0.77
-          against a CI of 0.86). 1-shot: nine fits (3 seeds, shifts 0 to
-          2e-6) 48.17-49.87 %, mean 49.12 % (the old profile's seed-0 fits:
-          49.32, 49.47 and 48.61 %), their means of three 48.63, 49.12 and
-          49.62 % (spread 0.99 against a CI of 1.15).
-        * the mean of eight fits (was five): the four runs of eight of those 32
-          fits read 67.99, 67.67, 68.01 and 67.88 % (spread 0.34 against a CI of
-          0.86), and the chance to move past the CI on another CPU falls to about
-          0.05, as for the other rows trained from scratch (``metanet``: eight
-          fits too).
-
-        Expected on one quiet CPU core: at 600 episodes a quick cell (fit, then
-        300 test tasks of 5 ways and 15 queries) took about as long as
-        protonet-conv4's (``benchmarks/paper_table_budgets.py``); at 1,200 the
-        fit is twice as long (not yet re-measured).
+        * ``hidden=16`` (paper: 32): the meta-learner runs once per learner parameter, so the
+          learner's size sets the cost;
+        * ``lr=5e-3`` (paper: 1e-3): the input gate starts near e^-4.5, and a short run at 1e-3
+          barely opens it; ``train_queries=5`` (tests: 15): cheaper episodes;
+        * ``max_episodes=1200``, ``budget_decay=0.2`` and ``average_last=0.25`` (paper: a constant
+          rate, the last iterate): shorter runs ended mid take-off, and the kept model is not one
+          full step of a noisy run, which rounding moves;
+        * ``zero_head=True`` (paper: a learned head start): labels are dealt to the head's rows at
+          random in every task, so a learned class-specific start can only make the learner's
+          first prediction confidently wrong (Ye & Chao, ICLR 2022; Kao et al., ICLR 2022);
+        * ``fits=1``: a bench cell is one fit, as a paper reports; how far a refit moves it is
+          measured once by ``benchmarks/float_spread.py`` (docs/stability.md).
+        Measurements: docs/profiles.md#meta-lstm
         """
         return replace(
             cls(),
@@ -193,7 +120,7 @@ class MetaLSTMConfig:
             budget_decay=0.2,
             average_last=0.25,
             zero_head=True,
-            fits=8,
+            fits=1,
         )
 
 

@@ -93,37 +93,27 @@ class FinetunedLayers(nn.Module):
 
 @dataclass
 class MTLConfig:
-    """Meta-training budget and SS options of the benchmark rows.
+    """Meta-training budget and SS options of the benchmark rows (the paper's settings by default).
 
-    ``meta`` holds the paper's settings (:class:`MetaTrainConfig`); ``ways``,
-    ``shots``, ``queries`` and ``seed`` are taken from the bench context (its
-    queries fit the data set's smallest class). ``ss`` holds the :class:`SSAdapter`
-    options (:class:`~mtl_plugin.ss_config.SSConfig`): its ``layers`` pick the
-    layers that get Φ (module names as ``named_modules()`` spells them; ``None``:
-    every layer, the paper's SS [Θ; θ]), and its ``granularity`` stays the paper's
-    ``"kernel"`` (:meth:`SSConfig.paper`), a scale per kernel on every conv, where
-    :class:`SSAdapter` defaults to ``"auto"`` (per channel on 1x1 convs: ResNet-12's
-    shortcuts). ``speedups`` choose how the encoder runs
-    (:class:`~mtl_plugin.speedups.Speedups`); they change no result beyond float
-    tolerance unless they set ``autocast``.
-
-    ``adapt`` and ``blocks`` say what the outer loop learns besides θ (Sun et al. 2019,
-    Section 5.2; the ablation rows are presets of them):
-
-    * ``adapt="ss"`` (the paper's MTL): Φ on the frozen backbone, on every layer SS adapts
-      (``blocks="all"``, or the ``ss.layers`` given) or on the last block only
-      (``blocks="last"``: :func:`~mtl_plugin.ss.last_block`, unless ``ss.layers`` names modules);
-    * ``adapt="finetune"``: the pretrained weights themselves (:class:`FinetunedLayers`), at
-      ``finetune_encoder_lr``: every one (``"all"``), the last block's (``"last"``, or the
-      ``ss.layers`` given) or none, θ alone (``"none"``).
+    Attributes:
+        meta: the meta-training settings (:class:`MetaTrainConfig`); the bench context sets
+            ``ways``, ``shots``, ``queries`` and ``seed``.
+        ss: the :class:`SSAdapter` options: the paper's ``"kernel"`` granularity on every layer
+            (:meth:`SSConfig.paper`, not the adapter's ``"auto"``); ``ss.layers`` picks layers.
+        speedups: how the encoder runs (:class:`~mtl_plugin.speedups.Speedups`); results move
+            beyond float tolerance only with ``autocast``.
+        adapt: what the outer loop learns besides θ (Sun et al. 2019, Section 5.2): ``"ss"``, Φ on
+            the frozen backbone (MTL); ``"finetune"``, the pretrained weights themselves
+            (:class:`FinetunedLayers`) at ``finetune_encoder_lr``.
+        blocks: for which layers: ``"all"``, ``"last"`` (:func:`~mtl_plugin.ss.last_block`, unless
+            ``ss.layers`` names modules) or ``"none"`` (θ alone, ``"finetune"`` only). The
+            ablation rows are presets of ``adapt`` and ``blocks``.
 
     Raises:
-        ValueError: ``adapt`` or ``blocks`` is not one of the values above, or
-            ``blocks="none"`` with SS (it would learn θ alone: use ``adapt="finetune"``).
+        ValueError: ``adapt`` or ``blocks`` unknown, or ``blocks="none"`` with ``adapt="ss"``.
 
     Example::
 
-        config = MTLConfig(meta=MetaTrainConfig(iterations=2000), ss=SSConfig.paper())
         ft_last = MTLConfig(adapt="finetune", blocks="last")   # FT [Θ4; θ]
     """
 
@@ -147,7 +137,7 @@ class MTLConfig:
         if self.blocks == "none" and self.adapt == "ss":
             raise ValueError('blocks="none" with adapt="ss" adapts no layer; for θ alone give adapt="finetune"')
 
-    # Read-only views of ``ss``, for code that read them here before SSConfig held them.
+    # Read-only views of ``ss``, so that code reading these options from an MTLConfig keeps working.
     @property
     def granularity(self) -> str:
         return self.ss.granularity
@@ -162,26 +152,21 @@ class MTLConfig:
 
     @classmethod
     def quick(cls) -> MTLConfig:
-        """100 iterations of 4 tasks (mtl: 4 normal; mtl-ht: 2 normal + 2 hard), 20 inner steps, small validation.
+        """100 iterations of 4 tasks (mtl: 4 normal; mtl-ht: 2 normal + 2 hard) for ``--profile quick``.
 
-        About 35-50 CPU-seconds per shot setting at 28 px (Conv4, one thread; the three
-        rows cost about the same since all see 4 tasks an iteration), plus about 12 s to
-        adapt on 300 test tasks.
+        Departs from the paper (:class:`MetaTrainConfig`) where a minute of CPU per shot setting calls for it:
 
-        The budget and lrs were checked on the validation split against longer runs, on the
-        quick pretraining (kanji, 5-way, 300 val tasks, paired over the same tasks against
-        iteration 0, i.e. before any meta-update): at 1-shot ``mtl`` gains +0.59 ± 0.37 points by
-        iteration 100 and +0.88 ± 0.47 by 600 at a constant lr (within the CI of each other); at
-        5-shot it gains nothing (-0.15 ± 0.24 at 100) and loses -1.91 ± 0.40 by 300. The paper's
-        lrs (1e-4, 1e-3) moved less (+0.22 ± 0.20 at 1-shot, -0.02 ± 0.14 at 5-shot, at 100).
-        So 100 iterations it is: more buys nothing on val, and the time goes to the pretraining.
-        Iteration 0 is validated too and kept when no later validation beats it.
+        * ``iterations=100`` (paper: 10,000) at a constant rate (``lr_step=100``): on the validation
+          split longer runs gain nothing significant at 1-shot and lose at 5-shot, so the time goes
+          to the shared pretraining; iteration 0 is validated too and kept when nothing beats it;
+        * ``encoder_lr=1e-3``, ``head_lr=1e-2`` (paper: 1e-4, 1e-3): the paper's lrs move
+          validation accuracy less in 100 iterations;
+        * ``test_inner_steps=50`` (paper: 100) and validation on 50 tasks every 50 iterations:
+          less adaptation and validation time;
+        * ``finetune_encoder_lr=1e-4``: the FT ablation rows learn pretrained weights 10x below
+          Φ's rate, at which FT [Θ; θ] does not collapse.
 
-        The FT rows learn the pretrained weights at 1e-4, 10x below Φ: picked on the validation
-        split (``benchmarks/ablation_validation.py --rows ft-all,ft-last --lrs 1e-3,1e-4 --shots 1,5``,
-        50 tasks), where FT [Θ; θ] at 1e-3 collapsed at 5-shot (val 57.3 then 51.6 %, against
-        79.3 % at 1e-4) and every other setting was within its CI of 1e-3 (on the earlier,
-        800-step pretraining; not re-checked on the current one).
+        Measurements: docs/profiles.md#mtl
         """
         return cls(
             meta=MetaTrainConfig(

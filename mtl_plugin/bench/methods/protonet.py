@@ -136,30 +136,13 @@ class ProtoNetConv4Config:
     def quick(cls) -> ProtoNetConv4Config:
         """2,400 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
-        Departs from the paper's training where minutes of training call for
-        it: 20-way episodes (Snell et al.'s 5-shot mini-ImageNet setting) with 5
-        queries per class instead of 15, about 4x cheaper per episode; the
-        learning rate halves once, after 2,000 episodes, as in the paper.
+        * ``train_ways=20`` (Snell et al.'s 5-shot mini-ImageNet setting; their 1-shot: 30) and
+          ``train_queries=5`` (paper: 15): about 4x cheaper per episode;
+        * ``max_episodes=2400`` (paper: stop on validation loss): a fixed budget where fits stop
+          moving with the floats; shorter runs were still learning fast when they stopped; the
+          learning rate halves once, after 2,000 episodes, as in the paper.
 
-        The budget is where fits stop moving with the floats: three fits on
-        images shifted by 0, 1e-6 and 2e-6 (``benchmarks/float_spread.py``, val,
-        300 tasks, an Intel Xeon) read, at 1-shot and 5-shot:
-
-        ==============  =========================  =========================
-        episodes        1-shot: val %, spread/CI   5-shot: val %, spread/CI
-        ==============  =========================  =========================
-        300 (earlier)   48.3-49.1, 0.86 / 1.33     78.1-79.0, 0.90 / 0.86
-        1,200           59.6-60.4, 0.78 / 1.35     85.0-85.8, 0.82 / 0.70
-        2,400 (this)    65.5-66.2, 0.64 / 1.28     87.2-87.6, 0.44 / 0.63
-        ==============  =========================  =========================
-
-        At 300 and 1,200 the 5-shot fits rank on val as on their training loss
-        over the last quarter (at 300, two of them tie on val): they were still
-        learning fast, and rounding set how far each got.
-
-        Expected on one CPU core (the other busy, Intel Xeon): fitting takes
-        about 6 min at 1 shot and 9 min at 5 shots; 300 test tasks of 5 ways
-        and 15 queries take 8-10 s.
+        Measurements: docs/profiles.md#protonet-conv4
         """
         return cls(train_ways=20, train_queries=5, max_episodes=2400, checkpoint_every=50)
 

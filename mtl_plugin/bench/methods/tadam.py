@@ -91,48 +91,18 @@ class TADAMConfig:
     def quick(cls) -> TADAMConfig:
         """600 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores).
 
-        Departs from the paper where a minute of training calls for it
-        (each change picked on the validation split of the embedded kanji data
-        set, 5-way, 300 tasks):
+        Departs from the paper where a minute of training calls for it:
 
-        * Conv4 (64 filters) instead of ResNet-12;
-        * Adam at 1e-3 without weight decay instead of SGD with momentum at 0.1
-          (after 300 episodes: SGD 0.1 27 %, SGD 0.01 33 %, Adam 44 %, 1-shot,
-          150 tasks);
-        * 5 queries per class in training (tests use 15);
-        * no auxiliary co-training (the paper's: on). Its chance is annealed
-          over the budget, so at any budget it takes about 45 % of the episodes;
-          at 300 that leaves the few-shot task about 165. With it, three fits
-          on images shifted by 0, 1e-6 and 2e-6 (``benchmarks/float_spread.py``,
-          300 val tasks) read 34.4, 31.7 and 31.1 % at 1-shot (CI ± 1.1) and
-          59.6, 61.1 and 58.6 % at 5-shot (CI ± 1.0): a row that moves beyond
-          its CI when floats change (600 episodes, alone, with the mean of the
-          last 25 % of the weights or with the paper's step decay, still left
-          2.1-3.5 points at 1-shot);
-        * 600 episodes, the paper's x0.1 step of the learning rate after 450
-          and the mean of the weights over the last 25 %
-          (:func:`~mtl_plugin.bench.methods.episodic.tail_average`; the paper's:
-          the last iterate).
+        * ``backbone="conv4"`` (paper: ResNet-12): affordable on a CPU;
+        * ``optimizer="adam"``, ``lr=1e-3``, ``weight_decay=0`` (paper: SGD with momentum at 0.1):
+          learns far faster in a few hundred episodes; ``train_queries=5`` (tests: 15): cheaper episodes;
+        * ``auxiliary=False`` (paper: co-training on): it takes about 45 % of the episodes at any
+          budget, and a short run with it moves beyond its CI when floats change;
+        * ``max_episodes=600`` with the paper's x0.1 step after ``lr_decay_every=450``, and
+          ``average_last=0.25`` (paper: the last iterate): the budget at which fits agree within
+          the CI at both shot settings (longer runs score higher but spread at 5-shot).
 
-        Five fits on images shifted by 0 to 4e-6 (``benchmarks/float_spread.py
-        --runs 5``, Intel Xeon), largest minus smallest val accuracy against the
-        CI, and their mean:
-
-        =================================================  ==================  ==================
-        profile                                            1-shot              5-shot
-        =================================================  ==================  ==================
-        300 episodes, constant lr, last iterate            0.91 / 1.13, 37.5   1.70 / 1.00, 65.6
-        600, step after 450, mean of the last 25 % (this)  0.88 / 1.21, 42.0   0.79 / 0.96, 71.7
-        1,200, step after 900, mean of the last 25 %       0.85 / 1.35, 48.9   1.04 / 0.84, 78.5
-        =================================================  ==================  ==================
-
-        The 300-episode profile also moved 1.29 points at 1-shot between an
-        AMD EPYC and this Intel Xeon (test, 38.00 and 36.71 %). 1,200 episodes
-        score higher but spread beyond the CI at 5-shot; 600 stay
-        within it at both.
-
-        Expected on one quiet CPU core (Intel Xeon): fitting takes about half a
-        minute at 1 shot and a minute at 5 shots.
+        Measurements: docs/profiles.md#tadam
         """
         return replace(
             cls(),
