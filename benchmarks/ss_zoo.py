@@ -78,6 +78,17 @@ def input_size(name: str) -> int:
     return INPUT_SIZE.get(name, DEFAULT_INPUT_SIZE)
 
 
+def vit_side(name: str) -> int:
+    """The image side a ViT is built for here: its position embedding is sized for one side, and
+    the smallest its patch allows keeps it small (vit_b_16: 85.7 M parameters, 86.6 M at 224 px)."""
+    return 2 * int(name.rpartition("_")[2])
+
+
+def shown(name: str) -> str:
+    """A model's name in the table, with the side a ViT is built for, since it sets its size."""
+    return f"{name} at {vit_side(name)} px" if family(name) == "vision_transformer" else name
+
+
 def build(name: str, device: str | torch.device = "cpu") -> nn.Module:
     """``name`` with random weights, a 10-class head, built for :func:`input_size` where it must be.
 
@@ -85,9 +96,7 @@ def build(name: str, device: str | torch.device = "cpu") -> nn.Module:
     """
     options = {"num_classes": CLASSES}
     if family(name) == "vision_transformer":
-        # A ViT's position embedding is sized for one image side: the smallest its patch allows.
-        patch = int(name.rpartition("_")[2])
-        options["image_size"] = 2 * patch
+        options["image_size"] = vit_side(name)
     with warnings.catch_warnings(), torch.device(device):
         # googlenet and inception_v3 announce a change of their default initialisation.
         warnings.simplefilter("ignore", FutureWarning)
@@ -214,7 +223,8 @@ def main(check: bool, max_params: float, markdown: bool) -> None:
     if markdown:
         chosen = frame[frame["model"].isin(REPRESENTATIVES)]
         table = chosen.assign(
-            **{column: (100 * chosen[column]).map("{:.1f} %".format) for column in ("share auto", "share kernel")}
+            model=chosen["model"].map(shown),
+            **{column: (100 * chosen[column]).map("{:.1f} %".format) for column in ("share auto", "share kernel")},
         )
         click.echo(
             table[

@@ -2,10 +2,11 @@
 """Prototypical Networks on kanji in the structure of learn2learn's examples/vision/protonet_miniimagenet.py,
 with MTL dropped in.
 
-The lines a user of learn2learn's script changes end in ``# MTL`` (4 lines: pretrain a Conv4
-on the meta-train classes and freeze it under an SS adapter in place of ``Convnet()``; the
-optimiser line stays, since the frozen weights get no gradient and only Φ learns) or
-``# HT`` (3 lines: the hard-task meta-batch, an episode of the failures after each normal one).
+The lines a user of learn2learn's script changes end in ``# MTL`` (3 lines: pretrain a Conv4
+on the meta-train classes, about 5 minutes on 2 cores, and freeze it under an SS adapter in
+place of ``Convnet()``; the optimiser line stays, since the frozen weights get no gradient and
+only Φ learns) or ``# HT`` (4 lines: the hard-task meta-batch, an episode of the failures after
+each normal one).
 ``fast_adapt`` keeps its signature and its ``(loss, accuracy)``. Without the marked lines, and
 with ``model = Convnet()`` trained whole, this is learn2learn's ProtoNets on kanji.
 
@@ -63,16 +64,12 @@ def main(
     test_query=15,
     valid_tasks=200,
     test_tasks=2000,
-    hard_tasks=False,
-    pretraining=PretrainConfig.quick(),
-    pretrain_dir="runs/pretrain-kanji",  # MTL: Conv4, ~5 min on 2 cores
-    data=None,
+    hard_tasks=False,  # HT: True draws an episode of the failures after each normal one
     cuda=torch.cuda.is_available(),
     seed=43,
 ):
     torch.manual_seed(seed)
     device = torch.device("cuda" if cuda else "cpu")
-    data = data or {}  # kanji's size (num_classes, instances): the tests take a small one
 
     tasksets = mtl_plugin.get_tasksets(
         "kanji",
@@ -81,11 +78,11 @@ def main(
         test_ways=test_way,
         test_samples=test_shot + test_query,
         seed=seed,
-        **data,
     )
     hard = mtl_plugin.HardTaskMetaBatch.from_taskset(tasksets.train, k=1, seed=seed)  # HT
 
-    backbone = pretrain(get_benchmark("kanji", **data), pretraining, pretrain_dir, device)  # MTL: meta-train classes
+    # The seed draws tasks only: get_benchmark("kanji") holds the very classes tasksets.train draws from.
+    backbone = pretrain(get_benchmark("kanji"), PretrainConfig.quick(), "runs/pretrain-kanji", device)  # MTL
     model = SSAdapter(backbone)  # MTL: in place of Convnet(); the backbone's weights frozen, Φ1 = 1, Φ2 = 0
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)

@@ -316,7 +316,7 @@ class SSAdapter(nn.Module):
             yield parameter
 
     def ss_state_dict(self) -> OrderedDict[str, torch.Tensor]:
-        """The SS parameters alone, keyed by layer name (a resnet18's is a few hundred KB)."""
+        """The SS parameters alone, keyed by layer name (a resnet18's: 1.2 M values, 4.9 MB in float32)."""
         return OrderedDict((name, p.detach().clone()) for name, p in self.named_ss_parameters())
 
     def load_ss_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -1,21 +1,21 @@
 """The learn2learn-shaped examples run with MTL (and hard tasks) dropped in, learn, and take few changed lines."""
 
+import functools
 import inspect
 import re
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import mtl_plugin
 from mtl_plugin import PretrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # 5-shot tasks on 24 training classes: a few steps of pretraining already give features far above chance.
-TINY = dict(
-    data={"num_classes": 40, "instances": 16},
-    cuda=False,
-    pretraining=PretrainConfig("conv4", epochs=10, batch_size=32, val_tasks=10),
-)
+DATA = {"num_classes": 40, "instances": 16}
+PRETRAINING = PretrainConfig("conv4", epochs=10, batch_size=32, val_tasks=10)
 # The most lines a learn2learn user changes in their script: for SS, and for the hard-task meta-batch.
 MOST = {"MTL": 8, "HT": 4}
 
@@ -25,24 +25,27 @@ def data_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MTL_DATA", str(tmp_path / "data"))
 
 
+def shrunk(name: str, monkeypatch, tmp_path):
+    """An example's ``main`` on tiny kanji with a short pretraining: its data and pretraining lines
+    as a user would shrink them (the same size in both, so the classes stay those the tasks use)."""
+    main = runpy.run_path(str(EXAMPLES / name))["main"]
+    monkeypatch.chdir(tmp_path)
+    main.__globals__["get_benchmark"] = functools.partial(mtl_plugin.get_benchmark, **DATA)
+    main.__globals__["PretrainConfig"] = SimpleNamespace(quick=lambda: PRETRAINING)
+    monkeypatch.setattr(mtl_plugin, "get_tasksets", functools.partial(mtl_plugin.get_tasksets, **DATA))
+    return main
+
+
 @pytest.mark.parametrize("hard_tasks", [False, True])
-def test_maml_with_ss_and_hard_tasks_beats_chance(tmp_path, hard_tasks):
-    main = runpy.run_path(str(EXAMPLES / "maml_kanji.py"))["main"]
-    accuracy = main(
-        shots=5,
-        meta_batch_size=4,
-        num_iterations=3,
-        test_tasks=40,
-        hard_tasks=hard_tasks,
-        pretrain_dir=str(tmp_path / "pre"),
-        **TINY,
-    )
+def test_maml_with_ss_and_hard_tasks_beats_chance(tmp_path, monkeypatch, hard_tasks):
+    main = shrunk("maml_kanji.py", monkeypatch, tmp_path)
+    accuracy = main(shots=5, meta_batch_size=4, num_iterations=3, test_tasks=40, hard_tasks=hard_tasks, cuda=False)
     assert accuracy > 0.3  # 5-way chance: 0.2
 
 
 @pytest.mark.parametrize("hard_tasks", [False, True])
-def test_protonet_with_ss_and_hard_tasks_beats_chance(tmp_path, hard_tasks):
-    main = runpy.run_path(str(EXAMPLES / "protonet_kanji.py"))["main"]
+def test_protonet_with_ss_and_hard_tasks_beats_chance(tmp_path, monkeypatch, hard_tasks):
+    main = shrunk("protonet_kanji.py", monkeypatch, tmp_path)
     accuracy = main(
         max_epoch=1,
         episodes=3,
@@ -53,8 +56,7 @@ def test_protonet_with_ss_and_hard_tasks_beats_chance(tmp_path, hard_tasks):
         valid_tasks=5,
         test_tasks=40,
         hard_tasks=hard_tasks,
-        pretrain_dir=str(tmp_path / "pre"),
-        **TINY,
+        cuda=False,
     )
     assert accuracy > 0.3
 
@@ -62,7 +64,14 @@ def test_protonet_with_ss_and_hard_tasks_beats_chance(tmp_path, hard_tasks):
 def test_a_users_own_loop_and_optimiser_drive_the_learner_and_beat_chance(tmp_path):
     main = runpy.run_path(str(EXAMPLES / "own_loop.py"))["main"]
     accuracy = main(
-        shots=5, meta_batch_size=2, num_iterations=3, test_tasks=40, pretrain_dir=str(tmp_path / "pre"), **TINY
+        shots=5,
+        meta_batch_size=2,
+        num_iterations=3,
+        test_tasks=40,
+        pretrain_dir=str(tmp_path / "pre"),
+        data=DATA,
+        cuda=False,
+        pretraining=PRETRAINING,
     )
     assert accuracy > 0.3  # 5-way chance: 0.2
 
