@@ -307,6 +307,28 @@ def test_warmup_rises_linearly_to_the_lr_then_follows_the_schedule(tmp_path):
         pretrain(bench, replace(config, warmup_steps=9), tmp_path / "too-long", progress=False)
 
 
+def test_the_schedule_counts_the_batches_the_loader_yields(tmp_path):
+    # 108 training images (18 classes of 6) in batches of 16: 6 full batches an epoch, the last 12
+    # images dropped; a schedule of 7 steps an epoch would end the cosine short of 0.
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    assert len(bench.train_augmented) == 108
+    config = PretrainConfig(
+        backbone="conv4", epochs=2, batch_size=16, val_tasks=2, val_ways=3, val_queries=2, schedule="cosine"
+    )
+    pretrain(bench, config, tmp_path / "run", progress=False)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    lrs = [float(row.split(",")[3]) for row in rows]
+    assert lrs == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * 6 / 12)), 0.0], abs=1e-12)
+
+
+def test_meta_train_refuses_flags_the_other_flags_make_meaningless(tmp_path, pretrained):
+    best = pretrained / "best.pt"
+    fails(2, ["meta-train", "--pretrained", best, "--backbone", "conv4", "--out", tmp_path / "a"], "drop --backbone")
+    fails(2, ["meta-train", "--pretrained", best, "--hard-meta-batch", 4, "--out", tmp_path / "b"], "add --hard-tasks")
+    fails(2, ["meta-train", "--pretrained", best, "--hard-task-mode", "reuse", "--out", tmp_path / "c"], "--hard-tasks")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
 def test_a_run_saved_before_the_adamw_options_resumes(tmp_path):
     # Its config lacks optimizer, warmup_steps and label_smoothing: it trained with their defaults.
     succeeds(PRETRAIN + ["--out", tmp_path])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.checks import check_device, check_not_input, check_output_file
@@ -304,6 +305,11 @@ def meta_train_command(
             "--output-scaling needs --granularity channel and --pretrained: it moves SS's one scale per "
             "output channel from the weight to the output"
         )
+    if pretrained and click.get_current_context().get_parameter_source("backbone") is not ParameterSource.DEFAULT:
+        raise UsageError(
+            "--backbone names the scratch ablation's backbone; with --pretrained the backbone is the one "
+            "its checkpoint records: drop --backbone"
+        )
     check_not_input(out, {"--pretrained": pretrained, "--root": root}, "--out")
     # Held before the folder is read: a second run started at the same moment is refused.
     with hold_run_folder(out, "--out"):
@@ -311,6 +317,10 @@ def meta_train_command(
         previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
         saved = previous["config"] if previous else {}
         config = MetaTrainConfig(**{**saved, **_overrides(MetaTrainConfig, values)})
+        ignored = [name for name in ("hard_meta_batch", "hard_task_mode") if values.get(name) is not None]
+        if ignored and not config.hard_tasks:
+            flag = "--" + ignored[0].replace("_", "-")
+            raise UsageError(f"{flag} sets the hard-task meta-batch, which is off: add --hard-tasks, or drop {flag}")
         speedups = Speedups(**_overrides(Speedups, values))
         if pretrained:
             state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained, "--pretrained")

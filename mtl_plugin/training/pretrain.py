@@ -434,7 +434,8 @@ def _pretrain(
                     f"pretrain: {ranks} processes x batch {batch_size} = effective batch {config.batch_size}, "
                     f"lr {config.lr:g} (the lr of one process with batch {config.batch_size})"
                 )
-        steps_per_epoch = math.ceil(math.ceil(len(train) / ranks) / batch_size)
+        # The batches _loader yields: a rank's share, its last partial batch dropped (unless it is the only one).
+        steps_per_epoch = max(math.ceil(len(train) / ranks) // batch_size, 1)
         if config.steps_per_epoch is not None:
             steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
         optimizer = _optimizer(classifier.parameters(), config)
