@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 from test_data_formats import WRITERS
 from test_examples import DATA, EXAMPLES, shrunk
+from test_reliability import TINY_KANJI, data_home, tiny_kanji  # noqa: F401  (--data kanji: 18 / 6 / 6 classes)
 
 import mtl_plugin
 from mtl_plugin import PretrainConfig, get_benchmark, get_tasksets, pretrain
 from mtl_plugin.cli import main
-from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.data.images import ArraySource, ImageClassDataset, as_meta_dataset
 from mtl_plugin.data.leak import ClassLeakError, class_record, seen_classes
 from mtl_plugin.errors import UsageError
@@ -29,31 +29,11 @@ from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(num_classes=30, instances=6)  # 18 / 6 / 6 classes
 CONFIG = PretrainConfig("conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_ways=3, val_queries=2)
 
 
-@pytest.fixture(scope="module")
-def data_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("mtl-data")
-
-
-@pytest.fixture(autouse=True)
-def _tiny_kanji(monkeypatch, data_home):
-    """``--data kanji`` gives the tiny set, generated once for the module."""
-    monkeypatch.setenv("MTL_DATA", str(data_home))
-    real = pipeline_cli._benchmark
-    monkeypatch.setattr(
-        pipeline_cli,
-        "_benchmark",
-        lambda data, root, size, seed: (
-            _kanji(root=root, image_size=size, data_seed=seed) if data == "kanji" else real(data, root, size, seed)
-        ),
-    )
-
-
 def _kanji(**options):
-    return get_benchmark("kanji", progress=False, **TINY, **options)
+    return get_benchmark("kanji", progress=False, **TINY_KANJI, **options)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +64,8 @@ def _classes(split) -> set[str]:
 
 
 def test_the_task_seed_draws_tasks_and_never_the_classes():
-    one = get_tasksets("kanji", train_samples=2, test_samples=2, seed=1, **TINY)
-    other = get_tasksets("kanji", train_samples=2, test_samples=2, seed=42, **TINY)
+    one = get_tasksets("kanji", train_samples=2, test_samples=2, seed=1, **TINY_KANJI)
+    other = get_tasksets("kanji", train_samples=2, test_samples=2, seed=42, **TINY_KANJI)
     bench = _kanji()
     for mine, theirs, split in zip(one, other, (bench.train, bench.val, bench.test)):
         assert _classes(mine.dataset) == _classes(theirs.dataset) == _classes(split)
@@ -94,7 +74,7 @@ def test_the_task_seed_draws_tasks_and_never_the_classes():
 
 def test_get_benchmark_takes_a_data_seed_and_refuses_a_task_seed():
     with pytest.raises(UsageError, match="data_seed="):
-        get_benchmark("kanji", seed=42, progress=False, **TINY)
+        get_benchmark("kanji", seed=42, progress=False, **TINY_KANJI)
     assert _kanji(data_seed=1).settings["seed"] == 1
 
 
