@@ -270,16 +270,14 @@ def meta_train(
             first checkpoint (a run that fails before that leaves it as it was).
         override: with ``resume``, continue under settings of the config that differ from
             the saved run's (other than the lrs and ``iterations``, which may always change).
-        trained_classes: the classes the encoder was trained on before, e.g. its pretraining
-            checkpoint's ``classes``; recorded with ``benchmark.train``'s in the checkpoints.
+        trained_classes: the encoder's earlier training classes (its pretraining checkpoint's ``classes``).
         allow_seen_classes: skip the leak guard, for a deliberate transfer study.
 
     Returns:
         Where the run is and its best validation accuracy.
 
     Raises:
-        ClassLeakError: a val or test class of ``benchmark`` is in ``trained_classes`` or in its
-            train split (:func:`~mtl_plugin.data.leak.check_unseen`).
+        ClassLeakError: a val or test class of ``benchmark`` is in ``trained_classes`` or its train split.
         UsageError: ``meta_batch`` (or ``hard_meta_batch``) is not a multiple of the processes;
             a run resumed by another number of processes; another process holds ``out_dir``
             (:func:`~mtl_plugin.training.run_log.hold_run_folder`);
