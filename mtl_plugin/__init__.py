@@ -58,6 +58,8 @@ _EXPORTS = {
     "evaluate": "evaluation",
     "nearest_centroid": "evaluation",
     "NonFiniteLossError": "errors",
+    # The leak guard: a model trained on a val or test class is refused where it is evaluated.
+    "ClassLeakError": "data.leak",
     # An adapter saved with its config; a meta-trained learner rebuilt from its checkpoint.
     "SSConfig": "ss_config",
     "load_learner": "training.checkpoints",
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
     from .backbones import build_backbone, list_backbones, register_backbone
     from .bench.methods import build_method, list_methods, register_method, register_preset
     from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark, get_tasksets
+    from .data.leak import ClassLeakError
     from .errors import NonFiniteLossError
     from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
     from .hard_tasks import (
