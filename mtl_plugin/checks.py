@@ -23,13 +23,24 @@ from mtl_plugin.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MAX_SEED", "check_device", "check_not_input", "check_output_dir", "check_output_file", "check_seed"]
+__all__ = [
+    "MAX_COUNT",
+    "MAX_SEED",
+    "check_device",
+    "check_not_input",
+    "check_output_dir",
+    "check_output_file",
+    "check_seed",
+]
 
 PathLike = str | os.PathLike
 
 # Seeds reach numpy's legacy seeding and learn2learn (below 2**32), and torch's generators after the
 # loops derive their own from them (seed * 100_003 + epoch, plus a stride per rank), below 2**64.
 MAX_SEED = 2**32 - 1
+# Counts (tasks, ways, shots, steps, batch sizes) reach learn2learn, numpy and itertools as C ints:
+# a larger one failed deep inside them (OverflowError, or ValueError from islice) after work had run.
+MAX_COUNT = 2**31 - 1
 
 
 def check_seed(seed: Any, name: str = "seed") -> None:

@@ -329,6 +329,27 @@ def test_meta_train_refuses_flags_the_other_flags_make_meaningless(tmp_path, pre
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["data", "kanji", "--instances", "99999999999999999999"], "--instances"),
+        (["evaluate", "--checkpoint", "x.pt", "--tasks", "3000000000"], "--tasks"),
+        (["pretrain", "--batch-size", "100000000000000000000"], "--batch-size"),
+        (["pretrain", "--val-tasks", "100000000000000000000"], "--val-tasks"),
+        (["meta-train", "--iterations", "3000000000"], "--iterations"),
+        (["bench", "--test-tasks", "3000000000"], "--test-tasks"),
+    ],
+)
+def test_a_count_too_large_for_the_libraries_is_exit_2_before_any_work(tmp_path, args, flag):
+    # Each failed deep in learn2learn, numpy or itertools (an overflow, a hang), some after training.
+    fails(2, [*args, *(["--out", tmp_path / "out"] if args[0] != "data" else [])], flag, "2147483647")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_kanji_set_too_large_for_memory_is_refused_with_the_most_it_can_hold():
+    fails(2, ["data", "kanji", "--instances", "9999999"], "GiB of images", "at most 3,423 instances")
+
+
 def test_a_run_saved_before_the_adamw_options_resumes(tmp_path):
     # Its config lacks optimizer, warmup_steps and label_smoothing: it trained with their defaults.
     succeeds(PRETRAIN + ["--out", tmp_path])

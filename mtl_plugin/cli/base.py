@@ -18,13 +18,19 @@ from typing import Any
 
 import click
 
-from mtl_plugin.checks import MAX_SEED
+from mtl_plugin.checks import MAX_COUNT, MAX_SEED
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 
-__all__ = ["Command", "Group", "INTERRUPTED_EXIT_CODE", "SEED"]
+__all__ = ["Command", "Group", "INTERRUPTED_EXIT_CODE", "SEED", "count"]
 
 # The click type of every --seed and --data-seed: one range for every command.
 SEED = click.IntRange(min=0, max=MAX_SEED)
+
+
+def count(least: int) -> click.IntRange:
+    """The click type of a count flag: ``least`` or more, and at most :data:`~mtl_plugin.checks.MAX_COUNT`."""
+    return click.IntRange(min=least, max=MAX_COUNT)
+
 
 # The shell's exit status of a process stopped by SIGINT (128 + 2), which scripts test for.
 INTERRUPTED_EXIT_CODE = 130

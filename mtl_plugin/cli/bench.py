@@ -16,7 +16,7 @@ import pandas as pd
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench.runner import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
 from mtl_plugin.checks import check_device, check_output_dir
-from mtl_plugin.cli.base import SEED, Command
+from mtl_plugin.cli.base import SEED, Command, count
 from mtl_plugin.data.benchmark import image_size_of
 
 __all__ = ["bench"]
@@ -59,9 +59,9 @@ _PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
 @click.option(
     "--root", default=None, type=click.Path(), help="Folder holding the data set's files (nothing is downloaded)."
 )
-@click.option("--ways", default=None, type=click.IntRange(min=2), help=f"Classes per task. {_default('ways')}")
+@click.option("--ways", default=None, type=count(2), help=f"Classes per task. {_default('ways')}")
 @click.option("--shots", default=None, callback=_csv(int), help=f"Shot settings, comma-separated. {_default('shots')}")
-@click.option("--queries", default=None, type=click.IntRange(min=1), help=f"Queries per class. {_default('queries')}")
+@click.option("--queries", default=None, type=count(1), help=f"Queries per class. {_default('queries')}")
 @click.option(
     "--suite",
     type=click.Choice(list(SUITES)),
@@ -78,9 +78,7 @@ _PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
     help="quick: the whole table on 2 CPU cores, 28 px; paper: the papers' budgets and image sizes "
     "(for a GPU). [default: paper with a GPU, else quick]",
 )
-@click.option(
-    "--test-tasks", default=None, type=click.IntRange(min=2), help=f"Test tasks per cell. {_default('test_tasks')}"
-)
+@click.option("--test-tasks", default=None, type=count(2), help=f"Test tasks per cell. {_default('test_tasks')}")
 @click.option("--backbone", default=None, help=f"Backbone of the pretrained methods. {_default('backbone')}")
 @click.option(
     "--image-size", default=None, type=int, help=f"Image side in pixels, for every data set. {_default('image_size')}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from mtl_plugin.cli.base import SEED, Group
+from mtl_plugin.cli.base import SEED, Group, count
 from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark, image_size_of
 from mtl_plugin.data.kanji import STYLES, KanjiConfig, load_kanji, preview_grid
 from mtl_plugin.errors import DataError, UsageError
@@ -50,8 +50,12 @@ def data() -> None:
 
 
 @data.command()
-@click.option("--num-classes", default=_DEFAULTS.num_classes, show_default=True, help="Kanji (classes) to draw.")
-@click.option("--instances", default=_DEFAULTS.instances, show_default=True, help="Simulated writers per kanji.")
+@click.option(
+    "--num-classes", type=count(1), default=_DEFAULTS.num_classes, show_default=True, help="Kanji (classes) to draw."
+)
+@click.option(
+    "--instances", type=count(1), default=_DEFAULTS.instances, show_default=True, help="Simulated writers per kanji."
+)
 @click.option("--image-size", default=_DEFAULTS.image_size, show_default=True, help="Pixels per side (28, 32 or 84).")
 @click.option(
     "--seed", type=SEED, default=_DEFAULTS.seed, show_default=True, help="Fixes the kanji, their split and the writers."
@@ -76,7 +80,7 @@ def data() -> None:
     default=None,
     help="Write a PNG grid of samples here: one row per class, one column per writer.",
 )
-@click.option("--preview-classes", default=10, show_default=True, help="Rows in the preview.")
+@click.option("--preview-classes", type=count(1), default=10, show_default=True, help="Rows in the preview.")
 def kanji(
     num_classes: int,
     instances: int,

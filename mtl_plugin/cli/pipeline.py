@@ -22,7 +22,7 @@ from click.core import ParameterSource
 
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.checks import check_device, check_not_input, check_output_file
-from mtl_plugin.cli.base import SEED, Command
+from mtl_plugin.cli.base import SEED, Command, count
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
 from mtl_plugin.data.leak import check_unseen
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
@@ -116,7 +116,7 @@ class _FiniteRange(click.FloatRange):
         return number
 
 
-_POSITIVE, _COUNT, _RATE = click.IntRange(min=1), click.IntRange(min=0), _FiniteRange(min=0, min_open=True)
+_POSITIVE, _COUNT, _RATE = count(1), count(0), _FiniteRange(min=0, min_open=True)
 _PRETRAIN_OPTIONS = [
     ("backbone", str, "resnet12, conv4, <torchvision resnet>-small, a torchvision or registered name."),
     ("epochs", _POSITIVE, "Training epochs (the official code's)."),
@@ -133,13 +133,13 @@ _PRETRAIN_OPTIONS = [
     ("label_smoothing", _FiniteRange(min=0, max=1, max_open=True), "Label smoothing of the cross-entropy."),
     ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),
     ("val_tasks", _POSITIVE, "Validation tasks per epoch."),
-    ("val_ways", click.IntRange(min=2), "Classes per validation task."),
+    ("val_ways", count(2), "Classes per validation task."),
     ("val_shots", _POSITIVE, "Shots per validation task."),
     ("val_queries", _POSITIVE, "Queries per class of a validation task."),
     ("seed", SEED, "Seed of the initialisation, batches and validation tasks."),
 ]
 _META_TRAIN_OPTIONS = [
-    ("ways", click.IntRange(min=2), "Classes per task."),
+    ("ways", count(2), "Classes per task."),
     ("shots", _POSITIVE, "Support images per class."),
     ("queries", _POSITIVE, "Query images per class."),
     ("inner_steps", _COUNT, "Head adaptation steps while meta-training."),
@@ -383,26 +383,24 @@ def meta_train_command(
     show_default=True,
     help="The split the tasks come from.",
 )
-@click.option(
-    "--ways", type=click.IntRange(min=2), default=EvaluationConfig.ways, show_default=True, help="Classes per task."
-)
+@click.option("--ways", type=count(2), default=EvaluationConfig.ways, show_default=True, help="Classes per task.")
 @click.option(
     "--shots",
-    type=click.IntRange(min=1),
+    type=count(1),
     default=EvaluationConfig.shots,
     show_default=True,
     help="Support images per class.",
 )
 @click.option(
     "--queries",
-    type=click.IntRange(min=1),
+    type=count(1),
     default=EvaluationConfig.queries,
     show_default=True,
     help="Query images per class.",
 )
 @click.option(
     "--tasks",
-    type=click.IntRange(min=2),
+    type=count(2),
     default=EvaluationConfig.tasks,
     show_default=True,
     help="Test tasks (2 or more: one task has no confidence interval).",

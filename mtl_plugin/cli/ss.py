@@ -11,7 +11,7 @@ import click
 import pandas as pd
 
 from mtl_plugin.backbones import build_backbone
-from mtl_plugin.cli.base import Command
+from mtl_plugin.cli.base import Command, count
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 
 __all__ = ["ss_report"]
@@ -27,9 +27,7 @@ __all__ = ["ss_report"]
     help="One scale per kernel (the paper's), per output channel, or auto: per kernel on k x k > 1 "
     "convs, per channel on 1x1 convs (SSAdapter's default).",
 )
-@click.option(
-    "--in-channels", type=click.IntRange(min=1), default=3, show_default=True, help="Image channels the backbone takes."
-)
+@click.option("--in-channels", type=count(1), default=3, show_default=True, help="Image channels the backbone takes.")
 @click.option("--all-layers/--summary", default=False, help="Print every layer, not only the first and last.")
 def ss_report(backbone: str, granularity: str, in_channels: int, all_layers: bool) -> None:
     """How many parameters SS learns for BACKBONE (resnet12, conv4, resnet18-small, any torchvision model),

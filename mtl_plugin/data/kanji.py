@@ -81,6 +81,8 @@ _CANVAS = 109.0  # KanjiVG's viewBox is 0 0 109 109.
 _CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF))
 _PATH_DATA = re.compile(r"<path\b[^>]*?\sd=\"([^\"]+)\"")
 _INLINE_LIMIT = 2000  # below this many images, worker start-up costs more than it saves
+# The generated set is held in memory twice while it is drawn and saved: a few GiB at most.
+MAX_BYTES = 4 * 2**30
 _CLUTTER_POOL = 256  # kanji whose strokes make the background clutter
 _CLUTTER_RUN = 3  # strokes at most in one piece of clutter
 
@@ -192,6 +194,13 @@ class KanjiConfig:
             raise ValueError(f"num_classes={self.num_classes}: need at least 3 (one per split)")
         if self.instances < 1:
             raise ValueError(f"instances={self.instances}: need at least 1")
+        size = self.num_classes * self.instances * self.image_size**2
+        if size > MAX_BYTES:
+            raise ValueError(
+                f"num_classes={self.num_classes} x instances={self.instances} at {self.image_size} px would be "
+                f"{size / 2**30:,.1f} GiB of images; keep it under {MAX_BYTES // 2**30} GiB "
+                f"(at most {MAX_BYTES // (self.num_classes * self.image_size**2):,} instances here)"
+            )
         if self.image_size < 8:
             raise ValueError(f"image_size={self.image_size}: use 8 px or more (28, 32 and 84 are usual)")
         if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0:
