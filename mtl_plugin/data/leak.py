@@ -16,8 +16,9 @@ A class is known by two digests:
 
 Example::
 
-    record = class_record(get_benchmark("kanji").train)
-    check_unseen(record, get_benchmark("kanji"), "runs/pre/best.pt")   # passes: one split, no overlap
+    bench = get_benchmark("kanji")
+    record = class_record(bench.train, bench.name)   # what a pretraining on bench records
+    check_unseen(record, bench, "runs/pre/best.pt")  # passes: each class is in one split
 """
 
 from __future__ import annotations
