@@ -1,23 +1,26 @@
 """The paper's convergence figure, measured: validation accuracy against meta-iterations, paired.
 
 Meta-trains each row (default ``mtl``, ``mtl-ht``, ``ft-all``, ``ss-last``) at each shot setting on
-the quick bench's shared pretraining (the one ``mtl bench --profile quick --out OUT`` uses: run once
-into ``--out`` or read back from it), through the row's own ``fit(context)``, validating every
+the bench's shared pretraining of ``--profile`` (``quick``: Conv4; ``deep``: ResNet-12 at half width;
+the one ``mtl bench --profile P --out OUT`` uses: run once into ``--out`` or read back from it),
+through the row's own ``fit(context)``, validating every
 ``--val-every`` iterations from iteration 0 (before any meta-update) to ``--iterations``. Every
 validation uses the same seeded ``--val-tasks`` val tasks (``validation.csv`` of each run), so
 points compare task by task: against ``mtl`` at the same shots and iteration (``diff_vs_mtl``)
 and against the row's own iteration 0 (``gain_vs_start``), each a mean of per-task differences
-± 1.96·std/√n. Every other meta-training setting is ``MTLConfig.quick()``'s as the bench uses it;
-only iterations, val_every, val_tasks, checkpoint_every (= val_every) and lr_step (the halving
-period of the outer lrs, default the quick profile's) are replaced. The test split is never read.
+± 1.96·std/√n. Every other meta-training setting is the profile's ``MTLConfig`` as the bench uses
+it; only iterations, val_every, val_tasks, checkpoint_every (= val_every), lr_step (the halving
+period of the outer lrs, default the profile's) and, with ``--autocast``, the encoder's precision
+are replaced. The test split is never read.
 
-Runs live in ``OUT/budget-curve/<row>-<shots>s/`` and resume: a killed script continues, and a
+Runs live in ``OUT/budget-curve/<row>-<shots>s/`` (``<profile>-<row>-<shots>s`` for another profile
+than ``quick``, ``-<autocast>`` appended with ``--autocast``) and resume: a killed script continues, and a
 rerun with a larger ``--iterations`` (same ``--val-every``, ``--val-tasks`` and ``--lr-step``)
 extends the finished runs.
 
     MTL_DATA=... OMP_NUM_THREADS=1 .venv/bin/python benchmarks/budget_curve.py --out /tmp/bench-quick \\
-        [--rows mtl,mtl-ht,ft-all,ss-last] [--shots 1,5] [--iterations 2000] [--val-every 250] \\
-        [--val-tasks 600] [--lr-step N] [--threads 1] [--csv PATH] [--png PATH]
+        [--profile quick|deep] [--rows mtl,mtl-ht,ft-all,ss-last] [--shots 1,5] [--iterations 2000] \\
+        [--val-every 250] [--val-tasks 600] [--lr-step N] [--autocast bf16] [--threads 1] [--csv PATH] [--png PATH]
 
 Prints one line per run (seconds this call, the shared pretraining apart), the curve as a table
 (validation accuracy ± 95% CI per row and iteration, one block per shot setting) and a closing
@@ -44,7 +47,7 @@ import torch
 
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench.ablation_report import paired_difference, paired_verdict
-from mtl_plugin.bench.methods import METHODS, method_spec
+from mtl_plugin.bench.methods import METHODS, build_method, method_spec
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.mtl import MTL, MTLConfig
 from mtl_plugin.bench.runner import BenchConfig, shared_pretraining
@@ -53,6 +56,7 @@ from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import check_tasks
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationResult
+from mtl_plugin.speedups import AUTOCAST_DTYPES
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text, read_checkpoint
 from mtl_plugin.training.meta_training import VALIDATION_FILE
 
@@ -105,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)})"
     )
+    parser.add_argument(
+        "--profile",
+        choices=("quick", "deep"),
+        default="quick",
+        help="whose shared pretraining, backbone and MTLConfig the curve builds on (default: quick)",
+    )
     parser.add_argument("--shots", default="1,5", help="comma-separated shot settings (default: 1,5)")
     parser.add_argument("--iterations", type=int, default=2000, help="meta-iterations of each run (default: 2000)")
     parser.add_argument(
@@ -120,7 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lr-step",
         type=int,
         default=None,
-        help="halve the outer lrs every N iterations (default: MTLConfig.quick()'s)",
+        help="halve the outer lrs every N iterations (default: the profile's MTLConfig's)",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=tuple(AUTOCAST_DTYPES),
+        default=None,
+        help="run the encoder under this autocast dtype (default: the profile's; runs go to their own folders)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu or cuda (default: auto)")
@@ -163,13 +179,28 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def run_dir(out: Path, row: str, shots: int) -> Path:
-    """Where ``row`` meta-trains at ``shots`` for the curve."""
-    return Path(out) / "budget-curve" / f"{row}-{shots}s"
+def _named(name: str, profile: str, autocast: str | None) -> str:
+    # Marked with a profile other than quick and an autocast dtype: runs and files of other
+    # settings never share a name.
+    return ("" if profile == "quick" else f"{profile}-") + name + (f"-{autocast}" if autocast else "")
 
 
-def curve_config(base: MTLConfig, iterations: int, val_every: int, val_tasks: int, lr_step: int | None) -> MTLConfig:
-    """``base`` (the quick profile) with the curve's budget; every other setting as it is."""
+def run_dir(out: Path, row: str, shots: int, profile: str = "quick", autocast: str | None = None) -> Path:
+    """Where ``row`` meta-trains at ``shots`` for the curve of ``profile`` (with ``autocast``, if given)."""
+    return Path(out) / "budget-curve" / _named(f"{row}-{shots}s", profile, autocast)
+
+
+def curve_config(
+    base: MTLConfig,
+    iterations: int,
+    val_every: int,
+    val_tasks: int,
+    lr_step: int | None,
+    autocast: str | None = None,
+) -> MTLConfig:
+    """``base`` (the profile's) with the curve's budget and, if given, ``autocast``; every other
+    setting as it is."""
+    speedups = base.speedups if autocast is None else replace(base.speedups, autocast=autocast)
     meta = replace(
         base.meta,
         iterations=iterations,
@@ -178,7 +209,7 @@ def curve_config(base: MTLConfig, iterations: int, val_every: int, val_tasks: in
         checkpoint_every=val_every,
         lr_step=base.meta.lr_step if lr_step is None else lr_step,
     )
-    return replace(base, meta=meta)
+    return replace(base, meta=meta, speedups=speedups)
 
 
 def check_existing_runs(plans: list[tuple[str, int, MTL, BenchContext]]) -> None:
@@ -412,13 +443,15 @@ def run_curves(
 def main(argv: list[str] | None = None, bench: BenchConfig | None = None, mtl: MTLConfig | None = None) -> pd.DataFrame:
     """Run the curve the flags ask for, print it and its summary, write the CSV and the PNG.
 
-    ``bench`` (default ``BenchConfig.quick()``; ``out`` and ``progress`` come from the flags)
-    and ``mtl`` (default ``MTLConfig.quick()``) are the configs the curve builds on, for
-    callers (tests) that need smaller ones. Returns the curve frame.
+    ``bench`` (default ``--profile``'s ``BenchConfig``; ``out`` and ``progress`` come from the
+    flags) and ``mtl`` (default the profile's ``MTLConfig``) are the configs the curve builds on,
+    for callers (tests) that need smaller ones. Returns the curve frame.
     """
     args = parse_args(argv)
     try:
-        return _main(check_args(args), bench or BenchConfig.quick(), mtl or MTLConfig.quick())
+        args = check_args(args)
+        bench = bench or (BenchConfig.deep() if args.profile == "deep" else BenchConfig.quick())
+        return _main(args, bench, mtl or build_method("mtl", args.profile).config)
     except UsageError as error:
         print(f"Error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -432,8 +465,9 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
         torch.set_num_threads(args.threads)
     config = replace(bench, out=Path(args.out), shots=tuple(args.shots), progress=args.progress)
     out = check_output_dir(config.out, "--out")
-    csv_path = Path(args.csv) if args.csv else out / "budget-curve" / "budget-curve.csv"
-    png_path = Path(args.png) if args.png else out / "budget-curve" / "budget-curve.png"
+    stem = _named("budget-curve", args.profile, args.autocast)
+    csv_path = Path(args.csv) if args.csv else out / "budget-curve" / f"{stem}.csv"
+    png_path = Path(args.png) if args.png else out / "budget-curve" / f"{stem}.png"
     benchmark = get_benchmark(
         config.dataset,
         root=config.root,
@@ -445,19 +479,22 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
         check_tasks(benchmark, config.ways, shots + config.queries, splits=("train", "val"))
     check_backbone(config.backbone, benchmark.image_size)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    method_config = curve_config(mtl, args.iterations, args.val_every, args.val_tasks, args.lr_step)
+    method_config = curve_config(mtl, args.iterations, args.val_every, args.val_tasks, args.lr_step, args.autocast)
     pretrained = shared_pretraining(config, benchmark, device)
     plans = []
     for shots in config.shots:
         for row in args.rows:
-            context = config.context(benchmark, shots, run_dir(out, row, shots), device, pretrained)
+            context = config.context(
+                benchmark, shots, run_dir(out, row, shots, args.profile, args.autocast), device, pretrained
+            )
             plans.append((row, shots, METHODS[row][0](method_config), context))
     check_existing_runs(plans)
     meta = method_config.meta
     print(
         f"budget curve: {', '.join(args.rows)} at {', '.join(f'{s}-shot' for s in config.shots)}, "
         f"{config.ways}-way, {config.queries} queries, {benchmark.name} {benchmark.image_size} px, "
-        f"{config.backbone}; {args.iterations} iterations, validation every {args.val_every} on "
+        f"{config.backbone}{', autocast ' + args.autocast if args.autocast else ''}; "
+        f"{args.iterations} iterations, validation every {args.val_every} on "
         f"{args.val_tasks} val tasks, outer lrs halved every {meta.lr_step} iterations "
         f"(x{meta.lr_gamma ** (args.iterations // meta.lr_step):.2g} by iteration {args.iterations}); {device}, "
         f"{torch.get_num_threads()} threads",

@@ -389,3 +389,45 @@ def test_suite_option():
     assert result.exit_code == 2 and "'nope'" in result.output
     assert published_accuracy("mini-imagenet", "ft-head", 5, 1).accuracy == 55.9
     assert published_accuracy("fc100", "ft-head", 5, 10).accuracy == 61.6
+
+
+def test_deep_profile_runs_its_suite_on_resnet12_half_with_counts_and_claims(data_home, monkeypatch):
+    monkeypatch.setattr(bench_module, "build_method", _tiny_budgets(bench_module.build_method))
+    # 30 steps at lr 0.01, not 2 at 0.1: those left ResNet-12's features (frozen BatchNorm on
+    # barely started running statistics) far above a trained scale, and the inner loop diverged.
+    pretrain = replace(TINY["pretrain"], backbone="resnet12-half", epochs=5, steps_per_epoch=6, lr=0.01)
+    config = BenchConfig.deep(out=data_home / "out", **{**TINY, "backbone": "resnet12-half", "pretrain": pretrain})
+    assert config.rows == bench_module.SUITES["deep"] and config.profile == "deep"
+    result = run_bench(config, echo=lambda line: None)
+    table = result.table
+    assert list(table["method"]) == list(bench_module.SUITES["deep"])
+    assert set(table["backbone"]) >= {"resnet12-half"}
+    counts = dict(zip(table["method"], table["learned parameters"]))
+    assert counts["ft-head"] < counts["ss-last"] < counts["mtl"] < counts["ft-all"]
+    claims = set(pd.read_csv(result.files["claims"])["claim"])
+    assert {
+        "SS beats FT on every layer",
+        "meta-transfer beats fine-tuning the pretrained model",
+        "meta-transfer beats a linear probe on its own embedding (RFS-simple)",
+        "the hard-task meta-batch helps (resample)",
+    } <= claims
+    assert result.files["csv"].name == "kanji-5way-deep.csv" and result.files["parameters"].stat().st_size > 0
+
+
+def test_deep_profile_settings():
+    config = BenchConfig.deep()
+    assert (config.backbone, config.image_size, config.test_tasks) == ("resnet12-half", 28, 300)
+    pretraining = bench_module.pretrain_config_for(config)
+    assert pretraining.backbone == "resnet12-half" and pretraining.epochs == bench_module.DEEP_PRETRAIN_EPOCHS
+    # A row without a deep() of its own takes its quick budget.
+    assert (
+        bench_module.build_method("protonet-conv4", "deep").config
+        == bench_module.build_method("protonet-conv4", "quick").config
+    )
+    assert bench_module.bench_config_from("deep", test_tasks=10).backbone == "resnet12-half"
+    # Its own deep(): fine-tuning every pretrained weight; a subclass (cosine-finetune) keeps its quick settings.
+    assert bench_module.build_method("finetune", "deep").config.train_backbone
+    assert (
+        bench_module.build_method("cosine-finetune", "deep").config
+        == bench_module.build_method("cosine-finetune", "quick").config
+    )

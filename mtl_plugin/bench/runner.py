@@ -80,16 +80,27 @@ __all__ = [
     "work_dir",
 ]
 
-PROFILES = ("quick", "paper")
+PROFILES = ("quick", "deep", "paper")
 WALL_CLOCK = "wall-clock (s)"
 LEARNED = "learned parameters"
 # comparison: every row registered when the bench is imported but the ablation-only ones (a row
 # registered later runs when named in ``methods``); ablation: what to adapt after pretraining
-# (Sun et al. 2019, Table 3, and this package's options).
+# (Sun et al. 2019, Table 3, and this package's options); deep: the rows whose claims the paper
+# makes for a deep backbone (the pretrained baselines, MTL and HT, and what to adapt).
 SUITES = {
     "comparison": tuple(name for name in METHODS if not method_spec(name).ablation_only),
     "ablation": ABLATION_SUITE,
+    "deep": ("protonet", "linear-probe", "finetune", "mtl", "mtl-ht", "ft-head", "ft-all", "ss-last"),
 }
+# The paired claims each suite's closing note checks (those whose two rows ran).
+SUITE_CLAIMS = {
+    "comparison": COMPARISON_CLAIMS,
+    "ablation": CLAIMS,
+    "deep": tuple(dict.fromkeys(COMPARISON_CLAIMS + CLAIMS)),
+}
+# Epochs of 100 steps of the deep profile's shared pretraining (docs/deep.md: where its
+# nearest-class-mean on val stops improving).
+DEEP_PRETRAIN_EPOCHS = 40
 
 
 @dataclass
@@ -97,9 +108,10 @@ class BenchConfig:
     """What to compare and on what; defaults are the papers' protocol (``paper`` profile).
 
     ``profile`` picks each method's budget: ``paper`` its published settings (for a GPU),
-    ``quick`` the small budgets that run the whole table on 2 CPU cores. ``suite`` picks the
-    rows (``comparison``: the methods; ``ablation``: what to adapt after pretraining, with a
-    learned-parameters column); ``methods``, when given, replaces the suite's rows.
+    ``quick`` the small budgets that run the whole table on 2 CPU cores, ``deep`` those budgets
+    on a half-width ResNet-12. ``suite`` picks the rows (``comparison``: the methods;
+    ``ablation``: what to adapt after pretraining, with a learned-parameters column; ``deep``:
+    the rows of the paper's deep-backbone claims); ``methods``, when given, replaces the suite's rows.
 
     Example::
 
@@ -163,6 +175,20 @@ class BenchConfig:
         base = dict(profile="quick", dataset="kanji", backbone="conv4", test_tasks=300, image_size=28)
         return cls(**{**base, **changes})
 
+    @classmethod
+    def deep(cls, **changes) -> BenchConfig:
+        """The paper's deep-backbone question on 2 CPU cores: the ``deep`` suite on kanji at 28 px
+        with ResNet-12 at half width (``resnet12-half``, 28x Conv4's weights), 300 test tasks.
+
+        The rows take the quick profile's budgets unless their config has a ``deep()`` of its own
+        (``MTLConfig.deep``); the shared pretraining is :func:`pretrain_config_for`'s. Settings and
+        their measurements: docs/deep.md.
+        """
+        base = dict(
+            profile="deep", suite="deep", dataset="kanji", backbone="resnet12-half", test_tasks=300, image_size=28
+        )
+        return cls(**{**base, **changes})
+
     def context(
         self,
         benchmark: Any,
@@ -209,6 +235,8 @@ def pretrain_config_for(config: BenchConfig) -> PretrainConfig:
         return config.pretrain
     if config.profile == "paper":
         return PretrainConfig(backbone=config.backbone, seed=config.seed)
+    if config.profile == "deep":
+        return PretrainConfig.quick(backbone=config.backbone, seed=config.seed, epochs=DEEP_PRETRAIN_EPOCHS)
     # 4,000 steps of 64 images at the paper's lr 0.1 with a cosine schedule: 22 passes over kanji's
     # train split, long enough to converge (93 % training accuracy on its 960 classes; 800 steps
     # ended at 5 %). Every pretrained row stands on this run: see the README's "Results".
@@ -523,7 +551,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
             )
     cells = pd.DataFrame(records)
     ablation = config.suite == "ablation"
-    counts = learned_parameter_counts(config, benchmark, config.rows) if ablation else None
+    counts = learned_parameter_counts(config, benchmark, config.rows) if config.suite != "comparison" else None
     table = _table(config, cells, benchmark.standard, benchmark.name, counts)
     # The comparison keeps its file names; the ablation writes beside it in the same --out.
     stem = f"{benchmark.name}-{config.ways}way-{config.profile}" + ("-ablation" if ablation else "")
@@ -549,11 +577,9 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
     closing = ""
     if "mtl" in config.rows:
         files["claims"] = config.out / f"{stem}-claims.csv"
-        comparisons, closing = ablation_note(
-            accuracies, config.shots, counts, claims=CLAIMS if ablation else COMPARISON_CLAIMS
-        )
+        comparisons, closing = ablation_note(accuracies, config.shots, counts, claims=SUITE_CLAIMS[config.suite])
         atomic_write_text(files["claims"], comparisons.to_csv(index=False))
-    if ablation:
+    if counts is not None:
         files["parameters"] = config.out / f"{stem}-parameters.png"
         if not plot_accuracy_vs_parameters(
             cells, counts, files["parameters"], title=f"{benchmark.name}: what to adapt after pretraining"
@@ -576,7 +602,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
 
 def bench_config_from(profile: str, **given) -> BenchConfig:
     """The profile's config with the values the user gave (``None`` = not given) on top."""
-    base = BenchConfig.quick() if profile == "quick" else BenchConfig()
+    base = {"quick": BenchConfig.quick, "deep": BenchConfig.deep}.get(profile, BenchConfig)()
     return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 

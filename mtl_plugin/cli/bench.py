@@ -35,18 +35,20 @@ def _csv(kind):
 
 
 def _default(name: str) -> str:
-    """``[default: paper X; quick Y]`` read from the two profiles' configs (the same value once)."""
+    """``[default: paper X; quick Y; deep Z]`` read from the profiles' configs (the same value once)."""
 
     def show(value) -> str:
         if value is None:
             return "the data set's"
         return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
-    paper, quick = getattr(_PAPER, name), getattr(_QUICK, name)
-    return f"[default: {show(paper) if paper == quick else f'paper {show(paper)}; quick {show(quick)}'}]"
+    values = {profile: show(getattr(config, name)) for profile, config in _PROFILES.items()}
+    if len(set(values.values())) == 1:
+        return f"[default: {values['paper']}]"
+    return "[default: " + "; ".join(f"{profile} {value}" for profile, value in values.items()) + "]"
 
 
-_PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
+_PROFILES = {"paper": BenchConfig(), "quick": BenchConfig.quick(), "deep": BenchConfig.deep()}
 
 
 @click.command("bench", cls=Command)
@@ -67,7 +69,8 @@ _PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
     type=click.Choice(list(SUITES)),
     default=None,
     help=f"comparison: the methods; ablation: what to adapt after pretraining (FT/SS rows, HT modes, "
-    f"granularity, bn), with learned parameters, a plot and the paper's claims checked. "
+    f"granularity, bn), with learned parameters, a plot and the paper's claims checked; deep: the "
+    f"pretrained baselines, MTL, HT and the FT/SS rows, for a deep backbone. "
     f"{_default('suite')}",
 )
 @click.option("--methods", default=None, callback=_csv(str), help="Comma-separated rows, instead of the suite's.")
@@ -75,8 +78,9 @@ _PAPER, _QUICK = BenchConfig(), BenchConfig.quick()
     "--profile",
     type=click.Choice(PROFILES),
     default=None,
-    help="quick: the whole table on 2 CPU cores, 28 px; paper: the papers' budgets and image sizes "
-    "(for a GPU). [default: paper with a GPU, else quick]",
+    help="quick: the whole table on 2 CPU cores, 28 px, Conv4; deep: the deep suite on a half-width "
+    "ResNet-12, 28 px, on 2 CPU cores; paper: the papers' budgets and image sizes (for a GPU). "
+    "[default: paper with a GPU, else quick]",
 )
 @click.option("--test-tasks", default=None, type=count(2), help=f"Test tasks per cell. {_default('test_tasks')}")
 @click.option("--backbone", default=None, help=f"Backbone of the pretrained methods. {_default('backbone')}")

@@ -73,8 +73,14 @@ class MethodSpec:
         return self.method.transductive
 
     def profile_config(self, profile: str = "paper") -> Any:
-        """The config of ``profile`` (``paper``: the default config; ``quick``), before the preset."""
-        return self.config.quick() if profile == "quick" else self.config()
+        """The config of ``profile`` before the preset: ``paper`` the default config, ``quick``
+        ``config.quick()``, ``deep`` ``config.deep()`` where the config class itself defines one
+        (not inherited: a subclass's quick settings win over its parent's deep ones), else ``quick()``."""
+        if profile == "paper":
+            return self.config()
+        if profile == "deep" and "deep" in vars(self.config):
+            return self.config.deep()
+        return self.config.quick()
 
     def __call__(self, config: Any = None) -> FewShotMethod:
         """The row's method on ``config`` (default: the ``paper`` profile), the preset applied to it.
