@@ -141,10 +141,12 @@ def check_output_file(path: PathLike, option: str = "out") -> Path:
 
 
 def check_not_input(out: PathLike | None, inputs: dict, option: str = "out") -> None:
-    """Refuse an output path that is, or is a folder holding, one of the command's inputs.
+    """Refuse an output path that is one of the command's inputs, holds one, or lies inside one.
 
     A run folder is replaced with ``overwrite`` and a result file is written over whatever is
-    at its path, so an output that holds an input would destroy what the command reads.
+    at its path, so an output that holds an input would destroy what the command reads; an
+    output inside a data folder would add its files (a ``curve.png`` in a class folder) to the
+    data every later command reads.
 
     Args:
         out: the output file or folder (``None``: no output, nothing to check).
@@ -153,7 +155,7 @@ def check_not_input(out: PathLike | None, inputs: dict, option: str = "out") -> 
         option: the output's name, for the message.
 
     Raises:
-        UsageError: ``out`` is an input or holds one.
+        UsageError: ``out`` is an input, holds one or is inside one.
 
     Example::
 
@@ -171,4 +173,9 @@ def check_not_input(out: PathLike | None, inputs: dict, option: str = "out") -> 
             raise UsageError(
                 f"{option} {out} {what} the input {flag} {given}: writing there would replace what "
                 f"this command reads; pass another {option}"
+            )
+        if source in target.parents:
+            raise UsageError(
+                f"{option} {out} is inside the input {flag} {given}: its files would become part of "
+                f"what this and later commands read; pass an {option} outside it"
             )

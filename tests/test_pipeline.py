@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+from contextlib import nullcontext
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_data import TinyBenchmark, pattern_split, raising_at_call
+from tiny_data import TinyBenchmark, killed_at_write, pattern_split, raising_at_call
 from torch import nn
 
 from mtl_plugin.backbones import conv4
@@ -235,6 +237,29 @@ def test_resumed_run_ends_in_the_uninterrupted_state(tmp_path, hard_tasks):
     pd.testing.assert_frame_equal(full_metrics, resumed_metrics)
     assert full_result.best_accuracy == resumed_result.best_accuracy
     assert (tmp_path / "full" / "curve.png").stat().st_size > 0
+
+
+def test_a_kill_after_any_write_resumes_into_the_uninterrupted_run(tmp_path, monkeypatch):
+    full, _ = run(tmp_path, "full")
+    writes = []
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", killed_at_write(0, writes))
+        run(tmp_path, "counted")
+    assert len(writes) > 10
+    for write in range(1, len(writes) + 1):
+        folder = tmp_path / f"killed-{write}"
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "replace", killed_at_write(write))
+            with pytest.raises(KeyboardInterrupt):
+                run(tmp_path, folder.name)
+        resumed = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=tiny_config())
+        first_only = (folder / "best.pt").exists() and not (folder / "last.pt").exists()
+        with pytest.warns(UserWarning, match="stopped between its first two writes") if first_only else nullcontext():
+            meta_train(resumed, tiny_benchmark(), folder, resume=True, progress=False)
+        for name, tensor in full.state_dict().items():
+            assert torch.equal(tensor, resumed.state_dict()[name]), (write, name)
+        for name in ("metrics.csv", "validation.csv"):
+            assert (folder / name).read_text() == (tmp_path / "full" / name).read_text(), (write, name)
 
 
 def test_metrics_csv_has_a_row_per_iteration_and_validation_at_intervals(tmp_path):

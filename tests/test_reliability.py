@@ -7,9 +7,11 @@ Each test drives ``mtl`` through click's runner on a tiny kanji set (30 classes,
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from tiny_data import raising_at_call
+from tiny_data import killed_at_write, raising_at_call
 
 from mtl_plugin.cli import main
 from mtl_plugin.cli import pipeline as pipeline_cli
@@ -280,6 +282,31 @@ def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch, recipe):
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "full" / "metrics.csv").read_text() == (tmp_path / "cut" / "metrics.csv").read_text()
+
+
+def test_a_pretraining_killed_after_any_write_resumes_into_the_uninterrupted_run(tmp_path, monkeypatch):
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    config = PretrainConfig(
+        backbone="conv4", epochs=3, batch_size=16, steps_per_epoch=2, val_tasks=2, val_ways=3, val_queries=2
+    )
+    full = pretrain(bench, config, tmp_path / "full", progress=False)
+    writes = []
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", killed_at_write(0, writes))
+        pretrain(bench, config, tmp_path / "counted", progress=False)
+    assert len(writes) >= 9  # best.pt (when better), last.pt, metrics.csv and curve.png per epoch
+    for write in range(1, len(writes) + 1):
+        folder = tmp_path / f"killed-{write}"
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "replace", killed_at_write(write))
+            with pytest.raises(KeyboardInterrupt):
+                pretrain(bench, config, folder, progress=False)
+        first_only = (folder / "best.pt").exists() and not (folder / "last.pt").exists()
+        with pytest.warns(UserWarning, match="stopped between its first two writes") if first_only else nullcontext():
+            resumed = pretrain(bench, config, folder, progress=False)
+        for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), (write, name)
+        assert (folder / "metrics.csv").read_text() == (tmp_path / "full" / "metrics.csv").read_text(), write
 
 
 def test_warmup_rises_linearly_to_the_lr_then_follows_the_schedule(tmp_path):
@@ -1210,3 +1237,18 @@ def test_the_quick_pretraining_is_the_benchs():
 
     assert pretrain_config_for(BenchConfig.quick(seed=3)) == PretrainConfig.quick(seed=3)
     assert PretrainConfig.quick().steps_per_epoch * PretrainConfig.quick().epochs == 4000
+
+
+@pytest.mark.parametrize("inside", ["train/c0", "train/run1", "val"])
+def test_an_out_inside_the_data_is_refused_before_anything_is_made(tmp_path, inside):
+    data = _image_folder(tmp_path / "data")
+    before = sorted(data.rglob("*"))
+    fails(2, PRETRAIN + FOLDER + ["--root", data, "--out", data / inside], "--out", "inside the input --root")
+    bench = ["bench", "--profile", "quick", *FOLDER, "--root", data, "--out", data / inside]
+    fails(2, bench, "inside the input --root")
+    assert sorted(data.rglob("*")) == before
+
+
+def test_an_out_inside_the_data_cache_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_DATA", str(tmp_path / "cache"))
+    fails(2, PRETRAIN + ["--out", tmp_path / "cache" / "kanji" / "run"], "is inside the input --root")

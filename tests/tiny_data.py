@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import learn2learn as l2l
@@ -67,3 +68,19 @@ def tiny_context(benchmark, work_dir, *, ways: int, shots: int, queries: int, **
     return BenchContext(
         benchmark=benchmark, work_dir=work_dir, ways=ways, shots=shots, queries=queries, **{**defaults, **fields}
     )
+
+
+def killed_at_write(write: int, calls: list | None = None):
+    """``os.replace`` that raises ``KeyboardInterrupt`` instead of its ``write``-th rename: every
+    atomic write of the package ends in one, so this is a kill right after the ``write - 1``-th
+    write landed (its temporary file left behind, as after ``kill -9``). ``calls`` collects the
+    targets renamed (pass ``write=0`` to count a whole run's writes)."""
+    real, seen = os.replace, [] if calls is None else calls
+
+    def replace(source, target):
+        seen.append(target)
+        if len(seen) == write:
+            raise KeyboardInterrupt
+        return real(source, target)
+
+    return replace

@@ -15,9 +15,9 @@ import pandas as pd
 
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.bench.runner import PROFILES, SUITES, BenchConfig, bench_config_from, describe, run_bench
-from mtl_plugin.checks import check_device, check_output_dir
+from mtl_plugin.checks import check_device, check_not_input, check_output_dir
 from mtl_plugin.cli.base import SEED, Command, count
-from mtl_plugin.data.benchmark import image_size_of
+from mtl_plugin.data.benchmark import data_root, image_size_of
 
 __all__ = ["bench"]
 
@@ -118,6 +118,7 @@ def bench(profile, quiet, **given):
     check_device(config.device, "--device")
     size = image_size_of(config.dataset, config.image_size, "--image-size")
     check_backbone(config.backbone, size, "--image-size")
+    check_not_input(config.out, {"--root": data_root(config.dataset, config.root)}, "--out")
     check_output_dir(config.out, "--out")
     click.echo(f"mtl bench: {describe(config)}")
     start = time.perf_counter()

@@ -23,7 +23,7 @@ from click.core import ParameterSource
 from mtl_plugin.backbones import check_backbone
 from mtl_plugin.checks import check_device, check_not_input, check_output_file
 from mtl_plugin.cli.base import SEED, Command, count
-from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, image_size_of
+from mtl_plugin.data.benchmark import benchmark_identity, check_tasks, data_root, image_size_of
 from mtl_plugin.data.leak import check_unseen
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate
@@ -232,7 +232,7 @@ def pretrain_command(
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device, "--device"))
     _check_override(resume, override)
-    check_not_input(out, {"--root": root}, "--out")
+    check_not_input(out, {"--root": data_root(data, root)}, "--out")
     # Held before the folder is read: a second run started at the same moment is refused.
     with hold_run_folder(out, "--out"):
         # With --resume, flags not given keep the saved run's values.
@@ -310,7 +310,7 @@ def meta_train_command(
             "--backbone names the scratch ablation's backbone; with --pretrained the backbone is the one "
             "its checkpoint records: drop --backbone"
         )
-    check_not_input(out, {"--pretrained": pretrained, "--root": root}, "--out")
+    check_not_input(out, {"--pretrained": pretrained, "--root": data_root(data, root)}, "--out")
     # Held before the folder is read: a second run started at the same moment is refused.
     with hold_run_folder(out, "--out"):
         # With --resume, flags not given keep the saved run's values.
@@ -434,7 +434,7 @@ def evaluate_command(
     # Under torchrun: join the job's process group, on this rank's GPU.
     device = distributed.setup(check_device(device, "--device"))
     if out:
-        check_not_input(out, {"--checkpoint": checkpoint, "--root": root}, "--out")
+        check_not_input(out, {"--checkpoint": checkpoint, "--root": data_root(data, root)}, "--out")
         check_output_file(out, "--out")
     # The result's room on disk is taken before the tasks run: a full disk fails now, not at the end.
     reserve = reserved_output(out, _RESULT_BYTES) if out and distributed.is_main() else nullcontext()

@@ -34,6 +34,7 @@ __all__ = [
     "FewShotBenchmark",
     "benchmark_identity",
     "check_tasks",
+    "data_root",
     "get_benchmark",
     "image_size_of",
 ]
@@ -149,6 +150,23 @@ def _canonical(name: str) -> str:
     if key not in KNOWN_BENCHMARKS:
         raise UsageError(f"unknown data set {name!r}: known ones are {', '.join(KNOWN_BENCHMARKS)}")
     return key
+
+
+def data_root(name: str, root: str | os.PathLike | None = None) -> Path | None:
+    """The folder :func:`get_benchmark` reads ``name`` from (kanji: generates it into): ``root``
+    if given, else ``$MTL_DATA/<name>``; ``None`` for ``folder`` without ``root``.
+
+    Raises:
+        UsageError: an unknown data set.
+
+    Example::
+
+        check_not_input(out, {"--root": data_root("kanji")})   # an --out inside the cache is refused
+    """
+    key = _canonical(name)
+    if root is not None:
+        return Path(root).expanduser()
+    return None if key == "folder" else data_home() / key
 
 
 def image_size_of(name: str, image_size: int | None = None, option: str = "image_size") -> int:
@@ -309,7 +327,7 @@ def get_benchmark(
         content = ""
         if root is None and key == "folder":
             raise UsageError("the 'folder' data set needs root= (mtl: --root), a folder with train/, val/ and test/")
-        folder = Path(root).expanduser() if root is not None else data_home() / key
+        folder = data_root(key, root)
         if key == "folder":
             splits = {s: image_folder_split(folder, s) for s in ("train", "val", "test")}
             content = folder_content(folder, splits)

@@ -192,6 +192,14 @@ def _stopped(
     )
 
 
+def _write_run_files(log: RunLog, validation: list) -> None:
+    """``metrics.csv``, ``validation.csv`` and ``curve.png`` of the run as far as ``log`` has it."""
+    log.write()
+    frame = pd.DataFrame(validation, columns=["iteration", "task", "accuracy"])
+    atomic_write_text(log.run_dir / VALIDATION_FILE, frame.to_csv(index=False))
+    plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
+
+
 def _resume(
     learner: MetaTransferLearner, stream: _TaskStream, state: dict, identity: dict, override: bool, log: RunLog
 ) -> tuple[int, float, int, list]:
@@ -330,12 +338,15 @@ def _meta_train(
     log = RunLog(out_dir, replaces=overwrite and main, other_files=(VALIDATION_FILE,))
     progress = progress and main
     distributed.barrier()
-    validation_path = log.run_dir / VALIDATION_FILE
     model, data = dict(model_info or {}), benchmark_identity(benchmark)
     start, best_accuracy, best_iteration, validation = 0, -math.inf, 0, []
     if previous is not None:
         identity = dict(model, train_data=data)
         start, best_accuracy, best_iteration, validation = _resume(learner, stream, previous, identity, override, log)
+        if main:
+            # A run stopped after its last.pt but before these files were rewritten: they would
+            # stay behind it, the finished run's for good.
+            _write_run_files(log, validation)
     # learner.meta_train_step steps this trainer's Adam; the loop steps its schedule and saves both.
     trainer = learner.trainer
     # The last iteration checkpointed (None: nothing saved yet).
@@ -431,11 +442,7 @@ def _meta_train(
                 ),
                 log.last_path,
             )
-            log.write()
-            atomic_write_text(
-                validation_path, pd.DataFrame(validation, columns=["iteration", "task", "accuracy"]).to_csv(index=False)
-            )
-            plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
+            _write_run_files(log, validation)
     distributed.barrier()
     if log.best_path.is_file():
         best = read_checkpoint(log.best_path, "--out", map_location=learner.device)

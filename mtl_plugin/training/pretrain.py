@@ -452,6 +452,10 @@ def _pretrain(
             fast_forward(scheduler, previous["scheduler"]["last_epoch"])
             torch.set_rng_state(previous["torch_rngs"][distributed.rank()] if ranks > 1 else previous["torch_rng"])
             start, best_accuracy, log.rows = previous["epoch"], previous["best_accuracy"], list(previous["metrics"])
+            if main:
+                # A run stopped after its last.pt but before these were rewritten: they would stay
+                # behind it, the finished run's for good.
+                log.write(curve=("epoch", "val_accuracy"))
             if progress:
                 # A finished run is returned as it is: say so, or a second script would silently get
                 # the first one's backbone.

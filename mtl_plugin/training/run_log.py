@@ -477,12 +477,25 @@ class RunLog:
         atomic_save_figure(figure, self.curve_path, dpi=100)
 
 
+def _stopped_at_first_write(best: Path) -> bool:
+    """Whether ``best.pt`` is all that a run's first checkpoint left: of pretraining's epoch 1 or
+    meta-training's iteration 0, with no ``metrics.csv`` yet (written after ``last.pt``), unlike a
+    finished run whose ``last.pt`` was deleted."""
+    if (best.parent / "metrics.csv").exists():
+        return False
+    state = read_checkpoint(best, "--out")
+    return state.get("epoch") == 1 or state.get("iteration") == 0
+
+
 def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str = "run") -> Path | None:
     """Decide what a training command does with the run folder ``out_dir``: never overwrite by accident.
 
     A folder holds a run once it has ``last.pt`` or ``best.pt``. Without a run, or with
     ``overwrite`` (the caller then deletes the run's files), a new run starts; with ``resume``,
-    the run continues from ``last.pt``.
+    the run continues from ``last.pt``. A ``best.pt`` of a run's first checkpoint (epoch 1,
+    iteration 0) without ``last.pt`` or ``metrics.csv`` is a run killed between its first two
+    writes: it starts anew, with or without ``resume``, and its first checkpoint replaces that
+    ``best.pt``.
 
     Args:
         out_dir: the run's folder (``--out``).
@@ -494,8 +507,8 @@ def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str 
         The ``last.pt`` to resume from, or ``None`` to start a new run.
 
     Raises:
-        UsageError: both flags; a run in ``out_dir`` and neither flag; a ``best.pt`` but no
-            ``last.pt`` without ``overwrite``.
+        UsageError: both flags; a run in ``out_dir`` and neither flag; a ``best.pt`` of a later
+            checkpoint but no ``last.pt``, without ``overwrite``.
 
     Example::
 
@@ -508,6 +521,13 @@ def check_run_folder(out_dir: PathLike, resume: bool, overwrite: bool, run: str 
     if overwrite or not (last.is_file() or best.is_file()):
         return None
     if not last.is_file():
+        if _stopped_at_first_write(best):
+            warnings.warn(
+                f"--out {out_dir} holds only the best.pt of a run stopped between its first two "
+                f"writes: starting that run anew there",
+                stacklevel=2,
+            )
+            return None
         # Said whether or not --resume was given: "pass --resume" would only lead here.
         raise UsageError(
             f"--out {out_dir} holds best.pt but no last.pt, so its run cannot be resumed: pass "
