@@ -41,6 +41,7 @@ __all__ = [
     "build_backbone",
     "check_backbone",
     "list_backbones",
+    "load_weights",
     "register_backbone",
     "BACKBONES",
 ]
@@ -164,7 +165,7 @@ def resnet12(
         features = net(torch.randn(5, 3, 84, 84))  # (5, 640)
     """
     model = ResNet12(in_channels=in_channels, channels=channels, num_classes=num_classes)
-    _load_weights(model, weights)
+    load_weights(model, weights)
     return model
 
 
@@ -208,7 +209,7 @@ def conv4(
         features = net(torch.randn(5, 1, 28, 28))  # (5, 64)
     """
     model = Conv4(in_channels=in_channels, hidden=hidden, image_size=image_size, num_classes=num_classes)
-    _load_weights(model, weights)
+    load_weights(model, weights)
     return model
 
 
@@ -218,7 +219,16 @@ def _read_weights(weights: Weights) -> dict | None:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
-def _load_weights(model: nn.Module, weights: Weights) -> None:
+def load_weights(model: nn.Module, weights: Weights) -> None:
+    """Load ``weights`` (a state dict or a path to one; ``None``: nothing) into ``model``, checked first.
+
+    Raises:
+        DataError: missing or unexpected keys, or tensors of another shape than ``model``'s.
+
+    Example::
+
+        load_weights(resnet12_half(in_channels=1), "runs/pre/backbone.pt")
+    """
     state = _read_weights(weights)
     if state is None:
         return
@@ -291,7 +301,7 @@ def torchvision_backbone(
     state = _read_weights(weights)
     new_stem = small_input or in_channels != 3
     if state is not None and not new_stem:
-        _load_weights(model, state)
+        load_weights(model, state)
     if new_stem:
         if not isinstance(model, torchvision.models.ResNet):
             raise UsageError(
@@ -311,7 +321,7 @@ def torchvision_backbone(
                     f"its pretrained stem would be dropped; build with small_input=False and in_channels=3 to use "
                     f"these weights, or pass weights saved from the small-input model"
                 )
-            _load_weights(model, state)
+            load_weights(model, state)
     model.feature_dim = _replace_classifier(model, num_classes)
     return model
 

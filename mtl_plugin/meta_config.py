@@ -106,6 +106,8 @@ class MetaTrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.ways < 2:
+            raise UsageError(f"ways={self.ways}: a task needs at least 2 classes (with 1 every answer is right)")
         for name in ("inner_steps", "test_inner_steps", "hard_meta_batch"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= 0")

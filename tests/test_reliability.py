@@ -13,6 +13,7 @@ import sys
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1252,3 +1253,81 @@ def test_an_out_inside_the_data_is_refused_before_anything_is_made(tmp_path, ins
 def test_an_out_inside_the_data_cache_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MTL_DATA", str(tmp_path / "cache"))
     fails(2, PRETRAIN + ["--out", tmp_path / "cache" / "kanji" / "run"], "is inside the input --root")
+
+
+def _edited_copy(source, target, edit):
+    """``source`` (a checkpoint) saved to ``target`` after ``edit(state)``."""
+    state = torch.load(source, weights_only=True)
+    edit(state)
+    torch.save(state, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda state: state["model"].update(backbone="resnet12-half"),
+        lambda state: state["backbone"].update({"layers.0.weight": torch.zeros(3, 3, 3, 3)}),
+    ],
+    ids=["another-backbone-record", "a-tensor-of-another-shape"],
+)
+def test_a_checkpoint_whose_weights_do_not_fit_its_record_is_one_error_line(tmp_path, pretrained, edit):
+    damaged = _edited_copy(pretrained / "best.pt", tmp_path / "damaged.pt", edit)
+    fails(1, EVALUATE + ["--checkpoint", damaged], str(damaged), "do not fit", "pretrain again")
+    fails(1, META + ["--pretrained", damaged, "--out", tmp_path / "meta"], str(damaged), "do not fit")
+
+
+def test_a_checkpoint_of_a_newer_version_is_one_error_line(tmp_path, pretrained):
+    out = tmp_path / "pre"
+    succeeds(PRETRAIN + ["--out", out])
+    _edited_copy(out / "last.pt", out / "last.pt", lambda state: state["config"].update(future_setting=1))
+    fails(1, PRETRAIN + ["--resume", "--epochs", "2", "--out", out], "future_setting", "newer version", "upgrade")
+    meta = tmp_path / "meta"
+    succeeds(META + ["--pretrained", pretrained / "best.pt", "--out", meta])
+    for name in ("last.pt", "best.pt"):
+        _edited_copy(meta / name, meta / name, lambda state: state["config"].update(future_setting=1))
+    fails(1, META + ["--resume", "--iterations", "4", "--out", meta], "future_setting", "newer version")
+    fails(1, EVALUATE + ["--checkpoint", meta / "best.pt"], "future_setting", "newer version")
+
+
+def _bomb_png(path, side=20000):
+    """A few hundred bytes of PNG whose header claims ``side`` x ``side`` pixels."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    # IHDR follows the 8-byte signature and its 8-byte length + type: width, height, then its CRC.
+    data[16:24] = struct.pack(">II", side, side)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_a_decompression_bomb_and_an_unreadable_folder_are_one_error_line(tmp_path, monkeypatch):
+    data = _image_folder(tmp_path / "data")
+    _bomb_png(data / "train" / "c0" / "0.png")
+    fails(1, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run"], "0.png", "replace")
+    data = _image_folder(tmp_path / "other")
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == data / "val" / "c1":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    fails(1, PRETRAIN + FOLDER + ["--root", data, "--out", tmp_path / "run2"], "unreadable folder", "c1", "permissions")
+
+
+def test_mtl_data_naming_a_file_is_one_error_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MTL_DATA", str(tmp_path / "file"))
+    monkeypatch.setattr(pipeline_cli, "_benchmark", lambda data, root, size, seed: get_benchmark(data, root=root))
+    fails(1, PRETRAIN + ["--out", tmp_path / "run"], "MTL_DATA", "is a file", "folder")
+
+
+def test_one_way_tasks_are_refused_by_the_library_too():
+    from mtl_plugin.meta_config import MetaTrainConfig
+
+    with pytest.raises(UsageError, match="at least 2 classes"):
+        MetaTrainConfig(ways=1)

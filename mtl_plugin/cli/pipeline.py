@@ -34,12 +34,17 @@ from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 from mtl_plugin.training import distributed
 from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_record, learner_from_checkpoint
-from mtl_plugin.training.io import read_checkpoint, reserved_output
+from mtl_plugin.training.io import check_known_settings, read_checkpoint, reserved_output
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.training.pretrain import OPTIMIZERS, SCHEDULES, PretrainConfig, pretrain, run_config
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND as PRETRAIN_KIND
-from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_backbone_fits, check_pretrain_checkpoint
+from mtl_plugin.training.pretrain_checkpoint import (
+    build_pretrained,
+    check_backbone_fits,
+    check_pretrain_checkpoint,
+    pretrained_backbone,
+)
 from mtl_plugin.training.run_log import hold_run_folder, previous_run
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
@@ -315,7 +320,7 @@ def meta_train_command(
     with hold_run_folder(out, "--out"):
         # With --resume, flags not given keep the saved run's values.
         previous = previous_run(out, resume, overwrite, META_KIND, "mtl meta-train", "meta-training run")
-        saved = previous["config"] if previous else {}
+        saved = check_known_settings(MetaTrainConfig, previous["config"], Path(out) / "last.pt") if previous else {}
         config = MetaTrainConfig(**{**saved, **_overrides(MetaTrainConfig, values)})
         ignored = [name for name in ("hard_meta_batch", "hard_task_mode") if values.get(name) is not None]
         if ignored and not config.hard_tasks:
@@ -335,8 +340,7 @@ def meta_train_command(
             check_unseen(state.get("classes"), bench, f"--pretrained {pretrained}")
             ss = SSConfig(granularity=granularity, output_scaling=output_scaling)
             info = dict(state["model"], **encoder_record(ss))
-            model = build_pretrained(info)
-            model.load_state_dict(state["backbone"])
+            model = pretrained_backbone(state, pretrained, "--pretrained", info)
             encoder = SSAdapter.from_config(model, ss)
         else:
             info = {
@@ -459,8 +463,7 @@ def evaluate_command(
         if state["kind"] == META_KIND:
             learner = learner_from_checkpoint(state, checkpoint, "--checkpoint").to(device)
         else:
-            backbone = build_pretrained(info)
-            backbone.load_state_dict(state["backbone"])
+            backbone = pretrained_backbone(state, checkpoint, "--checkpoint", info)
             learner = MetaTransferLearner(backbone.requires_grad_(False), ways, MetaTrainConfig(ways=ways)).to(device)
         if learner.config.head_init == "kaiming" and learner.ways != ways:
             raise click.BadParameter(

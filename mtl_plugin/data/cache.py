@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_plugin.errors import DataError
 from mtl_plugin.training.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["data_home", "manifest_path", "save_verified_array", "load_verified_array"]
@@ -33,13 +34,22 @@ def data_home() -> Path:
     """The cache folder: ``$MTL_DATA`` if set, else ``$XDG_CACHE_HOME/mtl_plugin``
     (``~/.cache/mtl_plugin`` when ``XDG_CACHE_HOME`` is unset).
 
+    Raises:
+        DataError: ``$MTL_DATA`` names a file.
+
     Example::
 
         cache = data_home() / "kanji"
     """
     configured = os.environ.get(ENVIRONMENT_VARIABLE)
     if configured:
-        return Path(configured).expanduser()
+        path = Path(configured).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DataError(
+                f"{ENVIRONMENT_VARIABLE}={configured} is a file, not a folder: point it to a folder "
+                f"(it is created if missing), or unset it to use ~/.cache/mtl_plugin"
+            )
+        return path
     # The XDG base-directory spec: an empty or relative value is to be ignored.
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"

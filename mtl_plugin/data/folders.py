@@ -36,8 +36,15 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"unreadable folder {folder}: {error}; fix its permissions or remove it") from error
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in _entries(folder) if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def class_folders_dataset(folders: Iterable[tuple[str, Path]]) -> ImageClassDataset:
@@ -88,7 +95,7 @@ def image_folder_split(root: os.PathLike, split: str) -> ImageClassDataset:
             f"with {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images "
             f"(layout root/{{train,val,test}}/<class>/<image>)"
         )
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+    classes = sorted(p for p in _entries(folder) if p.is_dir() and _visible(p))
     if not classes:
         raise MissingDataError(
             f"image folder data set: {folder} has no class sub-folders (expected {folder}/<class>/<image>)"

@@ -103,7 +103,7 @@ class EncodedSource:
         try:
             image = Image.open(io.BytesIO(memoryview(self.blobs[index])))
             image.load()
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
             raise DataError(f"corrupt image {self.describe(index)}: {error}; replace the file") from error
         return _eight_bit(image)
 
@@ -136,7 +136,7 @@ class FileSource:
             with Image.open(path) as image:
                 image.load()
                 return _eight_bit(image.copy())
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
             raise DataError(f"corrupt or unreadable image {path}: {error}; remove or replace it") from error
 
     def raw(self, index: int) -> bytes:

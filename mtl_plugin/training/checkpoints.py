@@ -38,7 +38,7 @@ from mtl_plugin.errors import DataError
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.ss import SSAdapter, SSConfig
-from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.training.io import check_known_settings, read_checkpoint
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND
 from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_model_record
 
@@ -132,7 +132,9 @@ def learner_from_checkpoint(state: dict, path: str | os.PathLike, argument: str 
         learner = learner_from_checkpoint(state, "runs/meta/best.pt")
     """
     # Checkpoints written before head_init existed hold the official code's Kaiming head.
-    config = MetaTrainConfig(**{"head_init": "kaiming", **state["config"]})
+    config = MetaTrainConfig(
+        **{"head_init": "kaiming", **check_known_settings(MetaTrainConfig, state["config"], path, argument)}
+    )
     try:
         encoder = build_encoder(state["model"])
     except ValueError as error:

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pickle
@@ -33,6 +34,7 @@ __all__ = [
     "atomic_save_figure",
     "atomic_write_text",
     "atomic_write_bytes",
+    "check_known_settings",
     "read_checkpoint",
     "reserved_output",
 ]
@@ -303,3 +305,29 @@ def read_checkpoint(
             f"damaged run), so nothing computed from it is right; {remedy}"
         )
     return state
+
+
+def check_known_settings(config_class: type, record: dict, path: str | os.PathLike, option: str = "checkpoint") -> dict:
+    """Refuse a saved config with settings ``config_class`` (a dataclass) does not have.
+
+    A checkpoint written by a newer version of the package can record settings this one does not
+    know; building the config from it would fail deep inside with a ``TypeError``.
+
+    Returns:
+        ``record``.
+
+    Raises:
+        DataError: naming the file, the unknown settings and what to do.
+
+    Example::
+
+        config = MetaTrainConfig(**check_known_settings(MetaTrainConfig, state["config"], path))
+    """
+    unknown = sorted(set(record) - {field.name for field in dataclasses.fields(config_class)})
+    if unknown:
+        raise DataError(
+            f"{option} {path} records settings this version of mtl-plugin does not know "
+            f"({', '.join(unknown[:5])}): a newer version wrote it; upgrade mtl-plugin to read it, "
+            f"or pass a checkpoint written by this version"
+        )
+    return record

@@ -40,7 +40,7 @@ from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
 from mtl_plugin.training import distributed
-from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.training.io import check_known_settings, read_checkpoint
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND, build_pretrained, load_pretrained
 from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import (
@@ -260,7 +260,8 @@ def run_config(out_dir: str | Path, changes: dict, resume: bool = False, overwri
         config = run_config("runs/pre", {"lr": 0.01}, resume=True)
     """
     previous = _previous_run(Path(out_dir), resume, overwrite)
-    return PretrainConfig(**{**(previous["config"] if previous else {}), **changes})
+    saved = check_known_settings(PretrainConfig, previous["config"], Path(out_dir) / "last.pt") if previous else {}
+    return PretrainConfig(**{**saved, **changes})
 
 
 def _check_resumable(state: dict, config: PretrainConfig, info: dict, override: bool, path: Path) -> None:

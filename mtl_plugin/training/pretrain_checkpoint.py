@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from mtl_plugin.backbones import build_backbone
+from mtl_plugin.backbones import build_backbone, load_weights
 from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from mtl_plugin.data.leak import check_unseen
 from mtl_plugin.errors import DataError
@@ -34,6 +34,7 @@ __all__ = [
     "check_model_record",
     "check_pretrain_checkpoint",
     "load_pretrained",
+    "pretrained_backbone",
 ]
 
 CHECKPOINT_KIND = "pretrain"
@@ -47,6 +48,37 @@ def build_pretrained(info: dict) -> nn.Module:
         backbone = build_pretrained({"backbone": "conv4", "in_channels": 1, "image_size": 28})
     """
     return build_backbone(info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"])
+
+
+def pretrained_backbone(
+    state: dict, path: str | Path, option: str = "checkpoint", info: dict | None = None
+) -> nn.Module:
+    """The backbone a pretrain checkpoint records, with its weights.
+
+    Args:
+        state: the checkpoint, read and checked (:func:`check_pretrain_checkpoint`).
+        path: its file, for the message.
+        option: the flag or argument that named it.
+        info: the architecture to build (default: the checkpoint's ``model`` entry).
+
+    Raises:
+        DataError: the weights do not fit the architecture the record names (a damaged or
+            edited file, or one record copied onto other weights).
+
+    Example::
+
+        backbone = pretrained_backbone(state, "runs/pre/best.pt")
+    """
+    info = state["model"] if info is None else info
+    backbone = build_pretrained(info)
+    try:
+        load_weights(backbone, state["backbone"])
+    except DataError as error:
+        raise DataError(
+            f"{option} {path}: its weights do not fit the {info['backbone']} its record names ({error}); "
+            f"the file is damaged or was edited: pretrain again, or pass another checkpoint"
+        ) from error
+    return backbone
 
 
 def check_model_record(info: dict, path: str | Path, option: str = "checkpoint") -> dict:
@@ -156,6 +188,4 @@ def load_pretrained(
     state = check_pretrain_checkpoint(read_checkpoint(path, "checkpoint", map_location), path, "checkpoint")
     if benchmark is not None:
         check_unseen(state.get("classes"), benchmark, f"checkpoint {path}", allow_seen_classes)
-    backbone = build_pretrained(state["model"])
-    backbone.load_state_dict(state["backbone"])
-    return backbone
+    return pretrained_backbone(state, path)
