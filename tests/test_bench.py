@@ -431,3 +431,13 @@ def test_deep_profile_settings():
         bench_module.build_method("cosine-finetune", "deep").config
         == bench_module.build_method("cosine-finetune", "quick").config
     )
+
+
+def test_the_closing_note_names_a_shared_pretraining_that_did_not_learn(data_home, monkeypatch):
+    # TINY's pretraining (two steps) ends at chance level's loss: the rows on it are named.
+    monkeypatch.setattr(bench_module, "build_method", _tiny_budgets(bench_module.build_method))
+    lines = []
+    config = BenchConfig.quick(methods=("protonet", "protonet-conv4"), out=data_home / "out", **TINY)
+    result = run_bench(config, lines.append)
+    warning = "Warning: the shared pretraining of protonet: pretraining is not learning"
+    assert warning in result.files["md"].read_text() and any(line.startswith(warning) for line in lines)

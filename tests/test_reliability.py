@@ -1331,3 +1331,27 @@ def test_one_way_tasks_are_refused_by_the_library_too():
 
     with pytest.raises(UsageError, match="at least 2 classes"):
         MetaTrainConfig(ways=1)
+
+
+@pytest.mark.parametrize("labels", ["learnable", "random"])
+def test_a_pretraining_that_does_not_learn_is_warned_about_once(tmp_path, labels):
+    import learn2learn as l2l
+    from tiny_data import PatternImages, TinyBenchmark, pattern_split
+
+    train = pattern_split(12, 30, 16, seed=0, noise=0.8)
+    if labels == "random":
+        images = torch.stack([train[i][0] for i in range(len(train))])
+        shuffled = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+        train = l2l.data.MetaDataset(PatternImages(images, [train[int(i)][1] for i in shuffled]))
+    held_out = pattern_split(6, 8, 16, seed=1, noise=0.8)
+    bench = TinyBenchmark(train=train, val=held_out, test=held_out, train_augmented=train)
+    config = PretrainConfig(
+        backbone="conv4", epochs=6, batch_size=32, steps_per_epoch=8, val_tasks=2, val_ways=3, val_queries=2
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain(bench, config, tmp_path / "run", progress=False)
+    messages = [str(w.message) for w in caught if "not learning" in str(w.message)]
+    assert len(messages) == (1 if labels == "random" else 0), messages
+    if messages:
+        assert "chance level (ln 12 classes" in messages[0] and "lower lr" in messages[0]

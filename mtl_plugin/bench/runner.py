@@ -66,7 +66,7 @@ from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
 from mtl_plugin.training.distributed import WorkQueue
 from mtl_plugin.training.io import atomic_save_figure, atomic_write_text
 from mtl_plugin.training.meta_training import plot_meta_curves
-from mtl_plugin.training.pretrain import PretrainConfig, pretrain
+from mtl_plugin.training.pretrain import PretrainConfig, not_learning, pretrain
 from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 
 __all__ = [
@@ -250,12 +250,13 @@ def _device(name: str, queue: WorkQueue | None) -> torch.device:
 
 
 class _SharedPretraining:
-    """Pretrains once, on first use, and hands out fresh copies."""
+    """Pretrains once (into ``run_dir``), on first use, and hands out fresh copies."""
 
-    def __init__(self, run: Callable[[], nn.Module]):
+    def __init__(self, run: Callable[[], nn.Module], run_dir: Path | None = None):
         self._run = run
         self._model: nn.Module | None = None
         self.seconds = 0.0
+        self.run_dir = run_dir
 
     def __call__(self) -> nn.Module:
         if self._model is None:
@@ -432,6 +433,20 @@ def _table(
     return pd.DataFrame(rows)
 
 
+def _pretraining_note(config: BenchConfig, benchmark, shared: _SharedPretraining) -> str:
+    """A warning beside the rows that stand on a shared pretraining that did not learn; else ""."""
+    rows = [m for m in config.rows if method_spec(m).uses_pretraining]
+    metrics = shared.run_dir / "metrics.csv" if shared.run_dir else None
+    if not rows or metrics is None or not metrics.is_file():
+        return ""
+    stalled = not_learning(
+        pd.read_csv(metrics).to_dict("records"),
+        len(benchmark.train_augmented.labels),
+        pretrain_config_for(config).epochs,
+    )
+    return f"Warning: the shared pretraining of {', '.join(rows)}: {stalled}" if stalled else ""
+
+
 def _plot(config: BenchConfig, cells: pd.DataFrame, path: Path) -> None:
     # The Figure API needs no pyplot backend: headless, and the caller's backend is left alone.
     from matplotlib.figure import Figure
@@ -498,9 +513,10 @@ def shared_pretraining(
             wait_for_pretraining(queue)
             return load_pretrained(pretrain_dir / "best.pt", device)
 
-        return _SharedPretraining(read_back)
+        return _SharedPretraining(read_back, pretrain_dir)
     return _SharedPretraining(
-        lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir, device=device, progress=config.progress)
+        lambda: pretrain(benchmark, pretrain_config_for(config), pretrain_dir, device=device, progress=config.progress),
+        pretrain_dir,
     )
 
 
@@ -567,7 +583,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
         if benchmark.standard
         else ""
     )
-    note = "\n\n".join(part for part in (_fits_note(cells), published) if part)
+    stalled = _pretraining_note(config, benchmark, shared)
+    note = "\n\n".join(part for part in (_fits_note(cells), stalled, published) if part)
     # Results only: timings differ between machines, the results must not.
     atomic_write_text(files["csv"], table.drop(columns=[WALL_CLOCK]).to_csv(index=False))
     atomic_write_text(
@@ -596,6 +613,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
         files["curves"] = curves
     if closing:
         echo(closing.rstrip())
+    if stalled:
+        echo(stalled)
     echo(f"shared pretraining: {shared.seconds:.0f} s (not in the methods' wall-clock)")
     return BenchResult(table=table, cells=cells, files=files)
 

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,12 @@ from mtl_plugin.training.run_log import (
     save_checkpoint,
 )
 
-__all__ = ["PretrainConfig", "pretrain", "run_config"]
+__all__ = ["PretrainConfig", "not_learning", "pretrain", "run_config"]
 
+# A pretraining is reported as not learning when, past this share of its epochs, its training loss
+# is still this share of chance level's ln(classes) or more.
+NOT_LEARNING_AFTER = 0.5
+NOT_LEARNING_LOSS = 0.8
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 # Options added after runs were first recorded: left out of :meth:`PretrainConfig.record` at
@@ -293,6 +298,37 @@ def _diverged(what: str, epoch: int, step: int, lr: float, log: RunLog, saved_ep
     )
 
 
+def not_learning(rows: list[dict], num_classes: int, epochs: int) -> str | None:
+    """What to tell the user of a pretraining that is not learning, or ``None`` if it is.
+
+    Past :data:`NOT_LEARNING_AFTER` of its ``epochs``, a last epoch whose mean training loss is
+    still :data:`NOT_LEARNING_LOSS` of chance level (ln ``num_classes``) or more. The loss is
+    measured against chance rather than the accuracy: with hundreds of classes an accuracy many
+    times chance (2.3 % of 814 classes) can still leave the embedding near its random start.
+
+    Args:
+        rows: the run's ``metrics.csv`` rows (``epoch``, ``loss``, ``accuracy``), in order.
+        num_classes: the train split's classes.
+        epochs: the run's budget.
+
+    Example::
+
+        message = not_learning(pd.read_csv("runs/pre/metrics.csv").to_dict("records"), 960, 40)
+    """
+    if not rows or num_classes < 2 or rows[-1]["epoch"] < NOT_LEARNING_AFTER * epochs:
+        return None
+    last, chance = rows[-1], math.log(num_classes)
+    if not last["loss"] >= NOT_LEARNING_LOSS * chance:
+        return None
+    return (
+        f"pretraining is not learning: after epoch {last['epoch']} of {epochs} its training loss is "
+        f"{last['loss']:.2f}, {100 * last['loss'] / chance:.0f} % of chance level (ln {num_classes} classes = "
+        f"{chance:.2f}), training accuracy {last['accuracy']:.1f} % (chance {100 / num_classes:.2g} %); "
+        f"every row on this backbone inherits an embedding near its random start: try a lower lr or a "
+        f"warm-up, more epochs or a wider backbone (README: Is the pretraining learning?)"
+    )
+
+
 def pretrain(
     benchmark: Any,
     config: PretrainConfig | None = None,
@@ -440,7 +476,7 @@ def _pretrain(
         if config.steps_per_epoch is not None:
             steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
         optimizer = _optimizer(classifier.parameters(), config)
-        start, best_accuracy = 0, -math.inf
+        start, best_accuracy, warned = 0, -math.inf, False
         if previous is not None:
             classifier.load_state_dict(previous["classifier"])
             optimizer.load_state_dict(previous["optimizer"])
@@ -538,6 +574,10 @@ def _pretrain(
             )
             if progress:
                 tqdm.write(f"pretrain epoch {epoch}: loss {log.rows[-1]['loss']:.3f}, val {result}")
+            stalled = not_learning(log.rows, num_classes, config.epochs)
+            if stalled and main and not warned:
+                warnings.warn(stalled, stacklevel=2)
+                warned = True
             improved = result.beats(best_accuracy)
             best_accuracy = max(best_accuracy, result.mean)
             # Each rank's generator of augmentations, so that every rank resumes its own.
