@@ -1355,3 +1355,9 @@ def test_a_pretraining_that_does_not_learn_is_warned_about_once(tmp_path, labels
     assert len(messages) == (1 if labels == "random" else 0), messages
     if messages:
         assert "chance level (ln 12 classes" in messages[0] and "lower lr" in messages[0]
+
+
+def test_a_root_or_preview_through_a_file_is_one_error_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    fails(1, PRETRAIN + ["--root", tmp_path / "file", "--out", tmp_path / "run"], "is a file, not a folder")
+    fails(2, ["data", "kanji", "--num-classes", "30", "--preview", tmp_path / "file" / "x.png"], "--preview")

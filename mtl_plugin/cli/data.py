@@ -20,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from mtl_plugin.checks import check_output_file
 from mtl_plugin.cli.base import SEED, Group, count
 from mtl_plugin.data.benchmark import KNOWN_BENCHMARKS, get_benchmark, image_size_of
 from mtl_plugin.data.kanji import STYLES, KanjiConfig, load_kanji, preview_grid
@@ -94,6 +95,8 @@ def kanji(
 ) -> None:
     """Generate (or load from the cache) the kanji data set drawn from KanjiVG (CC BY-SA 3.0)."""
     start = time.perf_counter()
+    if preview is not None:
+        check_output_file(preview, "--preview")  # before the drawing, not after it
     # Every value KanjiConfig and the drawing refuse is one of the flags.
     with _typed_errors(UsageError):
         config = KanjiConfig(

@@ -26,7 +26,7 @@ from mtl_plugin.data.images import ArraySource, ImageClassDataset, as_meta_datas
 from mtl_plugin.data.kanji import KanjiConfig, load_kanji
 from mtl_plugin.data.standard import read_split
 from mtl_plugin.data.transforms import RECIPES, eval_transform, train_transform
-from mtl_plugin.errors import UsageError
+from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.tasks import build_taskset, check_task_shape
 
 __all__ = [
@@ -317,6 +317,8 @@ def get_benchmark(
     if unknown:
         allowed = sorted(_LOADER_OPTIONS.get(key, set())) or "none"
         raise UsageError(f"{key}: unknown option(s) {sorted(unknown)}; accepted options: {allowed}")
+    if root is not None and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+        raise DataError(f"root {root} (--root) is a file, not a folder: pass the folder holding the data set's files")
     recipe = RECIPES[key]
     size = image_size_of(key, image_size)
     if key == "kanji":
