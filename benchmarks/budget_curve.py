@@ -26,7 +26,8 @@ Prints one line per run (seconds this call, the shared pretraining apart), the c
 (validation accuracy ± 95% CI per row and iteration, one block per shot setting) and a closing
 summary per shot setting: at which iterations each of ``ss-last``, ``ft-all`` and ``mtl-ht`` is
 apart from ``mtl`` by more than the CI of the paired difference, and in which direction; and for
-each row the iteration of its best validation accuracy and its gain over iteration 0. Writes the
+each row the iteration of its best validation accuracy and its gain over iteration 0; with ``--autocast``,
+each run against the float32 run of the same row in ``--out``, paired. Writes the
 CSV (long format: row, shots, iteration, accuracy, ci95, tasks, diff_vs_mtl, diff_vs_mtl_ci95,
 gain_vs_start, gain_vs_start_ci95) and the PNG (one panel per shot setting, accuracy with 95% CI
 error bars). Bad flags print one ``Error: ...`` line and exit with 2 before any work.
@@ -514,8 +515,31 @@ def _main(args: argparse.Namespace, bench: BenchConfig, mtl: MTLConfig) -> pd.Da
     print()
     for line in summary(frame):
         print(line)
+    if args.autocast:
+        for line in precision_summary(out, args.profile, args.autocast, per_task):
+            print(line)
     print(f"wrote {csv_path} and {png_path}")
     return frame
+
+
+def precision_summary(out: Path, profile: str, autocast: str, per_task: pd.DataFrame) -> list[str]:
+    """Each autocast run against the float32 run of the same row, shots and profile in ``out`` (if
+    there is one): the paired difference over the same val tasks at every iteration both validated."""
+    lines = [f"{autocast} against float32, paired over the same val tasks (points, ± 95% CI):"]
+    for (row, shots), mine in per_task.groupby(["row", "shots"], sort=False):
+        path = run_dir(out, row, shots, profile) / VALIDATION_FILE
+        if not path.is_file():
+            lines.append(f"  {row} {shots}-shot: no float32 run in {path.parent}")
+            continue
+        exact = read_validation(path, int(mine["iteration"].max()))
+        points = []
+        for iteration, group in mine.groupby("iteration"):
+            other = exact[exact["iteration"] == iteration].sort_values("task")["accuracy"]
+            if len(other) == len(group):
+                difference, ci = paired_difference(list(group.sort_values("task")["accuracy"]), list(other))
+                points.append(f"{iteration}: {_signed(difference, ci)} ({paired_verdict(difference, ci)})")
+        lines.append(f"  {row} {shots}-shot: " + ("; ".join(points) or "no iteration validated by both"))
+    return lines
 
 
 if __name__ == "__main__":

@@ -183,3 +183,14 @@ def test_bad_flags_exit_2_before_any_work(curve, data_home, monkeypatch, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and message in err
+
+
+def test_an_autocast_curve_runs_apart_and_is_paired_with_float32(curve, data_home, capsys):
+    out = data_home / "out"
+    _run(curve, out, 2)
+    capsys.readouterr()
+    _run(curve, out, 2, "--autocast", "bf16")
+    printed = capsys.readouterr().out
+    assert (out / "budget-curve" / "mtl-1s-bf16" / "last.pt").is_file()
+    assert (out / "budget-curve" / "budget-curve-bf16.csv").is_file()
+    assert "bf16 against float32" in printed and "mtl 1-shot: 0: " in printed and "ss-last 1-shot: 0: " in printed

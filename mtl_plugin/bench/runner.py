@@ -181,7 +181,7 @@ class BenchConfig:
         with ResNet-12 at half width (``resnet12-half``, 28x Conv4's weights), 300 test tasks.
 
         The rows take the quick profile's budgets unless their config has a ``deep()`` of its own
-        (``MTLConfig.deep``); the shared pretraining is :func:`pretrain_config_for`'s. Settings and
+        (``FinetuneConfig.deep``); the shared pretraining is :func:`pretrain_config_for`'s. Settings and
         their measurements: docs/deep.md.
         """
         base = dict(
