@@ -61,7 +61,7 @@ _EXPORTS = {
     # The leak guard: a model trained on a val or test class is refused where it is evaluated.
     "ClassLeakError": "data.leak",
     # An adapter saved with its config; a meta-trained learner rebuilt from its checkpoint.
-    "SSConfig": "ss_config",
+    "SSConfig": "ss",
     "load_learner": "training.checkpoints",
     # The rows of `mtl bench`: a user's own method or config preset joins them by name.
     "build_method": "bench.methods",
@@ -94,8 +94,7 @@ if TYPE_CHECKING:
     from .meta_config import MetaTrainConfig
     from .meta_transfer import MetaTransferLearner
     from .speedups import Speedups
-    from .ss import SSAdapter
-    from .ss_config import SSConfig
+    from .ss import SSAdapter, SSConfig
     from .tasks import split_support_query
     from .training.checkpoints import load_learner
     from .training.meta_step import MetaStepResult, MetaTrainer

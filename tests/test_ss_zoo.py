@@ -10,7 +10,7 @@ by ``benchmarks/ss_zoo.py``'s ``check_model``, which runs all 80, big ones inclu
 import pytest
 from benchmark_scripts import loaded_script
 
-from mtl_plugin.ss_layers import SHARE_BOUND
+from mtl_plugin.ss.layers import SHARE_BOUND
 
 # 30 M parameters: resnet50, swin_t and convnext_tiny are in; build, forward, fold and
 # backward of one model stay within a few seconds on a CPU core.

@@ -5,7 +5,7 @@ its :class:`~mtl_plugin.meta_config.MetaTrainConfig` and the ``model_info`` it w
 the *model record*: the backbone (``backbone``, ``in_channels``, ``image_size``, as
 :func:`~mtl_plugin.training.pretrain_checkpoint.build_pretrained` reads them) and the encoder around it
 (:func:`encoder_record`: ``encoder`` ``"ss"`` with the
-:class:`~mtl_plugin.ss_config.SSConfig` fields, or ``"scratch"``). ``mtl meta-train``
+:class:`~mtl_plugin.ss.SSConfig` fields, or ``"scratch"``). ``mtl meta-train``
 writes that record; so can a script, and then ``mtl evaluate`` and :func:`load_learner`
 rebuild its learner too.
 
@@ -65,7 +65,7 @@ def build_encoder(record: dict) -> nn.Module:
     defaults, as the encoder was then built.
 
     Raises:
-        ValueError: SS options :class:`~mtl_plugin.ss_config.SSConfig` refuses.
+        ValueError: SS options :class:`~mtl_plugin.ss.SSConfig` refuses.
 
     Example::
 
@@ -172,7 +172,7 @@ def load_learner(
 
     Returns:
         The learner, its encoder rebuilt by the record (the backbone by name, SS with the
-        saved :class:`~mtl_plugin.ss_config.SSConfig`) and its config the saved one.
+        saved :class:`~mtl_plugin.ss.SSConfig`) and its config the saved one.
 
     Raises:
         MissingDataError: no file at ``path``.

@@ -3,7 +3,7 @@
 Every ``nn.Conv2d``, ``nn.Linear`` and ``nn.MultiheadAttention`` of a frozen backbone
 (or of the layers chosen with ``layers``) computes ``(W ⊙ Φ1) X + (b + Φ2)``, with a
 learnable scale Φ1 (initialised to 1) and shift Φ2 (initialised to 0):
-:mod:`mtl_plugin.ss_layers` holds the per-layer rules. A CNN's classification head is
+:mod:`mtl_plugin.ss.layers` holds the per-layer rules. A CNN's classification head is
 adapted like any linear layer; remove it (``model.fc = nn.Identity()``) when a new
 head replaces it, as :func:`mtl_plugin.backbones.build_backbone` does.
 
@@ -34,31 +34,21 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mtl_plugin.ss_config import BN_MODES, GRANULARITIES, SSConfig, read_pretrained, write_pretrained
-from mtl_plugin.ss_layers import (
+from mtl_plugin.ss.config import SSConfig, read_pretrained, write_pretrained
+from mtl_plugin.ss.layers import (
     ADAPTED_TYPES,
     SHARE_BOUND,
     LayerSelection,
     SSShareWarning,
     adapted_tensors,
     fold_layer,
-    last_block,
     layer_row,
     outputs,
     scale_shape,
     select_modules,
 )
 
-__all__ = [
-    "SSAdapter",
-    "SSConfig",
-    "GRANULARITIES",
-    "BN_MODES",
-    "LayerSelection",
-    "SSShareWarning",
-    "last_block",
-    "select_modules",
-]
+__all__ = ["SSAdapter"]
 
 
 def _key(prefix: str, name: str) -> str:
@@ -75,7 +65,7 @@ def _scale_output(scale: torch.Tensor, shift: torch.Tensor, conv: nn.Conv2d, inp
 class SSAdapter(nn.Module):
     """Wrap a backbone so that only per-layer Scaling and Shifting parameters learn.
 
-    The arguments after ``backbone`` are the fields of :class:`~mtl_plugin.ss_config.SSConfig`:
+    The arguments after ``backbone`` are the fields of :class:`~mtl_plugin.ss.SSConfig`:
     :meth:`from_config` takes them as one, :attr:`config` gives them back, and
     :meth:`save_pretrained` / :meth:`from_pretrained` store and rebuild the adapter with them.
 

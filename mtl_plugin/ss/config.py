@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mtl_plugin.errors import DataError, MissingDataError
-from mtl_plugin.ss_layers import GRANULARITIES
+from mtl_plugin.ss.layers import GRANULARITIES
 from mtl_plugin.training.io import atomic_save, atomic_write_text, read_checkpoint
 
 __all__ = [
