@@ -58,8 +58,8 @@ from mtl_plugin.data.benchmark import check_tasks
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationResult
 from mtl_plugin.speedups import AUTOCAST_DTYPES
-from mtl_plugin.training.io import atomic_save_figure, atomic_write_text, read_checkpoint
 from mtl_plugin.training.meta_training import VALIDATION_FILE
+from mtl_plugin.utils.io import atomic_save_figure, atomic_write_text, read_checkpoint
 
 REFERENCE = "mtl"
 DEFAULT_ROWS = ("mtl", "mtl-ht", "ft-all", "ss-last")

@@ -32,7 +32,7 @@ WAYS, SHOTS, QUERIES = 5, 1, 15
 
 def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
     """Seconds of ``steps`` calls of ``step`` after ``warmup`` untimed ones, the slowest rank's."""
-    from mtl_plugin.training import distributed
+    from mtl_plugin.utils import distributed
 
     for _ in range(warmup):
         step()
@@ -90,7 +90,7 @@ def _pretrain(args, device: torch.device, ranks: int) -> float:
 
 def worker(args) -> None:
     """One rank of a torchrun job: time both phases; rank 0 writes the throughputs as JSON."""
-    from mtl_plugin.training import distributed
+    from mtl_plugin.utils import distributed
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

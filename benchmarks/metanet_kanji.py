@@ -110,7 +110,7 @@ def main(
             f"paper, Omniglot: {row['paper_omniglot']}"
         )
     if json_out is not None:
-        from mtl_plugin.training.io import atomic_write_text
+        from mtl_plugin.utils.io import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(rows, indent=2))
 

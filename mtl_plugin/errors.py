@@ -13,7 +13,7 @@ Two kinds, both ``ValueError`` so that library code catching ``ValueError`` keep
 A training run that diverges raises :class:`NonFiniteLossError` (also importable from
 :mod:`mtl_plugin.training.run_log`), shown the same way (exit 1). Anything else is a bug and
 keeps its traceback. The checks that raise these before long work starts are in
-:mod:`mtl_plugin.checks`, :func:`mtl_plugin.training.io.read_checkpoint` and
+:mod:`mtl_plugin.checks`, :func:`mtl_plugin.utils.io.read_checkpoint` and
 :func:`mtl_plugin.training.run_log.check_run_folder`; how ``mtl`` shows them is
 :mod:`mtl_plugin.cli.base`.
 

@@ -25,8 +25,8 @@ from mtl_plugin.checks import check_seed
 from mtl_plugin.errors import UsageError
 from mtl_plugin.prototypes import class_prototypes, embed, prototype_logits
 from mtl_plugin.tasks import build_taskset, split_support_query
-from mtl_plugin.training import distributed
-from mtl_plugin.training.progress import progress_bar
+from mtl_plugin.utils import distributed
+from mtl_plugin.utils.progress import progress_bar
 
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 

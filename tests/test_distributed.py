@@ -27,9 +27,9 @@ from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import split_support_query
-from mtl_plugin.training import distributed
 from mtl_plugin.training.meta_training import _TaskStream
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
+from mtl_plugin.utils import distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,6 @@
 import os
 
-from mtl_plugin.training.io import atomic_write_text
+from mtl_plugin.utils.io import atomic_write_text
 
 
 def test_written_files_follow_the_umask(tmp_path):

@@ -1,6 +1,6 @@
 import io
 
-from mtl_plugin.training.progress import progress_bar
+from mtl_plugin.utils.progress import progress_bar
 
 
 class Terminal(io.StringIO):

@@ -777,7 +777,7 @@ def test_a_file_system_without_locks_runs_unheld_with_a_warning(tmp_path, monkey
 def test_a_killed_runs_temporary_files_are_removed(tmp_path):
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
-    # What kill -9 during an atomic write leaves (mtl_plugin.training.io.atomic_open's names).
+    # What kill -9 during an atomic write leaves (mtl_plugin.utils.io.atomic_open's names).
     for name in (".curve.png.k2j4_x.tmp", ".last.pt.a8f3.tmp", ".metrics.csv.zz.tmp"):
         (out / name).write_bytes(b"half a file")
     (out / "notes.tmp").write_text("the user's own file")

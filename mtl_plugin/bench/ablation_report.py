@@ -29,7 +29,7 @@ import torch
 
 from mtl_plugin.backbones import build_backbone
 from mtl_plugin.bench.methods import build_method
-from mtl_plugin.training.io import atomic_save_figure
+from mtl_plugin.utils.io import atomic_save_figure
 
 __all__ = [
     "CLAIMS",

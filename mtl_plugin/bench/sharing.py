@@ -1,7 +1,7 @@
 """``mtl bench`` under torchrun: its processes share the cells out, first come, first served.
 
 Rank 0 generates (or checks) the data set and runs the shared pretraining alone; the other
-processes wait for each through the job's store (:class:`~mtl_plugin.training.distributed.WorkQueue`)
+processes wait for each through the job's store (:class:`~mtl_plugin.utils.distributed.WorkQueue`)
 and meanwhile take the cells that need no pretraining. Each cell is computed as one process
 computes it alone and lands in its cell file, so the table rank 0 then assembles does not depend
 on which process took which cell, nor on how many there were.
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from mtl_plugin.bench.methods import method_spec
-from mtl_plugin.training.distributed import WorkQueue
+from mtl_plugin.utils.distributed import WorkQueue
 
 __all__ = ["announce_data", "join", "process_device", "share_cells", "wait_for_data", "wait_for_pretraining"]
 

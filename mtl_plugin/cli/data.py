@@ -110,7 +110,7 @@ def kanji(
         f"{image_size} px, {result.pixels.nbytes / 2**20:.1f} MiB, ready in {elapsed:.1f} s"
     )
     if preview is not None:
-        from mtl_plugin.training.io import atomic_open
+        from mtl_plugin.utils.io import atomic_open
 
         grid = preview_grid(result, "train", classes=preview_classes, instances=min(instances, 10))
         # Small images are hard to see: scale up to at least about 56 px a cell.

@@ -32,9 +32,7 @@ from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
-from mtl_plugin.training import distributed
 from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_record, learner_from_checkpoint
-from mtl_plugin.training.io import check_known_settings, read_checkpoint, reserved_output
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.training.pretrain import OPTIMIZERS, SCHEDULES, PretrainConfig, pretrain, run_config
@@ -46,6 +44,8 @@ from mtl_plugin.training.pretrain_checkpoint import (
     pretrained_backbone,
 )
 from mtl_plugin.training.run_log import hold_run_folder, previous_run
+from mtl_plugin.utils import distributed
+from mtl_plugin.utils.io import check_known_settings, read_checkpoint, reserved_output
 
 __all__ = ["evaluate_command", "meta_train_command", "pretrain_command"]
 

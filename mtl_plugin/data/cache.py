@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_plugin.errors import DataError
-from mtl_plugin.training.io import atomic_write_bytes, atomic_write_text
+from mtl_plugin.utils.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["data_home", "manifest_path", "save_verified_array", "load_verified_array"]
 

@@ -59,7 +59,7 @@ from PIL import Image
 
 from mtl_plugin.data.cache import data_home, load_verified_array, save_verified_array
 from mtl_plugin.data.svg_path import flatten, parse_path
-from mtl_plugin.training.progress import progress_bar
+from mtl_plugin.utils.progress import progress_bar
 
 __all__ = [
     "STYLES",

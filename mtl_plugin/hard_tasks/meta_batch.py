@@ -21,7 +21,7 @@ import torch
 from mtl_plugin.hard_tasks.tracker import ClassAccuracyTracker, TaskAccuracy, task_classes
 from mtl_plugin.hard_tasks.transform import HardTaskTransform
 from mtl_plugin.tasks import RandomLike, as_random
-from mtl_plugin.training import distributed
+from mtl_plugin.utils import distributed
 
 __all__ = ["HardTaskMetaBatch", "MetaBatch", "SampledTask", "record_task"]
 

@@ -25,7 +25,7 @@ import torch
 
 from mtl_plugin.errors import DataError, MissingDataError
 from mtl_plugin.ss.layers import GRANULARITIES
-from mtl_plugin.training.io import atomic_save, atomic_write_text, read_checkpoint
+from mtl_plugin.utils.io import atomic_save, atomic_write_text, read_checkpoint
 
 __all__ = [
     "BN_MODES",

@@ -6,10 +6,7 @@
   outer step (Adam, schedule, divergence checks, all-reduce) that drives a learner;
   :mod:`~mtl_plugin.training.meta_training`: the meta-training loop around it (``mtl meta-train``).
 * :mod:`~mtl_plugin.training.run_log`: run folders, resume, checkpoints and metrics files;
-  :mod:`~mtl_plugin.training.checkpoints`: a learner rebuilt from its checkpoint;
-  :mod:`~mtl_plugin.training.io`: atomic writes and the one safe checkpoint reader.
-* :mod:`~mtl_plugin.training.distributed`: torchrun; :mod:`~mtl_plugin.training.progress`: bars.
+  :mod:`~mtl_plugin.training.checkpoints`: a learner rebuilt from its checkpoint.
 
-Nothing is imported here: the method's modules import :mod:`~mtl_plugin.training.io` or
-:mod:`~mtl_plugin.training.distributed` without loading the loops.
+The leaf helpers these use (atomic I/O, progress bars, torchrun) are in :mod:`mtl_plugin.utils`.
 """

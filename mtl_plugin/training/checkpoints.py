@@ -14,7 +14,7 @@ builds the learner (:func:`learner_from_checkpoint`); ``mtl evaluate``, which al
 pretraining ``best.pt`` and checks the data against the model record before building, calls the
 two steps itself on the checkpoint it read once.
 
-Every checkpoint file is read by :func:`~mtl_plugin.training.io.read_checkpoint`
+Every checkpoint file is read by :func:`~mtl_plugin.utils.io.read_checkpoint`
 (``weights_only=True``); a pretraining ``best.pt`` by
 :func:`~mtl_plugin.training.pretrain_checkpoint.load_pretrained`.
 
@@ -38,9 +38,9 @@ from mtl_plugin.errors import DataError
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.ss import SSAdapter, SSConfig
-from mtl_plugin.training.io import check_known_settings, read_checkpoint
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND
 from mtl_plugin.training.pretrain_checkpoint import build_pretrained, check_model_record
+from mtl_plugin.utils.io import check_known_settings, read_checkpoint
 
 __all__ = ["build_encoder", "check_learner_checkpoint", "encoder_record", "learner_from_checkpoint", "load_learner"]
 
@@ -79,7 +79,7 @@ def build_encoder(record: dict) -> nn.Module:
 
 
 def check_learner_checkpoint(state: dict, path: str | os.PathLike, argument: str = "checkpoint") -> dict:
-    """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a meta-training
+    """Check that ``state`` (from :func:`~mtl_plugin.utils.io.read_checkpoint`) is a meta-training
     checkpoint that records its model, before anything is built from it.
 
     Args:

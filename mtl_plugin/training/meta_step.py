@@ -27,8 +27,8 @@ import torch
 
 from mtl_plugin.errors import NonFiniteLossError
 from mtl_plugin.tasks import split_support_query
-from mtl_plugin.training import distributed
 from mtl_plugin.training.run_log import DIVERGENCE_FACTOR, all_finite, fast_forward
+from mtl_plugin.utils import distributed
 
 if TYPE_CHECKING:
     from mtl_plugin.meta_transfer import MetaTransferLearner

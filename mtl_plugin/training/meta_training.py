@@ -36,9 +36,6 @@ from mtl_plugin.evaluation import EvaluationConfig, evaluate
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
-from mtl_plugin.training import distributed
-from mtl_plugin.training.io import atomic_save_figure, atomic_write_text, read_checkpoint
-from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import (
     NonFiniteLossError,
     RunLog,
@@ -50,6 +47,9 @@ from mtl_plugin.training.run_log import (
     restore_rng_state,
     save_checkpoint,
 )
+from mtl_plugin.utils import distributed
+from mtl_plugin.utils.io import atomic_save_figure, atomic_write_text, read_checkpoint
+from mtl_plugin.utils.progress import progress_bar
 
 __all__ = ["CHECKPOINT_KIND", "VALIDATION_FILE", "MetaTrainResult", "meta_train", "plot_meta_curves"]
 

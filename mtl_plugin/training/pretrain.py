@@ -40,10 +40,7 @@ from mtl_plugin.data.leak import class_record
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
-from mtl_plugin.training import distributed
-from mtl_plugin.training.io import check_known_settings, read_checkpoint
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND, build_pretrained, load_pretrained
-from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import (
     DIVERGENCE_FACTOR,
     NonFiniteLossError,
@@ -55,6 +52,9 @@ from mtl_plugin.training.run_log import (
     previous_run,
     save_checkpoint,
 )
+from mtl_plugin.utils import distributed
+from mtl_plugin.utils.io import check_known_settings, read_checkpoint
+from mtl_plugin.utils.progress import progress_bar
 
 __all__ = ["PretrainConfig", "not_learning", "pretrain", "run_config"]
 

@@ -25,7 +25,7 @@ from mtl_plugin.backbones import build_backbone, load_weights
 from mtl_plugin.data.benchmark import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from mtl_plugin.data.leak import check_unseen
 from mtl_plugin.errors import DataError
-from mtl_plugin.training.io import read_checkpoint
+from mtl_plugin.utils.io import read_checkpoint
 
 __all__ = [
     "CHECKPOINT_KIND",
@@ -112,7 +112,7 @@ def check_model_record(info: dict, path: str | Path, option: str = "checkpoint")
 
 
 def check_pretrain_checkpoint(state: dict, path: str | Path, option: str = "checkpoint") -> dict:
-    """Check that ``state`` (from :func:`~mtl_plugin.training.io.read_checkpoint`) is a pretrain ``best.pt``.
+    """Check that ``state`` (from :func:`~mtl_plugin.utils.io.read_checkpoint`) is a pretrain ``best.pt``.
 
     Returns:
         ``state``.

@@ -35,8 +35,8 @@ import torch
 
 from mtl_plugin.checks import check_output_dir
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
-from mtl_plugin.training import distributed
-from mtl_plugin.training.io import atomic_save, atomic_save_figure, atomic_write_text, read_checkpoint
+from mtl_plugin.utils import distributed
+from mtl_plugin.utils.io import atomic_save, atomic_save_figure, atomic_write_text, read_checkpoint
 
 PathLike = str | os.PathLike
 
@@ -113,7 +113,7 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
-    :func:`mtl_plugin.training.io.read_checkpoint` for any dict, so that a file that could run
+    :func:`mtl_plugin.utils.io.read_checkpoint` for any dict, so that a file that could run
     code is refused and a missing or damaged one is named.
 
     Raises:
@@ -205,7 +205,7 @@ def _lock(folder: Path, option: str) -> int | None:
 
 
 def _remove_leftovers(folder: Path) -> None:
-    # The temporary files of atomic writes (mtl_plugin.training.io.atomic_open: ".<name>.<random>.tmp") that a
+    # The temporary files of atomic writes (mtl_plugin.utils.io.atomic_open: ".<name>.<random>.tmp") that a
     # killed process left; with the folder held, no writer of this folder is alive.
     for path in folder.glob(".*.tmp"):
         if path.is_file():

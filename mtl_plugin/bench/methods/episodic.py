@@ -24,9 +24,9 @@ from torch import nn
 
 from mtl_plugin.bench.methods.base import FewShotMethod, fit_settings
 from mtl_plugin.tasks import build_taskset, split_support_query
-from mtl_plugin.training.io import atomic_save
-from mtl_plugin.training.progress import progress_bar
 from mtl_plugin.training.run_log import load_checkpoint
+from mtl_plugin.utils.io import atomic_save
+from mtl_plugin.utils.progress import progress_bar
 
 __all__ = [
     "EpisodicMethod",

@@ -7,7 +7,7 @@ only paces the display: no result depends on it.
 
 Example::
 
-    from mtl_plugin.training.progress import progress_bar
+    from mtl_plugin.utils.progress import progress_bar
     for step in progress_bar(range(1000), desc="pretrain"):
         ...
 """

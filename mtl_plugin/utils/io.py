@@ -4,7 +4,7 @@ and :func:`read_checkpoint`, the one safe reader of every checkpoint ``mtl`` loa
 
 Example::
 
-    from mtl_plugin.training.io import atomic_save, atomic_write_text, read_checkpoint
+    from mtl_plugin.utils.io import atomic_save, atomic_write_text, read_checkpoint
     atomic_save({"step": 10, "state": model.state_dict()}, "run/last.pt")
     atomic_write_text("run/results.csv", frame.to_csv(index=False))
     state = read_checkpoint("run/last.pt", require_kind=False)
