@@ -970,7 +970,7 @@ def test_diverging_test_time_adaptation_is_an_error_not_chance(tmp_path, pretrai
 def test_a_full_disk_during_a_save_is_one_error_line_and_keeps_the_checkpoints(tmp_path, monkeypatch, failure):
     import errno
 
-    from mtl_plugin.training import io as atomic_io
+    from mtl_plugin.utils import io as atomic_io
 
     out = tmp_path / "run"
     succeeds(PRETRAIN + ["--out", out])
@@ -1002,7 +1002,7 @@ def test_evaluate_out_on_a_full_disk_fails_before_the_tasks_run(tmp_path, pretra
     import json
     import os
 
-    from mtl_plugin.training import io as atomic_io
+    from mtl_plugin.utils import io as atomic_io
 
     out = tmp_path / "result.json"
     out.write_text("before\n")
