@@ -158,15 +158,19 @@ def data_root(name: str, root: str | os.PathLike | None = None) -> Path | None:
 
     Raises:
         UsageError: an unknown data set.
+        DataError: ``root`` is a file.
 
     Example::
 
         check_not_input(out, {"--root": data_root("kanji")})   # an --out inside the cache is refused
     """
     key = _canonical(name)
-    if root is not None:
-        return Path(root).expanduser()
-    return None if key == "folder" else data_home() / key
+    if root is None:
+        return None if key == "folder" else data_home() / key
+    folder = Path(root).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"root {root} (--root) is a file, not a folder: pass the folder holding the data set's files")
+    return folder
 
 
 def image_size_of(name: str, image_size: int | None = None, option: str = "image_size") -> int:
@@ -317,8 +321,7 @@ def get_benchmark(
     if unknown:
         allowed = sorted(_LOADER_OPTIONS.get(key, set())) or "none"
         raise UsageError(f"{key}: unknown option(s) {sorted(unknown)}; accepted options: {allowed}")
-    if root is not None and Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
-        raise DataError(f"root {root} (--root) is a file, not a folder: pass the folder holding the data set's files")
+    folder = data_root(key, root)
     recipe = RECIPES[key]
     size = image_size_of(key, image_size)
     if key == "kanji":
@@ -329,7 +332,6 @@ def get_benchmark(
         content = ""
         if root is None and key == "folder":
             raise UsageError("the 'folder' data set needs root= (mtl: --root), a folder with train/, val/ and test/")
-        folder = data_root(key, root)
         if key == "folder":
             splits = {s: image_folder_split(folder, s) for s in ("train", "val", "test")}
             content = folder_content(folder, splits)
