@@ -42,6 +42,12 @@ _EXPORTS = {
     "get_tasksets": "data",
     "FewShotBenchmark": "data",
     "KNOWN_BENCHMARKS": "data",
+    # Data sets by name, as backbones: a user's own registers as the built-in ones do.
+    "register_dataset": "data.registry",
+    "list_datasets": "data.registry",
+    "dataset_spec": "data.registry",
+    "Splits": "data.registry",
+    "ImageRecipe": "data.transforms",
     "MetaTransferLearner": "meta_transfer",
     "MetaTrainConfig": "meta_config",
     # The paper's outer loop (Adam, schedule, divergence checks, all-reduce) apart from the learner.
@@ -78,6 +84,8 @@ if TYPE_CHECKING:
     from .bench.methods import build_method, list_methods, register_method, register_preset
     from .data import KNOWN_BENCHMARKS, FewShotBenchmark, get_benchmark, get_tasksets
     from .data.leak import ClassLeakError
+    from .data.registry import Splits, dataset_spec, list_datasets, register_dataset
+    from .data.transforms import ImageRecipe
     from .errors import NonFiniteLossError
     from .evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
     from .hard_tasks import (

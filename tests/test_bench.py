@@ -441,3 +441,20 @@ def test_the_closing_note_names_a_shared_pretraining_that_did_not_learn(data_hom
     result = run_bench(config, lines.append)
     warning = "Warning: the shared pretraining of protonet: pretraining is not learning"
     assert warning in result.files["md"].read_text() and any(line.startswith(warning) for line in lines)
+
+
+def test_the_bench_runs_on_a_data_set_the_user_registered(data_home, monkeypatch):
+    from mtl_plugin import ImageRecipe, dataset_spec, register_dataset
+    from mtl_plugin.data import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @register_dataset("my-kanji", recipe=ImageRecipe(native_size=28, channels=1), options=("num_classes", "instances"))
+    def my_kanji(root, *, image_size, data_seed, **options):
+        return dataset_spec("kanji").load(root, image_size=image_size, data_seed=data_seed, **options)
+
+    config = BenchConfig.quick(methods=("protonet",), out=data_home / "out", **{**TINY, "dataset": "my-kanji"})
+    result = run_bench(config, echo=lambda line: None)
+    assert list(result.table["method"]) == ["protonet"]
+    assert result.files["csv"].name.startswith("my-kanji-5way")
+    assert (data_home / "data" / "my-kanji").is_dir()

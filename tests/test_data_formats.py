@@ -14,7 +14,7 @@ from PIL import Image
 
 from mtl_plugin.data import KNOWN_BENCHMARKS, get_benchmark
 from mtl_plugin.data import benchmark as benchmark_module
-from mtl_plugin.data.transforms import RECIPES
+from mtl_plugin.data.registry import dataset_spec
 
 SPLIT_CLASSES = {"train": [0, 1, 2, 3, 4, 5], "val": [6, 7, 8, 9, 10], "test": [11, 12, 13, 14, 15]}
 PER_CLASS = 4
@@ -107,7 +107,7 @@ def _grey_level(x: torch.Tensor, recipe) -> int:
 def test_format_loads_and_tasks_stay_inside_their_split(name, tmp_path):
     WRITERS[name](tmp_path)
     bench = get_benchmark(name, root=tmp_path)
-    recipe = RECIPES[name]
+    recipe = dataset_spec(name).recipe
     assert bench.channels == 3 and bench.image_size == recipe.native_size
     assert bench.standard == (name != "folder")
     assert bench.num_train_classes == len(SPLIT_CLASSES["train"])
@@ -222,6 +222,8 @@ def test_aliases_resolve_to_the_canonical_names(tmp_path):
         get_benchmark("miniImageNet", root=tmp_path)
     with pytest.raises(FileNotFoundError, match="FC100_train.pickle"):
         get_benchmark("FC100", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="cifarfs"):
+        get_benchmark("cifar-fs", root=tmp_path)
 
 
 def test_small_class_is_named_or_skipped_on_request(tmp_path):
@@ -259,3 +261,54 @@ def test_info_command_counts_classes_and_images(tmp_path):
     assert "3 x 28 x 28" in result.output and "train      6 classes       24 images" in result.output
     result = CliRunner().invoke(data, ["info", "mini-imagenet", "--root", str(tmp_path)])
     assert result.exit_code != 0 and "mini-imagenet-cache-train.pkl" in result.output
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """Registrations made by a test go into a copy of the registry, gone after it."""
+    from mtl_plugin.data import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry
+
+
+def test_a_registered_data_set_loads_by_name_with_its_recipe_and_options(tmp_path, own_registry):
+    from mtl_plugin import ImageRecipe, Splits, register_dataset
+    from mtl_plugin.data import image_folder_split, list_datasets
+
+    write_folder(tmp_path)
+    calls = []
+
+    @register_dataset("my-glyphs", recipe=ImageRecipe(native_size=20, channels=1), options=("variant",), seeded=True)
+    def my_glyphs(root, *, image_size, data_seed, variant="a"):
+        calls.append((root, image_size, data_seed, variant))
+        return Splits(*(image_folder_split(root, s) for s in ("train", "val", "test")), content="abc")
+
+    assert list_datasets()[-1] == "my-glyphs"
+    bench = get_benchmark("My_Glyphs", root=tmp_path, data_seed=3, variant="b")
+    assert calls == [(tmp_path, 20, 3, "b")]
+    assert (bench.name, bench.channels, bench.image_size, bench.standard) == ("my-glyphs", 1, 20, False)
+    assert bench.settings == {"variant": "b", "seed": 3} and bench.content == "abc"
+    assert bench.train[0][0].shape == (1, 20, 20)
+    assert bench.num_train_classes == len(SPLIT_CLASSES["train"])
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['colour'\]; accepted options: \['variant'\]"):
+        get_benchmark("my-glyphs", root=tmp_path, colour=1)
+
+
+def test_a_data_set_is_registered_once_whatever_its_spelling(own_registry):
+    from mtl_plugin import ImageRecipe, register_dataset
+
+    with pytest.raises(ValueError, match="'Mini_ImageNet' is registered already"):
+        register_dataset("Mini_ImageNet", recipe=ImageRecipe(native_size=84, channels=3))(lambda root, **_: None)
+    with pytest.raises(ValueError, match="or register yours with register_dataset"):
+        get_benchmark("glyphs-never-registered")
+
+
+def test_a_data_set_that_needs_a_root_says_so(own_registry):
+    from mtl_plugin import ImageRecipe, register_dataset
+    from mtl_plugin.data.benchmark import data_root
+
+    register_dataset("rooted", recipe=ImageRecipe(native_size=28, channels=1), needs_root=True)(lambda root, **_: None)
+    assert data_root("rooted") is None
+    with pytest.raises(ValueError, match="the 'rooted' data set needs root="):
+        get_benchmark("rooted")

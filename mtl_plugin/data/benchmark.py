@@ -10,7 +10,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -18,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import learn2learn as l2l
-import numpy as np
 
 from mtl_plugin.data.cache import data_home
-from mtl_plugin.data.folders import folder_content, image_folder_split
-from mtl_plugin.data.images import ArraySource, ImageClassDataset, as_meta_dataset, drop_small_classes
-from mtl_plugin.data.kanji import KanjiConfig, load_kanji
-from mtl_plugin.data.standard import read_split
-from mtl_plugin.data.transforms import RECIPES, eval_transform, train_transform
+from mtl_plugin.data.images import ImageClassDataset, as_meta_dataset, drop_small_classes
+from mtl_plugin.data.registry import dataset_spec, list_datasets
+from mtl_plugin.data.transforms import eval_transform, train_transform
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.tasks import build_taskset, check_task_shape
 
@@ -39,18 +35,8 @@ __all__ = [
     "image_size_of",
 ]
 
-KNOWN_BENCHMARKS = ("kanji", "mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot", "folder")
-_STANDARD = ("mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot")
-_ALIASES = {"miniimagenet": "mini-imagenet", "tieredimagenet": "tiered-imagenet", "cifar-fs": "cifarfs"}
-_KANJI_FIELDS = {f.name for f in dataclasses.fields(KanjiConfig)} - {"image_size", "seed"}
-_LOADER_OPTIONS = {
-    "kanji": _KANJI_FIELDS | {"cache_dir", "workers", "progress"},
-    "omniglot": {"rotations"},
-}
-# Options that change how the data is produced, not what it is.
-_HOW_LOADED = {"cache_dir", "workers", "progress"}
-# The data sets whose contents depend on get_benchmark's data_seed.
-_SEEDED = ("kanji", "omniglot")
+# The built-in data sets (mtl_plugin.data.registry registers them); list_datasets() adds the user's.
+KNOWN_BENCHMARKS = tuple(list_datasets())
 MIN_IMAGE_SIZE = 8
 # Far above any few-shot benchmark's (84 px; ImageNet models 224-518): larger is a typo or a damaged record,
 # and resizing every image to it would exhaust memory first.
@@ -144,17 +130,10 @@ def _fits_in_memory(images: int, channels: int, size: int) -> bool:
     return images * channels * size * size * 4 <= MEMO_BYTES
 
 
-def _canonical(name: str) -> str:
-    key = name.strip().lower().replace("_", "-")
-    key = _ALIASES.get(key.replace("-", ""), key)
-    if key not in KNOWN_BENCHMARKS:
-        raise UsageError(f"unknown data set {name!r}: known ones are {', '.join(KNOWN_BENCHMARKS)}")
-    return key
-
-
 def data_root(name: str, root: str | os.PathLike | None = None) -> Path | None:
     """The folder :func:`get_benchmark` reads ``name`` from (kanji: generates it into): ``root``
-    if given, else ``$MTL_DATA/<name>``; ``None`` for ``folder`` without ``root``.
+    if given, else ``$MTL_DATA/<name>``; ``None`` for a data set that needs a root (``folder``)
+    without one.
 
     Raises:
         UsageError: an unknown data set.
@@ -164,9 +143,9 @@ def data_root(name: str, root: str | os.PathLike | None = None) -> Path | None:
 
         check_not_input(out, {"--root": data_root("kanji")})   # an --out inside the cache is refused
     """
-    key = _canonical(name)
+    spec = dataset_spec(name)
     if root is None:
-        return None if key == "folder" else data_home() / key
+        return None if spec.needs_root else data_home() / spec.name
     folder = Path(root).expanduser()
     if folder.exists() and not folder.is_dir():
         raise DataError(f"root {root} (--root) is a file, not a folder: pass the folder holding the data set's files")
@@ -190,7 +169,7 @@ def image_size_of(name: str, image_size: int | None = None, option: str = "image
 
         image_size_of("mini-imagenet")   # 84
     """
-    size = RECIPES[_canonical(name)].native_size if image_size is None else int(image_size)
+    size = dataset_spec(name).recipe.native_size if image_size is None else int(image_size)
     if size < MIN_IMAGE_SIZE:
         raise UsageError(f"image size {size} px: use {option} {MIN_IMAGE_SIZE} or more")
     if size > MAX_IMAGE_SIZE:
@@ -238,22 +217,6 @@ def check_tasks(benchmark: Any, ways: int, samples_per_class: int, splits=("trai
             raise UsageError(f"the {split} split cannot give these tasks: {error}") from error
 
 
-def _kanji_splits(image_size: int, seed: int, options: dict) -> tuple[dict, str]:
-    loader = {k: options.pop(k) for k in ("cache_dir", "workers", "progress") if k in options}
-    config = KanjiConfig(image_size=image_size, seed=seed, **options)
-    data = load_kanji(config, **loader)
-    splits = {}
-    for split in ("train", "val", "test"):
-        pixels = data.split_pixels(split)
-        classes, instances = pixels.shape[:2]
-        splits[split] = ImageClassDataset(
-            ArraySource(pixels.reshape(-1, *pixels.shape[2:]), origin=f"kanji {split}"),
-            np.repeat(np.arange(classes), instances).tolist(),
-            [chr(cp) for cp in data.split_classes(split)],
-        )
-    return splits, data.manifest.get("sha256", "")
-
-
 def _drop_small(dataset: ImageClassDataset, min_per_class: int, split: str, name: str) -> ImageClassDataset:
     counts = dataset.class_counts()
     small = [f"{n} ({c})" for n, c in zip(dataset.class_names, counts) if c < min_per_class]
@@ -274,15 +237,16 @@ def get_benchmark(
     min_per_class: int | None = None,
     **options,
 ) -> FewShotBenchmark:
-    """Load a few-shot data set by name; see ``KNOWN_BENCHMARKS``.
+    """Load a registered few-shot data set by name (:func:`~mtl_plugin.data.registry.list_datasets`).
 
     Images per class, the most a task can ask for (shots + queries): kanji 20 (its
     ``instances``), Omniglot 20, mini-ImageNet, FC100 and CIFAR-FS 600, tieredImageNet at
-    least 732, folders what they hold; :func:`check_tasks` (and every command) checks a task
-    shape against them before training.
+    least 732, folders what they hold (``dataset_spec(name).max_per_class``); :func:`check_tasks`
+    (and every command) checks a task shape against them before training.
 
     Args:
-        name: one of ``KNOWN_BENCHMARKS`` (aliases such as ``miniimagenet`` are accepted).
+        name: a registered name, in any case, with ``-``, ``_`` or nothing between its words
+            (``miniimagenet`` is ``mini-imagenet``).
         root: the folder holding the data set's files (default ``$MTL_DATA/<name>``; nothing
             is downloaded); for kanji, the cache folder of the generated arrays.
         image_size: image side; default the data set's usual one (84 for mini/tiered-ImageNet
@@ -296,13 +260,15 @@ def get_benchmark(
             without it such a class raises an error when tasks are built.
         **options: for kanji, ``num_classes``, ``instances``, any other
             :class:`~mtl_plugin.data.kanji.KanjiConfig` field, ``cache_dir``, ``workers``,
-            ``progress``; for Omniglot, ``rotations`` (default True).
+            ``progress``; for Omniglot, ``rotations`` (default True); for a data set of yours,
+            the options it was registered with.
 
     Returns:
         The :class:`FewShotBenchmark`: train/val/test ``MetaDataset``s and the augmented train split.
 
     Raises:
-        UsageError: an unknown name or option, an image size below 8 px, ``folder`` without ``root``.
+        UsageError: an unknown name or option, an image size below 8 px, ``folder`` (or another data
+            set registered with ``needs_root``) without ``root``.
         MissingDataError: a file or folder of the data set is missing (also a ``FileNotFoundError``).
         DataError: a file is empty, truncated or not in the expected format.
 
@@ -311,35 +277,26 @@ def get_benchmark(
         bench = get_benchmark("mini-imagenet", root="~/data/mini-imagenet", image_size=80)
         bench = get_benchmark("kanji", num_classes=200, instances=20)
     """
-    key = _canonical(name)
-    unknown = set(options) - _LOADER_OPTIONS.get(key, set())
+    spec = dataset_spec(name)
+    unknown = set(options) - spec.options
     if "seed" in unknown:
         raise UsageError(
             "get_benchmark takes no seed: data_seed= is the data set's own draw (its classes and split); "
             "seed the tasks where they are drawn, e.g. benchmark.taskset(..., seed=s)"
         )
     if unknown:
-        allowed = sorted(_LOADER_OPTIONS.get(key, set())) or "none"
-        raise UsageError(f"{key}: unknown option(s) {sorted(unknown)}; accepted options: {allowed}")
-    folder = data_root(key, root)
-    recipe = RECIPES[key]
-    size = image_size_of(key, image_size)
-    if key == "kanji":
-        # For kanji, root (if given) is the cache folder the generated arrays live in.
-        kanji_options = dict(options, cache_dir=options.get("cache_dir", root))
-        splits, content = _kanji_splits(size, data_seed, kanji_options)
-    else:
-        content = ""
-        if root is None and key == "folder":
-            raise UsageError("the 'folder' data set needs root= (mtl: --root), a folder with train/, val/ and test/")
-        if key == "folder":
-            splits = {s: image_folder_split(folder, s) for s in ("train", "val", "test")}
-            content = folder_content(folder, splits)
-        else:
-            extra = dict(options, seed=data_seed) if key == "omniglot" else {}
-            splits = {s: read_split(key, folder, s, **extra) for s in ("train", "val", "test")}
+        raise UsageError(
+            f"{spec.name}: unknown option(s) {sorted(unknown)}; accepted options: {sorted(spec.options) or 'none'}"
+        )
+    folder = data_root(spec.name, root)
+    if folder is None:
+        raise UsageError(f"the {spec.name!r} data set needs root= (mtl: --root), a folder with train/, val/ and test/")
+    size = image_size_of(spec.name, image_size)
+    loaded = spec.load(folder, image_size=size, data_seed=data_seed, **options)
+    splits = loaded.by_name()
     if min_per_class is not None:
-        splits = {s: _drop_small(d, min_per_class, s, key) for s, d in splits.items()}
+        splits = {s: _drop_small(d, min_per_class, s, spec.name) for s, d in splits.items()}
+    recipe = spec.recipe
     test_tf = eval_transform(recipe, size)
     for dataset in splits.values():
         dataset.mode = recipe.mode
@@ -352,21 +309,21 @@ def get_benchmark(
         if recipe.augmentation == "none"
         else splits["train"].with_transform(train_transform(recipe, size))
     )
-    settings = {k: v for k, v in options.items() if k not in _HOW_LOADED}
-    if key in _SEEDED:
+    settings = {k: v for k, v in options.items() if k not in spec.loading_options}
+    if spec.seeded:
         # Recorded as "seed", the name earlier checkpoints and bench folders hold it under.
         settings["seed"] = data_seed
     if min_per_class is not None:
         settings["min_per_class"] = min_per_class
     return FewShotBenchmark(
-        name=key,
+        name=spec.name,
         train=as_meta_dataset(splits["train"]),
         val=as_meta_dataset(splits["val"]),
         test=as_meta_dataset(splits["test"]),
         train_augmented=as_meta_dataset(augmented),
         image_size=size,
         channels=recipe.channels,
-        standard=key in _STANDARD,
+        standard=spec.standard,
         settings=settings,
-        content=content,
+        content=loaded.content,
     )

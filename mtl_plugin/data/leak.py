@@ -30,12 +30,11 @@ from typing import Any
 import torch
 
 from mtl_plugin.data.images import ImageClassDataset
+from mtl_plugin.data.registry import dataset_named
 from mtl_plugin.errors import DataError
 
 __all__ = ["ClassLeakError", "check_unseen", "class_record", "merge_records", "seen_classes"]
 
-# Data sets whose class names identify a class whatever its images (an image folder's do not).
-NAMED_CLASSES = ("kanji", "mini-imagenet", "tiered-imagenet", "fc100", "cifarfs", "omniglot")
 # 64 bits a digest: no two of a data set's classes collide by chance, and a 1,600-class record stays small.
 _DIGEST_CHARS = 16
 
@@ -63,7 +62,8 @@ def _class_digests(meta: Any, data_name: str | None) -> list[tuple[str, str | No
     dataset = meta.dataset
     if isinstance(dataset, ImageClassDataset):
         image = lambda item: _raw_image(dataset, item)  # noqa: E731
-        named = data_name in NAMED_CLASSES
+        spec = dataset_named(data_name) if data_name is not None else None
+        named = spec is not None and spec.named_classes
     else:
         # Any other dataset (a user's own): the tensors it gives, which is what the model saw.
         image = lambda item: hashlib.sha256(torch.as_tensor(dataset[item][0]).numpy().tobytes()).digest()  # noqa: E731
@@ -83,7 +83,7 @@ def class_record(meta: Any, data_name: str | None = None) -> dict:
     Args:
         meta: a learn2learn ``MetaDataset``, e.g. ``benchmark.train``.
         data_name: the data set's name; its class names are recorded where they are identities
-            (:data:`NAMED_CLASSES`).
+            (registered with ``named_classes=True``).
 
     Returns:
         ``{"content": [...], "names": [...]}``: digests, sorted (plain strings, loadable with

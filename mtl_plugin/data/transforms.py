@@ -1,4 +1,5 @@
-"""Per-data-set image recipes: size, normalisation, and the training augmentation the papers use.
+"""Image recipes (size, normalisation, the pretraining augmentation) and their transforms. Each data
+set's recipe is part of its entry in :mod:`mtl_plugin.data.registry`; the built-in ones follow the papers:
 
 * mini/tieredImageNet: MTL's PyTorch code (Sun et al. 2019, after FEAT) resizes to
   92/80 of the target size and centre-crops; pretraining adds RandomResizedCrop
@@ -12,8 +13,9 @@
 
 Example::
 
-    from mtl_plugin.data.transforms import RECIPES, eval_transform, train_transform
-    recipe = RECIPES["mini-imagenet"]
+    from mtl_plugin.data.registry import dataset_spec
+    from mtl_plugin.data.transforms import eval_transform, train_transform
+    recipe = dataset_spec("mini-imagenet").recipe
     test_tf = eval_transform(recipe, 84)      # PIL image -> normalised 3x84x84 tensor
     pretrain_tf = train_transform(recipe, 84)
 """
@@ -27,12 +29,11 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["ImageRecipe", "RECIPES", "eval_transform", "train_transform"]
+__all__ = ["CIFAR_STATS", "IMAGENET_STATS", "ImageRecipe", "eval_transform", "train_transform"]
 
-_CIFAR_MEAN = tuple(x / 255.0 for x in (125.3, 123.0, 113.9))
-_CIFAR_STD = tuple(x / 255.0 for x in (63.0, 62.1, 66.7))
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) per channel: CIFAR-100's, which MTL's code uses for mini/tieredImageNet too, and ImageNet's.
+CIFAR_STATS = (tuple(x / 255.0 for x in (125.3, 123.0, 113.9)), tuple(x / 255.0 for x in (63.0, 62.1, 66.7)))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,6 @@ class ImageRecipe:
         return "L" if self.channels == 1 else "RGB"
 
 
-RECIPES: dict[str, ImageRecipe] = {
-    "mini-imagenet": ImageRecipe(84, 3, _CIFAR_MEAN, _CIFAR_STD, crop_ratio=80 / 92, augmentation="resized-crop"),
-    "tiered-imagenet": ImageRecipe(84, 3, _CIFAR_MEAN, _CIFAR_STD, crop_ratio=80 / 92, augmentation="resized-crop"),
-    "fc100": ImageRecipe(32, 3, _CIFAR_MEAN, _CIFAR_STD, augmentation="padded-crop", colour_jitter=0.4),
-    "cifarfs": ImageRecipe(32, 3, _CIFAR_MEAN, _CIFAR_STD, augmentation="padded-crop", colour_jitter=0.4),
-    "omniglot": ImageRecipe(28, 1, invert=True, interpolation=InterpolationMode.LANCZOS),
-    "kanji": ImageRecipe(28, 1, interpolation=InterpolationMode.LANCZOS),
-    "folder": ImageRecipe(84, 3, _IMAGENET_MEAN, _IMAGENET_STD, crop_ratio=80 / 92, augmentation="resized-crop"),
-}
-
-
 def _to_tensor(recipe: ImageRecipe) -> list:
     steps: list = [T.ToTensor()]
     if recipe.invert:
@@ -95,7 +85,7 @@ def eval_transform(recipe: ImageRecipe, size: int) -> Callable:
 
     Example::
 
-        tensor = eval_transform(RECIPES["fc100"], 32)(pil_image)   # 3x32x32
+        tensor = eval_transform(dataset_spec("fc100").recipe, 32)(pil_image)   # 3x32x32
     """
     if recipe.crop_ratio < 1.0:
         resize = [T.Resize(round(size / recipe.crop_ratio), recipe.interpolation), T.CenterCrop(size)]
@@ -109,7 +99,7 @@ def train_transform(recipe: ImageRecipe, size: int) -> Callable:
 
     Example::
 
-        augment = train_transform(RECIPES["mini-imagenet"], 84)
+        augment = train_transform(dataset_spec("mini-imagenet").recipe, 84)
     """
     if recipe.augmentation == "none":
         return eval_transform(recipe, size)
