@@ -555,53 +555,68 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
         )
         if queue.rank != 0:
             return None
+    # Under torchrun every cell is computed and announced by now: rank 0 reads them back silently.
+    cells, accuracies = _all_cells(config, benchmark, shared, device, echo if queue is None else None)
+    return _report(config, benchmark, shared, cells, accuracies, echo)
+
+
+def _all_cells(
+    config: BenchConfig,
+    benchmark: Any,
+    shared: _SharedPretraining,
+    device: torch.device,
+    echo: Callable[[str], None] | None,
+) -> tuple[pd.DataFrame, dict]:
+    """Every cell of the table, run or read back, in table order (and said through ``echo``, if given).
+
+    Returns:
+        The cells (one row each, without their key and per-task accuracies) and the per-task
+        accuracies by ``(method, shots)``, for the paired claims.
+    """
     records, accuracies = [], {}
     for shots in config.shots:
         for method in config.rows:
             cell = _run_cell(config, benchmark, method, shots, shared, device)
             accuracies[method, shots] = cell["accuracies"]
-            if queue is None:
+            if echo is not None:
                 echo(_cell_line(cell, method, config.ways, shots))
             records.append(
                 {"method": method, "shots": shots, **{k: v for k, v in cell.items() if k not in ("key", "accuracies")}}
             )
-    cells = pd.DataFrame(records)
-    ablation = config.suite == "ablation"
+    return pd.DataFrame(records), accuracies
+
+
+def _report(
+    config: BenchConfig,
+    benchmark: Any,
+    shared: _SharedPretraining,
+    cells: pd.DataFrame,
+    accuracies: dict,
+    echo: Callable[[str], None],
+) -> BenchResult:
+    """Write the table (CSV, Markdown, LaTeX), its timings, the claims and the plots; say the closing notes."""
     counts = learned_parameter_counts(config, benchmark, config.rows) if config.suite != "comparison" else None
     table = _table(config, cells, benchmark.standard, benchmark.name, counts)
     # The comparison keeps its file names; the ablation writes beside it in the same --out.
-    stem = f"{benchmark.name}-{config.ways}way-{config.profile}" + ("-ablation" if ablation else "")
+    stem = f"{benchmark.name}-{config.ways}way-{config.profile}" + ("-ablation" if config.suite == "ablation" else "")
     files = {kind: config.out / f"{stem}.{kind}" for kind in ("csv", "md", "tex")}
     files["timings"] = config.out / f"{stem}-timings.csv"
-    caption = (
-        f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
-        f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile; "
-        f"wall-clock = fit + evaluation, without the shared pretraining ({shared.seconds:.0f} s this run)"
-    )
-    published = (
-        "published columns: other papers' numbers under their own protocols (mtl_plugin/bench/published.py), not ours"
-        if benchmark.standard
-        else ""
-    )
     stalled = _pretraining_note(config, benchmark, shared)
-    note = "\n\n".join(part for part in (_fits_note(cells), stalled, published) if part)
     # Results only: timings differ between machines, the results must not.
     atomic_write_text(files["csv"], table.drop(columns=[WALL_CLOCK]).to_csv(index=False))
     atomic_write_text(
         files["timings"],
         cells[["method", "shots", "fit_seconds", "eval_seconds"]].to_csv(index=False, float_format="%.1f"),
     )
-    closing = ""
-    if "mtl" in config.rows:
-        files["claims"] = config.out / f"{stem}-claims.csv"
-        comparisons, closing = ablation_note(accuracies, config.shots, counts, claims=SUITE_CLAIMS[config.suite])
-        atomic_write_text(files["claims"], comparisons.to_csv(index=False))
+    closing = _claims(config, stem, accuracies, counts, files)
     if counts is not None:
         files["parameters"] = config.out / f"{stem}-parameters.png"
         if not plot_accuracy_vs_parameters(
             cells, counts, files["parameters"], title=f"{benchmark.name}: what to adapt after pretraining"
         ):
             del files["parameters"]
+    caption = _caption(config, benchmark, shared)
+    note = _note(cells, stalled, benchmark.standard)
     atomic_write_text(
         files["md"], f"{caption}\n\n{table.to_markdown(index=False)}\n" + (f"\n{note}\n" if note else "") + closing
     )
@@ -617,6 +632,37 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> Bench
         echo(stalled)
     echo(f"shared pretraining: {shared.seconds:.0f} s (not in the methods' wall-clock)")
     return BenchResult(table=table, cells=cells, files=files)
+
+
+def _claims(config: BenchConfig, stem: str, accuracies: dict, counts: dict | None, files: dict) -> str:
+    """With an ``mtl`` row, check the suite's paired claims: write them (``files["claims"]``) and
+    return the closing note on them; else ""."""
+    if "mtl" not in config.rows:
+        return ""
+    files["claims"] = config.out / f"{stem}-claims.csv"
+    comparisons, closing = ablation_note(accuracies, config.shots, counts, claims=SUITE_CLAIMS[config.suite])
+    atomic_write_text(files["claims"], comparisons.to_csv(index=False))
+    return closing
+
+
+def _caption(config: BenchConfig, benchmark: Any, shared: _SharedPretraining) -> str:
+    """The table's caption: what a cell is, and the shared pretraining's time, left out of the wall-clock."""
+    return (
+        f"{benchmark.name}, {config.ways}-way, mean accuracy (%) ± 95% CI over the same "
+        f"{config.test_tasks} test tasks ({config.queries} queries per class), {config.profile} profile; "
+        f"wall-clock = fit + evaluation, without the shared pretraining ({shared.seconds:.0f} s this run)"
+    )
+
+
+def _note(cells: pd.DataFrame, stalled: str, standard: bool) -> str:
+    """The notes under the Markdown table: each fit of rows that average several, a shared
+    pretraining that did not learn, and (on a standard benchmark) whose the published columns are."""
+    published = (
+        "published columns: other papers' numbers under their own protocols (mtl_plugin/bench/published.py), not ours"
+        if standard
+        else ""
+    )
+    return "\n\n".join(part for part in (_fits_note(cells), stalled, published) if part)
 
 
 def bench_config_from(profile: str, **given) -> BenchConfig:

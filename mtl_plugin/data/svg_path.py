@@ -46,15 +46,8 @@ def parse_path(d: str) -> list[np.ndarray]:
         segments = parse_path("M0,0 C1,1 2,1 3,0 s1,-1 2,0 Z")
         assert len(segments) == 3
     """
-    tokens = _TOKEN.findall(d)
-    leftover = _TOKEN.sub("", d).replace(",", "").split()
-    if leftover:
-        raise ValueError(f"unsupported SVG path data {leftover[0]!r} in {d[:60]!r}: only M L H V C S Q T Z")
-    segments: list[np.ndarray] = []
-    current = np.zeros(2)
-    start = np.zeros(2)
-    last_cubic_control = None
-    last_quad_control = None
+    tokens = _tokens(d)
+    pen = _Pen()
     command = None
     i = 0
     while i < len(tokens):
@@ -63,57 +56,97 @@ def parse_path(d: str) -> list[np.ndarray]:
             command = token
             i += 1
             if command in "Zz":
-                if not np.allclose(current, start):
-                    segments.append(_line(current, start))
-                current = start.copy()
-                last_cubic_control = last_quad_control = None
+                pen.close()
                 continue
         elif command is None:
             raise ValueError(f"SVG path data must start with a command, got {token!r} in {d[:60]!r}")
-        upper = command.upper()
-        arity = _ARITY[upper]
-        args = tokens[i : i + arity]
-        if len(args) < arity or any(a.isalpha() for a in args):
-            raise ValueError(f"SVG path command {command!r} needs {arity} numbers in {d[:60]!r}")
-        values = np.array([float(a) for a in args])
-        i += arity
-        relative = command.islower()
-        origin = current if relative else np.zeros(2)
-        cubic_control = quad_control = None
+        values = _arguments(tokens, i, command, d)
+        i += len(values)
+        command = pen.draw(command, values)
+    return pen.segments
+
+
+def _tokens(d: str) -> list[str]:
+    """The commands and numbers of ``d``, refusing anything else (an arc, a stray letter) up front."""
+    leftover = _TOKEN.sub("", d).replace(",", "").split()
+    if leftover:
+        raise ValueError(f"unsupported SVG path data {leftover[0]!r} in {d[:60]!r}: only M L H V C S Q T Z")
+    return _TOKEN.findall(d)
+
+
+def _arguments(tokens: list[str], i: int, command: str, d: str) -> np.ndarray:
+    """The numbers of one use of ``command``, from ``tokens[i]`` on: a command cut short is an error."""
+    arity = _ARITY[command.upper()]
+    args = tokens[i : i + arity]
+    if len(args) < arity or any(a.isalpha() for a in args):
+        raise ValueError(f"SVG path command {command!r} needs {arity} numbers in {d[:60]!r}")
+    return np.array([float(a) for a in args])
+
+
+class _Pen:
+    """The segments drawn so far and the state the next command reads: where the pen is, where its
+    subpath started (for Z), and the last curve's second control point (which S and T reflect)."""
+
+    def __init__(self) -> None:
+        self.segments: list[np.ndarray] = []
+        self.current = np.zeros(2)
+        self.start = np.zeros(2)
+        self.cubic_control: np.ndarray | None = None
+        self.quad_control: np.ndarray | None = None
+
+    def draw(self, command: str, values: np.ndarray) -> str:
+        """Apply one use of ``command`` (not Z) to ``values``; return the command that repeats
+        implicitly on further numbers (a lineto after a moveto)."""
+        upper, relative = command.upper(), command.islower()
+        origin = self.current if relative else np.zeros(2)
         if upper == "M":
-            current = origin + values
-            start = current.copy()
-            # Pairs after a moveto are implicit linetos.
-            command = "l" if relative else "L"
-        elif upper in "LHV":
-            if upper == "H":
-                target = np.array([values[0] + (current[0] if relative else 0.0), current[1]])
-            elif upper == "V":
-                target = np.array([current[0], values[0] + (current[1] if relative else 0.0)])
-            else:
-                target = origin + values
-            segments.append(_line(current, target))
-            current = target
+            self._move(origin + values)
+            return "l" if relative else "L"
+        if upper == "H":
+            self._line(np.array([values[0] + (self.current[0] if relative else 0.0), self.current[1]]))
+        elif upper == "V":
+            self._line(np.array([self.current[0], values[0] + (self.current[1] if relative else 0.0)]))
+        elif upper == "L":
+            self._line(origin + values)
         elif upper == "C":
-            c1, c2, end = origin + values[0:2], origin + values[2:4], origin + values[4:6]
-            segments.append(np.array([current, c1, c2, end]))
-            cubic_control, current = c2, end
+            self._cubic(origin + values[0:2], origin + values[2:4], origin + values[4:6])
         elif upper == "S":
-            c1 = 2.0 * current - last_cubic_control if last_cubic_control is not None else current.copy()
-            c2, end = origin + values[0:2], origin + values[2:4]
-            segments.append(np.array([current, c1, c2, end]))
-            cubic_control, current = c2, end
+            self._cubic(self._reflected(self.cubic_control), origin + values[0:2], origin + values[2:4])
         elif upper == "Q":
-            q, end = origin + values[0:2], origin + values[2:4]
-            segments.append(_quadratic(current, q, end))
-            quad_control, current = q, end
+            self._quadratic(origin + values[0:2], origin + values[2:4])
         elif upper == "T":
-            q = 2.0 * current - last_quad_control if last_quad_control is not None else current.copy()
-            end = origin + values[0:2]
-            segments.append(_quadratic(current, q, end))
-            quad_control, current = q, end
-        last_cubic_control, last_quad_control = cubic_control, quad_control
-    return segments
+            self._quadratic(self._reflected(self.quad_control), origin + values[0:2])
+        return command
+
+    def close(self) -> None:
+        """Z: a line back to the subpath's start, unless the pen is already there."""
+        if not np.allclose(self.current, self.start):
+            self.segments.append(_line(self.current, self.start))
+        self.current = self.start.copy()
+        self.cubic_control = self.quad_control = None
+
+    def _reflected(self, control: np.ndarray | None) -> np.ndarray:
+        # A smooth curve's first control point mirrors the previous curve's last one through the
+        # pen; after any other command it is the pen itself.
+        return 2.0 * self.current - control if control is not None else self.current.copy()
+
+    def _move(self, point: np.ndarray) -> None:
+        self.current = point
+        self.start = self.current.copy()
+        self.cubic_control = self.quad_control = None
+
+    def _line(self, target: np.ndarray) -> None:
+        self.segments.append(_line(self.current, target))
+        self.current = target
+        self.cubic_control = self.quad_control = None
+
+    def _cubic(self, c1: np.ndarray, c2: np.ndarray, end: np.ndarray) -> None:
+        self.segments.append(np.array([self.current, c1, c2, end]))
+        self.current, self.cubic_control, self.quad_control = end, c2, None
+
+    def _quadratic(self, q: np.ndarray, end: np.ndarray) -> None:
+        self.segments.append(_quadratic(self.current, q, end))
+        self.current, self.cubic_control, self.quad_control = end, None, q
 
 
 def flatten(segments: list[np.ndarray], steps: int = 8) -> np.ndarray:

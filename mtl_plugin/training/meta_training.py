@@ -21,7 +21,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.data.leak import check_unseen, class_record, merge_records
 from mtl_plugin.errors import DataError, UsageError
-from mtl_plugin.evaluation import EvaluationConfig, evaluate
+from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
@@ -200,36 +200,6 @@ def _write_run_files(log: RunLog, validation: list) -> None:
     plot_meta_curves([("", pd.DataFrame(log.rows))], log.curve_path)
 
 
-def _resume(
-    learner: MetaTransferLearner, stream: _TaskStream, state: dict, identity: dict, override: bool, log: RunLog
-) -> tuple[int, float, int, list]:
-    """Load the run saved in ``state`` (its ``last.pt``) after checking that it is the same run."""
-    config, path = learner.config, log.last_path
-    saved_identity = dict(state["model"], **({"train_data": state["data"]} if "data" in state else {}))
-    check_same_run(path, saved_identity, identity, state["config"], asdict(config), _MAY_CHANGE_ON_RESUME, override)
-    distributed.check_same_job(state.get("world_size", 1), path)
-    new_lrs = [name for name in _LEARNING_RATES if state["config"].get(name) != getattr(config, name)]
-    if new_lrs and state["iteration"] >= config.iterations:
-        raise UsageError(
-            f"{path}: the run is finished (iteration {state['iteration']} of {config.iterations}), so "
-            f"a new {new_lrs[0]} changes nothing: pass more --iterations to continue it, --overwrite "
-            f"to train anew, or another --out"
-        )
-    try:
-        load_learner_state(learner, state["learner"], str(path))
-        stream.load_state(state["streams"][distributed.rank()] if "streams" in state else state["stream"])
-    except ValueError as error:
-        raise DataError(
-            f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, or another --out"
-        ) from error
-    learner.trainer.optimizer.load_state_dict(state["optimizer"])
-    # The config's lrs replace the saved ones (the remedy for a diverged run); the schedule is
-    # rebuilt under them and brought to the step the run had reached.
-    learner.trainer.apply_learning_rates(state["scheduler"]["last_epoch"])
-    log.rows = list(state["metrics"])
-    return state["iteration"], state["best_accuracy"], state["best_iteration"], list(state.get("validation", []))
-
-
 def meta_train(
     learner: MetaTransferLearner,
     benchmark: Any,
@@ -317,6 +287,63 @@ def meta_train(
         return _meta_train(learner, benchmark, out_dir, resume, progress, model_info, overwrite, override, classes)
 
 
+@dataclass
+class _MetaRun:
+    """One meta-training run under way: what it trains, where it writes, what its checkpoints
+    record, and how far it has got."""
+
+    learner: MetaTransferLearner
+    stream: _TaskStream
+    log: RunLog
+    # The checkpoints' records: the model (model_info), the training data and the learner's training classes.
+    model: dict
+    data: dict
+    classes: dict
+    best_accuracy: float = -math.inf
+    best_iteration: int = 0
+    # Every validation's per-task accuracies, the rows of VALIDATION_FILE.
+    validation: list = field(default_factory=list)
+    # The last iteration checkpointed (None: nothing saved yet).
+    saved: int | None = None
+
+
+def _resume(run: _MetaRun, state: dict, override: bool) -> int:
+    """Load the run saved in ``state`` (its ``last.pt``) after checking that it is the same run;
+    return the iteration it had reached."""
+    learner, log = run.learner, run.log
+    config, path = learner.config, log.last_path
+    identity = dict(run.model, train_data=run.data)
+    saved_identity = dict(state["model"], **({"train_data": state["data"]} if "data" in state else {}))
+    check_same_run(path, saved_identity, identity, state["config"], asdict(config), _MAY_CHANGE_ON_RESUME, override)
+    distributed.check_same_job(state.get("world_size", 1), path)
+    new_lrs = [name for name in _LEARNING_RATES if state["config"].get(name) != getattr(config, name)]
+    if new_lrs and state["iteration"] >= config.iterations:
+        raise UsageError(
+            f"{path}: the run is finished (iteration {state['iteration']} of {config.iterations}), so "
+            f"a new {new_lrs[0]} changes nothing: pass more --iterations to continue it, --overwrite "
+            f"to train anew, or another --out"
+        )
+    try:
+        load_learner_state(learner, state["learner"], str(path))
+        run.stream.load_state(state["streams"][distributed.rank()] if "streams" in state else state["stream"])
+    except ValueError as error:
+        raise DataError(
+            f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, or another --out"
+        ) from error
+    learner.trainer.optimizer.load_state_dict(state["optimizer"])
+    # The config's lrs replace the saved ones (the remedy for a diverged run); the schedule is
+    # rebuilt under them and brought to the step the run had reached.
+    learner.trainer.apply_learning_rates(state["scheduler"]["last_epoch"])
+    log.rows = list(state["metrics"])
+    run.best_accuracy, run.best_iteration = state["best_accuracy"], state["best_iteration"]
+    run.validation, run.saved = list(state.get("validation", [])), state["iteration"]
+    if distributed.is_main():
+        # A run stopped after its last.pt but before these files were rewritten: they would
+        # stay behind it, the finished run's for good.
+        _write_run_files(log, run.validation)
+    return state["iteration"]
+
+
 def _meta_train(
     learner: MetaTransferLearner,
     benchmark: Any,
@@ -336,118 +363,136 @@ def _meta_train(
     main = distributed.is_main()
     # With overwrite the old run stays until this one has a checkpoint to put in its place.
     log = RunLog(out_dir, replaces=overwrite and main, other_files=(VALIDATION_FILE,))
-    progress = progress and main
     distributed.barrier()
-    model, data = dict(model_info or {}), benchmark_identity(benchmark)
-    start, best_accuracy, best_iteration, validation = 0, -math.inf, 0, []
-    if previous is not None:
-        identity = dict(model, train_data=data)
-        start, best_accuracy, best_iteration, validation = _resume(learner, stream, previous, identity, override, log)
-        if main:
-            # A run stopped after its last.pt but before these files were rewritten: they would
-            # stay behind it, the finished run's for good.
-            _write_run_files(log, validation)
-    # learner.meta_train_step steps this trainer's Adam; the loop steps its schedule and saves both.
-    trainer = learner.trainer
-    # The last iteration checkpointed (None: nothing saved yet).
-    saved = start if previous is not None else None
+    run = _MetaRun(learner, stream, log, dict(model_info or {}), benchmark_identity(benchmark), classes)
+    start = 0 if previous is None else _resume(run, previous, override)
     val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
     bar = progress_bar(
-        range(start, config.iterations), initial=start, total=config.iterations, desc="meta-train", disable=not progress
+        range(start, config.iterations),
+        initial=start,
+        total=config.iterations,
+        desc="meta-train",
+        disable=not (progress and main),
     )
     # A fresh run is validated before its first meta-update too (iteration 0), so that the curve
     # shows what meta-training adds to the pretrained model and the start can be kept as the best.
     for index in itertools.chain([-1] if previous is None else [], bar):
         iteration = index + 1
-        if iteration:
-            tasks, on_task = stream.next_batch()
-            try:
-                step = learner.meta_train_step(tasks, on_task)
-            except NonFiniteLossError as error:
-                raise _stopped(error, iteration, config, log, saved) from error
-            trainer.scheduler.step()
-            row = {
-                "iteration": iteration,
-                "loss": step.loss,
-                "accuracy": step.accuracy,
-                "normal_accuracy": step.normal_accuracy,
-                "hard_accuracy": step.hard_accuracy,
-            }
-        else:
-            row = {
-                "iteration": 0,
-                "loss": math.nan,
-                "accuracy": math.nan,
-                "normal_accuracy": math.nan,
-                "hard_accuracy": math.nan,
-            }
-        row.update(encoder_lr=trainer.optimizer.param_groups[0]["lr"], val_accuracy=math.nan, val_ci95=math.nan)
-        improved = False
-        if iteration % config.val_every == 0 or iteration == config.iterations:
-            try:
-                result = evaluate(learner.predict, benchmark.val, val_config, progress=False)
-            except NonFiniteLossError as error:
-                # The validation tasks' adaptation diverged: their accuracy would be chance, not a result.
-                raise _stopped(trainer.blame(error), iteration, config, log, saved) from error
-            row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
-            validation += [
-                {"iteration": iteration, "task": task, "accuracy": accuracy}
-                for task, accuracy in enumerate(result.accuracies)
-            ]
-            improved = result.beats(best_accuracy)
+        row = _training_row(run, iteration)
+        result = _validate(run, benchmark.val, val_config, iteration, row)
+        improved = result is not None and result.beats(run.best_accuracy)
         log.append(row)
         if improved:
-            best_accuracy, best_iteration = result.mean, iteration
+            run.best_accuracy, run.best_iteration = result.mean, iteration
         bar.set_postfix(
             loss=f"{row['loss']:.3f}",
             acc=f"{row['accuracy']:.1f}",
-            val=f"{best_accuracy:.1f}" if best_accuracy > -math.inf else "-",
+            val=f"{run.best_accuracy:.1f}" if run.best_accuracy > -math.inf else "-",
         )
         # A new best.pt comes with a last.pt, so that a run folder holding best.pt can always resume.
         if improved or iteration % config.checkpoint_every == 0 or iteration == config.iterations:
-            if not all_finite(learner.state_dict().values()):
-                error = NonFiniteLossError(
-                    "a weight or batch-norm statistic is not finite", settings=trainer.suspects(())
-                )
-                raise _stopped(error, iteration, config, log, saved)
-            # Each rank's task generators, so that every rank resumes its own stream.
-            streams = distributed.all_gather([stream.state()])
-            saved = iteration
-            if not main:
-                continue
-            log.drop_replaced_run()
-            header = {
-                "kind": CHECKPOINT_KIND,
-                "model": model,
-                "data": data,
-                "classes": classes,
-                "config": asdict(config),
-                "iteration": iteration,
-                "world_size": len(streams),
-                "learner": learner.state_dict(),
-            }
-            if improved:
-                save_checkpoint(dict(header, val_accuracy=result.mean), log.best_path)
-            save_checkpoint(
-                dict(
-                    header,
-                    optimizer=trainer.optimizer.state_dict(),
-                    scheduler=trainer.scheduler.state_dict(),
-                    stream=streams[0],
-                    best_accuracy=best_accuracy,
-                    best_iteration=best_iteration,
-                    metrics=log.rows,
-                    validation=validation,
-                    **({"streams": streams} if len(streams) > 1 else {}),
-                ),
-                log.last_path,
-            )
-            _write_run_files(log, validation)
+            _checkpoint(run, iteration, improved)
     distributed.barrier()
     if log.best_path.is_file():
         best = read_checkpoint(log.best_path, "--out", map_location=learner.device)
         load_learner_state(learner, best["learner"], str(log.best_path))
-    return MetaTrainResult(Path(out_dir), config.iterations, best_accuracy, best_iteration)
+    return MetaTrainResult(Path(out_dir), config.iterations, run.best_accuracy, run.best_iteration)
+
+
+def _training_row(run: _MetaRun, iteration: int) -> dict:
+    """Take iteration ``iteration``'s meta-update and return its row of ``metrics.csv``, validation
+    columns empty; iteration 0 (a fresh run's validation before any update) has no training figures."""
+    learner = run.learner
+    # learner.meta_train_step steps this trainer's Adam; the loop steps its schedule and saves both.
+    trainer = learner.trainer
+    if iteration:
+        tasks, on_task = run.stream.next_batch()
+        try:
+            step = learner.meta_train_step(tasks, on_task)
+        except NonFiniteLossError as error:
+            raise _stopped(error, iteration, learner.config, run.log, run.saved) from error
+        trainer.scheduler.step()
+        row = {
+            "iteration": iteration,
+            "loss": step.loss,
+            "accuracy": step.accuracy,
+            "normal_accuracy": step.normal_accuracy,
+            "hard_accuracy": step.hard_accuracy,
+        }
+    else:
+        row = {
+            "iteration": 0,
+            "loss": math.nan,
+            "accuracy": math.nan,
+            "normal_accuracy": math.nan,
+            "hard_accuracy": math.nan,
+        }
+    row.update(encoder_lr=trainer.optimizer.param_groups[0]["lr"], val_accuracy=math.nan, val_ci95=math.nan)
+    return row
+
+
+def _validate(
+    run: _MetaRun, val: Any, val_config: EvaluationConfig, iteration: int, row: dict
+) -> EvaluationResult | None:
+    """Validate the learner if ``iteration`` is one of the validated ones (every ``val_every`` and
+    the last): fill the validation columns of ``row``, keep the per-task accuracies and return the
+    result; else ``None``."""
+    config = run.learner.config
+    if not (iteration % config.val_every == 0 or iteration == config.iterations):
+        return None
+    try:
+        result = evaluate(run.learner.predict, val, val_config, progress=False)
+    except NonFiniteLossError as error:
+        # The validation tasks' adaptation diverged: their accuracy would be chance, not a result.
+        raise _stopped(run.learner.trainer.blame(error), iteration, config, run.log, run.saved) from error
+    row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
+    run.validation += [
+        {"iteration": iteration, "task": task, "accuracy": accuracy} for task, accuracy in enumerate(result.accuracies)
+    ]
+    return result
+
+
+def _checkpoint(run: _MetaRun, iteration: int, improved: bool) -> None:
+    """Save ``last.pt`` (and ``best.pt`` if ``improved``) and rewrite the run's files, after checking
+    that every weight is finite; rank 0 writes, every rank records its task generators."""
+    learner, log = run.learner, run.log
+    config, trainer = learner.config, learner.trainer
+    if not all_finite(learner.state_dict().values()):
+        error = NonFiniteLossError("a weight or batch-norm statistic is not finite", settings=trainer.suspects(()))
+        raise _stopped(error, iteration, config, log, run.saved)
+    # Each rank's task generators, so that every rank resumes its own stream.
+    streams = distributed.all_gather([run.stream.state()])
+    run.saved = iteration
+    if not distributed.is_main():
+        return
+    log.drop_replaced_run()
+    header = {
+        "kind": CHECKPOINT_KIND,
+        "model": run.model,
+        "data": run.data,
+        "classes": run.classes,
+        "config": asdict(config),
+        "iteration": iteration,
+        "world_size": len(streams),
+        "learner": learner.state_dict(),
+    }
+    if improved:
+        save_checkpoint(dict(header, val_accuracy=run.best_accuracy), log.best_path)
+    save_checkpoint(
+        dict(
+            header,
+            optimizer=trainer.optimizer.state_dict(),
+            scheduler=trainer.scheduler.state_dict(),
+            stream=streams[0],
+            best_accuracy=run.best_accuracy,
+            best_iteration=run.best_iteration,
+            metrics=log.rows,
+            validation=run.validation,
+            **({"streams": streams} if len(streams) > 1 else {}),
+        ),
+        log.last_path,
+    )
+    _write_run_files(log, run.validation)
 
 
 def plot_meta_curves(runs: list[tuple[str, pd.DataFrame]], path: str | Path, title: str = "") -> None:

@@ -38,7 +38,7 @@ from mtl_plugin.checks import check_seed
 from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.data.leak import class_record
 from mtl_plugin.errors import DataError, UsageError
-from mtl_plugin.evaluation import EvaluationConfig, evaluate, nearest_centroid
+from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
 from mtl_plugin.heads import feature_width
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND, build_pretrained, load_pretrained
 from mtl_plugin.training.run_log import (
@@ -429,199 +429,306 @@ def _pretrain(
     users: nn.Module | None,
 ) -> nn.Module:
     """:func:`pretrain` in its held run folder."""
-    num_classes = len(benchmark.train_augmented.labels)
-    ranks, main = distributed.world_size(), distributed.is_main()
     previous = _previous_run(out_dir, resume, overwrite)
     # With overwrite the old run stays until this one has a checkpoint to put in its place.
-    log = RunLog(out_dir, replaces=overwrite and main)
-    # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bars).
-    progress = progress and main
+    log = RunLog(out_dir, replaces=overwrite and distributed.is_main())
     distributed.barrier()
-    name = config.backbone if users is None else f"module:{type(users).__name__}"
-    info = {
-        "backbone": name,
-        "in_channels": benchmark.channels,
-        "image_size": benchmark.image_size,
-        "data": benchmark_identity(benchmark),
-    }
+    info = _model_record(benchmark, config, users)
     # The classes this backbone learns, by content: later stages check no val or test class is among them.
     classes = class_record(benchmark.train, getattr(benchmark, "name", None))
     if previous is not None:
         _check_resumable(previous, config, info, override, log.last_path)
         distributed.check_same_job(previous.get("world_size", 1), log.last_path)
-    val_config = EvaluationConfig(config.val_ways, config.val_shots, config.val_queries, config.val_tasks, config.seed)
-    train = benchmark.train_augmented
-    diverged_loss = DIVERGENCE_FACTOR * max(math.log(num_classes), 1.0)
     # fork_rng: augmentation draws from torch's global generator; seed it for this run only.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        backbone = build_pretrained(info) if users is None else users
-        # A user's module is measured on one (unaugmented: no random draw) training image.
-        width = backbone.feature_dim if users is None else feature_width(users, benchmark.train[0][0].unsqueeze(0))
-        classifier = nn.Sequential(backbone, nn.Linear(width, num_classes)).to(device)
-        model, batch_size = classifier, config.batch_size // ranks
-        if ranks > 1:
-            # Same initial weights on every rank (DDP also broadcasts rank 0's); each rank its own augmentations.
-            torch.manual_seed(distributed.rank_seed(config.seed))
-            model = nn.parallel.DistributedDataParallel(
-                classifier, device_ids=[device.index] if device.type == "cuda" else None
-            )
-            if progress:
-                tqdm.write(
-                    f"pretrain: {ranks} processes x batch {batch_size} = effective batch {config.batch_size}, "
-                    f"lr {config.lr:g} (the lr of one process with batch {config.batch_size})"
-                )
-        # The batches _loader yields: a rank's share, its last partial batch dropped (unless it is the only one).
-        steps_per_epoch = max(math.ceil(len(train) / ranks) // batch_size, 1)
-        if config.steps_per_epoch is not None:
-            steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-        optimizer = _optimizer(classifier.parameters(), config)
-        start, best_accuracy, warned = 0, -math.inf, False
+        # Under torchrun every rank reads the run folder; rank 0 alone writes it (and the progress bars).
+        run = _start(
+            benchmark, config, device, users, _RunFiles(log, info, classes), progress and distributed.is_main()
+        )
         if previous is not None:
-            classifier.load_state_dict(previous["classifier"])
-            optimizer.load_state_dict(previous["optimizer"])
-            # The config's hyper-parameters win over the saved ones (a new lr, or any with override);
-            # the schedule is rebuilt under them and brought to the step the run had reached.
-            momentum = {"momentum": config.momentum, "nesterov": config.nesterov} if config.optimizer == "sgd" else {}
-            for group in optimizer.param_groups:
-                group.update(lr=config.lr, initial_lr=config.lr, weight_decay=config.weight_decay, **momentum)
-            scheduler = _schedule(optimizer, config, steps_per_epoch)
-            fast_forward(scheduler, previous["scheduler"]["last_epoch"])
-            torch.set_rng_state(previous["torch_rngs"][distributed.rank()] if ranks > 1 else previous["torch_rng"])
-            start, best_accuracy, log.rows = previous["epoch"], previous["best_accuracy"], list(previous["metrics"])
-            if main:
-                # A run stopped after its last.pt but before these were rewritten: they would stay
-                # behind it, the finished run's for good.
-                log.write(curve=("epoch", "val_accuracy"))
-            if progress:
-                # A finished run is returned as it is: say so, or a second script would silently get
-                # the first one's backbone.
-                if start >= config.epochs:
-                    tqdm.write(
-                        f"pretrain: {out_dir} holds a finished run (epoch {start} of {config.epochs}, best "
-                        f"val {best_accuracy:.2f} %): returning its best.pt; to train anew pass "
-                        f"overwrite=True (mtl pretrain --overwrite) or another folder"
-                    )
-                else:
-                    changed = (
-                        f" with lr {config.lr:g} (was {previous['config']['lr']:g})"
-                        if config.lr != previous["config"]["lr"]
-                        else ""
-                    )
-                    tqdm.write(f"pretrain: resuming {out_dir} after epoch {start} of {config.epochs}{changed}")
+            _resume(run, previous, out_dir)
         else:
-            scheduler = _schedule(optimizer, config, steps_per_epoch)
-
-        for epoch in range(start + 1, config.epochs + 1):
-            classifier.train()
-            loader = _loader(train, config, epoch, batch_size)
-            bar = progress_bar(
-                loader,
-                total=steps_per_epoch,
-                desc=f"pretrain {epoch}/{config.epochs}",
-                disable=not progress,
-                leave=False,
-            )
-            losses, correct, seen = [], 0, 0
-            for step, (images, labels) in enumerate(bar):
-                if step == steps_per_epoch:
-                    break
-                images, labels = images.to(device), torch.as_tensor(labels).to(device)
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-                value = loss.item()
-                diverged = None
-                if not math.isfinite(value) or value > diverged_loss:
-                    diverged = _diverged(
-                        f"the loss is {value:.3g}", epoch, step + 1, optimizer.param_groups[0]["lr"], log, start
-                    )
-                # Under torchrun every rank stops together: one stopping alone would leave the
-                # others waiting in the gradients' all-reduce.
-                distributed.raise_if_any(diverged)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if not all_finite(classifier.parameters()):
-                    raise _diverged(
-                        "a weight became NaN or infinite", epoch, step + 1, optimizer.param_groups[0]["lr"], log, start
-                    )
-                scheduler.step()
-                losses.append(value)
-                correct += (logits.argmax(1) == labels).sum().item()
-                seen += len(labels)
-                bar.set_postfix(loss=f"{value:.3f}", acc=f"{100.0 * correct / seen:.1f}")
-            # Batch-norm statistics are not parameters: check everything that is about to be saved.
-            if not all_finite(classifier.state_dict().values()):
-                raise _diverged(
-                    "a batch-norm statistic became NaN or infinite",
-                    epoch,
-                    steps_per_epoch,
-                    optimizer.param_groups[0]["lr"],
-                    log,
-                    start,
-                )
-            result = evaluate(nearest_centroid(backbone), benchmark.val, val_config, progress=False)
-            loss_sum, steps, correct, seen = distributed.all_sum([sum(losses), len(losses), correct, seen])
-            log.append(
-                {
-                    "epoch": epoch,
-                    "loss": loss_sum / steps,
-                    "accuracy": 100.0 * correct / seen,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "val_accuracy": result.mean,
-                    "val_ci95": result.ci95,
-                }
-            )
-            if progress:
-                tqdm.write(f"pretrain epoch {epoch}: loss {log.rows[-1]['loss']:.3f}, val {result}")
-            stalled = not_learning(log.rows, num_classes, config.epochs)
-            if stalled and main and not warned:
-                warnings.warn(stalled, stacklevel=2)
-                warned = True
-            improved = result.beats(best_accuracy)
-            best_accuracy = max(best_accuracy, result.mean)
-            # Each rank's generator of augmentations, so that every rank resumes its own.
-            torch_rngs = distributed.all_gather([torch.get_rng_state()])
-            start = epoch
-            if not main:
-                continue
-            log.drop_replaced_run()
-            if improved:
-                save_checkpoint(
-                    {
-                        "kind": CHECKPOINT_KIND,
-                        "model": info,
-                        "classes": classes,
-                        "config": asdict(config),
-                        "epoch": epoch,
-                        "val_accuracy": result.mean,
-                        "backbone": backbone.state_dict(),
-                    },
-                    log.best_path,
-                )
-            save_checkpoint(
-                {
-                    "kind": CHECKPOINT_KIND,
-                    "model": info,
-                    "classes": classes,
-                    "config": asdict(config),
-                    "epoch": epoch,
-                    "world_size": ranks,
-                    "classifier": classifier.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch_rngs[0],
-                    "best_accuracy": best_accuracy,
-                    "metrics": log.rows,
-                    **({"torch_rngs": torch_rngs} if ranks > 1 else {}),
-                },
-                log.last_path,
-            )
-            log.write(curve=("epoch", "val_accuracy"))
+            run.scheduler = _schedule(run.optimizer, config, run.steps_per_epoch)
+        val_config = EvaluationConfig(
+            config.val_ways, config.val_shots, config.val_queries, config.val_tasks, config.seed
+        )
+        for epoch in range(run.saved_epoch + 1, config.epochs + 1):
+            losses, correct, seen = _train_epoch(run, benchmark.train_augmented, epoch)
+            result = _validate(run, benchmark.val, val_config, epoch, losses, correct, seen)
+            _checkpoint(run, epoch, result)
     distributed.barrier()
+    return _best_backbone(log.best_path, device, users)
+
+
+@dataclass
+class _RunFiles:
+    """Where a pretraining run writes, and the records every checkpoint of it carries."""
+
+    log: RunLog
+    # The model record (build_pretrained rebuilds the backbone from it) and the classes it learns.
+    info: dict
+    classes: dict
+
+
+@dataclass
+class _Run:
+    """One pretraining run under way: what it trains, how, and how far it has got."""
+
+    config: PretrainConfig
+    files: _RunFiles
+    device: torch.device
+    progress: bool
+    num_classes: int
+    backbone: nn.Module
+    # The backbone with its linear head; ``model`` is the same, or its DDP wrapper under torchrun.
+    classifier: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    # This rank's share of a batch, and the batches of an epoch.
+    batch_size: int
+    steps_per_epoch: int
+    scheduler: Any = None
+    # The last epoch checkpointed (0: none yet) and the best validation accuracy so far.
+    saved_epoch: int = 0
+    best_accuracy: float = -math.inf
+    # The not-learning warning is given once a run.
+    warned: bool = False
+
+
+def _model_record(benchmark: Any, config: PretrainConfig, users: nn.Module | None) -> dict:
+    """The model record of the run's checkpoints: the backbone (a user's by its class name), the
+    images' shape and the data's identity, which a resumed run must share."""
+    name = config.backbone if users is None else f"module:{type(users).__name__}"
+    return {
+        "backbone": name,
+        "in_channels": benchmark.channels,
+        "image_size": benchmark.image_size,
+        "data": benchmark_identity(benchmark),
+    }
+
+
+def _start(
+    benchmark: Any,
+    config: PretrainConfig,
+    device: torch.device,
+    users: nn.Module | None,
+    files: _RunFiles,
+    progress: bool,
+) -> _Run:
+    """Seed the run and build what it trains: the backbone and a linear head over the train classes
+    (wrapped in DDP under torchrun), their optimiser and the epoch's length in batches."""
+    num_classes, ranks = len(benchmark.train_augmented.labels), distributed.world_size()
+    torch.manual_seed(config.seed)
+    backbone = build_pretrained(files.info) if users is None else users
+    # A user's module is measured on one (unaugmented: no random draw) training image.
+    width = backbone.feature_dim if users is None else feature_width(users, benchmark.train[0][0].unsqueeze(0))
+    classifier = nn.Sequential(backbone, nn.Linear(width, num_classes)).to(device)
+    model, batch_size = classifier, config.batch_size // ranks
+    if ranks > 1:
+        model = _distributed(classifier, config, device, progress)
+    # The batches _loader yields: a rank's share, its last partial batch dropped (unless it is the only one).
+    steps_per_epoch = max(math.ceil(len(benchmark.train_augmented) / ranks) // batch_size, 1)
+    if config.steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    optimizer = _optimizer(classifier.parameters(), config)
+    return _Run(
+        config,
+        files,
+        device,
+        progress,
+        num_classes,
+        backbone,
+        classifier,
+        model,
+        optimizer,
+        batch_size,
+        steps_per_epoch,
+    )
+
+
+def _distributed(classifier: nn.Module, config: PretrainConfig, device: torch.device, progress: bool) -> nn.Module:
+    """``classifier`` in DDP, each rank's augmentations seeded apart; say how the batch is divided."""
+    ranks = distributed.world_size()
+    # Same initial weights on every rank (DDP also broadcasts rank 0's); each rank its own augmentations.
+    torch.manual_seed(distributed.rank_seed(config.seed))
+    model = nn.parallel.DistributedDataParallel(
+        classifier, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    if progress:
+        tqdm.write(
+            f"pretrain: {ranks} processes x batch {config.batch_size // ranks} = effective batch "
+            f"{config.batch_size}, lr {config.lr:g} (the lr of one process with batch {config.batch_size})"
+        )
+    return model
+
+
+def _resume(run: _Run, previous: dict, out_dir: Path) -> None:
+    """Continue from ``last.pt`` (``previous``, checked by :func:`_check_resumable`): the weights,
+    the optimiser under the config's hyper-parameters, the schedule, the generator and the metrics."""
+    config, log = run.config, run.files.log
+    run.classifier.load_state_dict(previous["classifier"])
+    run.optimizer.load_state_dict(previous["optimizer"])
+    # The config's hyper-parameters win over the saved ones (a new lr, or any with override);
+    # the schedule is rebuilt under them and brought to the step the run had reached.
+    momentum = {"momentum": config.momentum, "nesterov": config.nesterov} if config.optimizer == "sgd" else {}
+    for group in run.optimizer.param_groups:
+        group.update(lr=config.lr, initial_lr=config.lr, weight_decay=config.weight_decay, **momentum)
+    run.scheduler = _schedule(run.optimizer, config, run.steps_per_epoch)
+    fast_forward(run.scheduler, previous["scheduler"]["last_epoch"])
+    ranks = distributed.world_size()
+    torch.set_rng_state(previous["torch_rngs"][distributed.rank()] if ranks > 1 else previous["torch_rng"])
+    run.saved_epoch, run.best_accuracy, log.rows = (
+        previous["epoch"],
+        previous["best_accuracy"],
+        list(previous["metrics"]),
+    )
+    if distributed.is_main():
+        # A run stopped after its last.pt but before these were rewritten: they would stay
+        # behind it, the finished run's for good.
+        log.write(curve=("epoch", "val_accuracy"))
+    if run.progress:
+        tqdm.write(_resumed_line(run, previous, out_dir))
+
+
+def _resumed_line(run: _Run, previous: dict, out_dir: Path) -> str:
+    """What a resumed run tells the user: where it goes on from, under which lr, or that it is finished.
+
+    A finished run is returned as it is: said, or a second script would silently get the first
+    one's backbone.
+    """
+    config, start = run.config, run.saved_epoch
+    if start >= config.epochs:
+        return (
+            f"pretrain: {out_dir} holds a finished run (epoch {start} of {config.epochs}, best "
+            f"val {run.best_accuracy:.2f} %): returning its best.pt; to train anew pass "
+            f"overwrite=True (mtl pretrain --overwrite) or another folder"
+        )
+    saved_lr = previous["config"]["lr"]
+    changed = f" with lr {config.lr:g} (was {saved_lr:g})" if config.lr != saved_lr else ""
+    return f"pretrain: resuming {out_dir} after epoch {start} of {config.epochs}{changed}"
+
+
+def _train_epoch(run: _Run, train: Any, epoch: int) -> tuple[list[float], int, int]:
+    """Train one epoch; return this rank's step losses and its correct and seen images.
+
+    A diverged loss or weight stops the run there, before anything is saved (:func:`_diverged`).
+    """
+    config, device = run.config, run.device
+    diverged_loss = DIVERGENCE_FACTOR * max(math.log(run.num_classes), 1.0)
+    run.classifier.train()
+    loader = _loader(train, config, epoch, run.batch_size)
+    bar = progress_bar(
+        loader,
+        total=run.steps_per_epoch,
+        desc=f"pretrain {epoch}/{config.epochs}",
+        disable=not run.progress,
+        leave=False,
+    )
+    losses, correct, seen = [], 0, 0
+    for step, (images, labels) in enumerate(bar):
+        if step == run.steps_per_epoch:
+            break
+        images, labels = images.to(device), torch.as_tensor(labels).to(device)
+        logits = run.model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+        value = loss.item()
+        diverged = None
+        if not math.isfinite(value) or value > diverged_loss:
+            diverged = _diverged_in(run, f"the loss is {value:.3g}", epoch, step + 1)
+        # Under torchrun every rank stops together: one stopping alone would leave the
+        # others waiting in the gradients' all-reduce.
+        distributed.raise_if_any(diverged)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        if not all_finite(run.classifier.parameters()):
+            raise _diverged_in(run, "a weight became NaN or infinite", epoch, step + 1)
+        run.scheduler.step()
+        losses.append(value)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{value:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+    # Batch-norm statistics are not parameters: check everything that is about to be saved.
+    if not all_finite(run.classifier.state_dict().values()):
+        raise _diverged_in(run, "a batch-norm statistic became NaN or infinite", epoch, run.steps_per_epoch)
+    return losses, correct, seen
+
+
+def _diverged_in(run: _Run, what: str, epoch: int, step: int) -> NonFiniteLossError:
+    """:func:`_diverged` for ``run`` at its current lr."""
+    return _diverged(what, epoch, step, run.optimizer.param_groups[0]["lr"], run.files.log, run.saved_epoch)
+
+
+def _validate(
+    run: _Run, val: Any, val_config: EvaluationConfig, epoch: int, losses: list[float], correct: int, seen: int
+) -> EvaluationResult:
+    """Validate the backbone after ``epoch`` (nearest centroid on its frozen features), log the
+    epoch's row (the training figures summed over the ranks) and warn once of a run not learning."""
+    result = evaluate(nearest_centroid(run.backbone), val, val_config, progress=False)
+    log = run.files.log
+    loss_sum, steps, correct, seen = distributed.all_sum([sum(losses), len(losses), correct, seen])
+    log.append(
+        {
+            "epoch": epoch,
+            "loss": loss_sum / steps,
+            "accuracy": 100.0 * correct / seen,
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "val_accuracy": result.mean,
+            "val_ci95": result.ci95,
+        }
+    )
+    if run.progress:
+        tqdm.write(f"pretrain epoch {epoch}: loss {log.rows[-1]['loss']:.3f}, val {result}")
+    stalled = not_learning(log.rows, run.num_classes, run.config.epochs)
+    if stalled and distributed.is_main() and not run.warned:
+        # stacklevel: the warning names the caller of pretrain (through _pretrain and this function).
+        warnings.warn(stalled, stacklevel=3)
+        run.warned = True
+    return result
+
+
+def _checkpoint(run: _Run, epoch: int, result: EvaluationResult) -> None:
+    """Keep the epoch: ``best.pt`` if its validation beats the best so far, and always ``last.pt``,
+    the metrics and the curve (rank 0 writes them; every rank records its generator)."""
+    config, files = run.config, run.files
+    improved = result.beats(run.best_accuracy)
+    run.best_accuracy = max(run.best_accuracy, result.mean)
+    # Each rank's generator of augmentations, so that every rank resumes its own.
+    torch_rngs = distributed.all_gather([torch.get_rng_state()])
+    run.saved_epoch = epoch
+    if not distributed.is_main():
+        return
+    files.log.drop_replaced_run()
+    header = {"kind": CHECKPOINT_KIND, "model": files.info, "classes": files.classes, "config": asdict(config)}
+    if improved:
+        save_checkpoint(
+            {**header, "epoch": epoch, "val_accuracy": result.mean, "backbone": run.backbone.state_dict()},
+            files.log.best_path,
+        )
+    ranks = distributed.world_size()
+    save_checkpoint(
+        {
+            **header,
+            "epoch": epoch,
+            "world_size": ranks,
+            "classifier": run.classifier.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "torch_rng": torch_rngs[0],
+            "best_accuracy": run.best_accuracy,
+            "metrics": files.log.rows,
+            **({"torch_rngs": torch_rngs} if ranks > 1 else {}),
+        },
+        files.log.last_path,
+    )
+    files.log.write(curve=("epoch", "val_accuracy"))
+
+
+def _best_backbone(best_path: Path, device: torch.device, users: nn.Module | None) -> nn.Module:
+    """The run's result: the backbone of its best epoch, rebuilt by name or loaded into the user's module."""
     if users is None:
-        return load_pretrained(log.best_path, device)
-    users.load_state_dict(read_checkpoint(log.best_path, "best.pt", device)["backbone"])
+        return load_pretrained(best_path, device)
+    users.load_state_dict(read_checkpoint(best_path, "best.pt", device)["backbone"])
     return users
 
 
