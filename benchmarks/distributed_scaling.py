@@ -3,7 +3,7 @@
 Strong scaling: the global meta-batch (``--meta-batch`` tasks, 5-way 1-shot 15-query) and the
 global pretraining batch (``--batch-size`` images) stay fixed and are divided among the
 processes, as ``mtl meta-train`` and ``mtl pretrain`` divide them under torchrun. Each phase
-runs the library's own code: ``MetaTransferLearner.meta_train_step`` (gradients averaged across
+runs the library's own code: ``MetaTrainer.step`` (gradients averaged across
 ranks) and a ``DistributedDataParallel`` classifier with SGD (pretraining's step), on synthetic
 images, ``--steps`` timed steps after ``--warmup`` ones; every process uses one thread.
 Efficiency = throughput(N) / (N x throughput(1)).
@@ -52,6 +52,7 @@ def _meta_train(args, device: torch.device, ranks: int) -> float:
     from mtl_plugin.backbones import build_backbone
     from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner
     from mtl_plugin.ss import SSAdapter
+    from mtl_plugin.training.meta_step import MetaTrainer
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(WAYS).repeat(SHOTS + QUERIES)
@@ -62,7 +63,8 @@ def _meta_train(args, device: torch.device, ranks: int) -> float:
     config = MetaTrainConfig(ways=WAYS, shots=SHOTS, queries=QUERIES, meta_batch=args.meta_batch)
     backbone = build_backbone(args.backbone, in_channels=args.channels, image_size=args.image_size)
     learner = MetaTransferLearner(SSAdapter(backbone), WAYS, config).to(device)
-    seconds = _timed(lambda: learner.meta_train_step(tasks), args.steps, args.warmup, device)
+    trainer = MetaTrainer(learner)
+    seconds = _timed(lambda: trainer.step(tasks), args.steps, args.warmup, device)
     return args.steps * args.meta_batch / seconds
 
 

@@ -64,6 +64,7 @@ from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter
+from mtl_plugin.training.meta_step import MetaTrainer
 
 WAYS, QUERIES, SEED = 5, 15, 0
 LEVERS = (
@@ -267,11 +268,12 @@ def _config(case: Case, inner_steps: int) -> MetaTrainConfig:
 
 
 def learner_step(case: Case, device: torch.device, inner_steps: int) -> Callable[[], None]:
-    """One ``MetaTransferLearner.meta_train_step`` on the case's meta-batch."""
+    """One ``MetaTrainer.step`` (the library's checked Adam step) on the case's meta-batch."""
     encoder = SSAdapter(_backbone(case), granularity=case.granularity, bn=case.bn, output_scaling=case.output_scaling)
     learner = MetaTransferLearner(encoder, WAYS, _config(case, inner_steps), speedups=case.speedups).to(device)
+    trainer = MetaTrainer(learner)
     tasks = synthetic_tasks(case, device)
-    return lambda: learner.meta_train_step(tasks)
+    return lambda: trainer.step(tasks)
 
 
 def reference_step(case: Case, device: torch.device, inner_steps: int) -> Callable[[], None]:

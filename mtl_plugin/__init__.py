@@ -50,6 +50,7 @@ _EXPORTS = {
     "ImageRecipe": "data.transforms",
     "MetaTransferLearner": "meta_transfer",
     "MetaTrainConfig": "meta_config",
+    "MetaTransferConfig": "meta_config",
     # The paper's outer loop (Adam, schedule, divergence checks, all-reduce) apart from the learner.
     "MetaTrainer": "training.meta_step",
     "MetaStepResult": "training.meta_step",
@@ -99,7 +100,7 @@ if TYPE_CHECKING:
         task_classes,
     )
     from .heads import SSHead, feature_width, new_head
-    from .meta_config import MetaTrainConfig
+    from .meta_config import MetaTrainConfig, MetaTransferConfig
     from .meta_transfer import MetaTransferLearner
     from .speedups import Speedups
     from .ss import SSAdapter, SSConfig

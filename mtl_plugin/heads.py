@@ -18,14 +18,32 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mtl_plugin.errors import NonFiniteLossError
+from mtl_plugin.prototypes import class_prototypes
 from mtl_plugin.ss import SSAdapter
 
-__all__ = ["SSHead", "declared_width", "feature_width", "new_head"]
+__all__ = [
+    "INNER_DIVERGENCE_FACTOR",
+    "AdaptedHead",
+    "SSHead",
+    "adapt_head",
+    "declared_width",
+    "feature_width",
+    "new_head",
+    "prototype_head",
+]
+
+# Gradient descent on the inner loop's convex loss lowers the support loss at any stable
+# inner_lr; ending ten times above where it started (or above chance level) is divergence.
+INNER_DIVERGENCE_FACTOR = 10.0
 
 # The state_dict prefix of the SS parameters an SSHead saves beside its head.
 _SS_PREFIX = "ss."
@@ -215,3 +233,120 @@ class SSHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={type(self.features.backbone).__name__} under SS (not adapted by MAML)"
+
+
+@dataclass
+class AdaptedHead:
+    """A linear head as plain tensors, ``logits = features @ W.T + b``: the start or the end of an inner loop.
+
+    Example::
+
+        head = learner.adapt(support_x, support_y)
+        logits = head(learner.features(query_x))
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight, self.bias)
+
+
+def prototype_head(features: torch.Tensor, labels: torch.Tensor, metric: torch.Tensor, ways: int) -> AdaptedHead:
+    """The head at a support set's class means c_k, weighted per feature by ``metric`` (d).
+
+    W_k = 2·(d⊙c_k)/s², b_k = -(d⊙c_k)·c_k/s², with s² the support features' mean squared
+    distance to their mean (a constant of the task): before any inner step its logits rank the
+    classes by nearest class mean under d, whatever the order of the task's labels.
+    Differentiable with respect to ``metric`` and ``features``.
+
+    Args:
+        features: support features ``(n, feature_dim)``.
+        labels: their labels ``0..ways-1``.
+        metric: d, ``(feature_dim,)``.
+        ways: the task's classes.
+
+    Returns:
+        The head a task's inner loop starts from.
+
+    Raises:
+        ValueError: a class without support samples (from ``class_prototypes``).
+
+    Example::
+
+        head = prototype_head(features, labels, torch.ones(features.shape[1]), ways=5)
+    """
+    means = class_prototypes(features, labels, ways)
+    # Raw squared distances grow with the features' magnitude: on a well-pretrained Conv4 the first
+    # query losses were near 17, and their gradients wrecked Φ while d was still shrinking. Dividing
+    # by the support set's spread (label-free, a constant of the task) starts every task at logit
+    # margins of a few units, whatever the features' scale.
+    spread = (features - features.mean(dim=0)).pow(2).sum(dim=1).mean().detach().clamp_min(1e-8)
+    weighted = metric * means / spread
+    return AdaptedHead(2 * weighted, -(weighted * means).sum(dim=1))
+
+
+def adapt_head(
+    start: AdaptedHead,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    lr: float,
+    *,
+    differentiable: bool = True,
+    first_order: bool = False,
+) -> AdaptedHead:
+    """``steps`` steps of gradient descent at ``lr`` on the head's support cross-entropy.
+
+    Differentiable: the result keeps its graph to ``start`` and ``features``, through the
+    inner-loop gradients too unless ``first_order``. Otherwise a detached fine-tuning.
+
+    Args:
+        start: the head to start from.
+        features: support features ``(n, feature_dim)``.
+        labels: their labels.
+        steps: gradient steps.
+        lr: the inner learning rate.
+        differentiable: keep the graph for a meta-gradient.
+        first_order: drop the second-order terms.
+
+    Returns:
+        The adapted head.
+
+    Raises:
+        NonFiniteLossError: the loop diverged: its support loss was not finite at the start, or
+            ended non-finite or above ``INNER_DIVERGENCE_FACTOR`` x max(its start, ln(ways))
+            (``settings == ("inner_lr",)``); a head adapted so would score at chance.
+
+    Example::
+
+        head = adapt_head(prototype_head(features, labels, d, 5), features, labels, steps=20, lr=0.01)
+    """
+    weight, bias = start.weight, start.bias
+    if not differentiable:
+        weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+    first_loss = None
+    for _ in range(steps):
+        loss = F.cross_entropy(F.linear(features, weight, bias), labels)
+        first_loss = loss.detach() if first_loss is None else first_loss
+        grad_w, grad_b = torch.autograd.grad(loss, (weight, bias), create_graph=not first_order)
+        weight = weight - lr * grad_w
+        bias = bias - lr * grad_b
+        if not differentiable:
+            weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+    if first_loss is not None:
+        # Test-time adaptation too: a head adapted by a diverged loop scores at chance, a wrong number.
+        with torch.no_grad():
+            last_loss = F.cross_entropy(F.linear(features, weight, bias), labels)
+        first, last = torch.stack([first_loss, last_loss]).tolist()
+        if not math.isfinite(first):
+            raise NonFiniteLossError(
+                f"the support loss is {first} before any inner step: the features or θ are not finite"
+            )
+        if not math.isfinite(last) or last > INNER_DIVERGENCE_FACTOR * max(first, math.log(weight.shape[0])):
+            raise NonFiniteLossError(
+                f"the inner loop diverged: the support loss went from {first:.3g} to {last:.3g} in {steps} "
+                f"steps at inner_lr {lr:.3g}",
+                settings=("inner_lr",),
+            )
+    return AdaptedHead(weight, bias)

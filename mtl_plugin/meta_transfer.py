@@ -8,17 +8,16 @@ no frozen weight is copied. The outer loop updates the encoder's trainable
 parameters (Φ) at ``encoder_lr`` and θ at ``head_lr``
 (:meth:`MetaTransferLearner.parameter_groups`), second order unless ``first_order``.
 
-Like learn2learn's ``MAML``, the learner is the method only: a user's loop drives it
-with its own optimiser over ``parameter_groups()`` and backpropagates ``task_loss``
-(``examples/own_loop.py``). This package's own outer loop, the paper's Adam with its
-step schedule, divergence checks and the all-reduce under ``torchrun``, is
-:class:`mtl_plugin.training.meta_step.MetaTrainer` (:meth:`MetaTransferLearner.meta_train_step`
-delegates to it); the long-run loop (hard-task meta-batch, validation, checkpoints,
-resume) is :func:`mtl_plugin.training.meta_training.meta_train`.
+Like learn2learn's ``MAML``, the learner is the method only and holds no optimiser: a
+user's loop drives it with its own over ``parameter_groups()`` and backpropagates
+``task_loss`` (``examples/own_loop.py``). This package's own outer loop, the paper's Adam
+with its step schedule, divergence checks and the all-reduce under ``torchrun``, is
+:class:`mtl_plugin.training.meta_step.MetaTrainer`; the long-run loop (hard-task
+meta-batch, validation, checkpoints, resume) is :func:`mtl_plugin.training.meta_training.meta_train`.
 
 The head's starting point (``head_init``) is by default built from each task's
 support set, so that it does not depend on the arbitrary order of a task's
-labels (see :class:`~mtl_plugin.meta_config.MetaTrainConfig`); ``"kaiming"`` is the
+labels (see :class:`~mtl_plugin.meta_config.MetaTransferConfig`); ``"kaiming"`` is the
 official code's per-label-position θ, kept for comparison.
 
 Example::
@@ -38,51 +37,25 @@ Example::
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_plugin.errors import NonFiniteLossError
-from mtl_plugin.heads import declared_width
-from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
-from mtl_plugin.prototypes import class_prototypes
+from mtl_plugin.heads import AdaptedHead, adapt_head, declared_width, prototype_head
+from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig, MetaTransferConfig
 from mtl_plugin.speedups import EncoderRunner, Speedups, uses_batch_statistics
-from mtl_plugin.training.meta_step import MetaStepResult, MetaTrainer
 
 __all__ = [
     "HEAD_INITS",
     "AdaptedHead",
-    "MetaStepResult",
+    "MetaTransferConfig",
     "MetaTrainConfig",
     "MetaTransferLearner",
     "load_learner_state",
 ]
-
-# Gradient descent on the inner loop's convex loss lowers the support loss at any stable
-# inner_lr; ending ten times above where it started (or above chance level) is divergence.
-INNER_DIVERGENCE_FACTOR = 10.0
-
-
-@dataclass
-class AdaptedHead:
-    """The linear head after adaptation to one support set: ``logits = features @ W.T + b``.
-
-    Example::
-
-        head = learner.adapt(support_x, support_y)
-        logits = head(learner.features(query_x))
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(features, self.weight, self.bias)
 
 
 class MetaTransferLearner(nn.Module):
@@ -93,16 +66,16 @@ class MetaTransferLearner(nn.Module):
     θ is ``head_metric`` (d) with ``config.head_init="prototype"``, from which each
     task's head starts at its support set's class means (any number of classes),
     or ``head_weight`` and ``head_bias`` with ``"kaiming"`` (a ``ways``-way head).
+    ``config`` is an :class:`~mtl_plugin.meta_config.MetaTransferConfig` (a ``MetaTrainConfig`` is one).
     ``speedups`` (:class:`~mtl_plugin.speedups.Speedups`, keyword-only) choose how the
     encoder runs; none changes what is learned beyond float tolerance, except autocast.
     As learn2learn's ``MAML``, it holds no optimiser: your loop backpropagates
-    :meth:`task_loss` and steps its own optimiser over :meth:`parameter_groups`.
-    :meth:`meta_train_step` is the convenience that runs the paper's checked Adam step
-    (:class:`~mtl_plugin.training.meta_step.MetaTrainer`, built at its first call).
+    :meth:`task_loss` and steps its own optimiser over :meth:`parameter_groups`
+    (:class:`~mtl_plugin.training.meta_step.MetaTrainer` is the paper's).
 
     Example::
 
-        learner = MetaTransferLearner(SSAdapter(backbone), ways=5, config=MetaTrainConfig())
+        learner = MetaTransferLearner(SSAdapter(backbone), ways=5, config=MetaTransferConfig())
         optimizer = torch.optim.Adam(learner.parameter_groups())
         optimizer.zero_grad()
         loss, _ = learner.task_loss(support_x, support_y, query_x, query_y)
@@ -115,13 +88,13 @@ class MetaTransferLearner(nn.Module):
         self,
         encoder: nn.Module,
         ways: int,
-        config: MetaTrainConfig | None = None,
+        config: MetaTransferConfig | None = None,
         feature_dim: int | None = None,
         *,
         speedups: Speedups | None = None,
     ):
         super().__init__()
-        self.config = config or MetaTrainConfig(ways=ways)
+        self.config = config or MetaTransferConfig()
         self.speedups = Speedups() if speedups is None else speedups
         feature_dim = feature_dim or declared_width(encoder)
         if feature_dim is None:
@@ -141,7 +114,6 @@ class MetaTransferLearner(nn.Module):
             nn.init.kaiming_normal_(weight, generator=generator)
             self.head_weight = nn.Parameter(weight)
             self.head_bias = nn.Parameter(torch.zeros(ways))
-        self._trainer: MetaTrainer | None = None
 
     @property
     def device(self) -> torch.device:
@@ -176,49 +148,6 @@ class MetaTransferLearner(nn.Module):
         groups.append({"params": self.head_parameters(), "lr": self.config.head_lr})
         return groups
 
-    @property
-    def trainer(self) -> MetaTrainer:
-        """The :class:`~mtl_plugin.training.meta_step.MetaTrainer` behind :meth:`meta_train_step`,
-        built at first use."""
-        if self._trainer is None:
-            self._trainer = MetaTrainer(self)
-        return self._trainer
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The Adam optimiser of :meth:`meta_train_step` (``trainer.optimizer``)."""
-        return self.trainer.optimizer
-
-    @property
-    def scheduler(self) -> torch.optim.lr_scheduler.StepLR:
-        """The lr schedule of :meth:`meta_train_step` (``trainer.scheduler``)."""
-        return self.trainer.scheduler
-
-    def meta_train_step(
-        self,
-        tasks: Iterable,
-        on_task: Callable[[Any, torch.Tensor, torch.Tensor], None] | None = None,
-    ) -> MetaStepResult:
-        """One checked Adam step on a meta-batch:
-        :meth:`MetaTrainer.step <mtl_plugin.training.meta_step.MetaTrainer.step>`.
-
-        Args:
-            tasks: the meta-batch (any iterable of tasks, read once, in order).
-            on_task: called as ``on_task(task, query_logits, query_y)`` after each task.
-
-        Returns:
-            The meta-batch's mean query loss and accuracy, per task and normal/hard.
-
-        Raises:
-            NonFiniteLossError: the step diverged; its ``settings`` name the likely lr.
-            ValueError: ``tasks`` is empty, or a task of another shape.
-
-        Example::
-
-            result = learner.meta_train_step([taskset.sample() for _ in range(2)])
-        """
-        return self.trainer.step(tasks, on_task)
-
     def initial_head(self, features: torch.Tensor, labels: torch.Tensor, ways: int | None = None) -> AdaptedHead:
         """The head a task's inner loop starts from, on its support ``features`` and ``labels``.
 
@@ -229,10 +158,9 @@ class MetaTransferLearner(nn.Module):
                 ``labels.max() + 1`` for the prototype init.
 
         Returns:
-            With the prototype init, W_k = 2·(d⊙c_k)/s², b_k = -(d⊙c_k)·c_k/s² from
-            the class means c_k and the support features' mean squared distance s²
-            to their mean (a constant of the task), differentiable with respect to
-            d and the features; with Kaiming, θ itself.
+            With the prototype init, the head at the support set's class means weighted by
+            d (:func:`~mtl_plugin.heads.prototype_head`), differentiable with respect to d
+            and the features; with Kaiming, θ itself.
 
         Raises:
             ValueError: if a label is out of range, or a class has no support sample.
@@ -255,14 +183,7 @@ class MetaTransferLearner(nn.Module):
         ways = int(labels.max()) + 1 if ways is None else ways
         if labels.min() < 0:
             raise ValueError(f"support labels must be in 0..{ways - 1}, not negative")
-        means = class_prototypes(features, labels, ways)
-        # Raw squared distances grow with the features' magnitude: on a well-pretrained Conv4 the first
-        # query losses were near 17, and their gradients wrecked Φ while d was still shrinking. Dividing
-        # by the support set's spread (label-free, a constant of the task) starts every task at logit
-        # margins of a few units, whatever the features' scale.
-        spread = (features - features.mean(dim=0)).pow(2).sum(dim=1).mean().detach().clamp_min(1e-8)
-        weighted = self.head_metric * means / spread
-        return AdaptedHead(2 * weighted, -(weighted * means).sum(dim=1))
+        return prototype_head(features, labels, self.head_metric, ways)
 
     def features(self, x: torch.Tensor, slices: Sequence[int] | None = None) -> torch.Tensor:
         """The encoder's flat features of a batch of images.
@@ -308,6 +229,7 @@ class MetaTransferLearner(nn.Module):
 
         Raises:
             ValueError: a label out of range or a class without support samples.
+            NonFiniteLossError: the inner loop diverged (:func:`~mtl_plugin.heads.adapt_head`).
 
         Example::
 
@@ -320,47 +242,13 @@ class MetaTransferLearner(nn.Module):
             with torch.enable_grad():
                 features = features.detach()
                 start = self.initial_head(features, labels, ways)
-                head = self._inner_loop(start, features, labels, steps, differentiable=False, first_order=True)
+                head = adapt_head(start, features, labels, steps, self.config.inner_lr, differentiable=False)
             return AdaptedHead(head.weight.detach(), head.bias.detach())
         start = self.initial_head(features, labels, ways)
         if first_order:
             # First order drops the inner-loop gradients' path to Φ; the start keeps its own.
             features = features.detach()
-        return self._inner_loop(start, features, labels, steps, differentiable=True, first_order=first_order)
-
-    def _inner_loop(
-        self, start: AdaptedHead, features, labels, steps, differentiable: bool, first_order: bool
-    ) -> AdaptedHead:
-        weight, bias = start.weight, start.bias
-        if not differentiable:
-            weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-        first_loss = None
-        for _ in range(steps):
-            loss = F.cross_entropy(F.linear(features, weight, bias), labels)
-            first_loss = loss.detach() if first_loss is None else first_loss
-            grad_w, grad_b = torch.autograd.grad(loss, (weight, bias), create_graph=not first_order)
-            weight = weight - self.config.inner_lr * grad_w
-            bias = bias - self.config.inner_lr * grad_b
-            if not differentiable:
-                weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-        if first_loss is not None:
-            # Test-time adaptation too: a head adapted by a diverged loop scores at chance, a wrong number.
-            with torch.no_grad():
-                last_loss = F.cross_entropy(F.linear(features, weight, bias), labels)
-            self._check_inner_loop(*torch.stack([first_loss, last_loss]).tolist(), steps, weight.shape[0])
-        return AdaptedHead(weight, bias)
-
-    def _check_inner_loop(self, first: float, last: float, steps: int, ways: int) -> None:
-        if not math.isfinite(first):
-            raise NonFiniteLossError(
-                f"the support loss is {first} before any inner step: the features or θ are not finite"
-            )
-        if not math.isfinite(last) or last > INNER_DIVERGENCE_FACTOR * max(first, math.log(ways)):
-            raise NonFiniteLossError(
-                f"the inner loop diverged: the support loss went from {first:.3g} to {last:.3g} in {steps} "
-                f"steps at inner_lr {self.config.inner_lr:.3g}",
-                settings=("inner_lr",),
-            )
+        return adapt_head(start, features, labels, steps, self.config.inner_lr, first_order=first_order)
 
     def adapt(
         self,
@@ -414,10 +302,15 @@ class MetaTransferLearner(nn.Module):
             loss, logits = learner.task_loss(sx, sy, qx, qy)
             loss.backward()   # gradients on learner.meta_parameters()
         """
-        return self._task_losses([(support_x, support_y, query_x, query_y)])[0]
+        return self.task_losses([(support_x, support_y, query_x, query_y)])[0]
 
-    def _task_losses(self, tasks: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(query loss, query logits)`` of each ``(sx, sy, qx, qy)`` of ``tasks``, encoded in one pass."""
+    def task_losses(self, tasks: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`task_loss` of each ``(sx, sy, qx, qy)`` of ``tasks``, their images encoded in one pass.
+
+        Example::
+
+            losses = [loss for loss, _ in learner.task_losses([(sx1, sy1, qx1, qy1), (sx2, sy2, qx2, qy2)])]
+        """
         supports, queries = [task[0] for task in tasks], [task[2] for task in tasks]
         if (
             self.speedups.support_without_graph
@@ -460,7 +353,7 @@ class MetaTransferLearner(nn.Module):
 
         Raises:
             NonFiniteLossError: the adaptation diverged: its support loss ended non-finite or above
-                ``INNER_DIVERGENCE_FACTOR`` x max(its start, ln(ways)), as in training
+                :data:`~mtl_plugin.heads.INNER_DIVERGENCE_FACTOR` x max(its start, ln(ways)), as in training
                 (``settings == ("inner_lr",)``); its scores would be chance level.
 
         Example::

@@ -12,7 +12,7 @@ from benchmark_scripts import loaded_script
 
 from mtl_plugin.bench.methods.mtl import MTLConfig
 from mtl_plugin.bench.runner import BenchConfig
-from mtl_plugin.meta_transfer import MetaTransferLearner
+from mtl_plugin.training.meta_step import MetaTrainer
 from mtl_plugin.training.pretrain import PretrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,10 +82,8 @@ def test_curve_points_paired_columns_and_extension(curve, data_home, monkeypatch
 
     # A rerun with more iterations continues each run from its iteration 4: two meta-steps per row.
     steps = []
-    step = MetaTransferLearner.meta_train_step
-    monkeypatch.setattr(
-        MetaTransferLearner, "meta_train_step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k)
-    )
+    step = MetaTrainer.step
+    monkeypatch.setattr(MetaTrainer, "step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
     extended = _run(curve, out, 6)
     assert len(steps) == 2 * 2
     for row in ("mtl", "ss-last"):

@@ -27,6 +27,7 @@ from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import Speedups
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import split_support_query
+from mtl_plugin.training.meta_step import MetaTrainer
 from mtl_plugin.training.meta_training import _TaskStream
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
 from mtl_plugin.utils import distributed
@@ -87,7 +88,8 @@ def _job(rank: int, world: int, store: str, out: str) -> None:
         results: dict = {"folder": out}
         learner = _learner(meta_batch=1)
         tasks = fixed_tasks(tiny_benchmark().train, learner.config, count=2 * STEPS)
-        steps = [learner.meta_train_step([tasks[2 * step + rank]]) for step in range(STEPS)]
+        trainer = MetaTrainer(learner)
+        steps = [trainer.step([tasks[2 * step + rank]]) for step in range(STEPS)]
         results["state"] = {name: tensor.clone() for name, tensor in learner.state_dict().items()}
         results["losses"] = [step.loss for step in steps]
         results["tasks"] = [step.tasks for step in steps]
@@ -121,7 +123,8 @@ def test_two_ranks_of_one_task_follow_one_process_of_two(two_ranks):
     # in a near-zero gradient into a whole step (tests/test_speedups.py compares gradients instead).
     learner = _learner(meta_batch=2, speedups=Speedups(batch_tasks=False))
     tasks = fixed_tasks(tiny_benchmark().train, learner.config, count=2 * STEPS)
-    steps = [learner.meta_train_step(tasks[2 * step : 2 * step + 2]) for step in range(STEPS)]
+    trainer = MetaTrainer(learner)
+    steps = [trainer.step(tasks[2 * step : 2 * step + 2]) for step in range(STEPS)]
     for name, tensor in learner.state_dict().items():
         assert torch.equal(two_ranks[0]["state"][name], two_ranks[1]["state"][name]), name
         torch.testing.assert_close(two_ranks[0]["state"][name], tensor, rtol=1e-5, atol=1e-6)

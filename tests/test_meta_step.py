@@ -13,6 +13,7 @@ from tiny_data import raising_at_call
 
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.ss import SSAdapter
+from mtl_plugin.training.meta_step import MetaTrainer
 from mtl_plugin.training.meta_training import meta_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,15 +23,16 @@ STEPS = 3
 
 
 @pytest.mark.parametrize("head_init", ["prototype", "kaiming"])
-def test_a_user_loop_with_adam_reproduces_meta_train_step(head_init):
+def test_a_user_loop_with_adam_reproduces_the_trainers_step(head_init):
     config = tiny_config(head_init=head_init)
     tasks = fixed_tasks(tiny_benchmark().train, config, count=2 * STEPS)
     stepped = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
     own = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
+    trainer = MetaTrainer(stepped)
     optimizer = torch.optim.Adam(own.parameter_groups())
     for step in range(STEPS):
         batch = tasks[2 * step : 2 * step + 2]
-        result = stepped.meta_train_step(batch)
+        result = trainer.step(batch)
         optimizer.zero_grad()
         losses = [own.task_loss(*task)[0] for task in batch]
         (sum(losses) / len(losses)).backward()
@@ -43,7 +45,7 @@ def test_a_user_loop_with_adam_reproduces_meta_train_step(head_init):
         for parameter, reference in zip(mine["params"], theirs["params"]):
             torch.testing.assert_close(parameter, reference, rtol=1e-5, atol=1e-3 * mine["lr"] * STEPS)
     # Adam's moments agree as well, to the gradients' own scale: the user's optimiser is the trainer's.
-    for mine, theirs in zip(optimizer.state_dict()["state"].values(), stepped.optimizer.state_dict()["state"].values()):
+    for mine, theirs in zip(optimizer.state_dict()["state"].values(), trainer.optimizer.state_dict()["state"].values()):
         _assert_adam_state_close(mine, theirs)
 
 
@@ -67,7 +69,9 @@ def _layout(value, path: str = "") -> dict[str, object]:
 
 
 @pytest.mark.parametrize("hard_tasks", [False, True])
-def test_a_checkpoint_written_before_the_thin_learner_resumes_as_the_uninterrupted_run(tmp_path, hard_tasks):
+def test_a_checkpoint_written_before_the_thin_learner_resumes_as_the_uninterrupted_run(
+    tmp_path, hard_tasks, monkeypatch
+):
     # last.pt of a run killed during iteration 6 (iteration 4 saved), written by the code in which
     # the learner owned its Adam and schedule (tests/data, commit 10e8a7b, on an AMD EPYC). Its floats
     # carry that CPU's rounding through four meta-updates, which Adam can amplify past any bound that
@@ -81,9 +85,10 @@ def test_a_checkpoint_written_before_the_thin_learner_resumes_as_the_uninterrupt
     (tmp_path / "old").mkdir()
     shutil.copy(DATA / f"meta-last-before-thin-learner{suffix}.pt", tmp_path / "old" / "last.pt")
     killed = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
-    killed.meta_train_step = raising_at_call(killed.meta_train_step, 6)
-    with pytest.raises(KeyboardInterrupt):
-        meta_train(killed, tiny_benchmark(), tmp_path / "killed", progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(MetaTrainer, "step", raising_at_call(MetaTrainer.step, 6))
+        with pytest.raises(KeyboardInterrupt):
+            meta_train(killed, tiny_benchmark(), tmp_path / "killed", progress=False)
     fixture = torch.load(tmp_path / "old" / "last.pt", weights_only=False)
     here = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
     # The old file has the layout this code writes: every key, tensor shape and dtype, and the

@@ -13,8 +13,8 @@ from tiny_data import tiny_context
 from mtl_plugin.backbones import conv4
 from mtl_plugin.bench.methods.base import BenchContext
 from mtl_plugin.bench.methods.mtl import MTL, MTLConfig, MTLHardTasks, Scratch
-from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.tasks import build_taskset, split_support_query
+from mtl_plugin.training.meta_step import MetaTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,14 +70,14 @@ def test_scratch_does_not_use_the_pretrained_backbone(tmp_path):
 
 def test_mtl_meta_trains_on_as_many_tasks_per_iteration_as_mtl_ht(tmp_path, monkeypatch):
     counts = {}
-    original = MetaTransferLearner.meta_train_step
+    original = MetaTrainer.step
 
     def counting(self, tasks, on_task=None):
         result = original(self, tasks, on_task)
         counts.setdefault(self.config.hard_tasks, set()).add(result.tasks)
         return result
 
-    monkeypatch.setattr(MetaTransferLearner, "meta_train_step", counting)
+    monkeypatch.setattr(MetaTrainer, "step", counting)
     config = tiny_method_config()
     for method_class in (MTL, MTLHardTasks):
         method_class(config).fit(context(tmp_path, method_class.name))

@@ -19,6 +19,7 @@ from mtl_plugin.meta_transfer import MetaTrainConfig, MetaTransferLearner, load_
 from mtl_plugin.prototypes import class_prototypes, prototype_logits
 from mtl_plugin.ss import SSAdapter
 from mtl_plugin.tasks import build_taskset, split_support_query
+from mtl_plugin.training.meta_step import MetaTrainer
 from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.training.run_log import NonFiniteLossError
 
@@ -85,10 +86,11 @@ def test_meta_train_steps_reduce_query_loss():
     learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
     tasks = fixed_tasks(bench.train, config)
     before = query_loss(learner, tasks)
+    trainer = MetaTrainer(learner)
     for _ in range(15):
-        learner.meta_train_step(tasks[:2])
-        learner.meta_train_step(tasks[2:4])
-        learner.meta_train_step(tasks[4:])
+        trainer.step(tasks[:2])
+        trainer.step(tasks[2:4])
+        trainer.step(tasks[4:])
     assert query_loss(learner, tasks) < before
 
 
@@ -100,7 +102,7 @@ def test_inner_loop_never_reruns_the_encoder_and_only_meta_params_train():
     adapter.backbone.register_forward_hook(lambda *args: calls.append(1))
     frozen = {n: p.clone() for n, p in adapter.backbone.named_parameters()}
     tasks = fixed_tasks(tiny_benchmark().train, config, count=2)
-    learner.meta_train_step(tasks)
+    MetaTrainer(learner).step(tasks)
     assert len(calls) == 2  # one encoder pass per task, whatever inner_steps is
     for name, parameter in adapter.backbone.named_parameters():
         assert torch.equal(parameter, frozen[name]), name
@@ -214,14 +216,15 @@ def run(tmp_path, name, **overrides):
 
 
 @pytest.mark.parametrize("hard_tasks", [False, True])
-def test_resumed_run_ends_in_the_uninterrupted_state(tmp_path, hard_tasks):
+def test_resumed_run_ends_in_the_uninterrupted_state(tmp_path, hard_tasks, monkeypatch):
     full, full_result = run(tmp_path, "full", hard_tasks=hard_tasks)
     config = tiny_config(hard_tasks=hard_tasks)
     # Killed during iteration 6: iteration 5 is lost (checkpoints every 2), as after kill -9.
     killed = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
-    killed.meta_train_step = raising_at_call(killed.meta_train_step, 6)
-    with pytest.raises(KeyboardInterrupt):
-        meta_train(killed, tiny_benchmark(), tmp_path / "killed", progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(MetaTrainer, "step", raising_at_call(MetaTrainer.step, 6))
+        with pytest.raises(KeyboardInterrupt):
+            meta_train(killed, tiny_benchmark(), tmp_path / "killed", progress=False)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["iteration"] == 4
     resumed = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
     resumed_result = meta_train(resumed, tiny_benchmark(), tmp_path / "killed", resume=True, progress=False)
@@ -314,20 +317,20 @@ def test_metrics_csv_separates_normal_and_hard_task_accuracy(tmp_path):
     assert (tmp_path / "h" / "curve.png").stat().st_size > 0
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     config = tiny_config(iterations=6)
     learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
-    original_step = learner.meta_train_step
+    original_step = MetaTrainer.step
     calls = []
 
-    def poisoned(tasks, on_task=None):
+    def poisoned(trainer, tasks, on_task=None):
         calls.append(1)
         if len(calls) == 3:
             with torch.no_grad():
                 learner.head_metric.fill_(float("nan"))
-        return original_step(tasks, on_task)
+        return original_step(trainer, tasks, on_task)
 
-    learner.meta_train_step = poisoned
+    monkeypatch.setattr(MetaTrainer, "step", poisoned)
     with pytest.raises(NonFiniteLossError, match="iteration 3.*last.pt \\(iteration 2\\)"):
         meta_train(learner, tiny_benchmark(), tmp_path / "nan", progress=False)
     state = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
@@ -355,7 +358,7 @@ def test_an_exploding_outer_step_names_its_lr():
     config = tiny_config(head_lr=1e6)
     learner = MetaTransferLearner(SSAdapter(tiny_backbone()), ways=3, config=config)
     with pytest.raises(NonFiniteLossError, match="norm of θ") as caught:
-        learner.meta_train_step(fixed_tasks(tiny_benchmark().train, config, count=2))
+        MetaTrainer(learner).step(fixed_tasks(tiny_benchmark().train, config, count=2))
     assert caught.value.settings == ("head_lr",)
 
 
@@ -380,7 +383,7 @@ def test_scratch_learner_trains_every_weight():
     backbone = tiny_backbone()
     learner = MetaTransferLearner(backbone, ways=3, config=config)
     before = {n: p.clone() for n, p in backbone.named_parameters()}
-    learner.meta_train_step(fixed_tasks(tiny_benchmark().train, config, count=2))
+    MetaTrainer(learner).step(fixed_tasks(tiny_benchmark().train, config, count=2))
     changed = [n for n, p in backbone.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
 

@@ -12,6 +12,7 @@ from mtl_plugin.errors import UsageError
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import EncoderRunner, Speedups, per_slice_batch_statistics
 from mtl_plugin.ss import SSAdapter
+from mtl_plugin.training.meta_step import MetaTrainer
 from mtl_plugin.training.run_log import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,8 +34,9 @@ def meta_gradient(speedups: Speedups, bn: str = "frozen", **config) -> tuple:
     gradient entry near zero turns a float rounding difference into a full step.
     """
     learner = learner_for(speedups, bn, **config)
-    learner.optimizer.step = lambda: None
-    result = learner.meta_train_step(fixed_tasks(tiny_benchmark().train, learner.config, count=3))
+    trainer = MetaTrainer(learner)
+    trainer.optimizer.step = lambda: None
+    result = trainer.step(fixed_tasks(tiny_benchmark().train, learner.config, count=3))
     return result, [p.grad for p in learner.meta_parameters()], list(learner.buffers())
 
 
@@ -94,7 +96,7 @@ def test_support_without_graph_encodes_the_support_under_no_grad_only_where_it_a
         learner = learner_for(Speedups(), **config)
         modes = []
         learner.encoder.backbone.register_forward_hook(lambda *args: modes.append(torch.is_grad_enabled()))
-        learner.meta_train_step(fixed_tasks(tiny_benchmark().train, learner.config, count=1))
+        MetaTrainer(learner).step(fixed_tasks(tiny_benchmark().train, learner.config, count=1))
         return modes
 
     assert grad_modes(head_init="kaiming", first_order=True) == [False, True]  # support, then query
@@ -107,7 +109,7 @@ def test_batched_tasks_are_one_pass():
         learner = learner_for(speedups, bn)
         calls = []
         learner.encoder.backbone.register_forward_hook(lambda *args: calls.append(1))
-        learner.meta_train_step(fixed_tasks(tiny_benchmark().train, learner.config, count=3))
+        MetaTrainer(learner).step(fixed_tasks(tiny_benchmark().train, learner.config, count=3))
         return len(calls)
 
     assert passes(Speedups(batch_tasks=True), "frozen") == 1
@@ -143,7 +145,7 @@ def test_a_hard_task_group_is_drawn_only_after_the_normal_tasks_are_recorded():
     learner = MetaTransferLearner(
         SSAdapter(tiny_backbone()), ways=3, config=config, speedups=Speedups(batch_tasks=True)
     )
-    result = learner.meta_train_step(MetaBatchLike(), on_task=lambda task, logits, y: recorded.append(task))
+    result = MetaTrainer(learner).step(MetaBatchLike(), on_task=lambda task, logits, y: recorded.append(task))
     assert result.tasks == 4 and recorded == tasks
 
 
@@ -156,7 +158,7 @@ def test_a_diverging_task_in_a_batch_is_named_by_its_place():
         SSAdapter(tiny_backbone()), ways=3, config=config, speedups=Speedups(batch_tasks=True)
     )
     with pytest.raises(NonFiniteLossError, match="task 2 of the meta-batch"):
-        learner.meta_train_step(tasks)
+        MetaTrainer(learner).step(tasks)
     assert all(p.grad is None for p in learner.meta_parameters())
 
 

@@ -63,11 +63,11 @@ from mtl_plugin.data import get_benchmark
 from mtl_plugin.data.benchmark import benchmark_identity, check_tasks
 from mtl_plugin.data.leak import check_unseen, class_record
 from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
-from mtl_plugin.training.meta_training import plot_meta_curves
 from mtl_plugin.training.pretrain import PretrainConfig, not_learning, pretrain
 from mtl_plugin.training.pretrain_checkpoint import load_pretrained
 from mtl_plugin.utils.distributed import WorkQueue
 from mtl_plugin.utils.io import atomic_save_figure, atomic_write_text
+from mtl_plugin.utils.plots import plot_meta_curves
 
 __all__ = [
     "BenchConfig",

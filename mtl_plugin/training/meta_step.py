@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mtl_plugin.errors import NonFiniteLossError
+from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.tasks import split_support_query
 from mtl_plugin.training.run_log import DIVERGENCE_FACTOR, all_finite, fast_forward
 from mtl_plugin.utils import distributed
@@ -115,18 +116,26 @@ class MetaTrainer:
     (``"encoder_lr"`` when the encoder has trainable weights, then ``"head_lr"``).
 
     Args:
-        learner: the learner whose Φ and θ this trainer updates; its ``config`` gives the lrs
-            and the schedule.
+        learner: the learner whose Φ and θ this trainer updates.
+        config: the run's settings: the lrs, their schedule, the shots that split a
+            ``(data, labels)`` task. Default: the learner's ``config`` if it is a
+            :class:`~mtl_plugin.meta_config.MetaTrainConfig`, else the paper's loop around
+            the learner's method settings.
 
     Example::
 
-        trainer = MetaTrainer(learner)
+        trainer = MetaTrainer(learner, MetaTrainConfig(shots=1))
         result = trainer.step([taskset.sample(), taskset.sample()])
         trainer.scheduler.step()
     """
 
-    def __init__(self, learner: MetaTransferLearner):
+    def __init__(self, learner: MetaTransferLearner, config: MetaTrainConfig | None = None):
         self.learner = learner
+        if config is None:
+            config = learner.config
+            if not isinstance(config, MetaTrainConfig):
+                config = MetaTrainConfig(**asdict(config))
+        self.config = config
         self.optimizer = torch.optim.Adam(learner.parameter_groups())
         self.lr_names = ["encoder_lr"] * (len(self.optimizer.param_groups) - 1) + ["head_lr"]
         self.apply_learning_rates()
@@ -146,7 +155,7 @@ class MetaTrainer:
             trainer.optimizer.load_state_dict(state["optimizer"])
             trainer.apply_learning_rates(state["scheduler"]["last_epoch"])
         """
-        config = self.learner.config
+        config = self.config
         for group, name in zip(self.optimizer.param_groups, self.lr_names):
             group.update(lr=getattr(config, name), initial_lr=getattr(config, name))
         self.scheduler = torch.optim.lr_scheduler.StepLR(
@@ -234,7 +243,8 @@ class MetaTrainer:
         ``settings`` name the likely learning rate(s):
 
         * before any update: a task's inner loop ending with its support loss non-finite
-          or above ``INNER_DIVERGENCE_FACTOR`` x max(its start, ln(ways)) (``inner_lr``);
+          or above :data:`~mtl_plugin.heads.INNER_DIVERGENCE_FACTOR` x max(its start, ln(ways))
+          (``inner_lr``);
           a query loss that is non-finite or above ``DIVERGENCE_FACTOR`` x ln(ways)
           (``inner_lr`` before the first outer step, then ``encoder_lr`` / ``head_lr``);
         * after the update: a value of Φ or θ non-finite, or the norm of either grown by
@@ -265,8 +275,8 @@ class MetaTrainer:
         stopped = None
         try:
             for group in _task_groups(tasks, learner.speedups.batch_tasks):
-                parsed = [_support_query(task, learner.config.shots) for task in group]
-                results = learner._task_losses(parsed)
+                parsed = [_support_query(task, self.config.shots) for task in group]
+                results = learner.task_losses(parsed)
                 values = [loss.item() for loss, _ in results]
                 for number, (value, (_, logits)) in enumerate(zip(values, results), start=len(losses) + 1):
                     if not math.isfinite(value) or value > DIVERGENCE_FACTOR * math.log(logits.shape[1]):

@@ -36,6 +36,7 @@ from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
 from mtl_plugin.meta_config import MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
 from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
+from mtl_plugin.training.meta_step import MetaTrainer
 from mtl_plugin.training.run_log import (
     NonFiniteLossError,
     RunLog,
@@ -48,10 +49,11 @@ from mtl_plugin.training.run_log import (
     save_checkpoint,
 )
 from mtl_plugin.utils import distributed
-from mtl_plugin.utils.io import atomic_save_figure, atomic_write_text, read_checkpoint
+from mtl_plugin.utils.io import atomic_write_text, read_checkpoint
+from mtl_plugin.utils.plots import plot_meta_curves
 from mtl_plugin.utils.progress import progress_bar
 
-__all__ = ["CHECKPOINT_KIND", "VALIDATION_FILE", "MetaTrainResult", "meta_train", "plot_meta_curves"]
+__all__ = ["CHECKPOINT_KIND", "VALIDATION_FILE", "MetaTrainResult", "meta_train"]
 
 CHECKPOINT_KIND = "meta-transfer"
 # Per-task validation accuracies (iteration, task, accuracy): every validation uses the same seeded
@@ -220,7 +222,7 @@ def meta_train(
     columns every ``val_every``; a fresh run starts with a row for iteration 0,
     validated before any meta-update), ``validation.csv`` (each validation's
     per-task accuracies, the same seeded val tasks every time, for paired
-    comparisons), ``curve.png`` (:func:`plot_meta_curves`: the
+    comparisons), ``curve.png`` (:func:`~mtl_plugin.utils.plots.plot_meta_curves`: the
     validation accuracy and the normal against the hard tasks' training
     accuracy), ``best.pt`` and ``last.pt`` (every ``checkpoint_every`` iterations
     and with every new ``best.pt``) into ``out_dir``. ``model_info`` (e.g. the
@@ -274,6 +276,11 @@ def meta_train(
         result = meta_train(learner, get_benchmark("kanji"), "runs/meta", resume=True)
     """
     config = learner.config
+    if not isinstance(config, MetaTrainConfig):
+        raise UsageError(
+            f"meta_train runs a whole run, but the learner's config is a {type(config).__name__}: build the "
+            "learner with a MetaTrainConfig (the method's settings and the run's)"
+        )
     if learner.ways != config.ways:
         raise ValueError(f"the learner is {learner.ways}-way but config.ways={config.ways}")
     # Before the folder is made. The train split is checked by build_taskset; check val now rather
@@ -293,6 +300,8 @@ class _MetaRun:
     record, and how far it has got."""
 
     learner: MetaTransferLearner
+    # The outer loop: Adam, its schedule and the checked step; last.pt saves the first two.
+    trainer: MetaTrainer
     stream: _TaskStream
     log: RunLog
     # The checkpoints' records: the model (model_info), the training data and the learner's training classes.
@@ -330,10 +339,10 @@ def _resume(run: _MetaRun, state: dict, override: bool) -> int:
         raise DataError(
             f"--out {log.run_dir}: {error}; pass --overwrite to train anew there, or another --out"
         ) from error
-    learner.trainer.optimizer.load_state_dict(state["optimizer"])
+    run.trainer.optimizer.load_state_dict(state["optimizer"])
     # The config's lrs replace the saved ones (the remedy for a diverged run); the schedule is
     # rebuilt under them and brought to the step the run had reached.
-    learner.trainer.apply_learning_rates(state["scheduler"]["last_epoch"])
+    run.trainer.apply_learning_rates(state["scheduler"]["last_epoch"])
     log.rows = list(state["metrics"])
     run.best_accuracy, run.best_iteration = state["best_accuracy"], state["best_iteration"]
     run.validation, run.saved = list(state.get("validation", [])), state["iteration"]
@@ -364,7 +373,15 @@ def _meta_train(
     # With overwrite the old run stays until this one has a checkpoint to put in its place.
     log = RunLog(out_dir, replaces=overwrite and main, other_files=(VALIDATION_FILE,))
     distributed.barrier()
-    run = _MetaRun(learner, stream, log, dict(model_info or {}), benchmark_identity(benchmark), classes)
+    run = _MetaRun(
+        learner,
+        MetaTrainer(learner, config),
+        stream,
+        log,
+        dict(model_info or {}),
+        benchmark_identity(benchmark),
+        classes,
+    )
     start = 0 if previous is None else _resume(run, previous, override)
     val_config = EvaluationConfig(config.ways, config.shots, config.queries, config.val_tasks, config.seed)
     bar = progress_bar(
@@ -402,13 +419,11 @@ def _meta_train(
 def _training_row(run: _MetaRun, iteration: int) -> dict:
     """Take iteration ``iteration``'s meta-update and return its row of ``metrics.csv``, validation
     columns empty; iteration 0 (a fresh run's validation before any update) has no training figures."""
-    learner = run.learner
-    # learner.meta_train_step steps this trainer's Adam; the loop steps its schedule and saves both.
-    trainer = learner.trainer
+    learner, trainer = run.learner, run.trainer
     if iteration:
         tasks, on_task = run.stream.next_batch()
         try:
-            step = learner.meta_train_step(tasks, on_task)
+            step = trainer.step(tasks, on_task)
         except NonFiniteLossError as error:
             raise _stopped(error, iteration, learner.config, run.log, run.saved) from error
         trainer.scheduler.step()
@@ -444,7 +459,7 @@ def _validate(
         result = evaluate(run.learner.predict, val, val_config, progress=False)
     except NonFiniteLossError as error:
         # The validation tasks' adaptation diverged: their accuracy would be chance, not a result.
-        raise _stopped(run.learner.trainer.blame(error), iteration, config, run.log, run.saved) from error
+        raise _stopped(run.trainer.blame(error), iteration, config, run.log, run.saved) from error
     row["val_accuracy"], row["val_ci95"] = result.mean, result.ci95
     run.validation += [
         {"iteration": iteration, "task": task, "accuracy": accuracy} for task, accuracy in enumerate(result.accuracies)
@@ -456,7 +471,7 @@ def _checkpoint(run: _MetaRun, iteration: int, improved: bool) -> None:
     """Save ``last.pt`` (and ``best.pt`` if ``improved``) and rewrite the run's files, after checking
     that every weight is finite; rank 0 writes, every rank records its task generators."""
     learner, log = run.learner, run.log
-    config, trainer = learner.config, learner.trainer
+    config, trainer = learner.config, run.trainer
     if not all_finite(learner.state_dict().values()):
         error = NonFiniteLossError("a weight or batch-norm statistic is not finite", settings=trainer.suspects(()))
         raise _stopped(error, iteration, config, log, run.saved)
@@ -493,49 +508,3 @@ def _checkpoint(run: _MetaRun, iteration: int, improved: bool) -> None:
         log.last_path,
     )
     _write_run_files(log, run.validation)
-
-
-def plot_meta_curves(runs: list[tuple[str, pd.DataFrame]], path: str | Path, title: str = "") -> None:
-    """Draw meta-training curves: validation accuracy, and normal against hard tasks' training accuracy.
-
-    Args:
-        runs: ``(label, metrics)`` pairs, ``metrics`` as :func:`meta_train` writes
-            ``metrics.csv``; the label names the run in the legend ("" for one run).
-        path: the PNG to write (atomically).
-        title: the figure's title.
-
-    The training accuracies are running means over ``max(5, iterations // 20)``
-    iterations: one meta-batch's few tasks make the raw curve too noisy to read.
-
-    Example::
-
-        plot_meta_curves([("mtl", pd.read_csv("a/metrics.csv")), ("mtl-ht", pd.read_csv("b/metrics.csv"))],
-                         "mtl-vs-mtl-ht.png")
-    """
-    # The Figure API needs no pyplot backend: headless, and the caller's backend is left alone.
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 4))
-    validation, training = figure.subplots(1, 2)
-    for index, (label, frame) in enumerate(runs):
-        color = f"C{index}"
-        prefix = f"{label} " if label else ""
-        val = frame.dropna(subset=["val_accuracy"])
-        validation.plot(val["iteration"], val["val_accuracy"], marker="o", color=color, label=label or None)
-        window = max(5, len(frame) // 20)
-        for column, style in (("normal_accuracy", "-"), ("hard_accuracy", "--")):
-            if column in frame and frame[column].notna().any():
-                smooth = frame[column].rolling(window, min_periods=1).mean()
-                training.plot(
-                    frame["iteration"], smooth, style, color=color, label=f"{prefix}{column.split('_')[0]} tasks"
-                )
-    validation.set_ylabel("validation accuracy (%)")
-    training.set_ylabel("training query accuracy (%), running mean")
-    for axis in (validation, training):
-        axis.set_xlabel("meta-training iteration")
-        axis.grid(True, alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize="small")
-    if title:
-        figure.suptitle(title)
-    atomic_save_figure(figure, path, dpi=100)
