@@ -33,6 +33,7 @@ from mtl_plugin.ss import SSAdapter
 __all__ = [
     "INNER_DIVERGENCE_FACTOR",
     "AdaptedHead",
+    "CosineClassifier",
     "SSHead",
     "adapt_head",
     "declared_width",
@@ -350,3 +351,32 @@ def adapt_head(
                 settings=("inner_lr",),
             )
     return AdaptedHead(weight, bias)
+
+
+class CosineClassifier(nn.Module):
+    """Logits as scaled cosines between the features and one learned weight per class (Baseline++).
+
+    A linear head's logits grow with the feature norm and let a few classes dominate the
+    gradient; cosines put every class on one scale, which Chen et al. (ICLR 2019) found to learn
+    features that transfer better from a shallow backbone. The scale (a temperature, learned)
+    starts at 10: with cosines in [-1, 1], logit gaps of a few units are reachable, as softmax
+    over hundreds of classes needs.
+
+    Args:
+        width: the feature width.
+        classes: the number of classes.
+
+    Example::
+
+        head = CosineClassifier(64, 960)
+        logits = head(torch.randn(8, 64))  # (8, 960), each within ±head.scale
+    """
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        # nn.Linear's own initialisation, for the same random start of its directions.
+        self.weight = nn.Parameter(nn.Linear(width, classes, bias=False).weight.detach().clone())
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))

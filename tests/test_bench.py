@@ -458,3 +458,18 @@ def test_the_bench_runs_on_a_data_set_the_user_registered(data_home, monkeypatch
     assert list(result.table["method"]) == ["protonet"]
     assert result.files["csv"].name.startswith("my-kanji-5way")
     assert (data_home / "data" / "my-kanji").is_dir()
+
+
+def test_a_cosine_head_pretraining_feeds_every_pretrained_row(data_home):
+    from mtl_plugin.heads import CosineClassifier
+
+    rows = ("protonet", "finetune", "cosine-finetune", "linear-probe", "mtl")
+    pretrain = replace(TINY["pretrain"], head="cosine")
+    config = BenchConfig.quick(methods=rows, out=data_home / "out", **{**TINY, "pretrain": pretrain})
+    result = run_bench(config, echo=lambda line: None)
+    assert list(result.table["method"]) == list(rows)
+    (last,) = (data_home / "out" / "pretrain").glob("*/last.pt")
+    state = torch.load(last, weights_only=True)
+    assert state["config"]["head"] == "cosine"
+    assert set(state["classifier"]) >= {"1.weight", "1.scale"}
+    assert isinstance(CosineClassifier(4, 3)(torch.randn(2, 4)), torch.Tensor)

@@ -254,7 +254,12 @@ def test_meta_train_inner_divergence_at_the_first_validation(tmp_path, pretraine
 
 
 @pytest.mark.parametrize(
-    "recipe", [{"lr": 0.05}, {"lr": 1e-3, "optimizer": "adamw", "warmup_steps": 4, "label_smoothing": 0.1}]
+    "recipe",
+    [
+        {"lr": 0.05},
+        {"lr": 1e-3, "optimizer": "adamw", "warmup_steps": 4, "label_smoothing": 0.1},
+        {"lr": 0.05, "head": "cosine"},
+    ],
 )
 def test_killed_cosine_run_resumes_bit_for_bit(tmp_path, monkeypatch, recipe):
     # On resume the schedule is rebuilt and stepped to where the run was (so that a new lr can
@@ -379,10 +384,10 @@ def test_a_kanji_set_too_large_for_memory_is_refused_with_the_most_it_can_hold()
 
 
 def test_a_run_saved_before_the_adamw_options_resumes(tmp_path):
-    # Its config lacks optimizer, warmup_steps and label_smoothing: it trained with their defaults.
+    # Its config lacks optimizer, warmup_steps, label_smoothing and head: it trained with their defaults.
     succeeds(PRETRAIN + ["--out", tmp_path])
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    for name in ("optimizer", "warmup_steps", "label_smoothing"):
+    for name in ("optimizer", "warmup_steps", "label_smoothing", "head"):
         del state["config"][name]
     torch.save(state, tmp_path / "last.pt")
     succeeds(PRETRAIN + ["--resume", "--epochs", "2", "--out", tmp_path])
@@ -400,8 +405,10 @@ def test_the_record_of_a_config_keeps_the_later_options_out_at_their_defaults():
         "optimizer",
         "warmup_steps",
         "label_smoothing",
+        "head",
     }
     assert PretrainConfig(optimizer="adamw", label_smoothing=0.1).record()["optimizer"] == "adamw"
+    assert PretrainConfig(head="cosine").record()["head"] == "cosine"
 
 
 # 3. Wrong numbers are refused before any work.

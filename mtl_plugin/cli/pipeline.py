@@ -35,7 +35,7 @@ from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
 from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_record, learner_from_checkpoint
 from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
-from mtl_plugin.training.pretrain import OPTIMIZERS, SCHEDULES, PretrainConfig, pretrain, run_config
+from mtl_plugin.training.pretrain import HEADS, OPTIMIZERS, SCHEDULES, PretrainConfig, pretrain, run_config
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND as PRETRAIN_KIND
 from mtl_plugin.training.pretrain_checkpoint import (
     build_pretrained,
@@ -136,6 +136,7 @@ _PRETRAIN_OPTIONS = [
     ),
     ("warmup_steps", _COUNT, "Steps of linear warmup to --lr before the schedule, which runs over the rest."),
     ("label_smoothing", _FiniteRange(min=0, max=1, max_open=True), "Label smoothing of the cross-entropy."),
+    ("head", click.Choice(HEADS), "The classifier trained and dropped: linear, or cosine (Baseline++)."),
     ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),
     ("val_tasks", _POSITIVE, "Validation tasks per epoch."),
     ("val_ways", count(2), "Classes per validation task."),

@@ -39,7 +39,7 @@ from mtl_plugin.data.benchmark import benchmark_identity
 from mtl_plugin.data.leak import class_record
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
-from mtl_plugin.heads import feature_width
+from mtl_plugin.heads import CosineClassifier, feature_width
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND, build_pretrained, load_pretrained
 from mtl_plugin.training.run_log import (
     DIVERGENCE_FACTOR,
@@ -64,9 +64,11 @@ NOT_LEARNING_AFTER = 0.5
 NOT_LEARNING_LOSS = 0.8
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
+# The classifier trained on top of the backbone and dropped after: MTL's linear one, or Baseline++'s cosine one.
+HEADS = ("linear", "cosine")
 # Options added after runs were first recorded: left out of :meth:`PretrainConfig.record` at
 # their defaults, so that the records (and the bench's folder digests) of earlier runs stay.
-_LATER_OPTIONS = ("optimizer", "warmup_steps", "label_smoothing")
+_LATER_OPTIONS = ("optimizer", "warmup_steps", "label_smoothing", "head")
 # The one setting a resumed run may change without --override: a lower lr rescues a diverged run.
 _MAY_CHANGE_ON_RESUME = ("lr",)
 
@@ -84,6 +86,9 @@ class PretrainConfig:
     ``optimizer="adamw"`` (decoupled ``weight_decay``; ``momentum`` and ``nesterov``
     unused), ``warmup_steps`` of linear warmup before ``schedule`` (which then runs
     over the remaining steps), and ``label_smoothing`` of the cross-entropy.
+
+    ``head="cosine"`` trains a cosine classifier (:class:`~mtl_plugin.heads.CosineClassifier`,
+    Baseline++) in place of the linear one; either is dropped after pretraining.
 
     Raises:
         UsageError: an unknown schedule or a value out of range (e.g. ``lr <= 0``, ``epochs < 1``, a seed
@@ -113,6 +118,7 @@ class PretrainConfig:
     optimizer: str = "sgd"
     warmup_steps: int = 0
     label_smoothing: float = 0.0
+    head: str = "linear"
 
     @classmethod
     def quick(
@@ -170,6 +176,8 @@ class PretrainConfig:
             raise UsageError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
+        if self.head not in HEADS:
+            raise UsageError(f"head={self.head!r} must be one of {HEADS}")
         if self.warmup_steps < 0:
             raise UsageError(f"warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.label_smoothing < 1:
@@ -324,8 +332,9 @@ def not_learning(rows: list[dict], num_classes: int, epochs: int) -> str | None:
         f"pretraining is not learning: after epoch {last['epoch']} of {epochs} its training loss is "
         f"{last['loss']:.2f}, {100 * last['loss'] / chance:.0f} % of chance level (ln {num_classes} classes = "
         f"{chance:.2f}), training accuracy {last['accuracy']:.1f} % (chance {100 / num_classes:.2g} %); "
-        f"every row on this backbone inherits an embedding near its random start: try a lower lr or a "
-        f"warm-up, more epochs or a wider backbone (README: Is the pretraining learning?)"
+        f"every row on this backbone inherits an embedding near its random start: try a cosine head "
+        f"(head='cosine', --head cosine), a lower lr or a warm-up, more epochs or a wider backbone "
+        f"(README: Is the pretraining learning?)"
     )
 
 
@@ -515,14 +524,15 @@ def _start(
     files: _RunFiles,
     progress: bool,
 ) -> _Run:
-    """Seed the run and build what it trains: the backbone and a linear head over the train classes
+    """Seed the run and build what it trains: the backbone and a head (linear or cosine) over the train classes
     (wrapped in DDP under torchrun), their optimiser and the epoch's length in batches."""
     num_classes, ranks = len(benchmark.train_augmented.labels), distributed.world_size()
     torch.manual_seed(config.seed)
     backbone = build_pretrained(files.info) if users is None else users
     # A user's module is measured on one (unaugmented: no random draw) training image.
     width = backbone.feature_dim if users is None else feature_width(users, benchmark.train[0][0].unsqueeze(0))
-    classifier = nn.Sequential(backbone, nn.Linear(width, num_classes)).to(device)
+    head = CosineClassifier(width, num_classes) if config.head == "cosine" else nn.Linear(width, num_classes)
+    classifier = nn.Sequential(backbone, head).to(device)
     model, batch_size = classifier, config.batch_size // ranks
     if ranks > 1:
         model = _distributed(classifier, config, device, progress)
