@@ -58,8 +58,9 @@ from mtl_plugin.data.benchmark import check_tasks
 from mtl_plugin.errors import DataError, NonFiniteLossError, UsageError
 from mtl_plugin.evaluation import EvaluationResult
 from mtl_plugin.speedups import AUTOCAST_DTYPES
+from mtl_plugin.training.checkpoints import read_meta_checkpoint
 from mtl_plugin.training.meta_training import VALIDATION_FILE
-from mtl_plugin.utils.io import atomic_save_figure, atomic_write_text, read_checkpoint
+from mtl_plugin.utils.io import atomic_save_figure, atomic_write_text
 
 REFERENCE = "mtl"
 DEFAULT_ROWS = ("mtl", "mtl-ht", "ft-all", "ss-last")
@@ -219,7 +220,7 @@ def check_existing_runs(plans: list[tuple[str, int, MTL, BenchContext]]) -> None
         last = Path(context.work_dir) / "last.pt"
         if not last.is_file():
             continue
-        saved = read_checkpoint(last, "--out").get("config", {})
+        saved = read_meta_checkpoint(last, "--out").get("config", {})
         meta = method.meta_config(context)
         for name, flag in FIXED.items():
             if name in saved and saved[name] != getattr(meta, name):

@@ -60,6 +60,9 @@ _EXPORTS = {
     "PretrainConfig": "training.pretrain",
     "pretrain": "training.pretrain",
     "load_pretrained": "training.pretrain_checkpoint",
+    # The one reader of each kind of checkpoint: its contents, read safely and checked.
+    "read_pretrain_checkpoint": "training.pretrain_checkpoint",
+    "read_meta_checkpoint": "training.checkpoints",
     "EvaluationConfig": "evaluation",
     "EvaluationResult": "evaluation",
     "evaluate": "evaluation",
@@ -105,11 +108,11 @@ if TYPE_CHECKING:
     from .speedups import Speedups
     from .ss import SSAdapter, SSConfig
     from .tasks import split_support_query
-    from .training.checkpoints import load_learner
+    from .training.checkpoints import load_learner, read_meta_checkpoint
     from .training.meta_step import MetaStepResult, MetaTrainer
     from .training.meta_training import meta_train
     from .training.pretrain import PretrainConfig, pretrain
-    from .training.pretrain_checkpoint import load_pretrained
+    from .training.pretrain_checkpoint import load_pretrained, read_pretrain_checkpoint
 
 
 def __getattr__(name: str) -> Any:

@@ -374,11 +374,13 @@ def load_learner_state(learner: MetaTransferLearner, state: dict, source: str = 
     """Load ``learner.state_dict()``-style weights after checking every name and shape.
 
     Raises ``ValueError`` naming the first layer that differs, e.g. for a
-    checkpoint of another architecture, granularity or number of ways.
+    checkpoint of another architecture, granularity or number of ways. A meta-training
+    checkpoint's weights go in through :func:`~mtl_plugin.training.checkpoints.load_learner_weights`,
+    which turns that into a ``DataError`` naming the file.
 
     Example::
 
-        load_learner_state(learner, torch.load("runs/meta/best.pt")["learner"], "best.pt")
+        load_learner_state(learner, read_meta_checkpoint("runs/meta/best.pt")["learner"], "best.pt")
     """
     own = learner.state_dict()
     for name, tensor in own.items():

@@ -27,7 +27,7 @@ from mtl_plugin.cli import pipeline as pipeline_cli
 from mtl_plugin.data import get_benchmark
 from mtl_plugin.errors import DataError, MissingDataError, UsageError
 from mtl_plugin.training.pretrain import PretrainConfig, pretrain
-from mtl_plugin.training.run_log import load_checkpoint
+from mtl_plugin.utils.io import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -621,16 +621,38 @@ def test_bad_checkpoint_is_exit_1(tmp_path, pretrained, case, phrase):
     fails(1, EVALUATE + ["--checkpoint", path], "--checkpoint", phrase)
 
 
-def test_load_checkpoint_is_safe_and_names_bad_files(tmp_path):
+def test_read_checkpoint_of_any_dict_is_safe_and_names_bad_files(tmp_path):
     marker, evil = tmp_path / "code-ran", tmp_path / "evil.pt"
     torch.save({"weights": _RunsCode(marker)}, evil)
     with pytest.raises(DataError, match="refused"):
-        load_checkpoint(evil)
+        read_checkpoint(evil, require_kind=False)
     assert not marker.exists()
     with pytest.raises(MissingDataError, match="no checkpoint there"):
-        load_checkpoint(tmp_path / "none.pt")
+        read_checkpoint(tmp_path / "none.pt", require_kind=False)
     torch.save({"step": 3}, tmp_path / "plain.pt")  # any dict, not only mtl's kinds
-    assert load_checkpoint(tmp_path / "plain.pt") == {"step": 3}
+    assert read_checkpoint(tmp_path / "plain.pt", require_kind=False) == {"step": 3}
+
+
+def test_each_kind_of_checkpoint_has_one_public_reader_that_refuses_the_other(tmp_path, pretrained):
+    import mtl_plugin
+    from mtl_plugin.training.checkpoints import load_learner_weights
+
+    meta = tmp_path / "meta"
+    succeeds(META + ["--pretrained", pretrained / "best.pt", "--out", meta])
+    state = mtl_plugin.read_pretrain_checkpoint(pretrained / "best.pt")
+    assert state["kind"] == "pretrain" and state["model"]["backbone"] == "conv4" and "backbone" in state
+    assert mtl_plugin.read_meta_checkpoint(meta / "best.pt")["kind"] == "meta-transfer"
+    assert "optimizer" in mtl_plugin.read_meta_checkpoint(meta / "last.pt", "--out")
+    with pytest.raises(DataError, match="--checkpoint .*a 'pretrain' checkpoint, not one of meta-training"):
+        mtl_plugin.read_meta_checkpoint(pretrained / "best.pt", "--checkpoint")
+    with pytest.raises(DataError, match="--pretrained .*not one of mtl pretrain"):
+        mtl_plugin.read_pretrain_checkpoint(meta / "best.pt", "--pretrained")
+    with pytest.raises(DataError, match="resumable state of mtl pretrain"):
+        mtl_plugin.read_pretrain_checkpoint(pretrained / "last.pt")
+    # Weights that do not fit are one DataError naming the file; a run folder's says how to start anew.
+    learner = mtl_plugin.load_learner(meta / "best.pt")
+    with pytest.raises(DataError, match="--out .*best.pt has no tensor .*pass --overwrite"):
+        load_learner_weights(learner, {"learner": {}}, meta / "best.pt", "--out")
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,8 @@ from mtl_plugin.meta_config import HEAD_INITS, MetaTrainConfig
 from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.speedups import AUTOCAST_DTYPES, Speedups
 from mtl_plugin.ss import GRANULARITIES, SSAdapter, SSConfig
+from mtl_plugin.training.checkpoints import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.checkpoints import check_learner_checkpoint, encoder_record, learner_from_checkpoint
-from mtl_plugin.training.meta_training import CHECKPOINT_KIND as META_KIND
 from mtl_plugin.training.meta_training import meta_train
 from mtl_plugin.training.pretrain import HEADS, OPTIMIZERS, SCHEDULES, PretrainConfig, pretrain, run_config
 from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND as PRETRAIN_KIND
@@ -42,6 +42,7 @@ from mtl_plugin.training.pretrain_checkpoint import (
     check_backbone_fits,
     check_pretrain_checkpoint,
     pretrained_backbone,
+    read_pretrain_checkpoint,
 )
 from mtl_plugin.training.run_log import hold_run_folder, previous_run
 from mtl_plugin.utils import distributed
@@ -329,7 +330,7 @@ def meta_train_command(
             raise UsageError(f"{flag} sets the hard-task meta-batch, which is off: add --hard-tasks, or drop {flag}")
         speedups = Speedups(**_overrides(Speedups, values))
         if pretrained:
-            state = check_pretrain_checkpoint(read_checkpoint(pretrained, "--pretrained"), pretrained, "--pretrained")
+            state = read_pretrain_checkpoint(pretrained, "--pretrained")
             # The backbone only fits images of the size it was trained on: that is the default.
             image_size = state["model"]["image_size"] if image_size is None else image_size
         else:
@@ -444,6 +445,7 @@ def evaluate_command(
     # The result's room on disk is taken before the tasks run: a full disk fails now, not at the end.
     reserve = reserved_output(out, _RESULT_BYTES) if out and distributed.is_main() else nullcontext()
     with reserve as write_out:
+        # Either kind: read once, then checked as its kind's reader checks it.
         state = read_checkpoint(checkpoint, "--checkpoint")
         if state["kind"] == PRETRAIN_KIND:
             check_pretrain_checkpoint(state, checkpoint, "--checkpoint")

@@ -34,8 +34,9 @@ from mtl_plugin.data.leak import check_unseen, class_record, merge_records
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate
 from mtl_plugin.meta_config import MetaTrainConfig
-from mtl_plugin.meta_transfer import MetaTransferLearner, load_learner_state
+from mtl_plugin.meta_transfer import MetaTransferLearner
 from mtl_plugin.tasks import KShots, RemapLabels, build_taskset, check_task_shape
+from mtl_plugin.training.checkpoints import CHECKPOINT_KIND, load_learner_weights, read_meta_checkpoint
 from mtl_plugin.training.meta_step import MetaTrainer
 from mtl_plugin.training.run_log import (
     NonFiniteLossError,
@@ -49,13 +50,13 @@ from mtl_plugin.training.run_log import (
     save_checkpoint,
 )
 from mtl_plugin.utils import distributed
-from mtl_plugin.utils.io import atomic_write_text, read_checkpoint
+from mtl_plugin.utils.io import atomic_write_text
 from mtl_plugin.utils.plots import plot_meta_curves
 from mtl_plugin.utils.progress import progress_bar
 
+# CHECKPOINT_KIND lives beside the checkpoints' reader (training.checkpoints) and stays importable from here.
 __all__ = ["CHECKPOINT_KIND", "VALIDATION_FILE", "MetaTrainResult", "meta_train"]
 
-CHECKPOINT_KIND = "meta-transfer"
 # Per-task validation accuracies (iteration, task, accuracy): every validation uses the same seeded
 # tasks, so two iterations (or two runs) compare task by task, as paired differences.
 VALIDATION_FILE = "validation.csv"
@@ -332,8 +333,8 @@ def _resume(run: _MetaRun, state: dict, override: bool) -> int:
             f"a new {new_lrs[0]} changes nothing: pass more --iterations to continue it, --overwrite "
             f"to train anew, or another --out"
         )
+    load_learner_weights(learner, state, path, "--out")
     try:
-        load_learner_state(learner, state["learner"], str(path))
         run.stream.load_state(state["streams"][distributed.rank()] if "streams" in state else state["stream"])
     except ValueError as error:
         raise DataError(
@@ -411,8 +412,9 @@ def _meta_train(
             _checkpoint(run, iteration, improved)
     distributed.barrier()
     if log.best_path.is_file():
-        best = read_checkpoint(log.best_path, "--out", map_location=learner.device)
-        load_learner_state(learner, best["learner"], str(log.best_path))
+        load_learner_weights(
+            learner, read_meta_checkpoint(log.best_path, "--out", learner.device), log.best_path, "--out"
+        )
     return MetaTrainResult(Path(out_dir), config.iterations, run.best_accuracy, run.best_iteration)
 
 

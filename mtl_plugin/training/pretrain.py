@@ -40,7 +40,12 @@ from mtl_plugin.data.leak import class_record
 from mtl_plugin.errors import DataError, UsageError
 from mtl_plugin.evaluation import EvaluationConfig, EvaluationResult, evaluate, nearest_centroid
 from mtl_plugin.heads import CosineClassifier, feature_width
-from mtl_plugin.training.pretrain_checkpoint import CHECKPOINT_KIND, build_pretrained, load_pretrained
+from mtl_plugin.training.pretrain_checkpoint import (
+    CHECKPOINT_KIND,
+    build_pretrained,
+    load_pretrained,
+    read_pretrain_checkpoint,
+)
 from mtl_plugin.training.run_log import (
     DIVERGENCE_FACTOR,
     NonFiniteLossError,
@@ -53,7 +58,7 @@ from mtl_plugin.training.run_log import (
     save_checkpoint,
 )
 from mtl_plugin.utils import distributed
-from mtl_plugin.utils.io import check_known_settings, read_checkpoint
+from mtl_plugin.utils.io import check_known_settings
 from mtl_plugin.utils.progress import progress_bar
 
 __all__ = ["PretrainConfig", "not_learning", "pretrain", "run_config"]
@@ -738,7 +743,7 @@ def _best_backbone(best_path: Path, device: torch.device, users: nn.Module | Non
     """The run's result: the backbone of its best epoch, rebuilt by name or loaded into the user's module."""
     if users is None:
         return load_pretrained(best_path, device)
-    users.load_state_dict(read_checkpoint(best_path, "best.pt", device)["backbone"])
+    users.load_state_dict(read_pretrain_checkpoint(best_path, "best.pt", device)["backbone"])
     return users
 
 

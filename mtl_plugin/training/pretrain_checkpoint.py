@@ -7,6 +7,13 @@ meta-training checkpoint carries the same record (:mod:`mtl_plugin.training.chec
 checks here refuse a wrong or damaged file with a :class:`~mtl_plugin.errors.DataError` naming
 the argument that gave it (``checkpoint`` by default; ``mtl`` passes its flag).
 
+:func:`read_pretrain_checkpoint` is the one reader of a pretraining ``best.pt``: the library
+(:func:`load_pretrained`), ``mtl meta-train --pretrained`` and the bench read it there. ``mtl
+evaluate``, which takes a checkpoint of either kind, reads its file once with
+:func:`~mtl_plugin.utils.io.read_checkpoint` and applies the same checks
+(:func:`check_pretrain_checkpoint`). A run folder's ``last.pt`` is read back by
+:func:`~mtl_plugin.training.run_log.previous_run`.
+
 Example::
 
     from mtl_plugin.training.pretrain_checkpoint import load_pretrained
@@ -16,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,7 @@ __all__ = [
     "check_pretrain_checkpoint",
     "load_pretrained",
     "pretrained_backbone",
+    "read_pretrain_checkpoint",
 ]
 
 CHECKPOINT_KIND = "pretrain"
@@ -114,6 +123,9 @@ def check_model_record(info: dict, path: str | Path, option: str = "checkpoint")
 def check_pretrain_checkpoint(state: dict, path: str | Path, option: str = "checkpoint") -> dict:
     """Check that ``state`` (from :func:`~mtl_plugin.utils.io.read_checkpoint`) is a pretrain ``best.pt``.
 
+    The checks of :func:`read_pretrain_checkpoint`, for a file already read: ``mtl evaluate``
+    reads its checkpoint before it knows the kind.
+
     Returns:
         ``state``.
 
@@ -137,6 +149,38 @@ def check_pretrain_checkpoint(state: dict, path: str | Path, option: str = "chec
         )
     check_model_record(state["model"], path, option)
     return state
+
+
+def read_pretrain_checkpoint(
+    path: str | os.PathLike, option: str = "checkpoint", map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """Read a pretraining ``best.pt`` safely and check it before anything is built from it.
+
+    The file is loaded by :func:`~mtl_plugin.utils.io.read_checkpoint` (``weights_only=True``:
+    nothing in it can run code) and checked by :func:`check_pretrain_checkpoint`. A checkpoint of
+    an earlier version reads too: entries added since (``classes``) may be missing.
+
+    Args:
+        path: the ``best.pt`` written by :func:`~mtl_plugin.training.pretrain.pretrain` or ``mtl pretrain``.
+        option: the argument (from ``mtl``, the flag) that named it, for the messages.
+        map_location: where the tensors go (passed to ``torch.load``).
+
+    Returns:
+        The checkpoint: ``kind`` (``"pretrain"``), ``model`` (the checked model record),
+        ``backbone`` (the best epoch's weights), ``config``, ``epoch``, ``val_accuracy`` and,
+        where recorded, ``classes`` (the training classes, for the leak guard).
+
+    Raises:
+        MissingDataError: no file at ``path``.
+        DataError: an unreadable, unsafe or non-finite file; another kind of checkpoint; the
+            resumable ``last.pt``; or a damaged model record.
+
+    Example::
+
+        state = read_pretrain_checkpoint("runs/pre/best.pt")
+        print(state["model"]["backbone"], state["val_accuracy"])
+    """
+    return check_pretrain_checkpoint(read_checkpoint(path, option, map_location), path, option)
 
 
 def check_backbone_fits(info: dict, benchmark: Any, path: str | Path, option: str = "checkpoint") -> None:
@@ -185,7 +229,7 @@ def load_pretrained(
 
         backbone = load_pretrained("runs/pretrain/best.pt", benchmark=get_benchmark("kanji"))
     """
-    state = check_pretrain_checkpoint(read_checkpoint(path, "checkpoint", map_location), path, "checkpoint")
+    state = read_pretrain_checkpoint(path, map_location=map_location)
     if benchmark is not None:
         check_unseen(state.get("classes"), benchmark, f"checkpoint {path}", allow_seen_classes)
     return pretrained_backbone(state, path)

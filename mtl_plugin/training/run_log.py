@@ -51,7 +51,6 @@ __all__ = [
     "LOCK_FILE",
     "fast_forward",
     "hold_run_folder",
-    "load_checkpoint",
     "previous_run",
     "restore_rng_state",
     "save_checkpoint",
@@ -108,23 +107,6 @@ def save_checkpoint(state: dict, path: PathLike) -> None:
         save_checkpoint({"iteration": 10, "model": model.state_dict()}, "runs/x/last.pt")
     """
     atomic_save(state, path)
-
-
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
-
-    :func:`mtl_plugin.utils.io.read_checkpoint` for any dict, so that a file that could run
-    code is refused and a missing or damaged one is named.
-
-    Raises:
-        MissingDataError: no file at ``path`` (also a ``FileNotFoundError``).
-        DataError: an empty, truncated, unsafe or non-PyTorch file, or one that holds no dict.
-
-    Example::
-
-        state = load_checkpoint("runs/x/last.pt")
-    """
-    return read_checkpoint(path, "checkpoint", map_location, require_kind=False)
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

@@ -1,6 +1,9 @@
 """Checkpoint I/O: atomic file writes (a reader, or a run killed with ``kill -9``, never sees half a
 file), :func:`reserved_output` (an output's room on disk taken before the work that computes it)
-and :func:`read_checkpoint`, the one safe reader of every checkpoint ``mtl`` loads.
+and :func:`read_checkpoint`, the low-level safe reader under every checkpoint ``mtl`` loads. A
+pretraining or meta-training checkpoint is read through its kind's reader, which also checks
+what it holds (:func:`~mtl_plugin.training.pretrain_checkpoint.read_pretrain_checkpoint`,
+:func:`~mtl_plugin.training.checkpoints.read_meta_checkpoint`).
 
 Example::
 
@@ -229,8 +232,8 @@ def read_checkpoint(
         option: the argument (or, from ``mtl``, the flag) that named it, for the message.
         map_location: passed to ``torch.load``.
         require_kind: refuse a dict without the ``"kind"`` entry that the checkpoints of
-            ``mtl pretrain`` and ``mtl meta-train`` have; ``False`` for any dict
-            (:func:`mtl_plugin.training.run_log.load_checkpoint`).
+            ``mtl pretrain`` and ``mtl meta-train`` have; ``False`` for any dict (an adapter's
+            SS weights, the bench's episodic checkpoints).
 
     Returns:
         The checkpoint's dict; with ``require_kind`` it has a ``"kind"`` entry (``"pretrain"``,

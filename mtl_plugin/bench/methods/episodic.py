@@ -24,8 +24,7 @@ from torch import nn
 
 from mtl_plugin.bench.methods.base import FewShotMethod, fit_settings
 from mtl_plugin.tasks import build_taskset, split_support_query
-from mtl_plugin.training.run_log import load_checkpoint
-from mtl_plugin.utils.io import atomic_save
+from mtl_plugin.utils.io import atomic_save, read_checkpoint
 from mtl_plugin.utils.progress import progress_bar
 
 __all__ = [
@@ -96,7 +95,7 @@ def train_episodes(
     checkpoint = Path(checkpoint)
     episode, losses, finished = 0, [], False
     if checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
+        saved = read_checkpoint(checkpoint, require_kind=False)
         if saved["fingerprint"] != fingerprint:
             raise ValueError(
                 f"{checkpoint} was written by a different run ({saved['fingerprint']}, "
