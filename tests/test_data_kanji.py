@@ -50,6 +50,9 @@ def test_svg_path_parser_handles_relative_smooth_and_packed_numbers():
     assert flatten(segments, steps=4).shape == (17, 2)
     with pytest.raises(ValueError, match="unsupported"):
         parse_path("M0,0 A1,1 0 0 1 2,2")
+    # A number after Z used to loop for ever: Z reads none, so nothing moved past it.
+    with pytest.raises(ValueError, match=r"number \('5'\) after 'Z'"):
+        parse_path("M0,0 L1,1 Z 5")
 
 
 def test_same_seed_gives_byte_identical_arrays_whatever_the_worker_count(small):

@@ -60,6 +60,11 @@ def parse_path(d: str) -> list[np.ndarray]:
                 continue
         elif command is None:
             raise ValueError(f"SVG path data must start with a command, got {token!r} in {d[:60]!r}")
+        elif command in "Zz":
+            # Z takes no numbers: reading none would never move past this one.
+            raise ValueError(
+                f"SVG path data has a number ({token!r}) after {command!r}, which takes none, in {d[:60]!r}"
+            )
         values = _arguments(tokens, i, command, d)
         i += len(values)
         command = pen.draw(command, values)
