@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from mtl_plugin.bench import runner as bench_module
 from mtl_plugin.bench.published import PUBLISHED, published_accuracy
+from mtl_plugin.bench.config import DEEP_PRETRAIN_EPOCHS
 from mtl_plugin.bench.runner import BenchConfig, run_bench
 from mtl_plugin.cli import main
 from mtl_plugin.errors import UsageError
@@ -418,7 +419,7 @@ def test_deep_profile_settings():
     config = BenchConfig.deep()
     assert (config.backbone, config.image_size, config.test_tasks) == ("resnet12-half", 28, 300)
     pretraining = bench_module.pretrain_config_for(config)
-    assert pretraining.backbone == "resnet12-half" and pretraining.epochs == bench_module.DEEP_PRETRAIN_EPOCHS
+    assert pretraining.backbone == "resnet12-half" and pretraining.epochs == DEEP_PRETRAIN_EPOCHS
     # A row without a deep() of its own takes its quick budget.
     assert (
         bench_module.build_method("protonet-conv4", "deep").config
