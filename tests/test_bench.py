@@ -7,15 +7,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from benchmark_scripts import loaded_script
 from click.testing import CliRunner
 
 from mtl_plugin.bench import runner as bench_module
-from mtl_plugin.bench.published import PUBLISHED, published_accuracy
 from mtl_plugin.bench.config import DEEP_PRETRAIN_EPOCHS
+from mtl_plugin.bench.published import PUBLISHED, published_accuracy
 from mtl_plugin.bench.runner import BenchConfig, run_bench
 from mtl_plugin.cli import main
 from mtl_plugin.errors import UsageError
 from mtl_plugin.training.pretrain import PretrainConfig
+
+# Each row's quick budget cut to a few episodes or meta-iterations: benchmarks/tiny_bench.py's.
+_tiny_budgets = next(loaded_script("tiny_bench.py")).tiny_budgets
 
 TINY = dict(
     dataset="kanji",
@@ -74,21 +78,6 @@ def test_methods_share_tasks_and_cells_resume(data_home, monkeypatch):
     monkeypatch.setattr(bench_module, "build_method", unfittable)
     second = run_bench(config, echo=lambda line: None)
     assert first.table.equals(second.table)
-
-
-def _tiny_budgets(build_method):
-    """``build_method`` with each method's quick budget cut to a few episodes or iterations."""
-
-    def build(name, profile):
-        method = build_method(name, profile)
-        config = method.config
-        if hasattr(config, "max_episodes"):
-            config.max_episodes = 3
-        if hasattr(config, "meta"):
-            config.meta = replace(config.meta, iterations=2, val_every=2, val_tasks=2, checkpoint_every=2)
-        return method
-
-    return build
 
 
 def test_same_seed_gives_a_byte_identical_csv(data_home, monkeypatch):
