@@ -279,7 +279,10 @@ def learner_step(case: Case, device: torch.device, inner_steps: int) -> Callable
 def reference_step(case: Case, device: torch.device, inner_steps: int) -> Callable[[], None]:
     """Reference: the official code's loop, one task at a time (see the module docstring)."""
     config = _config(case, inner_steps)
-    encoder = SSAdapter(_backbone(case), granularity="kernel", bn=case.bn).to(device).train()
+    # The official code's memory format, NCHW: the package's backbones are built channels-last and
+    # would otherwise give the reference that speed-up too.
+    backbone = _backbone(case).to(memory_format=torch.contiguous_format)
+    encoder = SSAdapter(backbone, granularity="kernel", bn=case.bn).to(device).train()
     weight = torch.empty(WAYS, encoder.backbone.feature_dim)
     nn.init.kaiming_normal_(weight, generator=torch.Generator().manual_seed(config.seed))  # as the learner's θ
     weight = nn.Parameter(weight.to(device))

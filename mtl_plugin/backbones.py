@@ -53,12 +53,19 @@ def _head(feature_dim: int, num_classes: int) -> nn.Module:
     return nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    # Conv4 and ResNet-12 keep their conv weights and activations channels-last: oneDNN's
-    # convolutions, batch norm and max-pooling run faster so on CPU, and cuDNN's on GPU
-    # (benchmarks/memory_format.py; NCHW max-pooling alone took 38 % of a Conv4 forward at 28 px).
-    # Only the memory layout changes: the same values, up to float rounding.
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+def _in_format_of(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``weight``'s memory format: channels-last if the model's convs are (as built).
+
+    Conv4 and ResNet-12 are built channels-last, weights and activations: oneDNN's convolutions,
+    batch norm and max-pooling run faster so on CPU, and cuDNN's on GPU (benchmarks/memory_format.py;
+    NCHW max-pooling alone took 38 % of a Conv4 forward at 28 px). A model converted back with
+    ``.to(memory_format=torch.contiguous_format)`` runs as torch's default, NCHW, as the official
+    code does. ``weight`` must have more than one input channel, or both formats describe it.
+    Only the memory layout changes: the same values, up to float rounding.
+    """
+    if x.dim() == 4 and not weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class _ResNet12Block(nn.Module):
@@ -107,7 +114,7 @@ class ResNet12(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.layers(_channels_last(x))).flatten(1))
+        return self.head(self.pool(self.layers(_in_format_of(x, self.layers[0].conv2.weight))).flatten(1))
 
 
 class Conv4(nn.Module):
@@ -135,7 +142,7 @@ class Conv4(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layers(_channels_last(x)).flatten(1))
+        return self.head(self.layers(_in_format_of(x, self.layers[4].weight)).flatten(1))
 
 
 def resnet12(

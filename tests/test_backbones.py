@@ -58,3 +58,27 @@ def test_small_input_refuses_to_drop_a_pretrained_stem():
     small = torchvision_backbone("resnet18", small_input=True, num_classes=1000)
     rebuilt = small_input_resnet("resnet18", weights=small.state_dict())
     assert torch.equal(rebuilt.conv1.weight, small.conv1.weight)
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: backbones.conv4(in_channels=1, image_size=28), lambda: backbones.resnet12_half(in_channels=1)]
+)
+def test_images_follow_the_weights_memory_format(build):
+    """Built channels-last, a backbone runs its activations so; converted back, it runs NCHW as torch does."""
+
+    def run(model: torch.nn.Module) -> tuple[set[bool], torch.Tensor]:
+        contiguous = []
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+        hooks = [c.register_forward_pre_hook(lambda _, args: contiguous.append(args[0].is_contiguous())) for c in convs]
+        output = model(images)
+        for hook in hooks:
+            hook.remove()
+        return set(contiguous), output
+
+    torch.manual_seed(0)
+    model, images = build().eval(), torch.randn(2, 1, 28, 28)
+    built, built_output = run(model)
+    nchw, nchw_output = run(model.to(memory_format=torch.contiguous_format))
+    assert built == {False} and nchw == {True}
+    # The same function: only the layout, and so the rounding, differs.
+    torch.testing.assert_close(built_output, nchw_output, rtol=1e-4, atol=1e-5)
