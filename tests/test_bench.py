@@ -16,21 +16,12 @@ from mtl_plugin.bench.published import PUBLISHED, published_accuracy
 from mtl_plugin.bench.runner import BenchConfig, run_bench
 from mtl_plugin.cli import main
 from mtl_plugin.errors import UsageError
-from mtl_plugin.training.pretrain import PretrainConfig
 
-# Each row's quick budget cut to a few episodes or meta-iterations: benchmarks/tiny_bench.py's.
-_tiny_budgets = next(loaded_script("tiny_bench.py")).tiny_budgets
-
-TINY = dict(
-    dataset="kanji",
-    dataset_options={"num_classes": 30, "instances": 6},
-    shots=(1,),
-    queries=3,
-    test_tasks=6,
-    backbone="conv4",
-    progress=False,
-    pretrain=PretrainConfig(backbone="conv4", epochs=1, batch_size=16, steps_per_epoch=2, val_tasks=2, val_queries=3),
-)
+# benchmarks/tiny_bench.py's tiny bench: each row's quick budget cut to a few episodes or
+# meta-iterations, and its settings on 6 images a class (it draws 20, for its larger task sets).
+_tiny_bench = next(loaded_script("tiny_bench.py"))
+_tiny_budgets = _tiny_bench.tiny_budgets
+TINY = dict(_tiny_bench.TINY, dataset_options={"num_classes": 30, "instances": 6})
 
 
 @pytest.fixture()
