@@ -360,7 +360,8 @@ class CosineClassifier(nn.Module):
     gradient; cosines put every class on one scale, which Chen et al. (ICLR 2019) found to learn
     features that transfer better from a shallow backbone. The scale (a temperature, learned)
     starts at 10: with cosines in [-1, 1], logit gaps of a few units are reachable, as softmax
-    over hundreds of classes needs.
+    over hundreds of classes needs. In this project's pretraining (Conv4, SGD at lr 0.1) it gave a
+    weaker embedding than the linear head on three data sets (docs/pretraining.md).
 
     Args:
         width: the feature width.

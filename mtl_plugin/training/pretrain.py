@@ -200,9 +200,9 @@ def not_learning(rows: list[dict], num_classes: int, epochs: int) -> str | None:
         f"pretraining is not learning: after epoch {last['epoch']} of {epochs} its training loss is "
         f"{last['loss']:.2f}, {100 * last['loss'] / chance:.0f} % of chance level (ln {num_classes} classes = "
         f"{chance:.2f}), training accuracy {last['accuracy']:.1f} % (chance {100 / num_classes:.2g} %); "
-        f"every row on this backbone inherits an embedding near its random start: try a cosine head "
-        f"(head='cosine', --head cosine), a lower lr or a warm-up, more epochs or a wider backbone "
-        f"(README: Is the pretraining learning?)"
+        f"every row on this backbone inherits an embedding near its random start: try a warm-up of about a "
+        f"tenth of the steps (warmup_steps=, --warmup-steps), a lower lr, more epochs or a wider backbone "
+        f"(README: Is the pretraining learning?; docs/pretraining.md)"
     )
 
 
