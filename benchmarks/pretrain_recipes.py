@@ -34,7 +34,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import replace
@@ -104,6 +103,11 @@ def _recipe(budget: PretrainConfig, recipe: str) -> PretrainConfig:
     return replace(budget, **changes)
 
 
+def _images(config: PretrainConfig) -> int:
+    """Images a pretraining of ``config`` sees (its budget; fewer if the data caps its epochs)."""
+    return config.epochs * config.steps_per_epoch * config.batch_size
+
+
 def _timed(folder: Path, fit) -> tuple[object, float]:
     """``fit()`` and the seconds it has taken over every invocation that worked on ``folder``."""
     start = time.perf_counter()
@@ -116,13 +120,12 @@ def _timed(folder: Path, fit) -> tuple[object, float]:
 
 def _pretrained(benchmark, config: PretrainConfig, folder: Path) -> tuple[torch.nn.Module, dict]:
     backbone, seconds = _timed(folder, lambda: pretrain(benchmark, config, folder, progress=False))
-    with open(folder / "metrics.csv", newline="") as handle:
-        rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
-    classes = len(set(benchmark.train.labels))
+    rows = pd.read_csv(folder / "metrics.csv").to_dict("records")
+    classes = len(benchmark.train.labels)
     last = rows[-1]
     best = max(rows, key=lambda row: row["val_accuracy"])
     facts = {
-        "images_seen": config.epochs * config.steps_per_epoch * config.batch_size,
+        "images_seen": _images(config),
         # Where the per-epoch val check (config.val_tasks tasks) peaked: best.pt's epoch.
         "best_epoch": int(best["epoch"]),
         "train_accuracy": last["accuracy"],
@@ -134,8 +137,7 @@ def _pretrained(benchmark, config: PretrainConfig, folder: Path) -> tuple[torch.
 
 
 def _episodic(benchmark, budget: PretrainConfig, folder: Path) -> tuple[torch.nn.Module, dict]:
-    images = budget.epochs * budget.steps_per_epoch * budget.batch_size
-    episodes = round(images / (EPISODE_WAYS * (1 + EPISODE_QUERIES)))
+    episodes = round(_images(budget) / (EPISODE_WAYS * (1 + EPISODE_QUERIES)))
     method = ProtoNetConv4(
         replace(
             ProtoNetConv4Config.quick(), train_ways=EPISODE_WAYS, train_queries=EPISODE_QUERIES, max_episodes=episodes
@@ -218,7 +220,7 @@ def _rows(dataset: str, scores: dict[str, tuple[dict, dict]], reference: str) ->
 
 
 def worst_shortfall(table: pd.DataFrame) -> pd.Series:
-    """Each recipe's largest shortfall (points) from the best recipe of a (data set, shots) cell,
+    """Each recipe's largest shortfall (points) from the best recipe of a (data set, distance, shots) cell,
     smallest first: the first is the recipe with the best worst case. Episodic rows are left out.
 
     Example::
