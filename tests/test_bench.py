@@ -400,6 +400,10 @@ def test_deep_profile_settings():
     assert (config.backbone, config.image_size, config.test_tasks) == ("resnet12-half", 28, 300)
     pretraining = bench_module.pretrain_config_for(config)
     assert pretraining.backbone == "resnet12-half" and pretraining.epochs == DEEP_PRETRAIN_EPOCHS
+    # The quick profile's warmup was chosen on Conv4; the deep run keeps its record (and so its
+    # folder's digest and its table) as measured without one.
+    assert "warmup_share" not in pretraining.record()
+    assert bench_module.pretrain_config_for(BenchConfig.quick()).warmup_share == 0.1
     # A row without a deep() of its own takes its quick budget.
     assert (
         bench_module.build_method("protonet-conv4", "deep").config

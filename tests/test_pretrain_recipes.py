@@ -31,11 +31,13 @@ def test_the_pick_is_the_recipe_whose_largest_shortfall_is_smallest(recipes):
     assert shortfall.tolist() == pytest.approx([1.0, 5.0])
 
 
-def test_a_warmup_is_a_share_of_the_budget_and_the_rest_is_the_quick_recipe(recipes):
-    budget = recipes.PretrainConfig.quick()
+def test_a_warmup_is_a_share_of_the_budget_and_the_rest_is_the_quick_recipe_before_the_study(recipes):
+    budget = recipes.PretrainConfig.quick(warmup_share=0.0)
     config = recipes._recipe(budget, "cosine-warmup")
-    assert (config.head, config.warmup_steps) == ("cosine", 400)
+    assert (config.head, config.warmup_share) == ("cosine", 0.1)
     assert recipes._recipe(budget, "linear") == budget
+    # The study's pick is the quick pretraining now.
+    assert recipes._recipe(budget, "linear-warmup") == recipes.PretrainConfig.quick()
 
 
 def test_every_recipe_and_the_episodic_row_run_on_tiny_kanji_and_a_rerun_resumes(recipes, tmp_path):

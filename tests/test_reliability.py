@@ -340,6 +340,33 @@ def test_warmup_rises_linearly_to_the_lr_then_follows_the_schedule(tmp_path):
         pretrain(bench, replace(config, warmup_steps=9), tmp_path / "too-long", progress=False)
 
 
+def test_a_warmup_share_is_that_share_of_the_steps_and_fits_a_run_of_any_length(tmp_path):
+    bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
+    config = PretrainConfig(
+        backbone="conv4",
+        epochs=2,
+        batch_size=16,
+        steps_per_epoch=5,
+        val_tasks=2,
+        val_ways=3,
+        val_queries=2,
+        schedule="cosine",
+        lr=1e-3,
+        warmup_share=0.4,
+    )
+    shared = pretrain(bench, config, tmp_path / "share", progress=False)
+    counted = pretrain(bench, replace(config, warmup_share=0.0, warmup_steps=4), tmp_path / "count", progress=False)
+    # 0.4 of 10 steps is the 4-step warmup: the same run.
+    for a, b in zip(shared.state_dict().values(), counted.state_dict().values()):
+        assert torch.equal(a, b)
+    # A share near 1 of a one-step run still leaves the schedule its step, where a count is refused.
+    pretrain(bench, replace(config, epochs=1, steps_per_epoch=1, warmup_share=0.9), tmp_path / "one", progress=False)
+    with pytest.raises(UsageError, match="give one of them, not both"):
+        replace(config, warmup_steps=4)
+    with pytest.raises(UsageError, match=r"warmup_share=1 must be in \[0, 1\)"):
+        replace(config, warmup_share=1)
+
+
 def test_the_schedule_counts_the_batches_the_loader_yields(tmp_path):
     # 108 training images (18 classes of 6) in batches of 16: 6 full batches an epoch, the last 12
     # images dropped; a schedule of 7 steps an epoch would end the cosine short of 0.
@@ -1152,6 +1179,7 @@ def test_a_mini_imagenet_pickle_with_a_bad_class_dict_is_exit_1(tmp_path, class_
     [
         (["--optimizer", "adam"], "'adam' is not one of 'sgd', 'adamw'"),
         (["--warmup-steps", "-1"], "0<=x<=2147483647"),
+        (["--warmup-share", "1"], "0<=x<1"),
         (["--label-smoothing", "1"], "0<=x<1"),
     ],
 )

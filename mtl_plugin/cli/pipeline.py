@@ -136,6 +136,11 @@ _PRETRAIN_OPTIONS = [
         f"step: lr x{PretrainConfig.lr_gamma} every {PretrainConfig.lr_step} epochs; cosine: to 0.",
     ),
     ("warmup_steps", _COUNT, "Steps of linear warmup to --lr before the schedule, which runs over the rest."),
+    (
+        "warmup_share",
+        _FiniteRange(min=0, max=1, max_open=True),
+        "The warmup as a share of the run's steps (e.g. 0.1), in place of --warmup-steps.",
+    ),
     ("label_smoothing", _FiniteRange(min=0, max=1, max_open=True), "Label smoothing of the cross-entropy."),
     ("head", click.Choice(HEADS), "The classifier trained and dropped: linear, or cosine (Baseline++)."),
     ("steps_per_epoch", _POSITIVE, "Cap on the steps of an epoch (none: a full pass)."),

@@ -80,21 +80,30 @@ def _optimizer(parameters, config: PretrainConfig) -> torch.optim.Optimizer:
     )
 
 
+def _warmup_steps(config: PretrainConfig, steps_per_epoch: int) -> int:
+    # A share always leaves the schedule a step: it fits a run of any length, where a count may not.
+    if config.warmup_share:
+        total = config.epochs * steps_per_epoch
+        return min(round(config.warmup_share * total), total - 1)
+    return config.warmup_steps
+
+
 def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
-    if config.warmup_steps:
-        return _warmup_schedule(optimizer, config, steps_per_epoch)
+    warmup = _warmup_steps(config, steps_per_epoch)
+    if warmup:
+        return _warmup_schedule(optimizer, config, steps_per_epoch, warmup)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step * steps_per_epoch, gamma=config.lr_gamma)
 
 
-def _warmup_schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
-    """Linear warmup to ``lr`` over ``warmup_steps``, then ``config.schedule`` over the steps left.
+def _warmup_schedule(optimizer, config: PretrainConfig, steps_per_epoch: int, warmup: int):
+    """Linear warmup to ``lr`` over ``warmup`` steps, then ``config.schedule`` over the steps left.
 
     Raises:
         UsageError: the warmup leaves no step of the run to the schedule.
     """
-    warmup, total = config.warmup_steps, config.epochs * steps_per_epoch
+    total = config.epochs * steps_per_epoch
     if warmup >= total:
         raise UsageError(
             f"warmup_steps={warmup} must be fewer than the run's {total} steps "
@@ -200,8 +209,9 @@ def not_learning(rows: list[dict], num_classes: int, epochs: int) -> str | None:
         f"pretraining is not learning: after epoch {last['epoch']} of {epochs} its training loss is "
         f"{last['loss']:.2f}, {100 * last['loss'] / chance:.0f} % of chance level (ln {num_classes} classes = "
         f"{chance:.2f}), training accuracy {last['accuracy']:.1f} % (chance {100 / num_classes:.2g} %); "
-        f"every row on this backbone inherits an embedding near its random start: try a warm-up of about a "
-        f"tenth of the steps (warmup_steps=, --warmup-steps), a lower lr, more epochs or a wider backbone "
+        f"every row on this backbone inherits an embedding near its random start: try a warm-up over a tenth "
+        f"of the steps if it has none (warmup_share=0.1, --warmup-share 0.1), a lower lr, more epochs or a "
+        f"wider backbone "
         f"(README: Is the pretraining learning?; docs/pretraining.md)"
     )
 
