@@ -1,11 +1,15 @@
 """Conv4 and ResNet-12 in channels-last memory format against NCHW: a training step and an
-evaluation forward, timed in turns in one process.
+evaluation forward, timed in turns in one process; and the quick bench's ``maml`` meta-step.
 
 The package's own backbones keep their weights and activations channels-last (see
-``mtl_plugin.backbones``); this script measures why. Each layout gets its own copy of the same
-initial weights and the same batch; the figures are medians over ``--repeats`` interleaved turns,
-and ``speed-up`` is NCHW time over channels-last time. Outputs agree to float rounding
-(``max |diff|``, relative to the output's largest value).
+``mtl_plugin.backbones``); this script measures why. The second table times one second-order
+MAML meta-step as the quick ``maml`` row takes it (Conv4 of 32 filters at 28 px, 5-way 5-shot, 5
+queries, one inner step): its batch-norm double backward is why that row runs NCHW.
+
+Each layout gets its own copy of the same initial weights and the same batch; the figures are
+medians over ``--repeats`` interleaved turns, and ``speed-up`` is NCHW time over channels-last
+time (the MAML table's ``NCHW speed-up`` the inverse). Outputs agree to float rounding (``max
+|diff|``, relative to the output's largest value).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/memory_format.py [--repeats 9] [--threads 2]
 """
@@ -23,8 +27,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
-from mtl_plugin.backbones import build_backbone
+from mtl_plugin.backbones import build_backbone, conv4
 
 CASES = (
     # (backbone, image size, batch): the quick bench's 5-way task at 28 px, and the paper's 84 px ResNet-12.
@@ -55,6 +60,18 @@ def _timed(step) -> float:
     return time.perf_counter() - start
 
 
+def _median_ms(steps: dict, repeats: int) -> dict:
+    """Each step's median milliseconds over ``repeats`` turns, the steps taken in turns; the first
+    turn, which warms up allocators and oneDNN, is not counted."""
+    times = {key: [] for key in steps}
+    for turn in range(repeats + 1):
+        for key, step in steps.items():
+            seconds = _timed(step)
+            if turn:
+                times[key].append(seconds)
+    return {key: statistics.median(values) * 1000 for key, values in times.items()}
+
+
 def measure(name: str, size: int, batch: int, repeats: int, seed: int) -> dict:
     torch.manual_seed(seed)
     channels_last = build_backbone(name, image_size=size)
@@ -72,17 +89,17 @@ def measure(name: str, size: int, batch: int, repeats: int, seed: int) -> dict:
         with torch.no_grad():
             model(x)
 
-    times = {(layout, kind): [] for layout in models for kind in ("train", "eval")}
-    for turn in range(repeats + 1):
-        for layout, model in models.items():
-            for kind, step in (("train", train_step), ("eval", evaluate)):
-                seconds = _timed(partial(step, model))
-                if turn:  # the first turn warms up allocators and oneDNN
-                    times[layout, kind].append(seconds)
+    median = _median_ms(
+        {
+            (layout, kind): partial(step, model)
+            for layout, model in models.items()
+            for kind, step in (("train", train_step), ("eval", evaluate))
+        },
+        repeats,
+    )
     with torch.no_grad():
         reference = models["nchw"].eval()(x)
         difference = (models["channels-last"].eval()(x) - reference).abs().max() / reference.abs().max()
-    median = {key: statistics.median(values) * 1000 for key, values in times.items()}
     return {
         "backbone": f"{name} {size} px, batch {batch}",
         "train step NCHW (ms)": round(median["nchw", "train"], 1),
@@ -92,6 +109,33 @@ def measure(name: str, size: int, batch: int, repeats: int, seed: int) -> dict:
         "eval channels-last (ms)": round(median["channels-last", "eval"], 1),
         "eval speed-up": round(median["nchw", "eval"] / median["channels-last", "eval"], 2),
         "max |diff|": f"{difference.item():.1e}",
+    }
+
+
+def measure_maml_step(repeats: int, seed: int) -> dict:
+    """Milliseconds of one second-order MAML meta-step per layout (median of ``repeats`` turns)."""
+    torch.manual_seed(seed)
+    channels_last = conv4(in_channels=1, hidden=32, num_classes=5, image_size=28)
+    layouts = {"nchw": copy.deepcopy(channels_last).to(memory_format=torch.contiguous_format)}
+    layouts["channels-last"] = channels_last
+    support, query = torch.randn(25, 1, 28, 28), torch.randn(25, 1, 28, 28)
+    labels = torch.arange(5).repeat(5)
+
+    def meta_step(model):
+        # One inner SGD step (lr 0.1) kept in the graph, then the query loss's backward through it.
+        model.train().zero_grad(set_to_none=True)
+        weights = dict(model.named_parameters())
+        inner = F.cross_entropy(functional_call(model, weights, (support,)), labels)
+        gradients = torch.autograd.grad(inner, list(weights.values()), create_graph=True)
+        adapted = {name: w - 0.1 * g for (name, w), g in zip(weights.items(), gradients)}
+        F.cross_entropy(functional_call(model, adapted, (query,)), labels).backward()
+
+    median = _median_ms({layout: partial(meta_step, model) for layout, model in layouts.items()}, repeats)
+    return {
+        "step": "maml meta-step, conv4-32 28 px, 5-way 5-shot",
+        "NCHW (ms)": round(median["nchw"], 1),
+        "channels-last (ms)": round(median["channels-last"], 1),
+        "NCHW speed-up": round(median["channels-last"] / median["nchw"], 2),
     }
 
 
@@ -108,6 +152,7 @@ def main(repeats: int, threads: int | None, seed: int) -> None:
     )
     rows = [measure(name, size, batch, repeats, seed) for name, size, batch in CASES]
     print(pd.DataFrame(rows).to_string(index=False))
+    print(pd.DataFrame([measure_maml_step(repeats, seed)]).to_string(index=False))
 
 
 if __name__ == "__main__":

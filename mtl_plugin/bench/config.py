@@ -117,8 +117,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **changes) -> BenchConfig:
-        """The whole table on the embedded data set on 2 CPU cores (25 minutes on an AMD EPYC
-        without AVX-512 as ``make bench`` runs it, two single-threaded processes; see the README's "Results").
+        """The whole table on the embedded data set on 2 CPU cores (about 20 minutes on a 2-core Intel
+        Xeon as ``make bench`` runs it, two single-threaded processes; docs/speed.md).
 
         Every data set runs at 28 px in this profile (unless ``image_size`` is given): a folder of
         84 px images at its own size needed over an hour on 2 cores.

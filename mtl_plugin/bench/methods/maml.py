@@ -171,7 +171,7 @@ class MAML(FewShotMethod):
                 image_size=benchmark.image_size,
             )
         # NCHW, not conv4's channels-last: the second-order meta-gradient runs batch norm's double
-        # backward, which is 1.1-1.2x faster on CPU in NCHW (docs/speed.md).
+        # backward, and the meta-step is 1.2x faster in NCHW on CPU (docs/speed.md).
         model = model.to(memory_format=torch.contiguous_format)
         # Train mode for good: batch statistics at meta-train and test time alike.
         model.to(context.device).train()
