@@ -129,9 +129,10 @@ class MetaNetConfig:
     def quick(cls) -> MetaNetConfig:
         """450 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores). The quick bench
         compares MetaNet with MTL by a margin of over ten points, so its minutes go to the rows the
-        claims compare closely and ``make bench`` stays within 20 minutes: longer runs score higher
-        (2,700 episodes about eight points over 900) without steadying 5-shot. MetaNet learns
-        slowly: the profile buys episodes with width and steadies what rounding would decide.
+        claims compare closely and ``make bench`` stays within 20 minutes. MetaNet learns slowly: the
+        profile buys episodes with width, and still ends mid take-off, where a refit moves the cell
+        by several points (docs/stability.md); longer runs score higher (900 episodes about nine
+        points over 450 on val, 2,700 about eight over 900).
 
         * ``filters=32`` (paper: 64) and ``augmented_layers=2`` (paper: 3, the last conv too):
           about 1.7x and 2x cheaper per episode, so more episodes fit the minutes;
