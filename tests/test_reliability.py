@@ -315,21 +315,15 @@ def test_a_pretraining_killed_after_any_write_resumes_into_the_uninterrupted_run
         assert (folder / "metrics.csv").read_text() == (tmp_path / "full" / "metrics.csv").read_text(), write
 
 
+# A tiny cosine run with a warmup, for the warmup tests.
+TINY_WARMUP_RUN = dict(
+    backbone="conv4", batch_size=16, val_tasks=2, val_ways=3, val_queries=2, schedule="cosine", lr=1e-3
+)
+
+
 def test_warmup_rises_linearly_to_the_lr_then_follows_the_schedule(tmp_path):
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
-    config = PretrainConfig(
-        backbone="conv4",
-        epochs=3,
-        batch_size=16,
-        steps_per_epoch=3,
-        val_tasks=2,
-        val_ways=3,
-        val_queries=2,
-        schedule="cosine",
-        lr=1e-3,
-        optimizer="adamw",
-        warmup_steps=4,
-    )
+    config = PretrainConfig(**TINY_WARMUP_RUN, epochs=3, steps_per_epoch=3, optimizer="adamw", warmup_steps=4)
     pretrain(bench, config, tmp_path / "run", progress=False)
     # The lr after each epoch: step 3 ends the 4 warmup steps (1 to 4 quarters of the lr), then
     # the cosine runs over the 5 steps left: 2 of them at step 6, all at step 9.
@@ -342,18 +336,7 @@ def test_warmup_rises_linearly_to_the_lr_then_follows_the_schedule(tmp_path):
 
 def test_a_warmup_share_is_that_share_of_the_steps_and_fits_a_run_of_any_length(tmp_path):
     bench = get_benchmark("kanji", progress=False, **TINY_KANJI)
-    config = PretrainConfig(
-        backbone="conv4",
-        epochs=2,
-        batch_size=16,
-        steps_per_epoch=5,
-        val_tasks=2,
-        val_ways=3,
-        val_queries=2,
-        schedule="cosine",
-        lr=1e-3,
-        warmup_share=0.4,
-    )
+    config = PretrainConfig(**TINY_WARMUP_RUN, epochs=2, steps_per_epoch=5, warmup_share=0.4)
     shared = pretrain(bench, config, tmp_path / "share", progress=False)
     counted = pretrain(bench, replace(config, warmup_share=0.0, warmup_steps=4), tmp_path / "count", progress=False)
     # 0.4 of 10 steps is the 4-step warmup: the same run.
