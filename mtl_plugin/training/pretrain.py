@@ -81,10 +81,20 @@ def _optimizer(parameters, config: PretrainConfig) -> torch.optim.Optimizer:
 
 
 def _warmup_steps(config: PretrainConfig, steps_per_epoch: int) -> int:
-    # A share always leaves the schedule a step: it fits a run of any length, where a count may not.
+    """The run's warmup steps: ``warmup_share`` of its steps, or ``warmup_steps``.
+
+    Raises:
+        UsageError: a count of ``warmup_steps`` that leaves no step of the run to the schedule (a
+            share always leaves one: it fits a run of any length).
+    """
+    total = config.epochs * steps_per_epoch
     if config.warmup_share:
-        total = config.epochs * steps_per_epoch
         return min(round(config.warmup_share * total), total - 1)
+    if config.warmup_steps >= total:
+        raise UsageError(
+            f"warmup_steps={config.warmup_steps} must be fewer than the run's {total} steps "
+            f"({config.epochs} epochs of {steps_per_epoch})"
+        )
     return config.warmup_steps
 
 
@@ -98,17 +108,9 @@ def _schedule(optimizer, config: PretrainConfig, steps_per_epoch: int):
 
 
 def _warmup_schedule(optimizer, config: PretrainConfig, steps_per_epoch: int, warmup: int):
-    """Linear warmup to ``lr`` over ``warmup`` steps, then ``config.schedule`` over the steps left.
-
-    Raises:
-        UsageError: the warmup leaves no step of the run to the schedule.
-    """
+    """Linear warmup to ``lr`` over ``warmup`` steps (fewer than the run's), then ``config.schedule``
+    over the steps left."""
     total = config.epochs * steps_per_epoch
-    if warmup >= total:
-        raise UsageError(
-            f"warmup_steps={warmup} must be fewer than the run's {total} steps "
-            f"({config.epochs} epochs of {steps_per_epoch})"
-        )
 
     def factor(step: int) -> float:
         if step < warmup:
