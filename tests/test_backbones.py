@@ -82,3 +82,26 @@ def test_images_follow_the_weights_memory_format(build):
     assert built == {False} and nchw == {True}
     # The same function: only the layout, and so the rounding, differs.
     torch.testing.assert_close(built_output, nchw_output, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_conv4_pools_before_its_relu_with_the_textbook_order_s_outputs_and_gradients_to_the_bit(memory_format):
+    """Conv4 runs each block as conv, BN, pool, ReLU: the same function and gradients as conv, BN, ReLU, pool."""
+    torch.manual_seed(0)
+    model = conv4(in_channels=1, hidden=8, image_size=28).to(memory_format=memory_format).train()
+    blocks = [list(model.layers[i : i + 4]) for i in range(0, len(model.layers), 4)]
+    assert all(isinstance(pool, torch.nn.MaxPool2d) and isinstance(relu, torch.nn.ReLU) for *_, pool, relu in blocks)
+    textbook = torch.nn.Sequential(*[m for conv, bn, pool, relu in blocks for m in (conv, bn, relu, pool)])
+    # Shifted down so that whole pooling windows are negative, where the two orders route gradients differently.
+    images = torch.randn(6, 1, 28, 28) - 0.5
+
+    def run(layers: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        output = layers(images.contiguous(memory_format=memory_format))
+        output.flatten(1).pow(2).sum().backward()
+        return output.detach(), [p.grad.clone() for p in model.parameters()]
+
+    output, grads = run(model.layers)
+    textbook_output, textbook_grads = run(textbook)
+    assert torch.equal(output, textbook_output)
+    assert all(torch.equal(a, b) for a, b in zip(grads, textbook_grads))
