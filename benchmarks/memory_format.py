@@ -1,10 +1,15 @@
-"""Conv4 and ResNet-12 in channels-last memory format against NCHW: a training step and an
-evaluation forward, timed in turns in one process; and the quick bench's ``maml`` meta-step.
+"""How the package's Conv4 and ResNet-12 run on a CPU: channels-last memory format against NCHW
+(a training step and an evaluation forward), the quick bench's ``maml`` meta-step per layout, and
+Conv4's block order; each timed in turns in one process.
 
 The package's own backbones keep their weights and activations channels-last (see
 ``mtl_plugin.backbones``); this script measures why. The second table times one second-order
 MAML meta-step as the quick ``maml`` row takes it (Conv4 of 32 filters at 28 px, 5-way 5-shot, 5
-queries, one inner step): its batch-norm double backward is why that row runs NCHW.
+queries, one inner step): its batch-norm double backward is why that row runs NCHW. The third
+times a Conv4 training step at the quick bench's batch sizes (the pretraining's 64 images,
+``protonet-conv4``'s 20-way episodes of 120 and 200) with each block's ReLU before its pooling
+(the textbook order) and after it (the package's): the same outputs and gradients to the bit,
+which it checks.
 
 Each layout gets its own copy of the same initial weights and the same batch; the figures are
 medians over ``--repeats`` interleaved turns, and ``speed-up`` is NCHW time over channels-last
@@ -139,6 +144,37 @@ def measure_maml_step(repeats: int, seed: int) -> dict:
     }
 
 
+def measure_block_order(batch: int, repeats: int, seed: int) -> dict:
+    """Milliseconds of a Conv4 training step (64 filters, 28 px, channels-last) with each block's ReLU
+    before its pooling and after it, as Conv4 runs (median of ``repeats`` turns)."""
+    torch.manual_seed(seed)
+    pooled_first = conv4(in_channels=1, hidden=64, image_size=28)
+    textbook = copy.deepcopy(pooled_first)
+    blocks = [list(textbook.layers[i : i + 4]) for i in range(0, len(textbook.layers), 4)]
+    textbook.layers = nn.Sequential(*[m for conv, bn, pool, relu in blocks for m in (conv, bn, relu, pool)])
+    models = {"textbook": textbook, "pool first": pooled_first}
+    x = torch.randn(batch, 1, 28, 28)
+
+    def train_step(model):
+        model.train().zero_grad(set_to_none=True)
+        output = model(x)
+        output.pow(2).mean().backward()
+        return output
+
+    outputs = {order: train_step(model).detach() for order, model in models.items()}
+    same = torch.equal(outputs["textbook"], outputs["pool first"]) and all(
+        torch.equal(a.grad, b.grad) for a, b in zip(textbook.parameters(), pooled_first.parameters())
+    )
+    median = _median_ms({order: partial(train_step, model) for order, model in models.items()}, repeats)
+    return {
+        "step": f"conv4-64 28 px train step, batch {batch}",
+        "ReLU then pool (ms)": round(median["textbook"], 1),
+        "pool then ReLU (ms)": round(median["pool first"], 1),
+        "speed-up": round(median["textbook"] / median["pool first"], 2),
+        "same bits": same,
+    }
+
+
 @click.command()
 @click.option("--repeats", default=9, show_default=True, help="timed turns per layout")
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's)")
@@ -153,6 +189,7 @@ def main(repeats: int, threads: int | None, seed: int) -> None:
     rows = [measure(name, size, batch, repeats, seed) for name, size, batch in CASES]
     print(pd.DataFrame(rows).to_string(index=False))
     print(pd.DataFrame([measure_maml_step(repeats, seed)]).to_string(index=False))
+    print(pd.DataFrame([measure_block_order(batch, repeats, seed) for batch in (64, 120, 200)]).to_string(index=False))
 
 
 if __name__ == "__main__":
