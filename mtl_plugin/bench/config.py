@@ -117,8 +117,9 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **changes) -> BenchConfig:
-        """The whole table on the embedded data set on 2 CPU cores (about 20 minutes on a 2-core Intel
-        Xeon as ``make bench`` runs it, two single-threaded processes; docs/speed.md).
+        """The whole table on the embedded data set on 2 CPU cores (19-24 minutes on a 2-core Intel
+        Xeon as ``make bench`` runs it, two single-threaded processes, as fast as the machine runs
+        that hour; docs/speed.md).
 
         Every data set runs at 28 px in this profile (unless ``image_size`` is given): a folder of
         84 px images at its own size needed over an hour on 2 cores.

@@ -129,7 +129,7 @@ class MetaNetConfig:
     def quick(cls) -> MetaNetConfig:
         """450 episodes for ``mtl bench --profile quick`` (28 px, 2 CPU cores). The quick bench
         compares MetaNet with MTL by a margin of over ten points, so its minutes go to the rows the
-        claims compare closely and ``make bench`` stays within 20 minutes. MetaNet learns slowly: the
+        claims compare closely, to bring ``make bench`` near 20 minutes. MetaNet learns slowly: the
         profile buys episodes with width, and still ends mid take-off, where a refit moves the cell
         by several points (docs/stability.md); longer runs score higher (900 episodes about nine
         points over 450 on val, 2,700 about eight over 900).
